@@ -1,0 +1,111 @@
+"""warp-keygen: make X25519 key pairs for WARP (and derive public keys)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+
+from warp.keys import (
+    KeyFormatError,
+    decode_key,
+    encode_key,
+    generate_private_key,
+    public_key_of,
+    to_wireguard_base64,
+)
+
+# A vanity search is unbounded in principle; cap it so a typo'd regex cannot run forever.
+DEFAULT_VANITY_LIMIT = 10_000_000
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="warp-keygen",
+        description="Print a new X25519 key pair as 'Private key: …' and 'Public key: …' "
+        "(Crockford base32; WireGuard base64 with --wireguard).",
+    )
+    parser.add_argument(
+        "--vanity",
+        metavar="REGEX",
+        help="search for a public key matching REGEX (case-insensitive, re.search)",
+    )
+    parser.add_argument(
+        "--max-tries",
+        type=int,
+        default=DEFAULT_VANITY_LIMIT,
+        help=f"give up a --vanity search after this many keys (default {DEFAULT_VANITY_LIMIT})",
+    )
+    parser.add_argument(
+        "--wireguard", action="store_true", help="print keys in WireGuard's base64 form"
+    )
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser(
+        "pubkey",
+        help="read a private key on stdin, print its public key",
+        description="Read a private key (Crockford base32 or WireGuard base64) on stdin "
+        "and print its public key.",
+    )
+    return parser
+
+
+def _format(raw: bytes, wireguard: bool) -> str:
+    return to_wireguard_base64(raw) if wireguard else encode_key(raw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    if args.command == "pubkey":
+        text = sys.stdin.read()
+        try:
+            private = decode_key(text)
+        except KeyFormatError as exc:
+            print(f"warp-keygen: {exc}", file=sys.stderr)
+            return 1
+        print(_format(public_key_of(private), args.wireguard))
+        return 0
+
+    if args.vanity is None:
+        private = generate_private_key()
+        print(f"Private key: {_format(private, args.wireguard)}")
+        print(f"Public key: {_format(public_key_of(private), args.wireguard)}")
+        return 0
+
+    try:
+        pattern = re.compile(args.vanity, re.IGNORECASE)
+    except re.error as exc:
+        print(f"warp-keygen: --vanity: invalid regex: {exc}", file=sys.stderr)
+        return 1
+    started = time.monotonic()
+    for tries in range(1, args.max_tries + 1):
+        private = generate_private_key()
+        public = public_key_of(private)
+        if pattern.search(_format(public, args.wireguard)):
+            elapsed = time.monotonic() - started
+            print(f"Private key: {_format(private, args.wireguard)}")
+            print(f"Public key: {_format(public, args.wireguard)}")
+            print(f"Tried {tries} keys in {elapsed:.1f} s.", file=sys.stderr)
+            return 0
+    print(
+        f"warp-keygen: no public key matched {args.vanity!r} after {args.max_tries} tries",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def run() -> None:
+    """Console entry point: a closed pipe (`warp-keygen | head -1`) is not an error."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = 0
+        # Point stdout at /dev/null so the interpreter's flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    run()
