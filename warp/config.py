@@ -1,0 +1,1179 @@
+"""Configuration of a warp gateway and of warp-map (SPEC §3), as frozen pydantic models.
+
+Loading goes through :func:`load_gateway_config` / :func:`load_map_config` (or the ``parse_*`` and
+``validate_*`` variants for text and already-parsed data). Every problem in a config is collected
+and raised at once as a :class:`ConfigError` whose ``problems`` are ``(toml_path, message)``
+pairs, e.g. ``("tunnels.wireguard.transport.redundancy.num_shards", "must be ≥ 1, got 0")``.
+
+Value conventions after validation:
+
+* keys are the raw 32 bytes (text accepted: Crockford base32 or WireGuard base64);
+* durations are float seconds (TOML: a number of seconds, or ``"250ms"``, ``"10s"``, ``"2m"``,
+  ``"1h"``, or a sum such as ``"1m30s"``);
+* ``host:port`` values are :class:`HostPort` (IPv6 hosts without their brackets);
+* regexes are compiled :class:`re.Pattern` objects, used with ``.search``;
+* rates are integer bits per second;
+* lists are tuples (the models are frozen).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import ipaddress
+import math
+import os
+import re
+import sys
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, NamedTuple, TypeAlias, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from warp.keys import KeyFormatError, decode_key, encode_key, generate_private_key, public_key_of
+
+__all__ = [
+    "DEFAULT_CONTROL_SOCKET",
+    "DEFAULT_MAP_PORT",
+    "ConfigError",
+    "ControlConfig",
+    "FarGateConfig",
+    "GateConfig",
+    "GatewayConfig",
+    "HostPort",
+    "InterfacesConfig",
+    "LogConfig",
+    "LoopbackGate",
+    "MapLimitsConfig",
+    "MapServerConfig",
+    "MetricsConfig",
+    "RedundancyConfig",
+    "RelayConfig",
+    "TransportConfig",
+    "TunGate",
+    "TunnelConfig",
+    "UnixGate",
+    "WarpMapConfig",
+    "derive_tunnel_id",
+    "example_gateway_config",
+    "example_map_config",
+    "load_gateway_config",
+    "load_map_config",
+    "parse_duration",
+    "parse_gateway_config",
+    "parse_host_port",
+    "parse_map_config",
+    "parse_rate",
+    "validate_gateway_config",
+    "validate_map_config",
+]
+
+DEFAULT_MAP_PORT = 13116
+DEFAULT_CONTROL_SOCKET = "/run/warp/warp.sock"
+TUNNEL_ID_MIN = 1
+TUNNEL_ID_MAX = 65535
+UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+class ConfigError(Exception):
+    """A config could not be loaded. ``problems`` lists every ``(toml_path, message)``.
+
+    ``toml_path`` is ``""`` for problems with the file as a whole (unreadable, TOML syntax).
+    ``source`` is the file name (or ``"<string>"``) the config came from.
+    """
+
+    def __init__(self, problems: list[tuple[str, str]], source: str = "<config>") -> None:
+        self.problems = problems
+        self.source = source
+        super().__init__(self.format())
+
+    def format(self) -> str:
+        """One line per problem: ``path: message`` (or ``source: message`` for whole-file ones)."""
+        return "\n".join(f"{path or self.source}: {message}" for path, message in self.problems)
+
+
+class _Problems(ValueError):
+    """Raised inside validators to report problems at paths relative to the validated object."""
+
+    def __init__(self, problems: list[tuple[tuple[str | int, ...], str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(message for _, message in problems))
+
+
+# --------------------------------------------------------------------------------------------
+# Value parsers (usable on their own; each raises ValueError with a user-facing message)
+
+
+def _describe(value: object) -> str:
+    """How a TOML value reads in a message."""
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, float):
+        return f"float {value}"
+    if isinstance(value, str):
+        return f"string {value!r}"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list | tuple):
+        return "an array"
+    return type(value).__name__
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)")
+_DURATION_FULL = re.compile(r"(?:\s*(?:\d+(?:\.\d*)?|\.\d+)\s*(?:ms|s|m|h))+\s*")
+
+
+def parse_duration(value: object) -> float:
+    """A duration in float seconds: a number of seconds, or a string like ``"250ms"``, ``"1m30s"``.
+
+    Raises ValueError unless the result is finite and > 0.
+    """
+    if isinstance(value, bool):
+        raise ValueError(
+            f'expected a duration (seconds, or a string like "250ms"), got {_describe(value)}'
+        )
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        if value.strip().startswith("-"):
+            raise ValueError(f"duration must be > 0, got {value!r}")
+        if not _DURATION_FULL.fullmatch(value):
+            hint = ""
+            if re.fullmatch(r"\s*\d+(?:\.\d*)?\s*", value):
+                hint = f" (a bare number is written without quotes: {value.strip()})"
+            raise ValueError(
+                f"invalid duration {value!r}: expected a number with a unit ms, s, m or h, "
+                f'like "250ms", "10s", "2m", "1m30s"{hint}'
+            )
+        seconds = sum(
+            float(number) * _DURATION_UNITS[unit] for number, unit in _DURATION_PART.findall(value)
+        )
+    else:
+        raise ValueError(
+            f'expected a duration (seconds, or a string like "250ms"), got {_describe(value)}'
+        )
+    if not math.isfinite(seconds):
+        raise ValueError(f"duration must be finite, got {value!r}")
+    if seconds <= 0:
+        raise ValueError(f"duration must be > 0, got {value!r}")
+    return seconds
+
+
+class HostPort(NamedTuple):
+    """A ``host:port`` value; ``host`` is a name, an IPv4 or an IPv6 address (no brackets)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+_HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def _check_host(host: str) -> None:
+    if not host:
+        raise ValueError("the host is empty")
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    labels = name.split(".")
+    if len(name) > 253 or not all(_HOSTNAME_LABEL.fullmatch(label) for label in labels):
+        raise ValueError(f"{host!r} is neither an IP address nor a valid host name")
+    if all(label.isdigit() for label in labels):
+        raise ValueError(f"{host!r} is not a valid IPv4 address")
+
+
+def parse_host_port(value: object) -> HostPort:
+    """Parse ``"host:port"`` / ``"[ipv6]:port"`` (port 1..65535); raise ValueError otherwise."""
+    if isinstance(value, HostPort):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f'expected "host:port", got {_describe(value)}')
+    text = value.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1 : end + 2] != ":":
+            raise ValueError(f'expected "[IPv6 address]:port", got {value!r}')
+        host, port_text = text[1:end], text[end + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} in brackets is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f'expected "host:port", got {value!r}')
+        if ":" in host:
+            raise ValueError(f'an IPv6 address goes in brackets: "[{host}]:{port_text}"')
+        _check_host(host)
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"port must be 1..65535, got {port_text!r} in {value!r}")
+    return HostPort(host, int(port_text))
+
+
+_RATE_BITS = {"": 1, "bit": 1, "bps": 1, "kbit": 10**3, "kbps": 10**3, "mbit": 10**6}
+_RATE_BITS |= {"mbps": 10**6, "gbit": 10**9, "gbps": 10**9}
+_RATE_BYTES = {"B/s": 8, "kB/s": 8 * 10**3, "KB/s": 8 * 10**3, "MB/s": 8 * 10**6}
+_RATE_BYTES |= {"GB/s": 8 * 10**9}
+_RATE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z/]*)\s*")
+
+
+def parse_rate(value: object) -> int | None:
+    """A rate in bits per second; ``"unlimited"`` gives None.
+
+    Numbers are bits/s. Bit units (case-insensitive, SI prefixes): ``bit``/``bps``,
+    ``kbit``/``kbps``, ``Mbit``/``Mbps``, ``Gbit``/``Gbps``. Byte units (capital B, ``/s``):
+    ``B/s``, ``kB/s``/``KB/s``, ``MB/s``, ``GB/s``. Unlike ``tc``, ``kbps`` means kilobits.
+    """
+    if isinstance(value, str) and value.strip().lower() == "unlimited":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f'expected a rate like "10Mbit", got {_describe(value)}')
+    if isinstance(value, str):
+        match = _RATE.fullmatch(value)
+        unit = match.group(2) if match else ""
+        factor = _RATE_BYTES.get(unit) or _RATE_BITS.get(unit.lower())
+        if match is None or factor is None:
+            raise ValueError(
+                f"invalid rate {value!r}: expected a number with a unit: bit, kbit, Mbit, "
+                "Gbit (or bps, kbps, Mbps, Gbps: bits per second) or B/s, kB/s, MB/s, GB/s, "
+                '(bytes per second), or "unlimited"'
+            )
+        bits = float(match.group(1)) * factor
+    else:
+        bits = float(value)
+    if not math.isfinite(bits) or bits < 1:
+        raise ValueError(f"rate must be at least 1 bit/s, got {value!r}")
+    return round(bits)
+
+
+# --------------------------------------------------------------------------------------------
+# Annotated field types
+
+
+def _key_validator(what: str, placeholder_hint: str) -> Callable[[object], bytes]:
+    def validate(value: object) -> bytes:
+        if isinstance(value, bytes) and len(value) == 32:
+            return value
+        if not isinstance(value, str):
+            raise ValueError(f"expected {what} as a string, got {_describe(value)}")
+        stripped = value.strip()
+        if (stripped.startswith("<") and stripped.endswith(">")) or not stripped:
+            raise ValueError(f"placeholder {value!r}: {placeholder_hint}")
+        try:
+            return decode_key(stripped)
+        except KeyFormatError as exc:
+            raise ValueError(str(exc)) from None
+
+    return validate
+
+
+PrivateKey: TypeAlias = Annotated[
+    bytes,
+    PlainValidator(
+        _key_validator(
+            "a private key",
+            "run `warp-keygen` and put its private key here (never share it)",
+        )
+    ),
+]
+PeerPublicKey: TypeAlias = Annotated[
+    bytes,
+    PlainValidator(
+        _key_validator(
+            "a public key",
+            "put the far gate's public key here (run `warp-keygen` on the peer, "
+            "or `warp-keygen pubkey` with its private key)",
+        )
+    ),
+]
+MapPublicKey: TypeAlias = Annotated[
+    bytes,
+    PlainValidator(
+        _key_validator(
+            "a public key",
+            "put warp-map's public key here (warp-map logs it at start; "
+            "`warp-keygen pubkey` derives it from the map's private key)",
+        )
+    ),
+]
+ClientPublicKey: TypeAlias = Annotated[
+    bytes,
+    PlainValidator(
+        _key_validator("a public key", "put a gateway's public key here (`warp-keygen` prints it)")
+    ),
+]
+PresharedKey: TypeAlias = Annotated[
+    bytes,
+    PlainValidator(
+        _key_validator(
+            "a preshared key",
+            "generate one with `wg genpsk` (or use a fresh `warp-keygen` private key), "
+            "the same on both peers",
+        )
+    ),
+]
+Duration: TypeAlias = Annotated[float, PlainValidator(parse_duration)]
+Address: TypeAlias = Annotated[HostPort, PlainValidator(parse_host_port)]
+
+
+def _rate_validator(value: object) -> int | None:
+    return parse_rate(value)
+
+
+Rate: TypeAlias = Annotated[int | None, PlainValidator(_rate_validator)]
+
+
+def _compile_regex(value: object) -> re.Pattern[str]:
+    if isinstance(value, re.Pattern):
+        return typing.cast("re.Pattern[str]", value)
+    if not isinstance(value, str):
+        raise ValueError(f"expected a regex string, got {_describe(value)}")
+    try:
+        return re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"invalid regex {value!r}: {exc}") from None
+
+
+Regex: TypeAlias = Annotated[re.Pattern[str], PlainValidator(_compile_regex)]
+
+IPInterface: TypeAlias = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _interface_address(value: object) -> IPInterface:
+    if isinstance(value, ipaddress.IPv4Interface | ipaddress.IPv6Interface):
+        return value
+    if not isinstance(value, str) or "/" not in value:
+        raise ValueError(
+            f'expected an address with prefix length like "10.7.0.1/24", got {_describe(value)}'
+        )
+    try:
+        return ipaddress.ip_interface(value.strip())
+    except ValueError as exc:
+        raise ValueError(f"invalid interface address {value!r}: {exc}") from None
+
+
+def _network(value: object) -> IPNetwork:
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f'expected a CIDR like "10.7.0.0/24", got {_describe(value)}')
+    try:
+        return ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError as exc:
+        raise ValueError(f"invalid CIDR {value!r}: {exc}") from None
+
+
+InterfaceAddress: TypeAlias = Annotated[IPInterface, PlainValidator(_interface_address)]
+Network: TypeAlias = Annotated[IPNetwork, PlainValidator(_network)]
+
+
+def _socket_path(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a path string, got {_describe(value)}")
+    if not value:
+        raise ValueError("the path is empty")
+    if "\0" in value:
+        raise ValueError("the path contains a NUL character")
+    if len(os.fsencode(value)) > UNIX_PATH_MAX:
+        raise ValueError(
+            f"a Unix socket path is at most {UNIX_PATH_MAX} bytes, got {len(os.fsencode(value))}"
+        )
+    return value
+
+
+SocketPath: TypeAlias = Annotated[str, PlainValidator(_socket_path)]
+
+_IFNAME = re.compile(r"[^/\s:]{1,15}")
+
+
+def _interface_name(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected an interface name, got {_describe(value)}")
+    if not _IFNAME.fullmatch(value) or value in (".", ".."):
+        raise ValueError(
+            f"invalid interface name {value!r}: 1 to 15 characters, no '/', ':' or whitespace"
+        )
+    return value
+
+
+InterfaceName: TypeAlias = Annotated[str, PlainValidator(_interface_name)]
+
+Port: TypeAlias = Annotated[StrictInt, Field(ge=1, le=65535)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Gateway config
+
+
+class InterfacesConfig(_Model):
+    """``[interfaces]``: which local uplinks are used, and path liveness."""
+
+    interface_scan_interval: Duration = 10.0
+    inclusion_patterns: tuple[Regex, ...] = (re.compile(".*"),)
+    exclusion_patterns: tuple[Regex, ...] = (re.compile("^lo$"),)
+    bind_to_device: StrictBool = Field(default_factory=lambda: sys.platform.startswith("linux"))
+    holepunch_keep_alive_interval: Duration = 1.0
+    path_timeout: Duration = 3.0
+    max_consecutive_failures: StrictInt = Field(default=10, ge=1)
+
+    def uses_interface(self, name: str) -> bool:
+        """True if an interface of this name is an uplink (an inclusion matches, no exclusion)."""
+        return any(p.search(name) for p in self.inclusion_patterns) and not any(
+            p.search(name) for p in self.exclusion_patterns
+        )
+
+    @model_validator(mode="after")
+    def _timeout_longer_than_probe(self) -> InterfacesConfig:
+        if self.path_timeout <= self.holepunch_keep_alive_interval:
+            raise _Problems(
+                [
+                    (
+                        ("path_timeout",),
+                        f"must be longer than holepunch_keep_alive_interval "
+                        f"({self.holepunch_keep_alive_interval:g} s), got {self.path_timeout:g} s",
+                    )
+                ]
+            )
+        return self
+
+
+class WarpMapConfig(_Model):
+    """``[warp_map]``: the rendezvous server. Unset address: no map (static endpoints)."""
+
+    address: Address | None = None
+    public_key: MapPublicKey | None = None
+
+    @model_validator(mode="after")
+    def _key_with_address(self) -> WarpMapConfig:
+        if self.address is not None and self.public_key is None:
+            raise _Problems([(("public_key",), "required when warp_map.address is set")])
+        return self
+
+
+class FarGateConfig(_Model):
+    """``[far_gate]``: the peer warp instance (or plain WireGuard peer)."""
+
+    public_key: PeerPublicKey
+    endpoints: tuple[Address, ...] = ()
+    preshared_key: PresharedKey | None = Field(default=None, repr=False)
+    kind: Literal["warp", "wireguard"] = "warp"
+
+
+class LoopbackGate(_Model):
+    """A UDP socket on 127.0.0.1 (or ::1) that applications send their datagrams to."""
+
+    type: Literal["loopback"] = "loopback"
+    ipv4: StrictBool = True
+    application_to_gate: Port
+    gate_to_application: Port | None = None
+
+    @property
+    def host(self) -> str:
+        return "127.0.0.1" if self.ipv4 else "::1"
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> LoopbackGate:
+        if self.gate_to_application == self.application_to_gate:
+            raise _Problems(
+                [
+                    (
+                        ("gate_to_application",),
+                        "must differ from application_to_gate (the gate would send to itself)",
+                    )
+                ]
+            )
+        return self
+
+
+class UnixGate(_Model):
+    """A datagram Unix socket at ``path``; replies go to ``application_path`` or the last sender."""
+
+    type: Literal["unix"] = "unix"
+    path: SocketPath
+    application_path: SocketPath | None = None
+
+
+class TunGate(_Model):
+    """A TUN interface: IP packets in and out."""
+
+    type: Literal["tun"] = "tun"
+    name: InterfaceName = "warp0"
+    address: tuple[InterfaceAddress, ...] = ()
+    mtu: StrictInt = Field(default=1420, ge=576, le=65535)
+    allowed_ips: tuple[Network, ...] = ()
+
+    @field_validator("address", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+
+GateConfig: TypeAlias = Annotated[LoopbackGate | UnixGate | TunGate, Field(discriminator="type")]
+_GATE_MODELS: dict[str, type[_Model]] = {"loopback": LoopbackGate, "unix": UnixGate, "tun": TunGate}
+
+
+class RedundancyConfig(_Model):
+    """Erasure coding: ``num_shards`` shards per block, any ``required_shards`` rebuild it."""
+
+    num_shards: StrictInt = Field(default=5, ge=1, le=255)
+    required_shards: StrictInt = Field(default=3, ge=1, le=255)
+
+    @model_validator(mode="after")
+    def _k_le_n(self) -> RedundancyConfig:
+        if self.required_shards > self.num_shards:
+            raise _Problems(
+                [
+                    (
+                        ("required_shards",),
+                        f"must be ≤ num_shards ({self.num_shards}), got {self.required_shards}",
+                    )
+                ]
+            )
+        return self
+
+
+class TransportConfig(_Model):
+    """How a tunnel's datagrams travel."""
+
+    mtu: StrictInt = Field(default=1400, ge=576, le=65535)
+    ordered: StrictBool = False
+    reorder_timeout: Duration = 0.050
+    send_deadline: Duration = 0.100
+    priority: StrictInt = Field(default=0, ge=-128, le=127)
+    redundancy: RedundancyConfig = Field(default_factory=RedundancyConfig)
+
+
+class TunnelConfig(_Model):
+    """``[tunnels.<name>]``. ``tunnel_id`` is always set after loading (derived from the name)."""
+
+    tunnel_id: StrictInt = Field(ge=TUNNEL_ID_MIN, le=TUNNEL_ID_MAX)
+    gate: GateConfig
+    transport: TransportConfig = Field(default_factory=TransportConfig)
+
+    @field_validator("gate", mode="before")
+    @classmethod
+    def _infer_gate_type(cls, value: object) -> object:
+        if not isinstance(value, dict) or "type" in value:
+            return value
+        found = {
+            kind: sorted(set(value) & set(model.model_fields) - {"type"})
+            for kind, model in _GATE_MODELS.items()
+        }
+        kinds = [kind for kind, keys in found.items() if keys]
+        if len(kinds) == 1:
+            return {**value, "type": kinds[0]}
+        if kinds:
+            detail = " and ".join(f"{kind} ({', '.join(found[kind])})" for kind in kinds)
+            raise ValueError(f"ambiguous gate: it has keys of {detail}; keep the keys of one kind")
+        all_keys = sorted({k for m in _GATE_MODELS.values() for k in m.model_fields} - {"type"})
+        hints = []
+        for key in value:
+            close = difflib.get_close_matches(str(key), all_keys, n=1)
+            if close:
+                hints.append(f"unknown key {key!r}; did you mean {close[0]!r}?")
+        hint = f" ({'; '.join(hints)})" if hints else ""
+        raise ValueError(
+            f"cannot tell the gate type from its keys{hint}: a loopback gate needs "
+            "application_to_gate, a unix gate path, a tun gate name/address; "
+            'or set type = "loopback", "unix" or "tun"'
+        )
+
+
+_TUNNEL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def derive_tunnel_id(name: str) -> int:
+    """The tunnel id used when ``tunnel_id`` is not set: a stable hash of the name into 1..65535.
+
+    BLAKE2s-64 of ``b"warp tunnel id\\0" + name (UTF-8)``, as a big-endian integer, mod 65535, + 1.
+    Identical on every machine and Python version, so both peers derive the same id.
+    """
+    digest = hashlib.blake2s(b"warp tunnel id\0" + name.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % TUNNEL_ID_MAX + TUNNEL_ID_MIN
+
+
+class ControlConfig(_Model):
+    """``[control]``: the control socket that ``warp status`` talks to."""
+
+    socket: SocketPath = DEFAULT_CONTROL_SOCKET
+
+
+class MetricsConfig(_Model):
+    """``[metrics]``: Prometheus endpoint (off unless ``listen`` is set)."""
+
+    listen: Address | None = None
+
+
+class LogConfig(_Model):
+    """``[log]``."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+class GatewayConfig(_Model):
+    """A whole warp gateway config (one TOML file)."""
+
+    private_key: PrivateKey = Field(repr=False)
+    listen_port: StrictInt = Field(default=0, ge=0, le=65535)
+    interfaces: InterfacesConfig = Field(default_factory=InterfacesConfig)
+    warp_map: WarpMapConfig = Field(default_factory=WarpMapConfig)
+    far_gate: FarGateConfig
+    tunnels: dict[str, TunnelConfig] = Field(default_factory=dict, validate_default=True)
+    control: ControlConfig = Field(default_factory=ControlConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    @property
+    def public_key(self) -> bytes:
+        """This instance's public key."""
+        return public_key_of(self.private_key)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_tunnel_ids(cls, data: object) -> object:
+        if not isinstance(data, dict) or not isinstance(data.get("tunnels"), dict):
+            return data
+        tunnels = {
+            name: (
+                {**table, "tunnel_id": derive_tunnel_id(name)}
+                if isinstance(table, dict) and "tunnel_id" not in table and isinstance(name, str)
+                else table
+            )
+            for name, table in data["tunnels"].items()
+        }
+        return {**data, "tunnels": tunnels}
+
+    @field_validator("tunnels", mode="after")
+    @classmethod
+    def _check_tunnels(cls, tunnels: dict[str, TunnelConfig]) -> dict[str, TunnelConfig]:
+        if not tunnels:
+            raise ValueError("at least one tunnel is required: add a [tunnels.<name>.gate] table")
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        for name in tunnels:
+            if not _TUNNEL_NAME.fullmatch(name):
+                problems.append(
+                    (
+                        (name,),
+                        f"invalid tunnel name {name!r}: 1 to 64 letters, digits, '_' or '-'",
+                    )
+                )
+        seen_ids: dict[int, str] = {}
+        seen_binds: dict[tuple[str, object], str] = {}
+        for name, tunnel in tunnels.items():
+            other = seen_ids.setdefault(tunnel.tunnel_id, name)
+            if other != name:
+                problems.append(
+                    (
+                        (name, "tunnel_id"),
+                        f"tunnel id {tunnel.tunnel_id} of tunnel {name!r} collides with tunnel "
+                        f"{other!r}; set tunnel_id explicitly on one of them "
+                        "(the same value on both peers)",
+                    )
+                )
+            gate = tunnel.gate
+            bind: tuple[str, object]
+            if isinstance(gate, LoopbackGate):
+                bind, where = ("port", (gate.ipv4, gate.application_to_gate)), "application_to_gate"
+            elif isinstance(gate, UnixGate):
+                bind, where = ("unix", gate.path), "path"
+            else:
+                bind, where = ("tun", gate.name), "name"
+            other = seen_binds.setdefault(bind, name)
+            if other != name:
+                problems.append(
+                    ((name, "gate", where), f"the same as the gate of tunnel {other!r}")
+                )
+        if problems:
+            raise _Problems(problems)
+        return tunnels
+
+    @model_validator(mode="after")
+    def _check_whole(self) -> GatewayConfig:
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        if self.far_gate.public_key == public_key_of(self.private_key):
+            problems.append(
+                (
+                    ("far_gate", "public_key"),
+                    "this is this instance's own public key, not the peer's",
+                )
+            )
+        if self.far_gate.kind == "wireguard":
+            for name, tunnel in self.tunnels.items():
+                if not isinstance(tunnel.gate, TunGate):
+                    problems.append(
+                        (
+                            ("tunnels", name, "gate"),
+                            'far_gate.kind = "wireguard" allows only tun gates '
+                            "(a plain WireGuard peer exchanges bare IP packets)",
+                        )
+                    )
+            if len(self.tunnels) > 1:
+                problems.append(
+                    (
+                        ("tunnels",),
+                        'far_gate.kind = "wireguard" carries exactly one tunnel (a tun gate), '
+                        f"got {len(self.tunnels)}",
+                    )
+                )
+        if self.warp_map.address is None and not self.far_gate.endpoints and not self.listen_port:
+            problems.append(
+                (
+                    ("warp_map", "address"),
+                    "no way to reach the far gate: set warp_map.address (rendezvous), "
+                    "far_gate.endpoints (static peer addresses), or listen_port "
+                    "(this side has a public address and the peer has it in its endpoints)",
+                )
+            )
+        if problems:
+            raise _Problems(problems)
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# warp-map config
+
+
+class RelayConfig(_Model):
+    """``[relay]``: relaying of (still end-to-end encrypted) shards when no direct path exists."""
+
+    enabled: StrictBool = True
+    rate_limit: Rate = 10_000_000
+
+
+class MapLimitsConfig(_Model):
+    """``[limits]``: protection of a public warp-map."""
+
+    max_clients: StrictInt = Field(default=10_000, ge=1)
+    max_registrations: StrictInt = Field(default=16, ge=1)
+    requests_per_second: StrictInt = Field(default=20, ge=1)
+    handshake_load_threshold: StrictInt = Field(default=500, ge=1)
+
+
+class MapServerConfig(_Model):
+    """A warp-map config (one TOML file)."""
+
+    bind: Address = HostPort("0.0.0.0", DEFAULT_MAP_PORT)
+    private_key: PrivateKey = Field(repr=False)
+    registration_ttl: Duration = 60.0
+    lookup_policy: Literal["mutual", "any"] = "mutual"
+    allowed_keys: tuple[ClientPublicKey, ...] | None = None
+    relay: RelayConfig = Field(default_factory=RelayConfig)
+    limits: MapLimitsConfig = Field(default_factory=MapLimitsConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    @property
+    def public_key(self) -> bytes:
+        return public_key_of(self.private_key)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and error translation
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_path(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            key = part if _BARE_KEY.fullmatch(part) else '"' + part.replace('"', '\\"') + '"'
+            out += f".{key}" if out else key
+    return out
+
+
+def _unwrap(annotation: Any) -> list[Any]:
+    """The concrete types an annotation may hold (Annotated/Optional/Union unwrapped)."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin is Union or origin is types.UnionType:
+        return [t for arg in typing.get_args(annotation) for t in _unwrap(arg)]
+    return [annotation]
+
+
+def _strip_tags(
+    root: type[BaseModel], loc: tuple[str | int, ...]
+) -> tuple[tuple[str | int, ...], type[BaseModel] | None]:
+    """Drop discriminator tags from a pydantic loc; return it and the model at its end (if any)."""
+    current: list[Any] = [root]
+    out: list[str | int] = []
+    for part in loc:
+        models = [t for t in current if isinstance(t, type) and issubclass(t, BaseModel)]
+        tagged = {m.model_fields["type"].default: m for m in models if "type" in m.model_fields}
+        if len(models) > 1 and part in tagged:
+            current = [tagged[part]]
+            continue
+        out.append(part)
+        nxt: list[Any] = []
+        for t in current:
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                field = t.model_fields.get(str(part))
+                if field is not None:
+                    nxt.extend(_unwrap(field.annotation))
+            elif typing.get_origin(t) is dict:
+                nxt.extend(_unwrap(typing.get_args(t)[1]))
+            elif typing.get_origin(t) is tuple:
+                nxt.extend(_unwrap(typing.get_args(t)[0]))
+        current = nxt
+    models = [t for t in current if isinstance(t, type) and issubclass(t, BaseModel)]
+    return tuple(out), models[0] if len(models) == 1 else None
+
+
+def _unknown_key_message(key: str, model: type[BaseModel] | None) -> str:
+    if model is None:
+        return f"unknown key {key!r}"
+    valid = [
+        name for name in model.model_fields if name != "type" or model in _GATE_MODELS.values()
+    ]
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if close:
+        return f"unknown key {key!r}; did you mean {close[0]!r}?"
+    if model in _GATE_MODELS.values():
+        for kind, other in _GATE_MODELS.items():
+            if key in other.model_fields:
+                own = model.model_fields["type"].default
+                return f"unknown key {key!r} for a {own} gate ({key!r} belongs to a {kind} gate)"
+    return f"unknown key {key!r} (valid keys: {', '.join(valid)})"
+
+
+def _message(error: Mapping[str, Any]) -> str:
+    kind = error["type"]
+    value = error.get("input")
+    ctx = error.get("ctx") or {}
+    if kind in ("value_error", "assertion_error") and "error" in ctx:
+        return str(ctx["error"])
+    if kind == "missing":
+        return "required key is missing"
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return f"expected an integer, got {_describe(value)}"
+    if kind in ("bool_type", "bool_parsing"):
+        return f"expected true or false, got {_describe(value)}"
+    if kind == "string_type":
+        return f"expected a string, got {_describe(value)}"
+    if kind in ("list_type", "tuple_type"):
+        return f"expected an array, got {_describe(value)}"
+    if kind in ("model_type", "dict_type", "model_attributes_type"):
+        return f"expected a table, got {_describe(value)}"
+    if kind == "literal_error":
+        return f"expected {ctx.get('expected')}, got {_describe(value)}"
+    if kind == "greater_than_equal":
+        return f"must be ≥ {ctx.get('ge')}, got {value!r}"
+    if kind == "less_than_equal":
+        return f"must be ≤ {ctx.get('le')}, got {value!r}"
+    if kind == "union_tag_invalid":
+        return f"unknown gate type {ctx.get('tag')!r}; expected {ctx.get('expected_tags')}"
+    if kind == "union_tag_not_found":
+        return 'the gate needs a type: "loopback", "unix" or "tun"'
+    return str(error.get("msg", kind))
+
+
+def _problems_of(error: ValidationError, root: type[BaseModel]) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for item in error.errors():
+        loc, model = _strip_tags(root, tuple(item["loc"]))
+        ctx = item.get("ctx") or {}
+        if isinstance(ctx.get("error"), _Problems):
+            for sub_loc, message in ctx["error"].problems:
+                problems.append((_toml_path(loc + sub_loc), message))
+        elif item["type"] == "extra_forbidden":
+            _, parent = _strip_tags(root, tuple(item["loc"])[:-1])
+            problems.append((_toml_path(loc), _unknown_key_message(str(loc[-1]), parent)))
+        elif item["type"] == "missing" and model is not None:
+            problems.append((_toml_path(loc), f"required table [{_toml_path(loc)}] is missing"))
+        else:
+            problems.append((_toml_path(loc), _message(item)))
+    return problems
+
+
+_ModelT = typing.TypeVar("_ModelT", bound=BaseModel)
+
+
+def _validate(model: type[_ModelT], data: Mapping[str, Any], source: str) -> _ModelT:
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ConfigError(_problems_of(exc, model), source) from None
+
+
+def _parse_toml(text: str, source: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        match = re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", message)
+        if match:
+            message = f"line {match[2]}, column {match[3]}: {match[1]}"
+        raise ConfigError([("", f"TOML syntax error: {message}")], source) from None
+
+
+def _read(path: str | os.PathLike[str]) -> str:
+    source = os.fspath(path)
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError([("", "no such file")], source) from None
+    except PermissionError:
+        raise ConfigError([("", "permission denied")], source) from None
+    except IsADirectoryError:
+        raise ConfigError([("", "is a directory, not a config file")], source) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [("", f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})")],
+            source,
+        ) from None
+    except OSError as exc:
+        raise ConfigError([("", f"cannot read: {exc.strerror or exc}")], source) from None
+
+
+def validate_gateway_config(data: Mapping[str, Any], source: str = "<config>") -> GatewayConfig:
+    """Validate already-parsed TOML data; raise ConfigError with every problem."""
+    return _validate(GatewayConfig, data, source)
+
+
+def parse_gateway_config(text: str, source: str = "<string>") -> GatewayConfig:
+    """Validate TOML text; raise ConfigError with every problem."""
+    return validate_gateway_config(_parse_toml(text, source), source)
+
+
+def load_gateway_config(path: str | os.PathLike[str]) -> GatewayConfig:
+    """Read and validate a gateway config file; raise ConfigError with every problem."""
+    return parse_gateway_config(_read(path), os.fspath(path))
+
+
+def validate_map_config(
+    data: Mapping[str, Any],
+    source: str = "<config>",
+    *,
+    overrides: Mapping[str, Any] | None = None,
+) -> MapServerConfig:
+    """Validate parsed warp-map config data; ``overrides`` replace top-level keys (CLI flags)."""
+    return _validate(MapServerConfig, {**data, **(overrides or {})}, source)
+
+
+def parse_map_config(
+    text: str, source: str = "<string>", *, overrides: Mapping[str, Any] | None = None
+) -> MapServerConfig:
+    return validate_map_config(_parse_toml(text, source), source, overrides=overrides)
+
+
+def load_map_config(
+    path: str | os.PathLike[str] | None, *, overrides: Mapping[str, Any] | None = None
+) -> MapServerConfig:
+    """Read and validate a warp-map config (``path`` None: defaults + ``overrides`` only).
+
+    ``overrides`` are top-level keys in their TOML form, e.g. ``{"bind": "[::]:13116",
+    "private_key": "<key text>"}``, for the ``--bind`` / ``--private-key-file`` flags.
+    """
+    if path is None:
+        return validate_map_config({}, "<command line>", overrides=overrides)
+    return parse_map_config(_read(path), os.fspath(path), overrides=overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# Examples
+
+_GATEWAY_EXAMPLE = """\
+# WARP gateway configuration (EXAMPLE, printed by `warp print-example-config`).
+#
+# Check it with `warp check FILE`, run it with `warp run FILE`.
+# Durations are a number of seconds or a string with a unit: "250ms", "10s", "2m", "1h".
+# Keys are X25519, Crockford base32 (52 characters) or WireGuard base64 (44 characters).
+# Every key below except private_key and far_gate.public_key shows its default value.
+
+# This instance's private key (required). This one is fresh; keep it secret.
+# Its public key, to give to the far gate: {public_key}
+private_key = "{private_key}"
+
+# Local UDP port of the uplink sockets; 0 = any. Set it on a peer with a public address
+# that the other side reaches through far_gate.endpoints.
+listen_port = 0
+
+[interfaces]
+# Full rescan of the local interfaces; netlink link/address changes are acted on at once.
+interface_scan_interval = "10s"
+# An interface is an uplink if one inclusion regex matches its name (re.search)...
+inclusion_patterns = [".*"]
+# ...and no exclusion regex does.
+exclusion_patterns = ["^lo$"]
+# SO_BINDTODEVICE per uplink socket, so each uplink's packets really leave through it
+# (default: true on Linux, false elsewhere).
+bind_to_device = {bind_to_device}
+# Path probe / NAT keep-alive period per path.
+holepunch_keep_alive_interval = "1s"
+# A path with no authenticated packet for this long is dead.
+path_timeout = "3s"
+# Local send errors in a row before an uplink socket is rebuilt.
+max_consecutive_failures = 10
+
+[warp_map]
+# The rendezvous server, host:port ([IPv6]:port). Leave out the whole table when the far
+# gate is reached through far_gate.endpoints only.
+address = "warp-map.example.net:13116"
+# The map's public key (required with address). REPLACE: this is a random placeholder key.
+public_key = "{map_key}"
+
+[far_gate]
+# The peer's public key (required). REPLACE: this is a random placeholder key.
+public_key = "{far_key}"
+# Static peer addresses (host:port), for a peer with a public address; may be used
+# without a map.
+endpoints = []
+# Optional WireGuard preshared key (the same on both sides), e.g. from `wg genpsk`.
+# preshared_key = "..."
+# "warp", or "wireguard" when the peer is a plain WireGuard (then only one tun gate).
+kind = "warp"
+
+# One table per tunnel; the name is shared with the peer.
+[tunnels.wireguard]
+# Small integer on the wire; both peers must agree. Default: derived from the name
+# (for "wireguard": {tunnel_id}).
+# tunnel_id = {tunnel_id}
+
+[tunnels.wireguard.gate]
+# The gate type is inferred from the keys; type = "loopback" | "unix" | "tun" may be given.
+# loopback: a UDP socket the application talks to. ipv4 = true: 127.0.0.1, false: ::1.
+ipv4 = true
+# The port the gate binds; the application (e.g. WireGuard's Endpoint) sends here.
+application_to_gate = 59401
+# Where data from the tunnel goes; default: the last application sender, from the
+# application_to_gate socket.
+# gate_to_application = 51820
+#
+# unix gate instead:
+#   path = "/run/warp/app.sock"           # the datagram socket warp binds
+#   application_path = "/run/app.sock"    # optional; default: the last sender
+# tun gate instead:
+#   name = "warp0"                        # interface name
+#   address = "10.7.0.1/24"               # interface address(es), CIDR
+#   mtu = 1420
+#   allowed_ips = ["10.7.0.0/24"]         # CIDRs routed through the tunnel
+
+[tunnels.wireguard.transport]
+# Largest UDP payload warp puts on the wire for this tunnel.
+mtu = 1400
+# Deliver in order (the reorder buffer waits at most reorder_timeout for a gap).
+ordered = false
+reorder_timeout = "50ms"
+# A datagram not on the wire by then is dropped, never sent late.
+send_deadline = "100ms"
+# Higher goes first when the uplinks are congested (-128..127).
+priority = 0
+
+[tunnels.wireguard.transport.redundancy]
+# Each datagram block is sent as num_shards shards; any required_shards rebuild it.
+# 1 <= required_shards <= num_shards <= 255; 1 and 1 = no FEC.
+num_shards = 5
+required_shards = 3
+
+[control]
+# Control socket for `warp status`.
+socket = "{control_socket}"
+
+[metrics]
+# host:port of a Prometheus endpoint; off when not set.
+# listen = "127.0.0.1:9716"
+
+[log]
+# debug, info, warning or error.
+level = "info"
+# text, or json for one JSON object per line.
+format = "text"
+"""
+
+_MAP_EXAMPLE = """\
+# warp-map configuration (EXAMPLE, printed by `warp print-example-config --map`).
+#
+# Run it with `warp-map --config FILE`. Durations: seconds, or "250ms", "10s", "2m", "1h".
+
+# Address and UDP port to listen on ("[::]:13116" for IPv6).
+bind = "0.0.0.0:13116"
+# The map's private key (required; there is no default key). This one is fresh; keep it
+# secret. Its public key, for the gateways' warp_map.public_key: {public_key}
+private_key = "{private_key}"
+# A registration not refreshed for this long is dropped.
+registration_ttl = "60s"
+# "mutual": a lookup of key X is answered only if X registered the asker as its far gate;
+# "any": every registered key can be looked up.
+lookup_policy = "mutual"
+# Optional allow-list of gateway public keys; absent = any key may register.
+# allowed_keys = ["..."]
+
+[relay]
+# Relay (end-to-end encrypted) shards when no direct path can be made.
+enabled = true
+# Per client. Bits/s with a unit: bit, kbit, Mbit, Gbit (kbps, Mbps, Gbps are bits/s too),
+# or bytes/s: B/s, kB/s, MB/s, GB/s; or "unlimited".
+rate_limit = "10Mbit"
+
+[limits]
+# Registered gateway keys at most.
+max_clients = 10000
+# Registered uplink endpoints per gateway key at most.
+max_registrations = 16
+# Requests per second per source address; more are dropped.
+requests_per_second = 20
+# Handshake initiations per second above which the map answers with cookie replies
+# (WireGuard's under-load mode).
+handshake_load_threshold = 500
+
+[log]
+level = "info"
+format = "text"
+"""
+
+
+def example_gateway_config() -> str:
+    """A complete, commented gateway config with a fresh private key, valid as printed."""
+    private = generate_private_key()
+    return _GATEWAY_EXAMPLE.format(
+        private_key=encode_key(private),
+        public_key=encode_key(public_key_of(private)),
+        map_key=encode_key(public_key_of(generate_private_key())),
+        far_key=encode_key(public_key_of(generate_private_key())),
+        bind_to_device=str(sys.platform.startswith("linux")).lower(),
+        tunnel_id=derive_tunnel_id("wireguard"),
+        control_socket=DEFAULT_CONTROL_SOCKET,
+    )
+
+
+def example_map_config() -> str:
+    """A complete, commented warp-map config with a fresh private key, valid as printed."""
+    private = generate_private_key()
+    return _MAP_EXAMPLE.format(
+        private_key=encode_key(private), public_key=encode_key(public_key_of(private))
+    )
