@@ -1,0 +1,200 @@
+"""The ``warp`` command.
+
+Each subcommand is one ``register_<name>(subparsers)`` function that adds its parser and sets
+``handler`` (a function ``Namespace -> exit code``) as its default; add it to ``COMMANDS``.
+
+Exit codes (SPEC §2): 0 success, 1 usage or config error (one line per cause, never a
+traceback), 2 runtime failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import NoReturn, TypeAlias
+
+from warp import __version__
+from warp.config import (
+    ConfigError,
+    GatewayConfig,
+    LoopbackGate,
+    MapServerConfig,
+    TunGate,
+    UnixGate,
+    example_gateway_config,
+    example_map_config,
+    load_gateway_config,
+    load_map_config,
+)
+from warp.keys import encode_key
+
+EXIT_OK = 0
+EXIT_USAGE = 1
+EXIT_RUNTIME = 2
+
+Handler: TypeAlias = Callable[[argparse.Namespace], int]
+SubParsers: TypeAlias = "argparse._SubParsersAction[ArgumentParser]"
+
+
+class UsageError(Exception):
+    """A usage or config problem: printed as one line, exit code 1."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that exits 1 on usage errors (argparse's default is 2, our runtime failure)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+# --------------------------------------------------------------------------------------------
+# warp check
+
+
+def _gate_summary(gate: LoopbackGate | UnixGate | TunGate) -> str:
+    if isinstance(gate, LoopbackGate):
+        host = "127.0.0.1" if gate.ipv4 else "[::1]"
+        return f"loopback {host}:{gate.application_to_gate}"
+    if isinstance(gate, UnixGate):
+        return f"unix {gate.path}"
+    addresses = ", ".join(str(a) for a in gate.address)
+    return f"tun {gate.name}" + (f" {addresses}" if addresses else "")
+
+
+def gateway_summary(config: GatewayConfig) -> str:
+    """One line describing a valid gateway config (what `warp check` prints)."""
+    count = len(config.tunnels)
+    tunnels = "; ".join(
+        f"{name} → id {tunnel.tunnel_id}, {_gate_summary(tunnel.gate)}"
+        for name, tunnel in config.tunnels.items()
+    )
+    far = f"far gate {encode_key(config.far_gate.public_key)[:8]}…"
+    if config.far_gate.kind == "wireguard":
+        far += " (plain WireGuard)"
+    if config.far_gate.endpoints:
+        far += " at " + ", ".join(str(e) for e in config.far_gate.endpoints)
+    if config.warp_map.address is not None:
+        reach = f"map {config.warp_map.address}"
+    elif config.far_gate.endpoints:
+        reach = "no map"
+    else:
+        reach = f"no map, listening on port {config.listen_port}"
+    return f"ok: {count} tunnel{'s' if count != 1 else ''} ({tunnels}), {far}, {reach}"
+
+
+def map_summary(config: MapServerConfig) -> str:
+    """One line describing a valid warp-map config."""
+    relay = "relay off"
+    if config.relay.enabled:
+        limit = config.relay.rate_limit
+        relay = "relay unlimited" if limit is None else f"relay {limit / 1e6:g} Mbit/s per client"
+    allowed = "any key" if config.allowed_keys is None else f"{len(config.allowed_keys)} keys"
+    return (
+        f"ok: warp-map on {config.bind}, public key {encode_key(config.public_key)[:8]}…, "
+        f"lookup {config.lookup_policy}, {allowed}, {relay}"
+    )
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    try:
+        if args.map:
+            print(map_summary(load_map_config(args.config)))
+        else:
+            print(gateway_summary(load_gateway_config(args.config)))
+    except ConfigError as exc:
+        print(exc.format(), file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def register_check(subparsers: SubParsers) -> None:
+    parser = subparsers.add_parser(
+        "check",
+        help="validate a config and print every problem with its TOML path",
+        description="Validate a gateway config (or, with --map, a warp-map config). "
+        "Prints each problem as 'path: cause' and exits 1, or prints a one-line summary "
+        "and exits 0.",
+    )
+    parser.add_argument("config", metavar="CONFIG", help="the TOML config file")
+    parser.add_argument("--map", action="store_true", help="CONFIG is a warp-map config")
+    parser.set_defaults(handler=_run_check)
+
+
+# --------------------------------------------------------------------------------------------
+# warp print-example-config
+
+
+def _run_print_example_config(args: argparse.Namespace) -> int:
+    sys.stdout.write(example_map_config() if args.map else example_gateway_config())
+    return EXIT_OK
+
+
+def register_print_example_config(subparsers: SubParsers) -> None:
+    parser = subparsers.add_parser(
+        "print-example-config",
+        help="print a complete, commented, valid config with fresh keys",
+        description="Print a complete, commented gateway config that `warp check` accepts, "
+        "with a fresh private key. The far gate and map keys are random placeholders "
+        "to replace.",
+    )
+    parser.add_argument("--map", action="store_true", help="print a warp-map config instead")
+    parser.set_defaults(handler=_run_print_example_config)
+
+
+# --------------------------------------------------------------------------------------------
+# main
+
+COMMANDS: list[Callable[[SubParsers], None]] = [
+    register_check,
+    register_print_example_config,
+]
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="warp",
+        description="WARP: hole-punching, multi-path, erasure-coded tunnel gateway.",
+        epilog="Exit codes: 0 success, 1 usage or config error, 2 runtime failure.",
+    )
+    parser.add_argument("--version", action="version", version=f"warp {__version__}")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for register in COMMANDS:
+        register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return handler(args)
+    except UsageError as exc:
+        print(f"warp: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigError as exc:
+        print(exc.format(), file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): not an error; silence the flush at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+    except Exception as exc:
+        if os.environ.get("WARP_DEBUG"):
+            traceback.print_exc()
+        print(f"warp: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+
+
+if __name__ == "__main__":
+    sys.exit(main())
