@@ -1,0 +1,479 @@
+"""Control socket server, `warp status` client, rendering and --watch."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import os
+import shutil
+import socket
+import stat
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from warp.status import (
+    ControlServer,
+    ControlSocketError,
+    StatusError,
+    StatusSnapshot,
+    query_status,
+    register_status,
+    render_status,
+    run_status,
+    status_main,
+    watch_status,
+)
+
+SNAPSHOT: StatusSnapshot = {
+    "version": "0.1.0",
+    "uptime_s": 3725.5,
+    "public_key": "7ZQ3K8W1N2P4R6T8V0X2Z4B6D8F0H2J4L6N8Q0S2U4W6Y8A0C2E4",
+    "paths": [
+        {
+            "uplink": "wwan0",
+            "local_address": "10.64.1.2:40001",
+            "remote_address": "198.51.100.7:40002",
+            "source": "map",
+            "state": "active",
+            "rtt_ms": 48.25,
+            "loss_pct": 0.4,
+            "last_rx_age_s": 0.3,
+            "tx_bytes": 123456789,
+            "tx_packets": 98765,
+            "rx_bytes": 2345678,
+            "rx_packets": 4321,
+        },
+        {
+            "uplink": "wwan1",
+            "local_address": "10.80.3.9:40001",
+            "remote_address": "198.51.100.7:40002",
+            "source": "learned",
+            "state": "dead",
+            "rtt_ms": None,
+            "loss_pct": 100.0,
+            "last_rx_age_s": 17.0,
+            "tx_bytes": 1000,
+            "tx_packets": 10,
+            "rx_bytes": 0,
+            "rx_packets": 0,
+        },
+        {
+            "uplink": "wlan0",
+            "local_address": "192.168.8.20:40001",
+            "remote_address": "203.0.113.9:13116",
+            "source": "relay",
+            "state": "probing",
+            "rtt_ms": 310.0,
+            "loss_pct": 25.0,
+            "last_rx_age_s": None,
+            "tx_bytes": 0,
+            "tx_packets": 0,
+            "rx_bytes": 0,
+            "rx_packets": 0,
+        },
+    ],
+    "tunnels": [
+        {
+            "name": "wireguard",
+            "tunnel_id": 7,
+            "gate": {"kind": "loopback", "address": "127.0.0.1:59401"},
+            "datagrams_in": 1000,
+            "datagrams_out": 990,
+            "bytes_in": 1400000,
+            "bytes_out": 1386000,
+            "blocks_rebuilt": 42,
+            "datagrams_lost": 3,
+            "drops": {"no_application": 2, "send_deadline": 5},
+        }
+    ],
+    "map": {
+        "address": "warp-map.example.net:13116",
+        "registered": True,
+        "reflexive": {"wwan0": "100.64.9.1:61000", "wwan1": None},
+        "last_registration_age_s": 4.2,
+    },
+    "session": {
+        "far_gate": "AB12CD34EF56GH78JK90MN12PQ34RS56TV78WX90YZ12AB34CD56",
+        "handshake_state": "established",
+        "last_handshake_age_s": 61.0,
+        "rekeys": 3,
+    },
+    "uplinks": [
+        {"name": "wwan0", "local_address": "10.64.1.2", "state": "up", "send_errors": 0},
+        {"name": "wwan1", "local_address": "10.80.3.9", "state": "up", "send_errors": 12},
+        {"name": "wlan0", "local_address": "192.168.8.20", "state": "up", "send_errors": 0},
+    ],
+}
+
+
+@pytest.fixture
+def sockdir() -> Iterator[str]:
+    d = tempfile.mkdtemp(prefix="warp-st-", dir="/tmp")
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class ServerThread:
+    """A ControlServer on its own event loop in a thread, so blocking clients can be tested."""
+
+    def __init__(self, server: ControlServer) -> None:
+        self.server = server
+        self.loop = asyncio.new_event_loop()
+        self.started = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self.server.start())
+        except BaseException as exc:
+            self.error = exc
+            self.started.set()
+            return
+        self.started.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(self.server.close())
+        self.loop.close()
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        assert self.started.wait(5)
+        if self.error is not None:
+            raise self.error
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        assert not self.thread.is_alive()
+
+
+def serve(path: str, snapshot: Any = lambda: SNAPSHOT) -> ServerThread:
+    return ServerThread(ControlServer(path, snapshot))
+
+
+def recording_console() -> Console:
+    return Console(file=io.StringIO(), record=True, width=200, force_terminal=False)
+
+
+def args(**kw: Any) -> argparse.Namespace:
+    base: dict[str, Any] = {
+        "config": None,
+        "socket": None,
+        "json": False,
+        "watch": False,
+        "interval": 1.0,
+        "timeout": 2.0,
+    }
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+# ---------------------------------------------------------------------------------------
+# server + client
+
+
+def test_query_returns_the_snapshot(sockdir: str) -> None:
+    path = os.path.join(sockdir, "warp.sock")
+    with serve(path):
+        assert query_status(path) == SNAPSHOT
+        assert query_status(path) == SNAPSHOT  # served again
+    assert not os.path.exists(path)  # removed on close
+
+
+def test_json_output_parses_and_equals_the_snapshot(sockdir: str) -> None:
+    path = os.path.join(sockdir, "warp.sock")
+    console = recording_console()
+    with serve(path):
+        assert run_status(args(socket=path, json=True), console=console) == 0
+    out = console.file.getvalue()  # type: ignore[attr-defined]
+    assert json.loads(out) == SNAPSHOT
+
+
+def test_status_main_json_to_stdout(sockdir: str, capsys: pytest.CaptureFixture[str]) -> None:
+    path = os.path.join(sockdir, "warp.sock")
+    with serve(path):
+        assert status_main(["--socket", path, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == SNAPSHOT
+
+
+def test_rich_rendering_shows_every_path_and_table(sockdir: str) -> None:
+    path = os.path.join(sockdir, "warp.sock")
+    console = recording_console()
+    with serve(path):
+        assert run_status(args(socket=path), console=console) == 0
+    text = console.export_text()
+    for table in ("Paths", "Uplinks", "Tunnels", "Map", "Session"):
+        assert table in text
+    rows = [line for line in text.splitlines() if "198.51.100.7:40002" in line]
+    assert len(rows) == 2
+    (wwan0,) = [r for r in rows if "wwan0" in r]
+    assert "active" in wwan0 and "48.2" in wwan0 and "0.4" in wwan0 and "0.3s" in wwan0
+    (wwan1,) = [r for r in rows if "wwan1" in r]
+    assert "dead" in wwan1 and "100.0" in wwan1 and "17.0s" in wwan1 and "learned" in wwan1
+    (wlan0,) = [line for line in text.splitlines() if "203.0.113.9:13116" in line]
+    assert "probing" in wlan0 and "relay" in wlan0 and "25.0" in wlan0
+    assert "117.7 MiB / 98.8k" in wwan0  # tx bytes / packets
+    assert "1 hour" not in text and "1h02m" in text  # uptime
+    assert "wireguard" in text and "loopback 127.0.0.1:59401" in text
+    assert "no_application=2" in text and "send_deadline=5" in text
+    assert "100.64.9.1:61000" in text and "established" in text
+
+
+def test_rendering_colours_path_state() -> None:
+    console = Console(file=io.StringIO(), width=200, force_terminal=True, color_system="standard")
+    console.print(render_status(SNAPSHOT))
+    out = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "\x1b[1;31mdead" in out  # bold red
+    assert "\x1b[1;32mactive" in out  # bold green
+    assert "\x1b[1;33mprobing" in out  # bold yellow
+    assert "\x1b[1;31mwwan1" in out  # the dead modem's name is red too
+    assert "\x1b[1;31m 100.0" in out  # and its loss
+
+
+def test_rendering_tolerates_a_sparse_snapshot() -> None:
+    console = recording_console()
+    console.print(render_status({"version": "9.9", "map": None}))
+    text = console.export_text()
+    assert "warp 9.9" in text and "no paths yet" in text and "none configured" in text
+
+
+def test_missing_socket_exit_2_one_line(sockdir: str, capsys: pytest.CaptureFixture[str]) -> None:
+    path = os.path.join(sockdir, "warp.sock")
+    assert status_main(["--socket", path]) == 2
+    err = capsys.readouterr().err
+    assert err == f"warp status: is the gateway running? socket {path} not found\n"
+
+
+def test_stale_socket_refused_exit_2(sockdir: str, capsys: pytest.CaptureFixture[str]) -> None:
+    path = os.path.join(sockdir, "warp.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.close()
+    assert status_main(["--socket", path, "--json"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is the gateway running?" in err and "refuses" in err
+
+
+def test_silent_gateway_times_out_exit_2(sockdir: str, capsys: pytest.CaptureFixture[str]) -> None:
+    path = os.path.join(sockdir, "warp.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.listen(1)  # accepts into the backlog, never answers
+    try:
+        assert status_main(["--socket", path, "--timeout", "0.2"]) == 2
+    finally:
+        s.close()
+    err = capsys.readouterr().err
+    assert err == f"warp status: the gateway on {path} did not answer within 0.2 s\n"
+
+
+def test_server_errors_are_replies_not_crashes(sockdir: str) -> None:
+    path = os.path.join(sockdir, "warp.sock")
+    calls = 0
+
+    def flaky() -> Mapping[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("bug in the gateway")
+        return SNAPSHOT
+
+    with serve(path, flaky):
+        with pytest.raises(StatusError, match="failed to build its status"):
+            query_status(path)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+            c.settimeout(2)
+            c.connect(path)
+            f = c.makefile("rwb")
+            for request in (b"not json\n", b"[1]\n", b'{"cmd": "nope"}\n', b'{"cmd": "status"}\n'):
+                f.write(request)
+                f.flush()
+            replies = [json.loads(f.readline()) for _ in range(4)]
+        assert "not a JSON line" in replies[0]["error"]
+        assert "JSON object" in replies[1]["error"]
+        assert replies[2] == {"error": "unknown command 'nope'; known: status"}
+        assert replies[3] == SNAPSHOT  # several requests on one connection
+        assert query_status(path) == SNAPSHOT
+
+
+def test_server_socket_file_dir_modes_and_cleanup(sockdir: str) -> None:
+    path = os.path.join(sockdir, "run", "warp", "warp.sock")
+    old_umask = os.umask(0o077)
+    try:
+        with serve(path):
+            assert stat.S_ISSOCK(os.lstat(path).st_mode)
+            assert stat.S_IMODE(os.lstat(path).st_mode) == 0o660
+            assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o755
+            assert query_status(path)["version"] == "0.1.0"
+    finally:
+        os.umask(old_umask)
+    assert not os.path.exists(path)
+
+
+def test_server_replaces_stale_refuses_live_and_non_socket(sockdir: str) -> None:
+    path = os.path.join(sockdir, "warp.sock")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)
+    stale.close()
+    with serve(path):
+        assert query_status(path) == SNAPSHOT
+        # a second gateway on the same socket is refused, and does not break the first
+        with pytest.raises(ControlSocketError, match="in use"), serve(path):
+            pass
+        assert query_status(path) == SNAPSHOT
+    other = os.path.join(sockdir, "notes.txt")
+    with open(other, "w") as f:
+        f.write("x")
+    with pytest.raises(ControlSocketError, match="not a socket"), serve(other):
+        pass
+    assert os.path.exists(other)
+
+
+def test_server_close_ends_open_connections_and_is_idempotent(sockdir: str) -> None:
+    path = os.path.join(sockdir, "warp.sock")
+
+    async def main() -> None:
+        server = ControlServer(path, lambda: SNAPSHOT)
+        await server.start()
+        reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(b'{"cmd": "status"}\n')
+        assert json.loads(await reader.readline()) == SNAPSHOT
+        # the connection stays open and idle; close must not hang on it
+        await asyncio.wait_for(server.close(), 5)
+        await server.close()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        assert not os.path.exists(path)
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------------------
+# config, CLI registration
+
+
+def test_socket_from_config(sockdir: str) -> None:
+    path = os.path.join(sockdir, "warp.sock")
+    seen: list[str] = []
+
+    def from_config(config: str) -> str:
+        seen.append(config)
+        return path
+
+    console = recording_console()
+    with serve(path):
+        code = run_status(
+            args(config="/etc/warp/warp.toml", json=True),
+            socket_path_from_config=from_config,
+            console=console,
+        )
+    assert code == 0 and seen == ["/etc/warp/warp.toml"]
+    assert json.loads(console.file.getvalue()) == SNAPSHOT  # type: ignore[attr-defined]
+
+
+def test_bad_config_exit_1(sockdir: str, capsys: pytest.CaptureFixture[str]) -> None:
+    config = os.path.join(sockdir, "warp.toml")
+    with open(config, "w") as f:
+        f.write("this is = = not toml\n")
+    assert status_main(["-c", config]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() and "Traceback" not in err
+    assert status_main(["-c", os.path.join(sockdir, "missing.toml")]) == 1
+
+
+def test_register_status_with_a_cli_parser(sockdir: str) -> None:
+    parser = argparse.ArgumentParser(prog="warp")
+    register_status(parser.add_subparsers())
+    ns = parser.parse_args(["status", "--socket", "/x.sock", "--json", "--watch"])
+    assert ns.handler is run_status
+    assert (ns.socket, ns.json, ns.watch, ns.config, ns.interval) == (
+        "/x.sock",
+        True,
+        True,
+        None,
+        1.0,
+    )
+    with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit):
+        parser.parse_args(["status", "-c", "a.toml", "--socket", "b.sock"])
+
+
+# ---------------------------------------------------------------------------------------
+# --watch
+
+
+def test_watch_refreshes_until_bounded_stop() -> None:
+    fetched: list[int] = []
+    slept: list[float] = []
+
+    def fetch() -> Mapping[str, Any]:
+        fetched.append(1)
+        return {**SNAPSHOT, "uptime_s": float(len(fetched))}
+
+    console = Console(file=io.StringIO(), width=200, force_terminal=True)
+    code = watch_status(fetch, console, interval=1.0, max_refreshes=3, sleep=slept.append)
+    assert code == 0
+    assert len(fetched) == 3 and slept == [1.0, 1.0]
+    out = console.file.getvalue()  # type: ignore[attr-defined]
+    assert out.count("Paths") >= 3  # first frame + two refreshes
+    assert "wwan1" in out
+
+
+def test_watch_ctrl_c_exits_0_and_shows_errors_meanwhile() -> None:
+    calls = 0
+
+    def fetch() -> Mapping[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise StatusError("is the gateway running? socket /x not found")
+        return SNAPSHOT
+
+    def sleep(_: float) -> None:
+        if calls == 3:
+            raise KeyboardInterrupt
+
+    console = Console(file=io.StringIO(), width=200, force_terminal=True)
+    assert watch_status(fetch, console, sleep=sleep) == 0
+    assert calls == 3
+    assert "is the gateway running?" in console.file.getvalue()  # type: ignore[attr-defined]
+
+
+def test_watch_first_failure_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    def fetch() -> Mapping[str, Any]:
+        raise StatusError("is the gateway running? socket /x not found")
+
+    assert watch_status(fetch, recording_console(), sleep=lambda _: None) == 2
+    assert capsys.readouterr().err == "warp status: is the gateway running? socket /x not found\n"
+
+
+def test_watch_against_a_live_server(sockdir: str) -> None:
+    path = os.path.join(sockdir, "warp.sock")
+    console = Console(file=io.StringIO(), width=200, force_terminal=True)
+    with serve(path):
+        code = watch_status(lambda: query_status(path), console, interval=0.01, max_refreshes=2)
+    assert code == 0
+    assert console.file.getvalue().count("Tunnels") >= 2  # type: ignore[attr-defined]
+
+
+def test_watch_json_lines() -> None:
+    console = recording_console()
+    assert (
+        watch_status(
+            lambda: SNAPSHOT, console, json_lines=True, max_refreshes=2, sleep=lambda _: None
+        )
+        == 0
+    )
+    lines = console.file.getvalue().splitlines()  # type: ignore[attr-defined]
+    assert [json.loads(line) for line in lines] == [SNAPSHOT, SNAPSHOT]
