@@ -10,7 +10,8 @@ protocol logic:
 
 Flow control is explicit. If ``on_datagram`` returns ``False`` the gate stops reading
 (the kernel queue then fills up and, for a Unix gate, a blocking ``send()`` in the
-application waits) until the gateway calls ``gate.resume_reading()``. The gateway may
+application waits) until the gateway calls ``gate.resume_reading()``. The payload passed
+with the False has been taken by the gateway; only the *next* ones wait. The gateway may
 also call ``gate.pause_reading()`` at any time. Any other return value (``None``,
 ``True``) means "keep going".
 
