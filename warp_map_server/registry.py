@@ -1,0 +1,556 @@
+"""The map's state and rules, sans-I/O: registrations, lookup policy, expiry, pushes, relay.
+
+:class:`Registry` sees only what arrived inside authenticated WireGuard sessions: a client's
+public key, the plaintext of its transport message, the source address that message came from
+(the client's reflexive address for that uplink) and the current time. It answers with
+:class:`Deliver` items (seal this plaintext for that client and send it to that address) that
+the server's I/O loop carries out, and with a timer deadline (the next registration expiry).
+
+Rules:
+
+* A registration is (client, uplink tag) -> endpoint, valid for ``registration_ttl`` after its
+  latest Register: it is expired at exactly ``registered_at + ttl``.
+* A client's endpoint set is its unexpired registrations' endpoints, freshest first. Every change
+  of the set takes a new version (one counter for the whole map, so versions only grow).
+* On a change of client X's set: every client W whose far gate is X, and who may see X, gets a
+  Push of X's set at each of its endpoints; and when the set grew, X gets a Push of its own far
+  gate's set (if it may see it), so both sides start punching at once.
+* ``mutual`` policy: W may see X only if X registered W as its far gate. ``any``: always.
+  A client may always see itself. The same rule gates relaying.
+* Relay: forward the payload to the target's freshest endpoint, within a per-sender token
+  bucket of ``relay_rate`` bits per second.
+* Requests (register, lookup, deregister, invalid frames) pass a per-source-IP token bucket of
+  ``requests_per_second``; over it they are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Literal
+
+from warp.keys import encode_key
+from warp.map_client.messages import (
+    MAX_ENDPOINTS,
+    MAX_RELAY_PAYLOAD,
+    Deregister,
+    Endpoint,
+    Error,
+    ErrorCode,
+    Lookup,
+    MapMessage,
+    MessageError,
+    PeerEndpoints,
+    Push,
+    Register,
+    Registered,
+    Relay,
+    Relayed,
+    decode,
+    encode,
+)
+from warp_map_server.ratelimit import TokenBucketTable
+
+LookupPolicy = Literal["mutual", "any"]
+
+logger = logging.getLogger("warp_map_server")
+
+RATE_TABLE_SIZE = 32_768
+RELAY_BURST_SECONDS = 0.25
+LOG_SUPPRESS_SECONDS = 10.0
+
+
+def log_event(log: logging.Logger, event: str, level: int = logging.INFO, **fields: object) -> None:
+    """Log ``event key=value ...``; the event name and fields also go in ``extra`` for JSON."""
+    if not log.isEnabledFor(level):
+        return
+    text = " ".join(f"{k}={v}" for k, v in fields.items())
+    log.log(level, "%s %s", event, text, extra={"event": event, "fields": fields})
+
+
+def short(key: bytes) -> str:
+    """A key as operators see it in logs: the first 12 characters of its Crockford form."""
+    return encode_key(key)[:12] if len(key) == 32 else key.hex()[:12]
+
+
+def normalize(endpoint: tuple[object, ...]) -> Endpoint:
+    """(host, port) from a socket address of any family; IPv4-mapped IPv6 becomes IPv4."""
+    host, port = str(endpoint[0]), int(str(endpoint[1]))
+    host = host.split("%", 1)[0]
+    address = ipaddress.ip_address(host)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return str(address), port
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Seal ``plaintext`` for client ``peer`` and send it to ``destination``."""
+
+    peer: bytes
+    plaintext: bytes
+    destination: Endpoint
+
+
+@dataclass(slots=True)
+class Registration:
+    uplink: int
+    endpoint: Endpoint
+    registered_at: float
+    expires_at: float
+    last_heard: float
+
+
+@dataclass(slots=True)
+class Client:
+    key: bytes
+    far_gate: bytes
+    instance: int
+    registrations: dict[int, Registration] = field(default_factory=dict)
+    version: int = 0
+
+    def endpoints(self, now: float) -> tuple[Endpoint, ...]:
+        live = [r for r in self.registrations.values() if r.expires_at > now]
+        live.sort(key=lambda r: r.last_heard, reverse=True)
+        seen: dict[Endpoint, None] = {}
+        for r in live:
+            seen.setdefault(r.endpoint, None)
+        return tuple(seen)[:MAX_ENDPOINTS]
+
+    def freshest(self, now: float) -> Endpoint | None:
+        best: Registration | None = None
+        for r in self.registrations.values():
+            if r.expires_at > now and (best is None or r.last_heard > best.last_heard):
+                best = r
+        return None if best is None else best.endpoint
+
+
+class Registry:
+    def __init__(
+        self,
+        *,
+        registration_ttl: float = 60.0,
+        lookup_policy: LookupPolicy = "mutual",
+        relay_enabled: bool = True,
+        relay_rate: float | None = 10_000_000,
+        max_clients: int = 10_000,
+        max_registrations: int = 16,
+        requests_per_second: float = 20,
+        boot_id: int = 0,
+        log: logging.Logger = logger,
+    ) -> None:
+        if registration_ttl <= 0:
+            raise ValueError("registration_ttl must be positive")
+        self.ttl = registration_ttl
+        self.policy: LookupPolicy = lookup_policy
+        self.relay_enabled = relay_enabled
+        self.max_clients = max_clients
+        self.max_registrations = max_registrations
+        self.boot_id = boot_id
+        self.log = log
+        self.counters: Counter[str] = Counter()
+        self.clients: dict[bytes, Client] = {}
+        # far gate key -> clients that registered it as their far gate
+        self._watchers: dict[bytes, set[bytes]] = {}
+        self._expiry: list[tuple[float, bytes, int]] = []
+        self._expiry_live = 0
+        self._version = 0
+        self._outbox: list[Deliver] = []
+        self._requests = TokenBucketTable[str](
+            requests_per_second, max(float(requests_per_second), 5.0), RATE_TABLE_SIZE
+        )
+        self.relay_rate = relay_rate
+        relay_burst = max((relay_rate or 1.0) * RELAY_BURST_SECONDS, 2.0 * MAX_RELAY_PAYLOAD * 8)
+        self._relay = TokenBucketTable[bytes](
+            relay_rate or 1.0, relay_burst, max(max_clients, 1) * 2
+        )
+        self._last_log: dict[str, float] = {}
+
+    # ---------------------------------------------------------------------------- outputs
+
+    def drain(self) -> list[Deliver]:
+        out, self._outbox = self._outbox, []
+        return out
+
+    def next_deadline(self) -> float | None:
+        return self._expiry[0][0] if self._expiry else None
+
+    @property
+    def registration_count(self) -> int:
+        return sum(len(c.registrations) for c in self.clients.values())
+
+    def has_registrations(self, key: bytes) -> bool:
+        client = self.clients.get(key)
+        return client is not None and bool(client.registrations)
+
+    def endpoints_of(self, key: bytes, now: float) -> tuple[Endpoint, ...]:
+        client = self.clients.get(key)
+        return () if client is None else client.endpoints(now)
+
+    # ---------------------------------------------------------------------------- inputs
+
+    def heard(self, key: bytes, source: Endpoint, now: float) -> None:
+        """An authenticated datagram from ``key`` came from ``source``: that endpoint is fresh."""
+        client = self.clients.get(key)
+        if client is None:
+            return
+        for r in client.registrations.values():
+            if r.endpoint == source and r.expires_at > now:
+                r.last_heard = now
+
+    def handle(self, key: bytes, plaintext: bytes, source: Endpoint, now: float) -> None:
+        """A map frame from authenticated client ``key``, received from ``source``."""
+        self.heard(key, source, now)
+        try:
+            message = decode(plaintext)
+        except MessageError as exc:
+            self.counters["requests.invalid"] += 1
+            if self._request_allowed(source, now):
+                self._reply(key, source, Error(None, ErrorCode.BAD_REQUEST, str(exc)))
+            return
+        if isinstance(message, Relay):
+            self._relay_payload(key, message, now)
+            return
+        if not self._request_allowed(source, now):
+            return
+        match message:
+            case Register():
+                self._register(key, message, source, now)
+            case Lookup():
+                self._lookup(key, message, source, now)
+            case Deregister():
+                self._deregister(key, message, source, now)
+            case _:
+                self.counters["requests.invalid"] += 1
+                self._reply(
+                    key, source, Error(None, ErrorCode.BAD_REQUEST, "not a request to the map")
+                )
+
+    def tick(self, now: float) -> None:
+        """Expire registrations whose time has come (at exactly registered_at + ttl)."""
+        changed: dict[bytes, Client] = {}
+        while self._expiry and self._expiry[0][0] <= now:
+            expires_at, key, uplink = heapq.heappop(self._expiry)
+            client = self.clients.get(key)
+            if client is None:
+                continue
+            registration = client.registrations.get(uplink)
+            if registration is None or registration.expires_at != expires_at:
+                continue  # refreshed or removed since: a stale heap entry
+            del client.registrations[uplink]
+            self.counters["registrations.expired"] += 1
+            log_event(
+                self.log,
+                "map.expired",
+                client=short(key),
+                uplink=uplink,
+                endpoint=_fmt(registration.endpoint),
+            )
+            changed[key] = client
+        for key, client in changed.items():
+            self._changed(client, now, grew=False)
+            if not client.registrations:
+                self._remove_client(key)
+
+    def forget(self, key: bytes, now: float) -> None:
+        """Drop everything about ``key`` (its session is gone for good)."""
+        client = self.clients.get(key)
+        if client is None:
+            return
+        had = bool(client.registrations)
+        client.registrations.clear()
+        if had:
+            self._changed(client, now, grew=False)
+        self._remove_client(key)
+
+    # ---------------------------------------------------------------------------- policy
+
+    def may_see(self, asker: bytes, target: bytes) -> bool:
+        if asker == target or self.policy == "any":
+            return True
+        client = self.clients.get(target)
+        return client is not None and client.far_gate == asker
+
+    # ---------------------------------------------------------------------------- requests
+
+    def _register(self, key: bytes, message: Register, source: Endpoint, now: float) -> None:
+        self.counters["requests.register"] += 1
+        client = self.clients.get(key)
+        if client is None:
+            if len(self.clients) >= self.max_clients:
+                self.counters["clients.refused"] += 1
+                self._log_suppressed("map.clients_full", now, clients=len(self.clients))
+                self._reply(
+                    key,
+                    source,
+                    Error(message.request_id, ErrorCode.LIMIT_REACHED, "map is full"),
+                )
+                return
+            client = Client(key, message.far_gate, message.instance)
+            self.clients[key] = client
+            self._watchers.setdefault(message.far_gate, set()).add(key)
+        grew = False
+        set_before = frozenset(client.endpoints(now))
+        if message.instance != client.instance:
+            # The client restarted: its old registrations describe sockets that are gone.
+            if client.registrations:
+                log_event(
+                    self.log,
+                    "map.instance_replaced",
+                    client=short(key),
+                    dropped=len(client.registrations),
+                )
+            client.registrations.clear()
+            client.instance = message.instance
+        if message.far_gate != client.far_gate:
+            self._watchers.get(client.far_gate, set()).discard(key)
+            if not self._watchers.get(client.far_gate, True):
+                del self._watchers[client.far_gate]
+            client.far_gate = message.far_gate
+            self._watchers.setdefault(message.far_gate, set()).add(key)
+            grew = True  # whoever may now see us must hear of it, and we of them
+        registration = client.registrations.get(message.uplink)
+        if registration is None:
+            # Another tag on the very same endpoint is the same socket: replace it.
+            for uplink, other in list(client.registrations.items()):
+                if other.endpoint == source:
+                    del client.registrations[uplink]
+            if len(client.registrations) >= self.max_registrations:
+                self.counters["registrations.refused"] += 1
+                self._reply(
+                    key,
+                    source,
+                    Error(
+                        message.request_id,
+                        ErrorCode.LIMIT_REACHED,
+                        f"at most {self.max_registrations} registrations per client",
+                    ),
+                )
+                if set_before != frozenset(client.endpoints(now)):
+                    self._changed(client, now, grew=grew)
+                return
+            registration = Registration(message.uplink, source, now, now + self.ttl, now)
+            client.registrations[message.uplink] = registration
+            log_event(
+                self.log,
+                "map.registered",
+                client=short(key),
+                uplink=message.uplink,
+                endpoint=_fmt(source),
+                far_gate=short(message.far_gate),
+            )
+        else:
+            if registration.endpoint != source:
+                log_event(
+                    self.log,
+                    "map.endpoint_moved",
+                    client=short(key),
+                    uplink=message.uplink,
+                    old=_fmt(registration.endpoint),
+                    new=_fmt(source),
+                )
+            registration.endpoint = source
+            registration.registered_at = now
+            registration.expires_at = now + self.ttl
+            registration.last_heard = now
+            self.counters["registrations.refreshed"] += 1
+        heapq.heappush(self._expiry, (now + self.ttl, key, message.uplink))
+        self._compact_expiry()
+        self._reply(
+            key,
+            source,
+            Registered(message.request_id, message.uplink, source, self.ttl, self.boot_id),
+        )
+        set_after = frozenset(client.endpoints(now))
+        if set_after != set_before or grew:
+            self._changed(client, now, grew=grew or not set_after <= set_before)
+
+    def _lookup(self, key: bytes, message: Lookup, source: Endpoint, now: float) -> None:
+        self.counters["requests.lookup"] += 1
+        if not self.may_see(key, message.key):
+            self.counters["lookup.refused"] += 1
+            log_event(
+                self.log,
+                "map.lookup_refused",
+                logging.DEBUG,
+                client=short(key),
+                target=short(message.key),
+            )
+            self._reply(
+                key,
+                source,
+                Error(message.request_id, ErrorCode.NOT_PERMITTED, "lookup not permitted"),
+            )
+            return
+        target = self.clients.get(message.key)
+        endpoints = () if target is None else target.endpoints(now)
+        version = 0 if target is None else target.version
+        self._reply(
+            key,
+            source,
+            PeerEndpoints(message.request_id, message.key, endpoints, version, self.boot_id),
+        )
+
+    def _deregister(self, key: bytes, message: Deregister, source: Endpoint, now: float) -> None:
+        self.counters["requests.deregister"] += 1
+        client = self.clients.get(key)
+        if client is None:
+            self._reply(key, source, PeerEndpoints(message.request_id, key, (), 0, self.boot_id))
+            return
+        before = frozenset(client.endpoints(now))
+        if message.uplink is None:
+            removed = list(client.registrations.values())
+            client.registrations.clear()
+        else:
+            one = client.registrations.pop(message.uplink, None)
+            removed = [] if one is None else [one]
+        for r in removed:
+            log_event(
+                self.log,
+                "map.deregistered",
+                client=short(key),
+                uplink=r.uplink,
+                endpoint=_fmt(r.endpoint),
+            )
+        if before != frozenset(client.endpoints(now)):
+            self._changed(client, now, grew=False)
+        self._reply(
+            key,
+            source,
+            PeerEndpoints(
+                message.request_id, key, client.endpoints(now), client.version, self.boot_id
+            ),
+        )
+        if not client.registrations:
+            self._remove_client(key)
+
+    def _relay_payload(self, key: bytes, message: Relay, now: float) -> None:
+        if not self.relay_enabled:
+            self.counters["relay.disabled"] += 1
+            return
+        if not self.may_see(key, message.key):
+            self.counters["relay.refused"] += 1
+            self._log_suppressed(
+                "map.relay.refused", now, client=short(key), target=short(message.key)
+            )
+            return
+        target = self.clients.get(message.key)
+        destination = None if target is None else target.freshest(now)
+        if destination is None:
+            self.counters["relay.no_target"] += 1
+            return
+        bits = len(message.payload) * 8
+        if self.relay_rate is not None and not self._relay.allow(key, now, bits):
+            self.counters["relay.dropped"] += 1
+            self.counters["relay.dropped_bytes"] += len(message.payload)
+            self._log_suppressed(
+                "map.relay.dropped",
+                now,
+                client=short(key),
+                reason="rate_limit",
+                total=self.counters["relay.dropped"],
+            )
+            return
+        self.counters["relay.forwarded"] += 1
+        self.counters["relay.bytes"] += len(message.payload)
+        self._outbox.append(
+            Deliver(message.key, encode(Relayed(key, message.payload)), destination)
+        )
+
+    # ---------------------------------------------------------------------------- helpers
+
+    def _request_allowed(self, source: Endpoint, now: float) -> bool:
+        if self._requests.allow(source[0], now):
+            return True
+        self.counters["requests.rate_limited"] += 1
+        self._log_suppressed("map.rate_limited", now, source=source[0])
+        return False
+
+    def _reply(self, key: bytes, destination: Endpoint, message: MapMessage) -> None:
+        self._outbox.append(Deliver(key, encode(message), destination))
+
+    def _changed(self, client: Client, now: float, *, grew: bool) -> None:
+        """``client``'s endpoint set changed: new version, push it to whoever watches it."""
+        self._version += 1
+        client.version = self._version
+        endpoints = client.endpoints(now)
+        frame = encode(Push(client.key, endpoints, client.version, self.boot_id))
+        for watcher_key in sorted(self._watchers.get(client.key, ())):
+            if watcher_key == client.key or not self.may_see(watcher_key, client.key):
+                continue
+            watcher = self.clients.get(watcher_key)
+            if watcher is not None:
+                self._push(watcher, frame, now, about=client.key)
+        if grew and endpoints:
+            far = self.clients.get(client.far_gate)
+            if far is not None and far.key != client.key and self.may_see(client.key, far.key):
+                far_endpoints = far.endpoints(now)
+                if far_endpoints:
+                    reverse = encode(Push(far.key, far_endpoints, far.version, self.boot_id))
+                    self._push(client, reverse, now, about=far.key)
+
+    def _push(self, to: Client, frame: bytes, now: float, *, about: bytes) -> None:
+        destinations = to.endpoints(now)
+        for destination in destinations:
+            self._outbox.append(Deliver(to.key, frame, destination))
+        if destinations:
+            self.counters["push.sent"] += len(destinations)
+            log_event(
+                self.log,
+                "map.push",
+                to=short(to.key),
+                about=short(about),
+                endpoints=len(destinations),
+            )
+
+    def _remove_client(self, key: bytes) -> None:
+        client = self.clients.pop(key, None)
+        if client is None:
+            return
+        watchers = self._watchers.get(client.far_gate)
+        if watchers is not None:
+            watchers.discard(key)
+            if not watchers:
+                del self._watchers[client.far_gate]
+        self._relay.forget(key)
+
+    def _compact_expiry(self) -> None:
+        # Refreshes leave stale entries behind; rebuild when the heap outgrows its last live size
+        # eightfold (amortised O(1) per push, memory bounded by the live registrations).
+        if len(self._expiry) <= max(1024, 8 * self._expiry_live):
+            return
+        self._expiry = [
+            (r.expires_at, c.key, r.uplink)
+            for c in self.clients.values()
+            for r in c.registrations.values()
+        ]
+        heapq.heapify(self._expiry)
+        self._expiry_live = len(self._expiry)
+
+    def _log_suppressed(self, event: str, now: float, **fields: object) -> None:
+        """Log ``event`` at most once per LOG_SUPPRESS_SECONDS (floods must not flood logs)."""
+        last = self._last_log.get(event)
+        if last is not None and now - last < LOG_SUPPRESS_SECONDS:
+            return
+        self._last_log[event] = now
+        log_event(self.log, event, logging.WARNING, **fields)
+
+    def gc(self, now: float) -> None:
+        """Drop rate-limiter buckets that hold no information any more."""
+        self._requests.gc(now)
+        self._relay.gc(now)
+
+    def summary(self, now: float) -> dict[str, int]:
+        out = dict(self.counters)
+        out["clients"] = len(self.clients)
+        out["registrations"] = self.registration_count
+        out["rate_table"] = len(self._requests)
+        return out
+
+
+def _fmt(endpoint: Endpoint) -> str:
+    host, port = endpoint
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
