@@ -1,0 +1,637 @@
+"""Uplinks: discovery of the local interfaces to use, and one UDP socket per uplink.
+
+This is a thin asyncio shell (SPEC §5): it owns the sockets and one supervisory task, and
+nothing else. Discovery goes through netlink (warp/paths/netlink.py): a full dump every
+`scan_interval` as a safety net, and an immediate rescan whenever the kernel reports a link
+or address change (RTM_NEWLINK/DELLINK/NEWADDR/DELADDR on a netlink socket watched with
+`loop.add_reader`). An interface is used when its name matches one inclusion pattern and no
+exclusion pattern (`re.search`), it is up and running, and it has an IPv4 address (else a
+global IPv6 one, after DAD). Each uplink gets one UDP socket bound to that address (and
+`SO_BINDTODEVICE` when asked) with enlarged buffers; received datagrams go straight from the
+protocol's `datagram_received` to `on_datagram`.
+
+`UplinkManager.from_static(...)` skips netlink entirely and binds given local addresses, so a
+gateway (the demo) can run on loopback without root.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import re
+import socket
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from warp.paths.netlink import NetlinkMonitor, dump_interfaces
+from warp.paths.path import Address
+
+log = logging.getLogger("warp.paths.uplinks")
+
+DEFAULT_SOCKET_BUFFER = 4 << 20
+DEFAULT_MAX_DATAGRAM = 1 << 16
+"""Receive buffer per datagram on the stock loop (its default, 256 KiB, costs an mmap per read;
+64 KiB is below the mmap threshold and still never truncates a UDP payload)."""
+WRITE_BUFFER_HIGH = 256 << 10
+"""Past this much queued in the transport (socket full), `send` drops instead of queueing."""
+REBUILD_MIN_INTERVAL = 1.0
+"""An uplink is rebuilt at most this often, however fast its sends fail."""
+
+# Errors about one datagram, not about the uplink: they do not count towards a rebuild.
+_DATAGRAM_ERRNOS = frozenset({errno.EMSGSIZE, errno.EAFNOSUPPORT, errno.EDESTADDRREQ})
+
+OnDatagram = Callable[["Uplink", bytes, Address], None]
+
+
+def _compile(patterns: Iterable[str | re.Pattern[str]]) -> list[re.Pattern[str]]:
+    return [p if isinstance(p, re.Pattern) else re.compile(p) for p in patterns]
+
+
+def select_interfaces(
+    names: Iterable[str],
+    inclusion: Iterable[str | re.Pattern[str]],
+    exclusion: Iterable[str | re.Pattern[str]],
+) -> list[str]:
+    """The names (in the given order) that match one inclusion pattern and no exclusion one.
+
+    Patterns are regular expressions applied with `re.search`, so `"lo"` matches any name
+    containing "lo"; anchor it (`"^lo$"`) to mean exactly `lo`.
+    """
+    inc = _compile(inclusion)
+    exc = _compile(exclusion)
+    return [
+        name
+        for name in names
+        if any(p.search(name) for p in inc) and not any(p.search(name) for p in exc)
+    ]
+
+
+class UplinkEventKind(StrEnum):
+    ADDED = "added"
+    REMOVED = "removed"
+    REBUILT = "rebuilt"
+
+
+@dataclass(frozen=True, slots=True)
+class UplinkEvent:
+    """An uplink appeared, disappeared (its socket is closed), or got a fresh socket."""
+
+    kind: UplinkEventKind
+    uplink: Uplink
+    reason: str = ""
+
+    @property
+    def name(self) -> str:
+        """Stable log event name: `uplink.added`, `uplink.removed`, `uplink.rebuilt`."""
+        return f"uplink.{self.kind}"
+
+
+class Uplink:
+    """One local uplink: an interface address and the UDP socket bound to it."""
+
+    __slots__ = (
+        "_max_failures",
+        "_on_failure",
+        "_protocol",
+        "_transport",
+        "_writable",
+        "address",
+        "bound_to_device",
+        "callback_errors",
+        "consecutive_failures",
+        "errors",
+        "family",
+        "index",
+        "last_error",
+        "local_port",
+        "name",
+        "rebuilds",
+        "rx_bytes",
+        "rx_packets",
+        "tx_bytes",
+        "tx_dropped",
+        "tx_packets",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        index: int,
+        address: str,
+        *,
+        max_consecutive_failures: int = 10,
+        on_failure: Callable[[Uplink], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.index = index
+        self.address = address
+        self.family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        self.local_port = 0
+        self.bound_to_device = False
+        self.rx_bytes = 0
+        self.rx_packets = 0
+        self.tx_bytes = 0
+        self.tx_packets = 0
+        self.tx_dropped = 0
+        """Datagrams not sent because the uplink was closed or its socket buffer full."""
+        self.errors = 0
+        self.callback_errors = 0
+        self.consecutive_failures = 0
+        self.rebuilds = 0
+        self.last_error: BaseException | None = None
+        self._max_failures = max_consecutive_failures
+        self._on_failure = on_failure
+        self._transport: asyncio.DatagramTransport | None = None
+        self._protocol: _UplinkProtocol | None = None
+        self._writable = True
+
+    def __repr__(self) -> str:
+        state = "open" if self._transport is not None else "closed"
+        return f"<Uplink {self.name} {self.address}:{self.local_port} {state}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._transport is None
+
+    @property
+    def local_address(self) -> Address:
+        return (self.address, self.local_port)
+
+    def send(self, data: bytes, addr: Address) -> bool:
+        """Queue one datagram (non-blocking). False if it was dropped or failed at once."""
+        transport = self._transport
+        if transport is None or not self._writable:
+            self.tx_dropped += 1
+            return False
+        errors = self.errors
+        try:
+            transport.sendto(data, addr)
+        except Exception as exc:  # e.g. a transport torn down under us, a bad address
+            self._on_error(exc)
+        if self.errors != errors:
+            return False
+        self.consecutive_failures = 0
+        self.tx_packets += 1
+        self.tx_bytes += len(data)
+        return True
+
+    def _on_error(self, exc: BaseException) -> None:
+        self.errors += 1
+        self.last_error = exc
+        if isinstance(exc, (socket.gaierror, ValueError, TypeError)) or (
+            isinstance(exc, OSError) and exc.errno in _DATAGRAM_ERRNOS
+        ):
+            return  # about this datagram (wrong family, too big), not about the uplink
+        self.consecutive_failures += 1
+        if self.consecutive_failures == self._max_failures and self._on_failure is not None:
+            self._on_failure(self)
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "index": self.index,
+            "address": self.address,
+            "local_port": self.local_port,
+            "bound_to_device": self.bound_to_device,
+            "open": not self.closed,
+            "rx_bytes": self.rx_bytes,
+            "rx_packets": self.rx_packets,
+            "tx_bytes": self.tx_bytes,
+            "tx_packets": self.tx_packets,
+            "tx_dropped": self.tx_dropped,
+            "errors": self.errors,
+            "consecutive_failures": self.consecutive_failures,
+            "rebuilds": self.rebuilds,
+        }
+
+
+class _UplinkProtocol(asyncio.DatagramProtocol):
+    def __init__(self, uplink: Uplink, on_datagram: OnDatagram, max_datagram: int) -> None:
+        self._uplink = uplink
+        self._on_datagram = on_datagram
+        self._max_datagram = max_datagram
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Stock asyncio reads every datagram into a fresh 256 KiB buffer (an mmap/munmap per
+        # datagram); uvloop has no such attribute.
+        if hasattr(transport, "max_size"):
+            transport.max_size = self._max_datagram
+        with contextlib.suppress(AttributeError, NotImplementedError):  # loop dependent
+            transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)  # type: ignore[attr-defined]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        uplink = self._uplink
+        uplink.rx_packets += 1
+        uplink.rx_bytes += len(data)
+        if len(addr) != 2:  # IPv6 sockaddr: drop flowinfo and scope id
+            addr = (addr[0], addr[1])
+        try:
+            self._on_datagram(uplink, data, addr)
+        except Exception:
+            # Never let a handler bug close the transport (asyncio would, on an exception).
+            uplink.callback_errors += 1
+            log.exception("uplink.callback_error uplink=%s", uplink.name)
+
+    def error_received(self, exc: Exception) -> None:
+        self._uplink._on_error(exc)
+
+    def pause_writing(self) -> None:
+        self._uplink._writable = False
+
+    def resume_writing(self) -> None:
+        self._uplink._writable = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+def _set_buffer(sock: socket.socket, force: int, plain: int, size: int) -> None:
+    """Best effort: SO_*BUFFORCE (root, ignores rmem_max/wmem_max), else the capped one."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force, size)
+    except OSError:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+
+_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+_SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+_SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+
+
+class UplinkManager:
+    """Keeps `uplinks` (name → Uplink) in line with the machine's usable interfaces."""
+
+    def __init__(
+        self,
+        *,
+        inclusion_patterns: Iterable[str] = (".*",),
+        exclusion_patterns: Iterable[str] = ("^lo$",),
+        bind_to_device: bool = True,
+        listen_port: int = 0,
+        scan_interval: float = 10.0,
+        max_consecutive_failures: int = 10,
+        on_datagram: OnDatagram,
+        on_change: Callable[[UplinkEvent], None] | None = None,
+        static: Sequence[tuple[str, str]] | None = None,
+        socket_buffer: int = DEFAULT_SOCKET_BUFFER,
+        max_datagram_size: int = DEFAULT_MAX_DATAGRAM,
+    ) -> None:
+        if not 0 <= listen_port <= 65535:
+            raise ValueError(f"listen_port out of range: {listen_port}")
+        if scan_interval <= 0:
+            raise ValueError("scan_interval must be positive")
+        if max_consecutive_failures < 1:
+            raise ValueError("max_consecutive_failures must be at least 1")
+        self.inclusion = _compile(inclusion_patterns)
+        self.exclusion = _compile(exclusion_patterns)
+        self.bind_to_device = bind_to_device and static is None
+        self.listen_port = listen_port
+        self.scan_interval = float(scan_interval)
+        self.max_consecutive_failures = max_consecutive_failures
+        self.socket_buffer = socket_buffer
+        self.max_datagram_size = max_datagram_size
+        self._on_datagram = on_datagram
+        self._on_change = on_change
+        self._static = None if static is None else [(n, a) for n, a in static]
+        if self._static is not None:
+            names = [n for n, _ in self._static]
+            if len(set(names)) != len(names):
+                raise ValueError("static uplink names must be unique")
+        self.uplinks: dict[str, Uplink] = {}
+        self.scans = 0
+        self._monitor: NetlinkMonitor | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._scan_requested = False
+        self._scan_timer: asyncio.TimerHandle | None = None
+        self._rebuild_timer: asyncio.TimerHandle | None = None
+        self._rebuild_due: dict[str, float] = {}
+        self._last_rebuild: dict[str, float] = {}
+        self._warned_bind_to_device = False
+        self._started = False
+        self._closed = False
+
+    @classmethod
+    def from_static(
+        cls,
+        uplinks: Iterable[tuple[str, str]],
+        *,
+        on_datagram: OnDatagram,
+        on_change: Callable[[UplinkEvent], None] | None = None,
+        listen_port: int = 0,
+        max_consecutive_failures: int = 10,
+        scan_interval: float = 10.0,
+        socket_buffer: int = DEFAULT_SOCKET_BUFFER,
+        max_datagram_size: int = DEFAULT_MAX_DATAGRAM,
+    ) -> UplinkManager:
+        """Uplinks bound to given local addresses, e.g. `[("lo0", "127.0.0.1"), ("lo1",
+        "127.0.0.2")]`: no netlink, no root, no SO_BINDTODEVICE (loopback demo, tests)."""
+        return cls(
+            on_datagram=on_datagram,
+            on_change=on_change,
+            listen_port=listen_port,
+            max_consecutive_failures=max_consecutive_failures,
+            scan_interval=scan_interval,
+            static=list(uplinks),
+            bind_to_device=False,
+            socket_buffer=socket_buffer,
+            max_datagram_size=max_datagram_size,
+        )
+
+    @property
+    def netlink_events(self) -> int:
+        return 0 if self._monitor is None else self._monitor.events
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the netlink monitor, scan once (uplinks are open when this returns), and start
+        the one supervisory task (rescans, rebuilds)."""
+        if self._started:
+            raise RuntimeError("UplinkManager already started")
+        self._started = True
+        loop = asyncio.get_running_loop()
+        try:
+            if self._static is None:
+                # Listen before the first dump, so no change between the two is missed.
+                self._monitor = NetlinkMonitor(self._on_netlink)
+                self._monitor.open(loop)
+            await self._scan()
+        except BaseException:
+            await self.close()
+            raise
+        self._task = loop.create_task(self._run(), name="warp.uplinks")
+        self._arm_scan_timer()
+
+    async def close(self) -> None:
+        """Stop the task, the monitor and every uplink socket (all closed on return)."""
+        if self._closed:
+            return
+        self._closed = True
+        for timer in (self._scan_timer, self._rebuild_timer):
+            if timer is not None:
+                timer.cancel()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+        if self._monitor is not None:
+            self._monitor.close()
+        try:
+            if task is not None:
+                await asyncio.wait([task])
+        finally:
+            for name in list(self.uplinks):
+                await self._remove(name, "closed")
+
+    async def __aenter__(self) -> UplinkManager:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def request_rescan(self) -> None:
+        """Rescan interfaces soon (from the manager's task)."""
+        self._scan_requested = True
+        self._wake.set()
+
+    async def rescan(self) -> None:
+        """Rescan now and return when uplinks reflect the result."""
+        await self._scan()
+
+    # --- the supervisory task -----------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._service()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # keep the uplinks alive whatever happened; retry later
+                log.exception("uplink.service_error")
+
+    async def _service(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for name, due in list(self._rebuild_due.items()):
+            if due <= now:
+                del self._rebuild_due[name]
+                await self._rebuild(name)
+        if self._scan_requested:
+            self._scan_requested = False
+            await self._scan()
+            self._arm_scan_timer()
+        if self._rebuild_timer is not None:
+            self._rebuild_timer.cancel()
+            self._rebuild_timer = None
+        if self._rebuild_due:
+            delay = max(0.0, min(self._rebuild_due.values()) - loop.time())
+            self._rebuild_timer = loop.call_later(delay, self._wake.set)
+
+    def _arm_scan_timer(self) -> None:
+        if self._scan_timer is not None:
+            self._scan_timer.cancel()
+        if not self._closed:
+            loop = asyncio.get_running_loop()
+            self._scan_timer = loop.call_later(self.scan_interval, self.request_rescan)
+
+    def _on_netlink(self, kinds: frozenset[str]) -> None:
+        log.debug("uplink.netlink_event kinds=%s", ",".join(sorted(kinds)))
+        self.request_rescan()
+
+    def _request_rebuild(self, uplink: Uplink) -> None:
+        if self._closed or self.uplinks.get(uplink.name) is not uplink:
+            return
+        if uplink.name in self._rebuild_due:
+            return
+        loop = asyncio.get_running_loop()
+        last = self._last_rebuild.get(uplink.name)
+        due = loop.time() if last is None else max(loop.time(), last + REBUILD_MIN_INTERVAL)
+        self._rebuild_due[uplink.name] = due
+        self._wake.set()
+
+    # --- scanning -----------------------------------------------------------------------
+
+    def _desired(self) -> tuple[dict[str, tuple[int, str]], dict[str, str]]:
+        """(name → (index, address)) wanted now, and why each other known name is not."""
+        if self._static is not None:
+            return {name: (0, address) for name, address in self._static}, {}
+        infos = dump_interfaces()
+        selected = set(select_interfaces((i.name for i in infos), self.inclusion, self.exclusion))
+        wanted: dict[str, tuple[int, str]] = {}
+        why_not: dict[str, str] = {}
+        for info in infos:
+            address = info.address
+            if info.name not in selected:
+                why_not[info.name] = "excluded by patterns"
+            elif not info.up:
+                why_not[info.name] = "interface down"
+            elif address is None:
+                why_not[info.name] = "no usable address"
+            else:
+                wanted[info.name] = (info.index, address)
+        return wanted, why_not
+
+    async def _scan(self) -> None:
+        self.scans += 1
+        wanted, why_not = self._desired()
+        for name, uplink in list(self.uplinks.items()):
+            want = wanted.get(name)
+            if want is None:
+                await self._remove(name, why_not.get(name, "interface removed"))
+            elif want != (uplink.index, uplink.address):
+                await self._remove(name, f"address changed to {want[1]}")
+        for name, (index, address) in wanted.items():
+            if name not in self.uplinks and not self._closed:
+                await self._add(name, index, address)
+
+    async def _add(self, name: str, index: int, address: str) -> None:
+        uplink = Uplink(
+            name,
+            index,
+            address,
+            max_consecutive_failures=self.max_consecutive_failures,
+            on_failure=self._request_rebuild,
+        )
+        try:
+            await self._open(uplink, self.listen_port)
+        except OSError as exc:
+            log.warning(
+                "uplink.open_failed uplink=%s address=%s port=%d error=%s",
+                name,
+                address,
+                self.listen_port,
+                exc,
+            )
+            return
+        self.uplinks[name] = uplink
+        log.info(
+            "uplink.added uplink=%s index=%d address=%s port=%d device_bound=%s",
+            name,
+            index,
+            address,
+            uplink.local_port,
+            uplink.bound_to_device,
+        )
+        self._emit(UplinkEvent(UplinkEventKind.ADDED, uplink))
+
+    async def _remove(self, name: str, reason: str) -> None:
+        uplink = self.uplinks.pop(name, None)
+        if uplink is None:
+            return
+        self._rebuild_due.pop(name, None)
+        self._last_rebuild.pop(name, None)
+        await self._detach(uplink)
+        log.info("uplink.removed uplink=%s address=%s reason=%s", name, uplink.address, reason)
+        self._emit(UplinkEvent(UplinkEventKind.REMOVED, uplink, reason))
+
+    async def _rebuild(self, name: str) -> None:
+        uplink = self.uplinks.get(name)
+        if uplink is None:
+            return
+        self._last_rebuild[name] = asyncio.get_running_loop().time()
+        reason = f"{uplink.consecutive_failures} consecutive send errors, last: {uplink.last_error}"
+        old_port = uplink.local_port
+        await self._detach(uplink)
+        uplink.consecutive_failures = 0
+        uplink.rebuilds += 1
+        ports = [old_port] if old_port == self.listen_port else [old_port, self.listen_port]
+        error: OSError | None = None
+        for port in ports:  # keep the port (NAT mapping, map registration) when possible
+            try:
+                await self._open(uplink, port)
+                break
+            except OSError as exc:
+                error = exc
+        else:
+            self.uplinks.pop(name, None)
+            log.warning("uplink.removed uplink=%s reason=rebuild failed: %s", name, error)
+            self._emit(UplinkEvent(UplinkEventKind.REMOVED, uplink, f"rebuild failed: {error}"))
+            self.request_rescan()
+            return
+        log.warning(
+            "uplink.rebuilt uplink=%s address=%s port=%d reason=%s",
+            name,
+            uplink.address,
+            uplink.local_port,
+            reason,
+        )
+        self._emit(UplinkEvent(UplinkEventKind.REBUILT, uplink, reason))
+
+    # --- sockets ------------------------------------------------------------------------
+
+    def _make_socket(self, uplink: Uplink, port: int) -> socket.socket:
+        sock = socket.socket(uplink.family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            if port:
+                # Several uplinks share a fixed listen_port on different addresses/devices;
+                # REUSEADDR also lets a rebuilt socket take the port back at once.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if uplink.family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            uplink.bound_to_device = False
+            if self.bind_to_device:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, uplink.name.encode())
+                    uplink.bound_to_device = True
+                except OSError as exc:
+                    if not self._warned_bind_to_device:
+                        self._warned_bind_to_device = True
+                        log.warning(
+                            "uplink.bind_to_device_failed uplink=%s error=%s "
+                            "(needs CAP_NET_RAW; continuing without)",
+                            uplink.name,
+                            exc,
+                        )
+            _set_buffer(sock, _SO_RCVBUFFORCE, socket.SO_RCVBUF, self.socket_buffer)
+            _set_buffer(sock, _SO_SNDBUFFORCE, socket.SO_SNDBUF, self.socket_buffer)
+            if uplink.family == socket.AF_INET6:
+                sock.bind((uplink.address, port, 0, 0))
+            else:
+                sock.bind((uplink.address, port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _open(self, uplink: Uplink, port: int) -> None:
+        sock = self._make_socket(uplink, port)
+        loop = asyncio.get_running_loop()
+        protocol = _UplinkProtocol(uplink, self._on_datagram, self.max_datagram_size)
+        try:
+            transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        uplink._transport = transport
+        uplink._protocol = protocol
+        uplink._writable = True
+        uplink.local_port = sock.getsockname()[1]
+
+    async def _detach(self, uplink: Uplink) -> None:
+        """Close the uplink's socket and wait until it really is closed."""
+        transport, protocol = uplink._transport, uplink._protocol
+        uplink._transport = None
+        uplink._protocol = None
+        if transport is None or protocol is None:
+            return
+        transport.abort()  # drop anything queued: this socket is going away
+        await asyncio.wait([protocol.closed], timeout=1.0)
+
+    def _emit(self, event: UplinkEvent) -> None:
+        if self._on_change is None:
+            return
+        try:
+            self._on_change(event)
+        except Exception:
+            log.exception("uplink.callback_error event=%s", event.name)
