@@ -10,6 +10,7 @@ traceback), 2 runtime failure.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import traceback
@@ -30,6 +31,7 @@ from warp.config import (
     load_map_config,
 )
 from warp.keys import encode_key
+from warp.status import register_status
 
 EXIT_OK = 0
 EXIT_USAGE = 1
@@ -146,11 +148,70 @@ def register_print_example_config(subparsers: SubParsers) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# warp run
+
+
+def _run_gateway(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from warp.gate.base import GateError
+    from warp.logs import configure_logging
+    from warp.node import Gateway, install_event_loop_policy
+    from warp.status import ControlSocketError
+
+    config = load_gateway_config(args.config)
+    configure_logging(args.log_level or config.log.level, config.log.format)
+    loop_name = install_event_loop_policy()
+
+    async def main_task() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        gateway = Gateway(config, control_socket=args.socket)
+        logging.getLogger("warp.node").info("gateway.starting loop=%s", loop_name)
+        await gateway.run(stop)
+
+    try:
+        asyncio.run(main_task())
+    except (GateError, ControlSocketError) as exc:
+        print(f"warp: error: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except PermissionError as exc:
+        print(f"warp: error: {exc} (warp run needs root for tun gates and SO_BINDTODEVICE)",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_RUNTIME
+    except OSError as exc:
+        print(f"warp: error: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    return EXIT_OK
+
+
+def register_run(subparsers: SubParsers) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="run a gateway until SIGINT/SIGTERM",
+        description="Run a gateway: carry every tunnel of CONFIG over every usable path to the "
+        "far gate. On SIGINT/SIGTERM it deregisters from warp-map, removes its socket files "
+        "and exits 0.",
+    )
+    parser.add_argument("config", metavar="CONFIG.toml", help="gateway config file")
+    parser.add_argument("--socket", help="control socket path (overrides control.socket)")
+    parser.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="override log.level"
+    )
+    parser.set_defaults(handler=_run_gateway)
+
+
+# --------------------------------------------------------------------------------------------
 # main
 
 COMMANDS: list[Callable[[SubParsers], None]] = [
+    register_run,
     register_check,
     register_print_example_config,
+    register_status,
 ]
 
 

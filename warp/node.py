@@ -1,0 +1,924 @@
+"""One running gateway: the thin asyncio shell that wires the sans-I/O cores together.
+
+Data path, application → wire: a gate hands a datagram to `_on_gate_datagram`, which queues it
+(`SendQueue`: priority, `send_deadline`); `_flush` turns each queued datagram into blocks of
+shard frames (`ShardEncoder`), lets the scheduler spread each block over the live paths, seals
+every frame as its own WireGuard transport message (`Device.seal`) and sends it from the path's
+uplink socket.
+
+Wire → application: an uplink socket hands a datagram to `_on_uplink_datagram`, which gives it
+to the WireGuard core. An authenticated shard goes to its tunnel's `ShardDecoder` (by tunnel
+id) and what that rebuilds goes out of the tunnel's gate; probes are answered or measured;
+map frames go to the `MapClient`.
+
+Each sans-I/O object has one timer (`TimerSlot`), re-armed only when its deadline changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import importlib
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from warp import __version__
+from warp.config import GatewayConfig, LoopbackGate, TunGate, TunnelConfig, UnixGate
+from warp.frames import FrameType
+from warp.gate.base import Gate
+from warp.gate.loopback import LoopbackGate as LoopbackGateRuntime
+from warp.gate.unix import UnixGate as UnixGateRuntime
+from warp.keys import encode_key
+from warp.map_client.client import (
+    LookupRefused,
+    MapClient,
+    MapErrorReceived,
+    PeerEndpointsChanged,
+    RehandshakeNeeded,
+    RelayReceived,
+    Stopped,
+    UplinkExpired,
+    UplinkRegistered,
+)
+from warp.paths.path import Address, Path, PathState
+from warp.paths.prober import (
+    PathAdded,
+    PathProber,
+    PathRemoved,
+    PathStateChanged,
+    make_probe_reply,
+)
+from warp.paths.uplinks import Uplink, UplinkEvent, UplinkEventKind, UplinkManager
+from warp.redundancy import SendQueue, ShardDecoder, ShardEncoder, shard_tunnel_id
+from warp.status import ControlServer, gate_info
+from warp.wireguard import (
+    Device,
+    HandshakeComplete,
+    HandshakeFailed,
+    KeysZeroed,
+    MessageKind,
+    Outgoing,
+    PeerRoamed,
+    SessionExpired,
+)
+
+log = logging.getLogger("warp.node")
+
+_SHARD = int(FrameType.SHARD)
+_PROBE = int(FrameType.PROBE)
+_PROBE_REPLY = int(FrameType.PROBE_REPLY)
+
+#: Datagrams held while the tunnel cannot send (no session, no path, uplinks saturated).
+SEND_QUEUE_LENGTH = 4096
+#: Gates pause (back-pressure) while this many datagrams wait to be sent.
+SEND_QUEUE_PAUSE = 1024
+#: Map frames held until the map session is up (then sent from their own uplink).
+MAP_PENDING_LIMIT = 64
+
+
+@dataclass(frozen=True, slots=True)
+class PathInfo:  # TEMPORARY until warp.paths.scheduler lands
+    index: int
+    alive: bool
+    loss: float
+    rtt: float
+
+
+class ShardScheduler:  # TEMPORARY until warp.paths.scheduler lands
+    def __init__(self) -> None:
+        self._start = 0
+
+    def assign(self, paths: Sequence[PathInfo], k: int, n: int) -> list[int]:
+        count = len(paths)
+        start = self._start
+        self._start = (start + 1) % max(count, 1)
+        return [paths[(start + i) % count].index for i in range(n)]
+
+
+class TimerSlot:
+    """One `loop.call_at` timer for one sans-I/O object, re-armed only when its deadline moves."""
+
+    __slots__ = ("_callback", "_deadline", "_handle", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+        self._loop = loop
+        self._callback = callback
+        self._deadline: float | None = None
+        self._handle: asyncio.TimerHandle | None = None
+
+    def arm(self, deadline: float | None) -> None:
+        if deadline == self._deadline:
+            return
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._deadline = deadline
+        if deadline is not None:
+            self._handle = self._loop.call_at(deadline, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._deadline = None
+        self._callback()
+
+    def cancel(self) -> None:
+        self.arm(None)
+
+
+@dataclass(slots=True, eq=False)
+class Tunnel:
+    """One configured tunnel at run time: its gate and its FEC engines."""
+
+    name: str
+    config: TunnelConfig
+    tunnel_id: int
+    encoder: ShardEncoder
+    decoder: ShardDecoder
+    gate: Gate | None = None
+    timer: TimerSlot | None = None
+    drops: dict[str, int] = field(default_factory=dict)
+
+    def drop(self, reason: str, count: int = 1) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + count
+
+
+class Gateway:
+    """A running warp instance (`warp run`).
+
+    ``static_uplinks`` replaces interface discovery with fixed local addresses (the loopback
+    demo and tests without root); ``control_socket`` overrides ``control.socket``.
+    """
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        static_uplinks: Sequence[tuple[str, str]] | None = None,
+        control_socket: str | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self._static_uplinks = static_uplinks
+        self._control_path = control_socket or config.control.socket
+        self._rng = rng or random.Random()
+        self.far_key = config.far_gate.public_key
+        self.map_key = config.warp_map.public_key if config.warp_map.address else None
+        self.map_address: Address | None = None
+        self.device = Device(config.private_key)
+        # A plain WireGuard far gate (no warp): IP packets travel bare, exactly as WireGuard.
+        self.plain_wireguard = config.far_gate.kind == "wireguard"
+        allowed_ips: list[str] = []
+        if self.plain_wireguard:
+            for tunnel_config in config.tunnels.values():
+                if isinstance(tunnel_config.gate, TunGate):
+                    allowed_ips += [str(net) for net in tunnel_config.gate.allowed_ips]
+        self.device.add_peer(
+            self.far_key,
+            preshared_key=config.far_gate.preshared_key,
+            allowed_ips=allowed_ips,
+        )
+        self._plain_uplink: Uplink | None = None
+        if self.map_key is not None:
+            self.device.add_peer(self.map_key)
+        interfaces = config.interfaces
+        self.prober = PathProber(
+            interfaces.holepunch_keep_alive_interval, interfaces.path_timeout, self._rng
+        )
+        self.scheduler = ShardScheduler()
+        self.send_queue = SendQueue(SEND_QUEUE_LENGTH)
+        self.tunnels: dict[str, Tunnel] = {}
+        self._tunnels_by_id: dict[int, Tunnel] = {}
+        self._tunnel_of_gate: dict[int, Tunnel] = {}
+        for name, tunnel_config in config.tunnels.items():
+            transport = tunnel_config.transport
+            k = transport.redundancy.required_shards
+            n = transport.redundancy.num_shards
+            tunnel = Tunnel(
+                name=name,
+                config=tunnel_config,
+                tunnel_id=tunnel_config.tunnel_id,
+                encoder=ShardEncoder(tunnel_config.tunnel_id, k, n, transport.mtu),
+                decoder=ShardDecoder(
+                    tunnel_config.tunnel_id,
+                    k,
+                    n,
+                    ordered=transport.ordered,
+                    reorder_timeout=transport.reorder_timeout,
+                ),
+            )
+            self.tunnels[name] = tunnel
+            self._tunnels_by_id[tunnel.tunnel_id] = tunnel
+        self._tun_tunnel = next(
+            (t for t in self.tunnels.values() if isinstance(t.config.gate, TunGate)), None
+        )
+        self.map_client: MapClient[str] | None = (
+            MapClient(self.far_key, refresh_interval=interfaces.interface_scan_interval)
+            if self.map_key is not None
+            else None
+        )
+        self._map_pending: list[tuple[str, bytes]] = []
+        self._map_registered_at: float | None = None
+        self._map_reflexive: dict[str, str | None] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.uplinks: UplinkManager | None = None
+        self.control: ControlServer | None = None
+        self._started_at = time.monotonic()
+        self._flush_scheduled = False
+        self._paused_gates: set[Gate] = set()
+        self._last_initiation: bytes | None = None
+        self._handshake_state = "none"
+        self._rekeys = 0
+        self._stopping = False
+        self.counters: dict[str, int] = {
+            "no_session": 0,
+            "no_path": 0,
+            "unknown_tunnel": 0,
+            "unknown_frame": 0,
+            "send_failed": 0,
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set; then deregister from the map and close everything."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._device_timer = TimerSlot(loop, self._on_device_timer)
+        self._prober_timer = TimerSlot(loop, self._on_prober_timer)
+        self._queue_timer = TimerSlot(loop, self._flush)
+        self._map_timer = TimerSlot(loop, self._on_map_timer)
+        if self.config.warp_map.address is not None:
+            self.map_address = await self._resolve(self.config.warp_map.address)
+        self._static_endpoints = [
+            await self._resolve(endpoint) for endpoint in self.config.far_gate.endpoints
+        ]
+        far_peer = self.device.peer(self.far_key)
+        if far_peer is not None and self._static_endpoints:
+            far_peer.endpoint = self._static_endpoints[0]
+        try:
+            await self._start_gates()
+            await self._start_uplinks()
+            self.control = ControlServer(self._control_path, self.snapshot)
+            await self.control.start()
+            log.info(
+                "gateway.started public_key=%s far_gate=%s tunnels=%s uplinks=%s",
+                encode_key(self.config.public_key),
+                encode_key(self.far_key),
+                ",".join(self.tunnels),
+                ",".join(self.uplinks.uplinks) if self.uplinks else "",
+            )
+            self._rearm()
+            await stop.wait()
+        finally:
+            await self._shutdown()
+
+    async def _resolve(self, host_port: Any) -> Address:
+        host, port = host_port.host, host_port.port
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=2)  # SOCK_DGRAM
+        address = infos[0][4]
+        return (str(address[0]), int(address[1]))
+
+    async def _start_gates(self) -> None:
+        for tunnel in self.tunnels.values():
+            gate_config = tunnel.config.gate
+            gate: Gate
+            if isinstance(gate_config, LoopbackGate):
+                gate = LoopbackGateRuntime(
+                    self._on_gate_datagram,
+                    application_to_gate=gate_config.application_to_gate,
+                    ipv4=gate_config.ipv4,
+                    gate_to_application=gate_config.gate_to_application,
+                )
+            elif isinstance(gate_config, UnixGate):
+                gate = UnixGateRuntime(
+                    self._on_gate_datagram,
+                    path=gate_config.path,
+                    application_path=gate_config.application_path,
+                )
+            else:
+                gate = self._make_tun_gate(gate_config)
+            await gate.start()
+            tunnel.gate = gate
+            self._tunnel_of_gate[id(gate)] = tunnel
+            assert self._loop is not None
+            tunnel.timer = TimerSlot(self._loop, functools.partial(self._on_decoder_timer, tunnel))
+            log.info("gate.started tunnel=%s %s %s", tunnel.name, gate.kind, gate.address)
+
+    def _make_tun_gate(self, gate_config: TunGate) -> Gate:
+        tun_module = importlib.import_module("warp.gate.tun")  # needs root; loaded on demand
+        return tun_module.TunGate(  # type: ignore[no-any-return]
+            self._on_gate_datagram,
+            name=gate_config.name,
+            addresses=gate_config.address,
+            mtu=gate_config.mtu,
+            allowed_ips=gate_config.allowed_ips,
+        )
+
+    async def _start_uplinks(self) -> None:
+        interfaces = self.config.interfaces
+        if self._static_uplinks is not None:
+            self.uplinks = UplinkManager.from_static(
+                self._static_uplinks,
+                on_datagram=self._on_uplink_datagram,
+                on_change=self._on_uplink_change,
+                listen_port=self.config.listen_port,
+                max_consecutive_failures=interfaces.max_consecutive_failures,
+            )
+        else:
+            self.uplinks = UplinkManager(
+                inclusion_patterns=[p.pattern for p in interfaces.inclusion_patterns],
+                exclusion_patterns=[p.pattern for p in interfaces.exclusion_patterns],
+                bind_to_device=interfaces.bind_to_device,
+                listen_port=self.config.listen_port,
+                scan_interval=interfaces.interface_scan_interval,
+                max_consecutive_failures=interfaces.max_consecutive_failures,
+                on_datagram=self._on_uplink_datagram,
+                on_change=self._on_uplink_change,
+            )
+        await self.uplinks.start()
+
+    async def _shutdown(self) -> None:
+        self._stopping = True
+        if self.map_client is not None and self.uplinks is not None and self.uplinks.uplinks:
+            # Deregister, waiting briefly for the map's confirmation.
+            self.map_client.stop(self._now())
+            self._after_map()
+            for _ in range(20):
+                if self.map_client.stopped:
+                    break
+                await asyncio.sleep(0.05)
+        for timer in (self._device_timer, self._prober_timer, self._queue_timer, self._map_timer):
+            timer.cancel()
+        for tunnel in self.tunnels.values():
+            if tunnel.timer is not None:
+                tunnel.timer.cancel()
+            if tunnel.gate is not None:
+                with contextlib.suppress(Exception):
+                    await tunnel.gate.close()
+        if self.control is not None:
+            await self.control.close()
+        if self.uplinks is not None:
+            await self.uplinks.close()
+        log.info("gateway.stopped")
+
+    def _now(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+    # ------------------------------------------------------------------ uplinks
+
+    def _on_uplink_change(self, event: UplinkEvent) -> None:
+        uplink = event.uplink
+        now = self._now()
+        log.info("%s uplink=%s address=%s %s", event.name, uplink.name, uplink.address,
+                 event.reason)  # fmt: skip
+        if event.kind is UplinkEventKind.REMOVED:
+            self.prober.remove_uplink(uplink.name)
+            self._map_reflexive.pop(uplink.name, None)
+            if self.map_client is not None and not self._stopping:
+                self.map_client.remove_uplink(uplink.name, now)
+        else:
+            if not self.plain_wireguard:
+                for endpoint in self._static_endpoints:
+                    self.prober.add_candidate(uplink.name, endpoint, "static", now)
+            if self.map_client is not None:
+                for endpoint in self.map_client.peer_endpoints:
+                    self.prober.add_candidate(uplink.name, endpoint, "map", now)
+                if event.kind is UplinkEventKind.ADDED:
+                    self._map_reflexive.setdefault(uplink.name, None)
+                    self.map_client.add_uplink(uplink.name, now)
+                else:
+                    self.map_client.uplink_changed(uplink.name, now)
+            self._ensure_session(now)
+        self._after_prober()
+        self._after_map()
+
+    def _on_uplink_datagram(self, uplink: Uplink, data: bytes, source: Address) -> None:
+        now = self._loop.time()  # type: ignore[union-attr]
+        device = self.device
+        received = device.receive(data, source, now)
+        if device._outbox:
+            self._send_device_output(uplink, source)
+        if device._events:
+            self._handle_device_events(uplink, now)
+        self._device_timer.arm(device.next_deadline())
+        if received is None:
+            return
+        peer = received.peer
+        plaintext = received.plaintext
+        if self.plain_wireguard and peer == self.far_key:
+            self._plain_uplink = uplink
+            if plaintext and self._tun_tunnel is not None and self._tun_tunnel.gate is not None:
+                self._tun_tunnel.gate.deliver(plaintext)
+            return
+        if peer == self.far_key:
+            self.prober.on_authenticated(uplink.name, source, now, len(data))
+            if not plaintext:
+                return  # keepalive
+            kind = plaintext[0]
+            if kind == _SHARD:
+                self._on_shard(plaintext, now)
+            elif kind == _PROBE:
+                reply = make_probe_reply(plaintext)
+                if reply is not None:
+                    self._seal_and_send(self.far_key, reply, uplink, source, now)
+            elif kind == _PROBE_REPLY:
+                self.prober.on_probe_reply(plaintext, uplink.name, source, now)
+                self._after_prober()
+            else:
+                self.counters["unknown_frame"] += 1
+        elif peer == self.map_key and self.map_client is not None and plaintext:
+            self.map_client.receive(plaintext, uplink.name, now)
+            self._after_map()
+
+    def _on_shard(self, frame: bytes, now: float) -> None:
+        tunnel = self._tunnels_by_id.get(shard_tunnel_id(frame) or -1)
+        if tunnel is None:
+            self.counters["unknown_tunnel"] += 1
+            return
+        delivered = tunnel.decoder.receive(frame, now)
+        if delivered:
+            gate = tunnel.gate
+            if gate is not None:
+                for datagram in delivered:
+                    gate.deliver(datagram)
+        if tunnel.timer is not None:
+            tunnel.timer.arm(tunnel.decoder.next_deadline())
+
+    def _on_decoder_timer(self, tunnel: Tunnel) -> None:
+        delivered = tunnel.decoder.tick(self._now())
+        if tunnel.gate is not None:
+            for datagram in delivered:
+                tunnel.gate.deliver(datagram)
+        assert tunnel.timer is not None
+        tunnel.timer.arm(tunnel.decoder.next_deadline())
+
+    # ------------------------------------------------------------------ WireGuard plumbing
+
+    def _seal_and_send(
+        self, peer: bytes, plaintext: bytes, uplink: Uplink, remote: Address, now: float
+    ) -> bool:
+        wire = self.device.seal(peer, plaintext, now)
+        if wire is None:
+            self._after_device(now)
+            return False
+        if uplink.send(wire, remote):
+            if peer == self.far_key:
+                self.prober.record_tx(uplink.name, remote, len(wire))
+            return True
+        self.counters["send_failed"] += 1
+        return False
+
+    def _send_device_output(self, uplink: Uplink | None, source: Address | None) -> None:
+        """Send what the core produced. Replies (response, cookie) go back where the request
+        came from; initiations to the far gate go out on every candidate path."""
+        for out in self.device.drain_outgoing():
+            kind = out.kind
+            if kind is MessageKind.INITIATION:
+                self._send_initiation(out)
+            elif (
+                uplink is not None
+                and source is not None
+                and kind
+                in (
+                    MessageKind.RESPONSE,
+                    MessageKind.COOKIE_REPLY,
+                )
+            ):
+                uplink.send(out.data, source)
+            else:
+                self._send_to_peer(out)
+
+    def _send_initiation(self, out: Outgoing) -> None:
+        if out.peer == self.far_key:
+            self._last_initiation = out.data
+            self._handshake_state = (
+                "initiating" if self._handshake_state != "established" else "established"
+            )
+            targets = [(p.uplink, p.remote) for p in self.prober.paths]
+        elif out.peer == self.map_key and self.map_address is not None and self.uplinks:
+            targets = [(name, self.map_address) for name in self.uplinks.uplinks]
+        else:
+            targets = []
+        if not targets and out.destination is not None and self.uplinks:
+            targets = [(name, out.destination) for name in self.uplinks.uplinks]
+        self._send_on(targets, out.data)
+
+    def _send_to_peer(self, out: Outgoing) -> None:
+        """A transport/keepalive the core emitted by itself (staged flush, keepalive timer)."""
+        if out.peer == self.far_key and self.plain_wireguard:
+            uplink = self._plain_sending_uplink()
+            if uplink is not None and out.destination is not None:
+                uplink.send(out.data, out.destination)
+            return
+        if out.peer == self.far_key:
+            paths = self._sending_paths()
+            if paths:
+                path = paths[0]
+                self._send_on([(path.uplink, path.remote)], out.data)
+            return
+        if out.peer == self.map_key and self.map_address is not None and self.uplinks:
+            first = next(iter(self.uplinks.uplinks), None)
+            if first is not None:
+                self._send_on([(first, self.map_address)], out.data)
+
+    def _send_on(self, targets: Sequence[tuple[str, Address]], data: bytes) -> None:
+        if self.uplinks is None:
+            return
+        uplinks = self.uplinks.uplinks
+        for name, remote in targets:
+            uplink = uplinks.get(name)
+            if uplink is not None:
+                uplink.send(data, remote)
+
+    def _handle_device_events(self, uplink: Uplink | None, now: float) -> None:
+        for event in self.device.drain_events():
+            if isinstance(event, HandshakeComplete):
+                if event.peer == self.far_key:
+                    if self._handshake_state == "established":
+                        self._rekeys += 1
+                    self._handshake_state = "established"
+                    if uplink is not None:
+                        self.prober.on_authenticated(uplink.name, event.source, now)
+                    log.info("handshake.complete peer=far_gate initiator=%s source=%s",
+                             event.initiator, event.source)  # fmt: skip
+                    self._schedule_flush()
+                elif event.peer == self.map_key:
+                    log.info("handshake.complete peer=map source=%s", event.source)
+                    self._flush_map_pending(now)
+            elif isinstance(event, HandshakeFailed):
+                log.warning("handshake.failed peer=%s dropped=%d", self._peer_name(event.peer),
+                            event.dropped_packets)  # fmt: skip
+                if event.peer == self.far_key and self._handshake_state != "established":
+                    self._handshake_state = "none"
+            elif isinstance(event, SessionExpired | KeysZeroed):
+                if event.peer == self.far_key:
+                    self._handshake_state = "expired"
+                log.info("session.expired peer=%s", self._peer_name(event.peer))
+            elif isinstance(event, PeerRoamed):
+                log.debug("peer.roamed peer=%s old=%s new=%s", self._peer_name(event.peer),
+                          event.old, event.new)  # fmt: skip
+        self._after_prober()
+
+    def _peer_name(self, key: bytes) -> str:
+        return "far_gate" if key == self.far_key else "map" if key == self.map_key else "other"
+
+    def _after_device(self, now: float) -> None:
+        device = self.device
+        if device._outbox:
+            self._send_device_output(None, None)
+        if device._events:
+            self._handle_device_events(None, now)
+        self._device_timer.arm(device.next_deadline())
+
+    def _on_device_timer(self) -> None:
+        now = self._now()
+        self.device.tick(now)
+        self._after_device(now)
+
+    def _ensure_session(self, now: float) -> None:
+        peer = self.device.peer(self.far_key)
+        if (
+            peer is not None
+            and not peer.has_session
+            and not peer.handshake_in_progress
+            and self.prober.paths
+        ):
+            self.device.initiate_handshake(self.far_key, now)
+            self._after_device(now)
+
+    # ------------------------------------------------------------------ paths
+
+    def _sending_paths(self) -> list[Path]:
+        """Paths to put shards on: the active ones, else (nothing proven yet) the probing ones."""
+        paths = self.prober.active_paths()
+        if not paths:
+            paths = [p for p in self.prober.paths if p.state is PathState.PROBING]
+        return paths
+
+    def _on_prober_timer(self) -> None:
+        now = self._now()
+        probes = self.prober.tick(now)
+        peer = self.device.peer(self.far_key)
+        has_session = peer is not None and peer.has_session
+        for uplink_name, remote, frame in probes:
+            uplink = self.uplinks.uplinks.get(uplink_name) if self.uplinks else None
+            if uplink is None:
+                continue
+            if has_session:
+                self._seal_and_send(self.far_key, frame, uplink, remote, now)
+            elif self._last_initiation is not None:
+                # No session yet: the probe schedule re-sends the pending initiation, so both
+                # NATs see outbound traffic during the burst (simultaneous open).
+                uplink.send(self._last_initiation, remote)
+        if not has_session:
+            self._ensure_session(now)
+        self._after_prober()
+
+    def _after_prober(self) -> None:
+        for event in self.prober.pop_events():
+            if isinstance(event, PathStateChanged):
+                path = event.path
+                level = logging.WARNING if event.new is PathState.DEAD else logging.INFO
+                log.log(level, "%s uplink=%s remote=%s:%d rtt_ms=%s", event.name, path.uplink,
+                        path.remote[0], path.remote[1],
+                        None if path.rtt is None else round(path.rtt * 1000, 2))  # fmt: skip
+                if event.new is PathState.ACTIVE:
+                    self._schedule_flush()
+            elif isinstance(event, PathAdded | PathRemoved):
+                log.info("%s uplink=%s remote=%s:%d", event.name, event.path.uplink,
+                         event.path.remote[0], event.path.remote[1])  # fmt: skip
+        if self._loop is not None:
+            self._prober_timer.arm(self.prober.next_deadline())
+
+    # ------------------------------------------------------------------ map
+
+    def _after_map(self) -> None:
+        client = self.map_client
+        if client is None or self._loop is None:
+            return
+        now = self._now()
+        for action in client.drain_outgoing():
+            self._send_map_frame(action.uplink, action.frame, now)
+        for event in client.drain_events():
+            if isinstance(event, UplinkRegistered):
+                self._map_registered_at = now
+                self._map_reflexive[event.uplink] = f"{event.reflexive[0]}:{event.reflexive[1]}"
+                if event.changed:
+                    log.info("map.registered uplink=%s reflexive=%s:%d", event.uplink,
+                             event.reflexive[0], event.reflexive[1])  # fmt: skip
+            elif isinstance(event, UplinkExpired):
+                self._map_reflexive[event.uplink] = None
+                log.warning("map.registration_expired uplink=%s", event.uplink)
+            elif isinstance(event, PeerEndpointsChanged):
+                endpoints = ",".join(f"{h}:{p}" for h, p in event.endpoints)
+                log.info("map.peer_endpoints endpoints=%s pushed=%s", endpoints, event.pushed)
+                if self.uplinks is not None:
+                    for name in self.uplinks.uplinks:
+                        for endpoint in event.endpoints:
+                            self.prober.add_candidate(name, endpoint, "map", now)
+                self._ensure_session(now)
+                self._after_prober()
+            elif isinstance(event, LookupRefused):
+                log.info("map.lookup_refused code=%s %s", event.code, event.message)
+            elif isinstance(event, RehandshakeNeeded):
+                if self.map_key is not None:
+                    self.device.initiate_handshake(self.map_key, now, force=True)
+                    self._after_device(now)
+            elif isinstance(event, MapErrorReceived):
+                log.warning("map.error code=%s %s", event.code, event.message)
+            elif isinstance(event, RelayReceived):
+                pass  # relay fallback: issue 7
+            elif isinstance(event, Stopped):
+                log.info("map.deregistered acknowledged=%s", event.acknowledged)
+        self._map_timer.arm(client.next_deadline())
+
+    def _send_map_frame(self, uplink_name: str, frame: bytes, now: float) -> None:
+        if self.map_key is None or self.map_address is None or self.uplinks is None:
+            return
+        uplink = self.uplinks.uplinks.get(uplink_name)
+        if uplink is None:
+            return
+        peer = self.device.peer(self.map_key)
+        if peer is None or not peer.has_session:
+            # Held until the session is up, then sent from its own uplink (the map must see
+            # each uplink's own reflexive address).
+            if len(self._map_pending) < MAP_PENDING_LIMIT:
+                self._map_pending.append((uplink_name, frame))
+            if peer is not None and not peer.handshake_in_progress:
+                self.device.initiate_handshake(self.map_key, now)
+                self._after_device(now)
+            return
+        self._seal_and_send(self.map_key, frame, uplink, self.map_address, now)
+
+    def _flush_map_pending(self, now: float) -> None:
+        pending, self._map_pending = self._map_pending, []
+        for uplink_name, frame in pending:
+            self._send_map_frame(uplink_name, frame, now)
+
+    def _on_map_timer(self) -> None:
+        if self.map_client is not None:
+            self.map_client.tick(self._now())
+            self._after_map()
+
+    # ------------------------------------------------------------------ application → wire
+
+    def _plain_sending_uplink(self) -> Uplink | None:
+        """Plain WireGuard: the uplink the peer was last heard on, else the first one."""
+        uplink = self._plain_uplink
+        if uplink is not None and not uplink.closed:
+            return uplink
+        if self.uplinks is None:
+            return None
+        return next(iter(self.uplinks.uplinks.values()), None)
+
+    def _on_gate_datagram(self, gate: Gate, payload: bytes) -> bool | None:
+        tunnel = self._tunnel_of_gate.get(id(gate))
+        if tunnel is None or not payload:
+            return None
+        now = self._loop.time()  # type: ignore[union-attr]
+        if self.plain_wireguard:
+            wire = self.device.seal(self.far_key, payload, now)
+            peer = self.device.peer(self.far_key)
+            uplink = self._plain_sending_uplink()
+            if wire is not None and uplink is not None and peer is not None and peer.endpoint:
+                uplink.send(wire, peer.endpoint)
+            self._after_device(now)
+            return None
+        transport = tunnel.config.transport
+        self.send_queue.push(
+            tunnel.tunnel_id, payload, now, transport.send_deadline, transport.priority
+        )
+        self._schedule_flush()
+        if len(self.send_queue) >= SEND_QUEUE_PAUSE:
+            self._paused_gates.add(gate)
+            return False
+        return None
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Send queued datagrams: encode, schedule shards over paths, seal, send."""
+        self._flush_scheduled = False
+        now = self._now()
+        queue = self.send_queue
+        peer = self.device.peer(self.far_key)
+        if peer is None or not peer.has_session:
+            if len(queue):
+                self.counters["no_session"] += queue.drop_expired(now)
+                self._ensure_session(now)
+            self._queue_timer.arm(queue.next_expiry())
+            return
+        paths = self._sending_paths()
+        uplinks = self.uplinks.uplinks if self.uplinks is not None else {}
+        if not paths or not uplinks:
+            if len(queue):
+                self.counters["no_path"] += queue.drop_expired(now)
+            self._queue_timer.arm(queue.next_expiry())
+            return
+        infos = [
+            PathInfo(i, p.state is PathState.ACTIVE, p.loss or 0.0, p.rtt or 0.0)
+            for i, p in enumerate(paths)
+        ]
+        targets = [(uplinks.get(p.uplink), p.remote, p) for p in paths]
+        seal = self.device.seal
+        far_key = self.far_key
+        tunnels = self._tunnels_by_id
+        scheduler = self.scheduler
+        send_failed = 0
+        while (item := queue.pop(now)) is not None:
+            tunnel = tunnels[item.tunnel_id]
+            encoder = tunnel.encoder
+            for frames in encoder.encode(item.datagram):
+                assignment = scheduler.assign(infos, encoder.k, encoder.n)
+                for frame, path_index in zip(frames, assignment, strict=True):
+                    uplink, remote, path = targets[path_index]
+                    wire = seal(far_key, frame, now)
+                    if wire is None or uplink is None:
+                        send_failed += 1
+                        continue
+                    if uplink.send(wire, remote):
+                        path.tx_packets += 1
+                        path.tx_bytes += len(wire)
+                    else:
+                        send_failed += 1
+        if send_failed:
+            self.counters["send_failed"] += send_failed
+        self._after_device(now)
+        if self._paused_gates:
+            paused, self._paused_gates = self._paused_gates, set()
+            for gate in paused:
+                gate.resume_reading()
+        self._queue_timer.arm(queue.next_expiry())
+
+    def _rearm(self) -> None:
+        self._device_timer.arm(self.device.next_deadline())
+        self._after_prober()
+        self._after_map()
+
+    # ------------------------------------------------------------------ status
+
+    def snapshot(self) -> dict[str, Any]:
+        now = self._now() if self._loop is not None else time.monotonic()
+        paths = []
+        local_by_uplink: dict[str, str] = {}
+        uplink_rows = []
+        if self.uplinks is not None:
+            for name, uplink in self.uplinks.uplinks.items():
+                local = f"{uplink.address}:{uplink.local_port}"
+                local_by_uplink[name] = local
+                uplink_rows.append(
+                    {
+                        "name": name,
+                        "local_address": local,
+                        "state": "down" if uplink.closed else "up",
+                        "send_errors": uplink.errors,
+                    }
+                )
+        for path in self.prober.paths:
+            loss = path.loss
+            paths.append(
+                {
+                    "uplink": path.uplink,
+                    "local_address": local_by_uplink.get(path.uplink, "?"),
+                    "remote_address": f"{path.remote[0]}:{path.remote[1]}",
+                    "source": path.source,
+                    "state": str(path.state),
+                    "rtt_ms": None if path.rtt is None else round(path.rtt * 1000, 3),
+                    "loss_pct": None if loss is None else round(loss * 100, 1),
+                    "last_rx_age_s": None
+                    if path.last_authenticated is None
+                    else round(now - path.last_authenticated, 3),
+                    "tx_bytes": path.tx_bytes,
+                    "tx_packets": path.tx_packets,
+                    "rx_bytes": path.rx_bytes,
+                    "rx_packets": path.rx_packets,
+                }
+            )
+        queue_stats = self.send_queue.stats
+        tunnels = []
+        for tunnel in self.tunnels.values():
+            gate = tunnel.gate
+            stats = tunnel.decoder.stats
+            drops: dict[str, int] = dict(gate.counters.drops) if gate is not None else {}
+            tid = tunnel.tunnel_id
+            for reason, count in (
+                ("send_deadline", queue_stats.dropped_stale_by_tunnel.get(tid, 0)),
+                ("send_queue_full", queue_stats.dropped_overflow_by_tunnel.get(tid, 0)),
+                ("blocks_expired", stats.blocks_expired),
+                ("blocks_evicted", stats.blocks_evicted),
+                ("duplicate_shards", stats.duplicates),
+            ):
+                if count:
+                    drops[reason] = count
+            for reason, count in stats.rejected.items():
+                drops[f"rejected_{reason}"] = count
+            tunnels.append(
+                {
+                    "name": tunnel.name,
+                    "tunnel_id": tid,
+                    "gate": gate_info(gate) if gate is not None else {"kind": "?", "address": "?"},
+                    "datagrams_in": gate.counters.datagrams_in if gate else 0,
+                    "datagrams_out": gate.counters.datagrams_out if gate else 0,
+                    "bytes_in": gate.counters.bytes_in if gate else 0,
+                    "bytes_out": gate.counters.bytes_out if gate else 0,
+                    "blocks_rebuilt": stats.blocks_rebuilt,
+                    "datagrams_lost": stats.blocks_expired
+                    + stats.blocks_evicted
+                    + stats.blocks_skipped,
+                    "drops": drops,
+                }
+            )
+        map_status = None
+        if self.config.warp_map.address is not None:
+            client = self.map_client
+            map_status = {
+                "address": str(self.config.warp_map.address),
+                "registered": bool(client and client.all_registered(now) and client.uplinks),
+                "reflexive": dict(self._map_reflexive),
+                "last_registration_age_s": None
+                if self._map_registered_at is None
+                else round(now - self._map_registered_at, 3),
+            }
+        peer = self.device.peer(self.far_key)
+        last_handshake = peer.last_handshake_time if peer is not None else None
+        return {
+            "version": __version__,
+            "uptime_s": round(time.monotonic() - self._started_at, 3),
+            "public_key": encode_key(self.config.public_key),
+            "paths": paths,
+            "tunnels": tunnels,
+            "map": map_status,
+            "session": {
+                "far_gate": encode_key(self.far_key),
+                "handshake_state": self._handshake_state,
+                "last_handshake_age_s": None
+                if last_handshake is None
+                else round(now - last_handshake, 3),
+                "rekeys": self._rekeys,
+            },
+            "uplinks": uplink_rows,
+            "counters": dict(self.counters),
+        }
+
+
+def install_event_loop_policy() -> str:
+    """Use uvloop when installed (≈5× the datagram rate); say which loop runs."""
+    if os.environ.get("WARP_EVENT_LOOP", "").lower() == "asyncio":
+        return "asyncio"
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
