@@ -334,11 +334,14 @@ def test_netlink_discovery_in_namespace(
         ["uplink.added", "u3"],
     ]
     assert obs["events_after_del"][3:] == [["uplink.added", "u2"], ["uplink.removed", "u2"]]
-    assert sorted(obs["events"][5:]) == [
-        ["uplink.removed", "u0"],
+    assert sorted(obs["events"][8:]) == [["uplink.removed", "u1"], ["uplink.removed", "u3"]]
+    assert 0 <= obs["readdress_latency"] < 1.0 and 0 <= obs["down_latency"] < 1.0
+    assert obs["events_after_changes"] == [
         ["uplink.removed", "u1"],
-        ["uplink.removed", "u3"],
+        ["uplink.added", "u1"],
+        ["uplink.removed", "u0"],
     ]
+    assert obs["fds_after_changes"] == 3  # u1 (new socket), u3, netlink
     # Close: nothing left.
     assert obs["fds_after_close"] == 0
     assert obs["tasks_after_close"] == []
@@ -423,6 +426,18 @@ async def _agent(peer_ns: str, port: int) -> dict[str, Any]:
         obs["u2_gone"] = "u2" not in manager.uplinks
         obs["fds_after_del"] = socket_fds() - base_fds
         obs["events_after_del"] = [list(e) for e in events]
+
+        # Address change → the uplink is reopened on the new address; link down → removed.
+        _ip("addr", "del", "10.77.1.1/24", "dev", "u1")
+        _ip("addr", "add", "10.77.1.5/24", "dev", "u1")
+        obs["readdress_latency"] = await wait_for(
+            lambda: "u1" in manager.uplinks and manager.uplinks["u1"].address == "10.77.1.5", 3
+        )
+        _ip("link", "set", "u0", "down")
+        obs["down_latency"] = await wait_for(lambda: "u0" not in manager.uplinks, 3)
+        await asyncio.sleep(0.05)
+        obs["events_after_changes"] = [list(e) for e in events[len(obs["events_after_del"]) :]]
+        obs["fds_after_changes"] = socket_fds() - base_fds
     finally:
         await manager.close()
         obs["fds_after_close"] = socket_fds() - base_fds
