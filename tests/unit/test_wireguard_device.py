@@ -533,6 +533,8 @@ def test_next_deadline_is_never_late() -> None:
             d = a.next_deadline()
             if d is not None and d <= now:
                 a.tick(now)
+                after = a.next_deadline()
+                assert after is None or after > now  # no timer is left due
         link.pump(now)
         d = a.next_deadline()
         for p in a.peers:

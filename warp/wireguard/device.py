@@ -12,6 +12,8 @@ The behaviour follows the whitepaper §5–6 and wireguard-go's ``send.go``, ``r
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
 import time
@@ -164,8 +166,10 @@ class Device:
         self._under_load_until = float("-inf")
         self._load_window_start = float("-inf")
         self._load_count = 0
-        #: a lower bound of the earliest peer deadline (exact after tick())
-        self._deadline: float | None = None
+        #: timer heap of (time, seq, peer); an entry is live when time == peer.scheduled, and
+        #: peer.scheduled is never later than the peer's earliest deadline
+        self._timers: list[tuple[float, int, Peer]] = []
+        self._timer_seq = itertools.count()
         self._jitter_pool = b""
         self._jitter_pos = 0
 
@@ -237,8 +241,8 @@ class Device:
         if interval is None:
             peer.persistent_at = None
         elif was is None:
-            peer.persistent_at = float("-inf")
-            self._deadline = float("-inf")
+            peer.persistent_at = float("-inf")  # due at once, as wireguard-go sends one
+            self._arm(peer, float("-inf"))
 
     def remove_peer(self, public_key: bytes) -> None:
         peer = self._peers.pop(public_key, None)
@@ -297,8 +301,10 @@ class Device:
         return events
 
     def next_deadline(self) -> float | None:
-        """When :meth:`tick` should run next (possibly a little early, never late)."""
-        return self._deadline
+        """When :meth:`tick` should run next (possibly a little early, never late).
+        ``-inf`` means "now"."""
+        timers = self._timers
+        return timers[0][0] if timers else None
 
     def _out(
         self, data: bytes, dest: Address | None, peer: bytes | None, kind: MessageKind
@@ -314,10 +320,12 @@ class Device:
             self.counters["events_dropped"] += 1
         self._events.append(event)
 
-    def _arm(self, t: float) -> None:
-        d = self._deadline
-        if d is None or t < d:
-            self._deadline = t
+    def _arm(self, peer: Peer, t: float) -> None:
+        """Make sure ``peer`` is ticked at ``t`` (a deadline moving later needs no call)."""
+        s = peer.scheduled
+        if s is None or t < s:
+            peer.scheduled = t
+            heapq.heappush(self._timers, (t, next(self._timer_seq), peer))
 
     def _jitter(self) -> float:
         """Uniform in [0, REKEY_TIMEOUT_JITTER_MAX) from the injected RNG."""
@@ -412,13 +420,13 @@ class Device:
         pk = peer.persistent_keepalive
         if pk is not None:
             if peer.persistent_at is None:
-                self._arm(now + pk)
+                self._arm(peer, now + pk)
             peer.persistent_at = now + pk
         peer.keepalive_at = None
         if n and peer.new_handshake_at is None:
             t = now + NEW_HANDSHAKE_TIME + self._jitter()
             peer.new_handshake_at = t
-            self._arm(t)
+            self._arm(peer, t)
         # keep the key fresh (sending side)
         if counter >= REKEY_AFTER_MESSAGES or (
             kp.is_initiator and now - kp.created >= REKEY_AFTER_TIME
@@ -486,7 +494,7 @@ class Device:
             if retry:
                 t = last + REKEY_TIMEOUT + self._jitter()
                 peer.retransmit_at = t
-                self._arm(t)
+                self._arm(peer, t)
             return
         peer.last_sent_handshake = now
         hs = peer.handshake
@@ -509,13 +517,13 @@ class Device:
         self._out(msg, peer.endpoint, peer.public_key, _KIND_INITIATION)
         t = now + REKEY_TIMEOUT + self._jitter()
         peer.retransmit_at = t
-        self._arm(t)
+        self._arm(peer, t)
 
     def _authenticated_sent(self, peer: Peer, now: float) -> None:
         pk = peer.persistent_keepalive
         if pk is not None:
             if peer.persistent_at is None:
-                self._arm(now + pk)
+                self._arm(peer, now + pk)
             peer.persistent_at = now + pk
         peer.keepalive_at = None
 
@@ -523,7 +531,7 @@ class Device:
         pk = peer.persistent_keepalive
         if pk is not None:
             if peer.persistent_at is None:
-                self._arm(now + pk)
+                self._arm(peer, now + pk)
             peer.persistent_at = now + pk
         peer.new_handshake_at = None
 
@@ -596,7 +604,7 @@ class Device:
                 pk = peer.persistent_keepalive
                 if pk is not None:
                     if peer.persistent_at is None:
-                        self._arm(now + pk)
+                        self._arm(peer, now + pk)
                     peer.persistent_at = now + pk
                 peer.new_handshake_at = None
                 peer.rx_bytes += n
@@ -607,7 +615,7 @@ class Device:
                 if peer.keepalive_at is None:
                     t = now + KEEPALIVE_TIMEOUT
                     peer.keepalive_at = t
-                    self._arm(t)
+                    self._arm(peer, t)
                 else:
                     peer.need_another_keepalive = True
                 version = plaintext[0] >> 4
@@ -664,6 +672,7 @@ class Device:
         peer.current = kp
         peer.next = None
         peer.current_expired = False
+        self._arm(peer, kp.created + REJECT_AFTER_TIME)
         self._handshake_complete(peer, now)
         self.counters["handshakes_completed"] += 1
         self._log("handshake.complete", peer, initiator=False, source=source)
@@ -828,6 +837,7 @@ class Device:
                 peer.previous = peer.current
             peer.current = kp
             peer.current_expired = False
+            self._arm(peer, now + REJECT_AFTER_TIME)
         else:
             self._delete_keypair(peer.next)
             peer.next = kp
@@ -836,7 +846,7 @@ class Device:
         # session derived: arm the zero-keys timer
         t = now + ZERO_KEYS_AFTER
         peer.zero_at = t
-        self._arm(t)
+        self._arm(peer, t)
 
     def _consume_response(self, data: bytes, source: Address, now: float) -> None:
         _, *fields = RESPONSE.unpack(data)
@@ -887,8 +897,16 @@ class Device:
 
     def tick(self, now: float) -> None:
         """Run every timer that is due at ``now``."""
-        best: float | None = None
-        for peer in list(self._peers.values()):
+        timers = self._timers
+        peers = self._peers
+        due: list[Peer] = []
+        while timers and timers[0][0] <= now:
+            t, _, peer = heapq.heappop(timers)
+            if peer.scheduled == t:
+                peer.scheduled = None
+                if peers.get(peer.public_key) is peer:
+                    due.append(peer)
+        for peer in due:
             try:
                 self._tick_peer(peer, now)
             except Exception:  # pragma: no cover - defensive
@@ -896,12 +914,10 @@ class Device:
                 log.exception(
                     "wireguard.internal_error", extra={"event": "wireguard.internal_error"}
                 )
-            if peer.public_key not in self._peers:
-                continue
-            d = peer.deadline()
-            if d is not None and (best is None or d < best):
-                best = d
-        self._deadline = best
+            if peers.get(peer.public_key) is peer:
+                d = peer.deadline()
+                if d is not None:
+                    self._arm(peer, d)
 
     def _tick_peer(self, peer: Peer, now: float) -> None:
         if peer.zero_at is not None and now >= peer.zero_at:
@@ -930,7 +946,7 @@ class Device:
             self._send_keepalive(peer, now)
             if peer.need_another_keepalive:
                 peer.need_another_keepalive = False
-                peer.keepalive_at = now + KEEPALIVE_TIMEOUT
+                peer.keepalive_at = now + KEEPALIVE_TIMEOUT  # armed by tick()
         if peer.persistent_at is not None and now >= peer.persistent_at:
             peer.persistent_at = None  # re-armed by the next authenticated packet
             if peer.persistent_keepalive:
@@ -947,7 +963,7 @@ class Device:
             self._log("handshake.failed", peer, attempts=peer.handshake_attempts)
             self._event(HandshakeFailed(peer.public_key, dropped))
             if peer.zero_at is None:
-                peer.zero_at = now + ZERO_KEYS_AFTER
+                peer.zero_at = now + ZERO_KEYS_AFTER  # armed by tick()
             return
         peer.handshake_attempts += 1
         self._send_initiation(peer, now, retry=True)

@@ -45,6 +45,7 @@ class Peer:
         "retransmit_at",
         "rx_bytes",
         "rx_packets",
+        "scheduled",
         "sent_last_minute_handshake",
         "staged",
         "staged_dropped",
@@ -92,6 +93,8 @@ class Peer:
         self.zero_at: float | None = None
         self.persistent_at: float | None = None
         self.sent_last_minute_handshake = False
+        #: the time of this peer's live entry in the device's timer heap
+        self.scheduled: float | None = None
 
     @property
     def allowed_ips(self) -> tuple[Network, ...]:
