@@ -1,0 +1,106 @@
+"""Ordered delivery: hold datagrams that arrive after a gap, for at most `timeout`."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from warp.redundancy.stats import DecoderStats
+
+
+class ReorderBuffer:
+    """Releases datagrams in sequence order.
+
+    Datagrams are keyed by the (extended) block sequence number of their first block and
+    span as many sequence numbers as they have blocks. One that arrives after a gap waits
+    until the gap fills, or until it has waited `timeout`, or until more than `max_blocks`
+    sequence numbers are held; then the gap is skipped. Anything that completes after its
+    place was skipped is dropped, so delivery is never out of order.
+    """
+
+    __slots__ = ("_held", "_held_blocks", "_next_key", "max_blocks", "stats", "timeout")
+
+    def __init__(self, timeout: float, max_blocks: int, stats: DecoderStats) -> None:
+        self.timeout = timeout
+        self.max_blocks = max_blocks
+        self.stats = stats
+        self._next_key: int | None = None
+        # key -> (datagram, span, time it became ready); insertion order is time order.
+        self._held: OrderedDict[int, tuple[bytes, int, float]] = OrderedDict()
+        self._held_blocks = 0
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def offer(self, key: int, span: int, datagram: bytes, now: float) -> list[bytes]:
+        """A datagram is complete: return what can now be delivered, in order."""
+        next_key = self._next_key
+        if next_key is None:
+            next_key = self._next_key = key
+        if key == next_key:
+            self._next_key = key + span
+            out = [datagram]
+            if self._held:
+                self._release_consecutive(out)
+            self.stats.datagrams_delivered += len(out)
+            return out
+        if key < next_key or key in self._held:
+            self.stats.datagrams_late += 1
+            return []
+        self._held[key] = (datagram, span, now)
+        self._held_blocks += span
+        out = []
+        while self._held_blocks > self.max_blocks:
+            out += self._skip_gap()
+        return out
+
+    def tick(self, now: float) -> list[bytes]:
+        """Skip every gap that a held datagram has waited on for `timeout`."""
+        out: list[bytes] = []
+        held = self._held
+        while held and next(iter(held.values()))[2] + self.timeout <= now:
+            out += self._skip_gap()
+        return out
+
+    def deadline(self) -> float | None:
+        if not self._held:
+            return None
+        return next(iter(self._held.values()))[2] + self.timeout
+
+    def flush(self) -> list[bytes]:
+        """Release everything held, in order, skipping all gaps."""
+        out: list[bytes] = []
+        while self._held:
+            out += self._skip_gap()
+        return out
+
+    def held_bytes(self) -> int:
+        return sum(len(entry[0]) for entry in self._held.values())
+
+    def _release_consecutive(self, out: list[bytes]) -> None:
+        held = self._held
+        next_key = self._next_key
+        assert next_key is not None
+        while (entry := held.pop(next_key, None)) is not None:
+            out.append(entry[0])
+            self._held_blocks -= entry[1]
+            next_key += entry[1]
+        self._next_key = next_key
+
+    def _skip_gap(self) -> list[bytes]:
+        held = self._held
+        next_key = self._next_key
+        assert next_key is not None
+        # A peer can make datagrams overlap (a key inside an earlier datagram's span):
+        # such leftovers are behind the cursor and must not move it back.
+        for key in [key for key in held if key < next_key]:
+            self._held_blocks -= held.pop(key)[1]
+            self.stats.datagrams_late += 1
+        if not held:
+            return []
+        lowest = min(held)
+        self.stats.blocks_skipped += lowest - next_key
+        self._next_key = lowest
+        out: list[bytes] = []
+        self._release_consecutive(out)
+        self.stats.datagrams_delivered += len(out)
+        return out
