@@ -290,6 +290,16 @@ class Device:
 
     # ------------------------------------------------------------------ outputs
 
+    @property
+    def has_outgoing(self) -> bool:
+        """True when :meth:`drain_outgoing` would return something (cheap to ask)."""
+        return bool(self._outbox)
+
+    @property
+    def has_events(self) -> bool:
+        """True when :meth:`drain_events` would return something (cheap to ask)."""
+        return bool(self._events)
+
     def drain_outgoing(self) -> list[Outgoing]:
         out = self._outbox
         self._outbox = []
