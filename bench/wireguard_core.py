@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from warp.wireguard import Device  # noqa: E402
-from warp.wireguard.testing import Link, make_device  # noqa: E402
+from warp.wireguard import Device
+from warp.wireguard.testing import Link, make_device
 
 A_ADDR = ("192.0.2.1", 51820)
 B_ADDR = ("198.51.100.2", 51820)
@@ -33,7 +33,7 @@ def pair() -> tuple[Device, Device]:
 
 def bench(rounds: int, batch: int, size: int) -> dict[str, float]:
     a, b = pair()
-    key_a, key_b = a.public_key, b.public_key
+    key_b = b.public_key
     plaintext = b"\x01" + bytes(size - 1)  # a warp frame, not subject to the IP checks
     seal_times: list[float] = []
     recv_times: list[float] = []
@@ -71,7 +71,6 @@ def bench(rounds: int, batch: int, size: int) -> dict[str, float]:
             a.drain_outgoing()
             now += 0.021
         hs_times.append((time.perf_counter() - t0) / n * 1e6)
-    _ = key_a
     return {
         f"seal {size} B": statistics.median(seal_times),
         f"receive {size} B": statistics.median(recv_times),
