@@ -867,3 +867,30 @@ def test_received_and_events_are_frozen() -> None:
     with pytest.raises(AttributeError):
         r.plaintext = b"x"  # type: ignore[misc]
     assert not hasattr(r, "__dict__")
+
+
+def test_multipath_duplicates_first_wins() -> None:
+    """WARP sends an initiation on every candidate path: the first copy wins, the others are
+    counted and dropped; transport duplicates are replays (the FEC layer dedups above us)."""
+    link = make_link()
+    a, b = link.a, link.b
+    a.device.initiate_handshake(b.key, 0.0)
+    (init,) = a.device.drain_outgoing()
+    path1, path2 = ("192.0.2.1", 1111), ("192.0.2.77", 2222)
+    b.device.receive(init.data, path1, 0.0)
+    b.device.receive(init.data, path2, 0.001)
+    responses = b.device.drain_outgoing()
+    assert kinds(responses) == [MessageKind.RESPONSE] and responses[0].destination == path1
+    assert b.device.rejected["stale_timestamp"] == 1
+    a.device.receive(responses[0].data, B_ADDR, 0.002)
+    a.device.receive(responses[0].data, ("198.51.100.99", 3), 0.002)
+    assert a.device.rejected["unknown_index"] == 1
+    assert a.device.has_outgoing and not b.device.has_outgoing
+    (keepalive,) = a.device.drain_outgoing()
+    assert b.device.receive(keepalive.data, path2, 0.003) == Received(a.key, b"", path2)
+    assert b.device.receive(keepalive.data, path1, 0.003) is None
+    assert b.device.rejected["replay"] == 1
+    assert b.device.has_events
+    events = b.device.drain_events()
+    assert PeerRoamed(a.key, path1, path2) in events
+    assert not b.device.has_events
