@@ -55,7 +55,9 @@ def bench_size(size: int, count: int, repeat: int) -> dict[str, float]:
         for frames in blocks:
             header = parse_shard_header(frames[0])
             assert header is not None
-            pieces = tuple(f[SHARD_HEADER_SIZE : SHARD_HEADER_SIZE + header.payload_size] for f in frames)
+            pieces = tuple(
+                f[SHARD_HEADER_SIZE : SHARD_HEADER_SIZE + header.payload_size] for f in frames
+            )
             raw_blocks.append(pieces)
     raw_datagrams = min(count, 2000)
     zenc = zfec_encoder(K, N)

@@ -15,12 +15,27 @@ class ReorderBuffer:
     until the gap fills, or until it has waited `timeout`, or until more than `max_blocks`
     sequence numbers are held; then the gap is skipped. Anything that completes after its
     place was skipped is dropped, so delivery is never out of order.
+
+    Where the stream starts is known only if it is `first_key` (encoders start their
+    sequence at 0); otherwise the first datagram waits like one after a gap, in case
+    earlier ones were overtaken.
     """
 
-    __slots__ = ("_held", "_held_blocks", "_next_key", "max_blocks", "stats", "timeout")
+    __slots__ = (
+        "_held",
+        "_held_blocks",
+        "_next_key",
+        "first_key",
+        "max_blocks",
+        "stats",
+        "timeout",
+    )
 
-    def __init__(self, timeout: float, max_blocks: int, stats: DecoderStats) -> None:
+    def __init__(
+        self, timeout: float, max_blocks: int, stats: DecoderStats, first_key: int = 0
+    ) -> None:
         self.timeout = timeout
+        self.first_key = first_key
         self.max_blocks = max_blocks
         self.stats = stats
         self._next_key: int | None = None
@@ -34,8 +49,8 @@ class ReorderBuffer:
     def offer(self, key: int, span: int, datagram: bytes, now: float) -> list[bytes]:
         """A datagram is complete: return what can now be delivered, in order."""
         next_key = self._next_key
-        if next_key is None:
-            next_key = self._next_key = key
+        if next_key is None and key == self.first_key:
+            next_key = key
         if key == next_key:
             self._next_key = key + span
             out = [datagram]
@@ -43,7 +58,7 @@ class ReorderBuffer:
                 self._release_consecutive(out)
             self.stats.datagrams_delivered += len(out)
             return out
-        if key < next_key or key in self._held:
+        if (next_key is not None and key < next_key) or key in self._held:
             self.stats.datagrams_late += 1
             return []
         self._held[key] = (datagram, span, now)
@@ -79,7 +94,7 @@ class ReorderBuffer:
     def _release_consecutive(self, out: list[bytes]) -> None:
         held = self._held
         next_key = self._next_key
-        assert next_key is not None
+        assert next_key is not None  # set before anything is released
         while (entry := held.pop(next_key, None)) is not None:
             out.append(entry[0])
             self._held_blocks -= entry[1]
@@ -89,16 +104,17 @@ class ReorderBuffer:
     def _skip_gap(self) -> list[bytes]:
         held = self._held
         next_key = self._next_key
-        assert next_key is not None
-        # A peer can make datagrams overlap (a key inside an earlier datagram's span):
-        # such leftovers are behind the cursor and must not move it back.
-        for key in [key for key in held if key < next_key]:
-            self._held_blocks -= held.pop(key)[1]
-            self.stats.datagrams_late += 1
+        if next_key is not None:
+            # A peer can make datagrams overlap (a key inside an earlier datagram's span):
+            # such leftovers are behind the cursor and must not move it back.
+            for key in [key for key in held if key < next_key]:
+                self._held_blocks -= held.pop(key)[1]
+                self.stats.datagrams_late += 1
         if not held:
             return []
         lowest = min(held)
-        self.stats.blocks_skipped += lowest - next_key
+        if next_key is not None:  # else this is where the stream starts: nothing skipped
+            self.stats.blocks_skipped += lowest - next_key
         self._next_key = lowest
         out: list[bytes] = []
         self._release_consecutive(out)

@@ -1,0 +1,353 @@
+"""Receiver side: validation, dedup, timeouts, memory bounds, epochs, wrap-around, order."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from warp.redundancy import (
+    SHARD_HEADER_SIZE,
+    RejectReason,
+    ShardDecoder,
+    ShardEncoder,
+)
+from warp.redundancy.shard import SHARD_HEADER
+
+K, N, TUNNEL, EPOCH = 3, 5, 7, 0x1234
+
+
+def encoder(**kwargs: int) -> ShardEncoder:
+    options = {"epoch": EPOCH, **kwargs}
+    return ShardEncoder(TUNNEL, K, N, 1400, **options)
+
+
+def decoder(**kwargs: object) -> ShardDecoder:
+    return ShardDecoder(TUNNEL, K, N, **kwargs)  # type: ignore[arg-type]
+
+
+def frame_with(frame: bytes, **fields: int) -> bytes:
+    """A copy of `frame` with some header fields replaced."""
+    names = ["type", "tunnel", "epoch", "k", "n", "index", "seq", "frag_index", "frag_count"]
+    values = dict(zip([*names, "length"], SHARD_HEADER.unpack_from(frame), strict=True))
+    values.update(fields)
+    return SHARD_HEADER.pack(*values.values()) + frame[SHARD_HEADER_SIZE:]
+
+
+def test_all_data_shards_rebuild_without_a_decode_call_in_any_order() -> None:
+    enc, dec = encoder(), decoder()
+    for order in ((0, 1, 2), (2, 0, 1), (1, 2, 0)):
+        datagram = random.randbytes(1000)
+        block = enc.encode(datagram)[0]
+        out = [d for i in order for d in dec.receive(block[i], 0.0)]
+        assert out == [datagram]
+    assert dec.stats.decode_calls == 0
+    assert dec.stats.blocks_rebuilt == 3
+
+
+def test_parity_rebuild_calls_decode_once_and_later_shards_are_dropped_as_duplicates() -> None:
+    enc, dec = encoder(), decoder()
+    datagram = random.randbytes(1400)
+    block = enc.encode(datagram)[0]
+    out: list[bytes] = []
+    for index in (4, 1, 3, 0, 2, 4):
+        out += dec.receive(block[index], 0.0)
+    assert out == [datagram]
+    assert dec.stats.decode_calls == 1
+    assert dec.stats.duplicates == 3
+    assert dec.blocks_in_flight == 0
+
+
+def test_repeated_shard_index_does_not_count_twice() -> None:
+    enc, dec = encoder(), decoder()
+    block = enc.encode(b"x" * 300)[0]
+    for _ in range(5):
+        assert dec.receive(block[0], 0.0) == []
+    assert dec.receive(block[3], 0.0) == []
+    assert dec.receive(block[4], 0.0) == [b"x" * 300]
+    assert dec.stats.duplicates == 4
+
+
+def test_trailing_bytes_after_the_payload_are_ignored() -> None:
+    # WireGuard pads plaintexts with zeros to a multiple of 16.
+    enc, dec = encoder(), decoder()
+    datagram = b"hello, world"
+    block = enc.encode(datagram)[0]
+    out = [d for f in block[:3] for d in dec.receive(f + bytes(15), 0.0)]
+    assert out == [datagram]
+
+
+def test_views_into_a_reused_buffer_are_copied() -> None:
+    enc, dec = encoder(), decoder()
+    datagram = random.randbytes(900)
+    block = enc.encode(datagram)[0]
+    buffer = bytearray(2048)
+    out: list[bytes] = []
+    for index in (4, 0, 2):
+        buffer[: len(block[index])] = block[index]
+        out += dec.receive(memoryview(buffer)[: len(block[index])], 0.0)
+        buffer[:] = bytes(2048)  # the caller reuses its receive buffer
+    assert out == [datagram]
+    out = []
+    block = enc.encode(datagram)[0]
+    for index in (1, 3, 2):
+        out += dec.receive(bytearray(block[index]), 0.0)
+    assert out == [datagram]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda f: f[:15], RejectReason.SHORT),
+        (lambda f: b"", RejectReason.SHORT),
+        (lambda f: b"\x02" + f[1:], RejectReason.NOT_SHARD),
+        (lambda f: frame_with(f, tunnel=TUNNEL + 1), RejectReason.TUNNEL),
+        (lambda f: frame_with(f, k=2), RejectReason.GEOMETRY),
+        (lambda f: frame_with(f, n=6), RejectReason.GEOMETRY),
+        (lambda f: frame_with(f, k=0, n=0), RejectReason.GEOMETRY),
+        (lambda f: frame_with(f, index=5), RejectReason.INDEX),
+        (lambda f: frame_with(f, index=255), RejectReason.INDEX),
+        (lambda f: frame_with(f, frag_index=1, frag_count=1), RejectReason.FRAGMENT),
+        (lambda f: frame_with(f, frag_index=0, frag_count=0), RejectReason.FRAGMENT),
+        (lambda f: frame_with(f, length=0), RejectReason.LENGTH),
+        (lambda f: frame_with(f, length=65535), RejectReason.LENGTH),
+        (lambda f: f[:-1], RejectReason.LENGTH),
+    ],
+)
+def test_malformed_shards_are_rejected_and_counted(mutate: object, reason: RejectReason) -> None:
+    enc = encoder()
+    other = enc.encode(random.randbytes(600))[0]
+    block = enc.encode(random.randbytes(600))[0]
+    for start_with_valid in (False, True):
+        dec = decoder()
+        if start_with_valid:
+            dec.receive(other[1], 0.0)  # takes the fast path once the epoch is known
+        assert dec.receive(mutate(block[0]), 0.0) == []  # type: ignore[operator]
+        assert dec.stats.rejected == {reason: 1}
+
+
+def test_shard_disagreeing_with_its_block_is_rejected_as_inconsistent() -> None:
+    enc, dec = encoder(), decoder()
+    block = enc.encode(random.randbytes(600))[0]
+    dec.receive(block[0], 0.0)
+    assert dec.receive(frame_with(block[1], length=599), 0.0) == []
+    assert dec.receive(frame_with(block[1], frag_count=2), 0.0) == []
+    assert dec.stats.rejected == {RejectReason.INCONSISTENT: 2}
+
+
+def test_max_shard_size_limits_what_a_peer_can_make_us_hold() -> None:
+    enc = ShardEncoder(TUNNEL, K, N, 9000, epoch=EPOCH)
+    dec = decoder(max_shard_size=1352)
+    block = enc.encode(random.randbytes(8000))[0]
+    assert dec.receive(block[0], 0.0) == []
+    assert dec.stats.rejected == {RejectReason.LENGTH: 1}
+
+
+def test_unfinished_blocks_expire_after_block_timeout_and_late_shards_are_ignored() -> None:
+    enc, dec = encoder(), decoder(block_timeout=0.5)
+    block = enc.encode(b"late" * 100)[0]
+    dec.receive(block[0], 1.0)
+    dec.receive(block[1], 1.2)
+    assert dec.next_deadline() == pytest.approx(1.5)
+    assert dec.tick(1.49) == []
+    assert dec.blocks_in_flight == 1
+    assert dec.tick(1.5) == []
+    assert dec.blocks_in_flight == 0
+    assert dec.stats.blocks_expired == 1
+    assert dec.next_deadline() is None
+    # The rest of the block arrives too late: never delivered, cheaply dropped.
+    assert [d for f in block[2:] for d in dec.receive(f, 1.6)] == []
+    assert dec.stats.duplicates == 3
+    assert dec.blocks_in_flight == 0
+
+
+def test_in_flight_blocks_are_bounded_by_evicting_the_oldest() -> None:
+    enc, dec = encoder(), decoder(max_blocks_in_flight=8, window=16)
+    blocks = [enc.encode(bytes([i]) * 500)[0] for i in range(20)]
+    for block in blocks:
+        dec.receive(block[0], 0.0)
+    assert dec.blocks_in_flight == 8
+    assert dec.stats.blocks_evicted == 12
+    # The newest 8 can still complete; the evicted ones cannot.
+    out = [d for block in blocks for f in block[1:3] for d in dec.receive(f, 0.0)]
+    assert out == [bytes([i]) * 500 for i in range(12, 20)]
+
+
+def test_multi_block_datagram_with_a_lost_block_is_abandoned_after_timeout() -> None:
+    enc, dec = encoder(), decoder(block_timeout=1.0)
+    datagram = random.randbytes(20_000)
+    blocks = enc.encode(datagram)
+    assert len(blocks) == 5
+    for position, block in enumerate(blocks):
+        for f in block[: 2 if position == 2 else 3]:
+            assert dec.receive(f, 0.0) == []
+    assert dec.buffered_bytes() > 0
+    dec.tick(1.0)
+    assert dec.stats.blocks_expired == 1
+    assert dec.stats.datagrams_incomplete == 1
+    assert dec.buffered_bytes() == 0
+    assert dec.next_deadline() is None
+
+
+def test_multi_block_datagrams_interleaved_and_reordered() -> None:
+    enc, dec = encoder(), decoder()
+    datagrams = [random.randbytes(size) for size in (9000, 30, 15000, 4033)]
+    frames = [f for d in datagrams for block in enc.encode(d) for f in block]
+    random.Random(5).shuffle(frames)
+    out = [d for f in frames for d in dec.receive(f, 0.0)]
+    assert sorted(out) == sorted(datagrams)
+
+
+def test_sequence_numbers_wrap_around() -> None:
+    enc, dec = encoder(initial_seq=2**32 - 3), decoder()
+    datagrams = [random.randbytes(5000) for _ in range(4)]  # 2 blocks each: crosses 2**32
+    out: list[bytes] = []
+    for datagram in datagrams:
+        blocks = enc.encode(datagram)
+        for block in reversed(blocks):
+            out += [d for f in block[2:] for d in dec.receive(f, 0.0)]
+            out += [d for f in block for d in dec.receive(f, 0.0)]  # all duplicates now
+    assert out == datagrams
+    assert enc.next_seq == 5
+
+
+def test_shards_far_behind_the_window_are_rejected_as_stale() -> None:
+    enc, dec = encoder(), decoder(max_blocks_in_flight=4, window=8)
+    old = enc.encode(b"old" * 10)[0]
+    newer = [enc.encode(b"new" * 10)[0] for _ in range(10)]
+    for block in newer:
+        dec.receive(block[0], 0.0)
+    assert dec.receive(old[0], 0.0) == []
+    assert dec.stats.rejected == {RejectReason.STALE: 1}
+
+
+def test_a_restarted_sender_is_followed_and_its_old_epoch_refused() -> None:
+    dec = decoder()
+    first = ShardEncoder(TUNNEL, K, N, 1400, epoch=1)
+    second = ShardEncoder(TUNNEL, K, N, 1400, epoch=2)  # sequence restarts at 0
+    a, b = first.encode(b"a" * 100)[0], second.encode(b"b" * 100)[0]
+    late_a = first.encode(b"c" * 100)[0]
+    assert [d for f in a[:3] for d in dec.receive(f, 0.0)] == [b"a" * 100]
+    assert [d for f in b[:3] for d in dec.receive(f, 0.0)] == [b"b" * 100]
+    assert dec.stats.epoch_changes == 1
+    assert [d for f in late_a for d in dec.receive(f, 0.0)] == []
+    assert dec.stats.rejected == {RejectReason.STALE_EPOCH: 5}
+
+
+def test_memory_stays_under_the_bound_under_a_flood_of_incomplete_blocks() -> None:
+    enc = ShardEncoder(TUNNEL, K, N, 1400, epoch=EPOCH)
+    dec = decoder(max_blocks_in_flight=64, window=128, max_shard_size=1352)
+    for _ in range(2000):
+        for block in enc.encode(random.randbytes(random.randrange(1, 12_000))):
+            for f in block[: K - 1]:
+                dec.receive(f, 0.0)
+        assert dec.buffered_bytes() <= dec.memory_bound
+    assert dec.blocks_in_flight == 64
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_k_of_one_delivers_on_the_first_shard(k: int) -> None:
+    enc = ShardEncoder(TUNNEL, k, 3, 1400, epoch=EPOCH)
+    dec = ShardDecoder(TUNNEL, k, 3)
+    datagram = random.randbytes(1000)
+    [block] = enc.encode(datagram)
+    out = [d for f in block[::-1] for d in dec.receive(f, 0.0)]
+    assert out == [datagram]
+
+
+def test_invalid_configuration_is_refused() -> None:
+    with pytest.raises(ValueError):
+        ShardDecoder(1, 4, 3)
+    with pytest.raises(ValueError):
+        ShardDecoder(1, 3, 256)
+    with pytest.raises(ValueError):
+        ShardDecoder(1, 3, 5, max_blocks_in_flight=0)
+    with pytest.raises(ValueError):
+        ShardDecoder(1, 3, 5, window=1000)
+    with pytest.raises(ValueError):
+        ShardDecoder(1, 3, 5, block_timeout=0)
+
+
+# ---- ordered delivery --------------------------------------------------------------------
+
+
+def ordered_decoder(**kwargs: object) -> ShardDecoder:
+    return decoder(ordered=True, reorder_timeout=0.05, **kwargs)
+
+
+def test_ordered_waits_for_a_gap_then_delivers_in_sequence() -> None:
+    enc, dec = encoder(), ordered_decoder()
+    blocks = [enc.encode(bytes([i]) * 50)[0] for i in range(4)]
+    assert dec.receive(blocks[0][0], 0.0) == []
+    assert [d for f in blocks[0][1:3] for d in dec.receive(f, 0.0)] == [bytes([0]) * 50]
+    # 2 and 3 complete before 1: held.
+    assert [d for b in blocks[2:] for f in b[:3] for d in dec.receive(f, 0.01)] == []
+    assert dec.next_deadline() == pytest.approx(0.06)
+    out = [d for f in blocks[1][2:] for d in dec.receive(f, 0.02)]
+    assert out == [bytes([i]) * 50 for i in (1, 2, 3)]
+    assert dec.next_deadline() is None
+    assert dec.stats.blocks_skipped == 0
+
+
+def test_ordered_skips_a_gap_after_reorder_timeout_and_drops_what_comes_later() -> None:
+    enc, dec = encoder(), ordered_decoder()
+    blocks = [enc.encode(bytes([i]) * 50)[0] for i in range(4)]
+    first = [d for f in blocks[0][:3] for d in dec.receive(f, 0.0)]
+    assert first == [bytes([0]) * 50]
+    assert [d for f in blocks[2][:3] for d in dec.receive(f, 0.10)] == []
+    assert [d for f in blocks[3][:3] for d in dec.receive(f, 0.12)] == []
+    assert dec.tick(0.1499) == []
+    assert dec.tick(0.1501) == [bytes([2]) * 50, bytes([3]) * 50]
+    assert dec.stats.blocks_skipped == 1
+    # Block 1 completes after its place was skipped: dropped, order is kept.
+    assert [d for f in blocks[1][:3] for d in dec.receive(f, 0.2)] == []
+    assert dec.stats.datagrams_late == 1
+
+
+def test_ordered_multi_block_datagrams_keep_their_order() -> None:
+    enc, dec = encoder(), ordered_decoder()
+    datagrams = [random.randbytes(size) for size in (9000, 100, 12000, 5)]
+    encoded = [enc.encode(d) for d in datagrams]
+    out: list[bytes] = []
+    for blocks in reversed(encoded):
+        for block in blocks:
+            out += [d for f in block[1:4] for d in dec.receive(f, 0.0)]
+    assert out == datagrams
+
+
+def test_ordered_stream_start_waits_for_earlier_datagrams_reordered_before_it() -> None:
+    enc, dec = encoder(initial_seq=1000), ordered_decoder()
+    blocks = [enc.encode(bytes([i]) * 20)[0] for i in range(3)]
+    # We join a stream that did not start at 0: the first datagram to complete might not
+    # be the first one sent, so it waits (once) for reorder_timeout.
+    assert [d for f in blocks[1][:3] for d in dec.receive(f, 0.0)] == []
+    assert [d for f in blocks[0][:3] for d in dec.receive(f, 0.01)] == []
+    assert dec.next_deadline() == pytest.approx(0.05)
+    assert dec.tick(0.05) == [b"\0" * 20, b"\1" * 20]
+    assert [d for f in blocks[2][:3] for d in dec.receive(f, 0.06)] == [b"\2" * 20]
+    late_joiner = ordered_decoder()
+    assert [d for f in blocks[2][:3] for d in late_joiner.receive(f, 0.0)] == []
+    assert late_joiner.tick(0.05) == [b"\2" * 20]
+    assert late_joiner.stats.blocks_skipped == 0
+
+
+def test_ordered_buffer_is_bounded() -> None:
+    enc, dec = encoder(), ordered_decoder(max_blocks_in_flight=4, window=8)
+    blocks = [enc.encode(bytes([i]) * 20)[0] for i in range(12)]
+    out = [d for f in blocks[0][:3] for d in dec.receive(f, 0.0)]
+    for block in blocks[2:]:  # block 1 never comes
+        out += [d for f in block[:3] for d in dec.receive(f, 0.0)]
+    # Holding more than 4 forced the gap to be skipped without waiting.
+    assert out == [bytes([i]) * 20 for i in (0, *range(2, 12))]
+
+
+def test_reset_flushes_what_ordered_mode_held() -> None:
+    enc, dec = encoder(), ordered_decoder()
+    blocks = [enc.encode(bytes([i]) * 20)[0] for i in range(3)]
+    dec.receive(blocks[0][0], 0.0)
+    dec.receive(blocks[0][1], 0.0)
+    dec.receive(blocks[0][2], 0.0)
+    for f in blocks[2][:3]:
+        dec.receive(f, 0.0)
+    assert dec.reset() == [bytes([2]) * 20]
+    assert dec.buffered_bytes() == 0
