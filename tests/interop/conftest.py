@@ -111,6 +111,25 @@ class Pair:
         path.write_text(json.dumps(cfg))
         return path
 
+    def tun_peer_config(self, *, name: str = "warp0", mtu: int = 1420) -> Path:
+        """Config of tests/interop/tun_peer.py (TunGate + Device) for this pair."""
+        cfg = {
+            "private_key": self.ours.private.hex(),
+            "peer_public_key": self.theirs.public.hex(),
+            "preshared_key": self.psk.hex(),
+            "bind": ["0.0.0.0", WG_PORT],
+            "endpoint": ["192.168.77.2", WG_PORT],
+            "tun": {
+                "name": name,
+                "addresses": [f"{TUNNEL_A}/24", f"{TUNNEL6_A}/64"],
+                "mtu": mtu,
+                "allowed_ips": [f"{TUNNEL_B}/32", f"{TUNNEL6_B}/128"],
+            },
+        }
+        path = self.lab.workdir / "tun_peer.json"
+        path.write_text(json.dumps(cfg))
+        return path
+
     def log_count(self, text: str) -> int:
         return self.far.log().count(text)
 
@@ -156,13 +175,14 @@ def run_driver(pair: Pair, args: Sequence[str], *, timeout: float = 60.0) -> dic
     return parse_last_json(proc.stdout, "driver")
 
 
-class ServingDriver:
-    """The driver in ``serve`` mode, running in the background in namespace A."""
+class ReadyProcess:
+    """A background process in a lab namespace that prints ``READY`` once it serves, and one
+    JSON object when it stops on SIGTERM."""
 
-    def __init__(self, pair: Pair, args: Sequence[str], *, ready_timeout: float = 15.0) -> None:
-        self.proc = pair.lab.spawn(
-            "a", [PYTHON, str(DRIVER), str(pair.driver_config()), "serve", *args]
-        )
+    def __init__(
+        self, lab: WgLab, side: str, argv: Sequence[str], *, ready_timeout: float = 15.0
+    ) -> None:
+        self.proc = lab.spawn(side, argv)
         assert self.proc.stdout is not None
         end = time.monotonic() + ready_timeout
         line = b""
@@ -175,7 +195,12 @@ class ServingDriver:
                 break
         if line.strip() != b"READY":
             stop_process(self.proc)
-            raise AssertionError(f"driver did not start: {line!r}")
+            err = self.proc.stderr.read() if self.proc.stderr else b""
+            raise AssertionError(f"{argv[1:3]} did not start: {line!r} {err[-3000:]!r}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     def stop(self, timeout: float = 15.0) -> dict[str, Any]:
         self.proc.terminate()
@@ -183,9 +208,18 @@ class ServingDriver:
             out, err = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             stop_process(self.proc)
-            raise AssertionError("driver did not stop on SIGTERM") from None
-        assert self.proc.returncode == 0, f"driver exit {self.proc.returncode}: {err[-3000:]!r}"
-        return parse_last_json(out.decode(), "driver")
+            raise AssertionError("process did not stop on SIGTERM") from None
+        assert self.proc.returncode == 0, f"exit {self.proc.returncode}: {err[-3000:]!r}"
+        return parse_last_json(out.decode(), "process")
+
+
+class ServingDriver(ReadyProcess):
+    """The driver in ``serve`` mode, running in the background in namespace A."""
+
+    def __init__(self, pair: Pair, args: Sequence[str]) -> None:
+        super().__init__(
+            pair.lab, "a", [PYTHON, str(DRIVER), str(pair.driver_config()), "serve", *args]
+        )
 
 
 def run_pinger(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import itertools
+import json
 import os
 import re
 import shutil
@@ -28,7 +29,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -380,3 +381,57 @@ def cleanup_stale() -> list[str]:
                     sock.unlink()
                 removed.append(str(sock))
     return removed
+
+
+def iperf3(
+    lab: WgLab,
+    server_addr: str,
+    *,
+    client_side: str = "a",
+    server_side: str = "b",
+    seconds: float = 5.0,
+    reverse: bool = False,
+    during: Callable[[], None] | None = None,
+    during_at: float = 2.0,
+) -> dict[str, Any]:
+    """One iperf3 TCP test (client in ``client_side`` → server in ``server_side``, or the
+    reverse direction with ``reverse``), with a one-shot server under ``timeout``. ``during``
+    is called ``during_at`` s into the transfer. Returns Mbit/s figures from iperf3's JSON."""
+    budget = int(seconds + 30)
+    server = lab.spawn(
+        server_side, ["timeout", str(budget), "iperf3", "-s", "-1", "-B", server_addr]
+    )
+    try:
+        deadline = time.monotonic() + 10.0
+        while True:  # wait until the server listens (ss in its namespace; no probe connection)
+            out = lab.exec(server_side, ["ss", "-Hltn", "sport", "=", ":5201"], check=False)
+            if out.stdout.strip():
+                break
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise LabError("iperf3 server did not start")
+            time.sleep(0.05)
+        argv = ["timeout", str(budget), "iperf3", "-c", server_addr, "-t", f"{seconds:g}", "-J"]
+        if reverse:
+            argv.append("-R")
+        client = lab.spawn(client_side, argv)
+        if during is not None:
+            time.sleep(during_at)
+            during()
+        out_b, err_b = client.communicate(timeout=budget + 5)
+    finally:
+        stop_process(server)
+    try:
+        report = json.loads(out_b.decode())
+    except ValueError:
+        raise LabError(f"iperf3 printed no JSON: {out_b[-500:]!r} {err_b[-500:]!r}") from None
+    if report.get("error"):
+        raise LabError(f"iperf3: {report['error']}")
+    end = report["end"]
+    intervals = [i["sum"]["bits_per_second"] / 1e6 for i in report.get("intervals", [])]
+    return {
+        "sent_mbps": end["sum_sent"]["bits_per_second"] / 1e6,
+        "received_mbps": end["sum_received"]["bits_per_second"] / 1e6,
+        "retransmits": end["sum_sent"].get("retransmits"),
+        "interval_mbps": [round(x, 1) for x in intervals],
+        "exit": client.returncode,
+    }
