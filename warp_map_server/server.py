@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -96,6 +97,7 @@ class MapServer:
         self._next_gc = 0.0
         self._next_stats = 0.0
         self._now = 0.0
+        self._ipv6 = False
         self.address: tuple[str, int] | None = None
 
     # ------------------------------------------------------------------------ lifecycle
@@ -110,6 +112,8 @@ class MapServer:
         self._transport = transport
         sockname = transport.get_extra_info("sockname")
         self.address = (str(sockname[0]), int(sockname[1]))
+        sock = transport.get_extra_info("socket")
+        self._ipv6 = sock is not None and sock.family == socket.AF_INET6
         now = loop.time()
         self._next_gc = now + GC_INTERVAL
         self._next_stats = now + self.stats_interval
@@ -173,6 +177,9 @@ class MapServer:
         transport = self._transport
         if transport is None:
             return
+        if self._ipv6 and ":" not in destination[0]:
+            # registry endpoints are plain IPv4; a dual-stack socket wants them v4-mapped
+            destination = (f"::ffff:{destination[0]}", destination[1])
         try:
             transport.sendto(data, destination)
         except OSError:
