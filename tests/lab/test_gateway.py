@@ -1,0 +1,305 @@
+"""Two `warp run` gateways behind NAT, a `warp-map` in the public namespace, real traffic.
+
+Topology: sites "a" and "b" behind cone NAT with two uplinks each (tests/lab/netlab.py), the
+map on 198.51.100.1:13116. Each site runs `warp run` with a loopback (or unix) gate, and
+`tests/lab/gw_app.py` as the application on both ends: numbered datagrams whose content is
+checked byte-exact, a JSON summary at the end.
+
+The NAT routers get a CPE-style input filter (`cpe_firewall`): unsolicited inbound UDP to the
+router itself is dropped, as any home router does. Without it, Linux conntrack *confirms* an
+entry for a punch packet that arrives before the local side has sent (INPUT policy accept, no
+listener), and the local side's own mapping then clashes with it and gets a new port: both
+sides keep refreshing the wrong entries and cone-to-cone punching never succeeds in the lab
+(the two NATs are one veth apart, so the "send at the same time" window is microseconds).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.lab.netlab import Lab, Site
+from warp.keys import encode_key, generate_private_key, public_key_of
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+WARP = str(BIN / "warp")
+WARP_MAP = str(BIN / "warp-map")
+APP = str(Path(__file__).with_name("gw_app.py"))
+MAP_PORT = 13116
+GATE_PORT = 59401
+APP_PORT = 59500
+
+CPE_FIREWALL = """table ip cpe {
+    chain input {
+        type filter hook input priority filter - 1; policy accept;
+        iifname "wan" meta l4proto udp ct state new drop
+    }
+}
+"""
+
+
+def cpe_firewall(site: Site) -> None:
+    """Drop unsolicited inbound UDP to the NAT router itself (before conntrack confirms it)."""
+    site.lab.run(site.router_ns, ["nft", "-f", "-"], input=CPE_FIREWALL)
+
+
+@dataclass
+class Gw:
+    site: Site
+    config: Path
+    socket: Path
+    log: Path
+    proc: subprocess.Popen[str] | None = None
+    started_at: float = 0.0
+
+    def status(self) -> dict[str, Any]:
+        out = self.site.lab.run(
+            self.site.host_ns, [WARP, "status", "--socket", str(self.socket), "--json"]
+        ).stdout
+        return json.loads(out)  # type: ignore[no-any-return]
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        found = []
+        for line in self.log.read_text().splitlines():
+            if line.startswith("{"):
+                entry = json.loads(line)
+                if entry.get("event") == name:
+                    found.append(entry)
+        return found
+
+    def warp_pid(self) -> int:
+        """The pid of the `warp` process itself (spawn runs it under `timeout`)."""
+        assert self.proc is not None
+        for _ in range(100):
+            for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+                children = (task / "children").read_text().split()
+                if children:
+                    return int(children[0])
+            time.sleep(0.01)
+        raise AssertionError("warp process not found")
+
+
+@dataclass
+class Net:
+    lab: Lab
+    a: Site
+    b: Site
+    map_key: bytes
+    keys: dict[str, bytes] = field(default_factory=dict)
+    gws: dict[str, Gw] = field(default_factory=dict)
+    map_proc: subprocess.Popen[str] | None = None
+
+    @property
+    def map_log(self) -> Path:
+        return self.lab.workdir / "map.log"
+
+    def write_config(self, name: str, gate: str, *, k: int = 2, n: int = 4, extra: str = "") -> Gw:
+        site = self.a if name == "a" else self.b
+        other = "b" if name == "a" else "a"
+        w = self.lab.workdir
+        path = w / f"{name}.toml"
+        path.write_text(
+            f'private_key = "{encode_key(self.keys[name])}"\n'
+            f"{extra}"
+            "[interfaces]\n"
+            'inclusion_patterns = ["^up"]\n'
+            "exclusion_patterns = []\n"
+            'holepunch_keep_alive_interval = "1s"\n'
+            'path_timeout = "3s"\n'
+            "[warp_map]\n"
+            f'address = "{self.lab.public_address}:{MAP_PORT}"\n'
+            f'public_key = "{encode_key(public_key_of(self.map_key))}"\n'
+            "[far_gate]\n"
+            f'public_key = "{encode_key(public_key_of(self.keys[other]))}"\n'
+            f"[tunnels.app.gate]\n{gate}\n"
+            "[tunnels.app.transport.redundancy]\n"
+            f"num_shards = {n}\nrequired_shards = {k}\n"
+            f'[control]\nsocket = "{w / (name + ".sock")}"\n'
+            '[log]\nformat = "json"\n'
+        )
+        gw = Gw(site, path, w / f"{name}.sock", w / f"{name}.log")
+        self.gws[name] = gw
+        return gw
+
+    def start(self, name: str, lifetime_s: float = 120) -> Gw:
+        gw = self.gws[name]
+        gw.started_at = time.time()
+        gw.proc = self.lab.spawn(
+            gw.site.host_ns,
+            [WARP, "run", str(gw.config)],
+            lifetime_s,
+            stdout=gw.log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        return gw
+
+    def wait_registered(self, name: str, timeout: float = 10.0) -> dict[str, Any]:
+        gw = self.gws[name]
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            if gw.socket.exists():
+                try:
+                    last = gw.status()
+                except Exception:
+                    last = {}
+                if last.get("map", {}) and last["map"]["registered"]:
+                    return last
+            assert gw.proc is not None and gw.proc.poll() is None, gw.log.read_text()
+            time.sleep(0.05)
+        raise AssertionError(f"{name} not registered: {last}\n{gw.log.read_text()}")
+
+    def wait_paths(self, name: str, count: int, timeout: float = 10.0) -> dict[str, Any]:
+        gw = self.gws[name]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            snap = gw.status()
+            if sum(p["state"] == "active" for p in snap["paths"]) >= count:
+                return snap
+            time.sleep(0.05)
+        raise AssertionError(f"{name}: fewer than {count} active paths: {snap['paths']}")
+
+    def app(self, name: str, args: list[str], lifetime_s: float = 60) -> subprocess.Popen[str]:
+        site = self.a if name == "a" else self.b
+        return self.lab.spawn(
+            site.host_ns,
+            [sys.executable, APP, *args, "--lifetime", f"{lifetime_s:g}"],
+            lifetime_s + 10,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def app_result(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
+    out, _ = proc.communicate(timeout=timeout)
+    lines = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+    results = [x for x in lines if "sent" in x]
+    assert results, out
+    result: dict[str, Any] = results[-1]
+    return result
+
+
+def loopback_gate() -> str:
+    return f"ipv4 = true\napplication_to_gate = {GATE_PORT}\ngate_to_application = {APP_PORT}"
+
+
+@pytest.fixture
+def net(lab: Lab) -> Iterator[Net]:
+    a = lab.add_site("a", "cone", uplinks=2)
+    b = lab.add_site("b", "cone", uplinks=2)
+    for site in (a, b):
+        cpe_firewall(site)
+    net = Net(lab, a, b, generate_private_key())
+    net.keys = {"a": generate_private_key(), "b": generate_private_key()}
+    (lab.workdir / "map.toml").write_text(
+        f'bind = "{lab.public_address}:{MAP_PORT}"\nprivate_key = "{encode_key(net.map_key)}"\n'
+    )
+    net.map_proc = lab.spawn(
+        lab.public_ns,
+        [WARP_MAP, "--config", str(lab.workdir / "map.toml")],
+        240,
+        stdout=net.map_log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 10
+    while "map.listening" not in net.map_log.read_text():
+        assert time.monotonic() < deadline, net.map_log.read_text()
+        assert net.map_proc.poll() is None, net.map_log.read_text()
+        time.sleep(0.02)
+    try:
+        yield net
+    finally:
+        for gw in net.gws.values():
+            if gw.proc is not None:
+                lab.stop(gw.proc)
+        lab.stop(net.map_proc)
+
+
+def app_args(tag: int, count: int, rate: float, expect: int, *more: str) -> list[str]:
+    return [
+        "--bind", f"127.0.0.1:{APP_PORT}", "--to", f"127.0.0.1:{GATE_PORT}",
+        "--tag", str(tag), "--peer-tag", str(3 - tag),
+        "--count", str(count), "--rate", str(rate), "--expect", str(expect), *more,
+    ]  # fmt: skip
+
+
+def test_cone_nat_first_datagram_then_10k_each_way_exactly_once(net: Net) -> None:
+    """First datagram ≤ 1 s after the second gateway starts; 10 000 datagrams at 1 000/s each
+    way, each delivered exactly once and byte-exact; status reflects it; SIGTERM deregisters
+    (the other side's map client sees the peer's endpoint list empty) and removes the socket."""
+    gate = loopback_gate()
+    a = net.write_config("a", gate)
+    b = net.write_config("b", gate)
+    net.start("a")
+    net.wait_registered("a")
+    # Site a's application sends 200/s for 3 s; b starts 1 s into that.
+    sink = net.app("b", app_args(2, 0, 0, 1, "--grace", "10"), lifetime_s=20)
+    source = net.app("a", app_args(1, 600, 200, 0, "--grace", "0"), lifetime_s=20)
+    time.sleep(1.0)  # both applications up
+    net.start("b")
+    first = app_result(sink, 25)
+    assert first["unique"] == 1 and first["corrupt"] == 0, first
+    ttfd = first["first_rx"] - b.started_at
+    started = b.events("gateway.started")[0]["ts"]
+    print(f"\ntime to first datagram: {ttfd:.3f} s after spawning the second gateway "
+          f"({first['first_rx'] - started:.3f} s after its gateway.started)")  # fmt: skip
+    assert ttfd <= 1.0
+    source.communicate(timeout=30)
+
+    # 10 000 each way at 1 000/s, both directions at once.
+    count = 10_000
+    start_at = f"{time.time() + 1.0:.3f}"
+    pa = net.app("a", app_args(1, count, 1000, count, "--start-at", start_at, "--sizes",
+                               "64,200,1000,1400,3000"), lifetime_s=40)  # fmt: skip
+    pb = net.app("b", app_args(2, count, 1000, count, "--start-at", start_at, "--sizes",
+                               "1400,100,2500"), lifetime_s=40)  # fmt: skip
+    ra, rb = app_result(pa, 60), app_result(pb, 60)
+    for side, result in (("a", ra), ("b", rb)):
+        print(f"{side}: sent {result['sent']} in {result['send_seconds']} s, received "
+              f"{result['unique']} unique, {result['duplicates']} dup, {result['corrupt']} "
+              f"corrupt, latency p50 {result['latency_ms_p50']} ms p99 "
+              f"{result['latency_ms_p99']} ms")  # fmt: skip
+        assert result["sent"] == count, result
+        assert result["unique"] == count, result
+        assert result["duplicates"] == 0 and result["corrupt"] == 0, result
+        assert result["foreign"] == 0, result
+
+    # Status reflects it.
+    for name in ("a", "b"):
+        snap = net.gws[name].status()
+        assert snap["session"]["handshake_state"] == "established"
+        assert snap["map"]["registered"] is True
+        assert set(snap["map"]["reflexive"]) == {"up1", "up2"}
+        assert all(v and v.startswith("203.0.113.") for v in snap["map"]["reflexive"].values())
+        active = [p for p in snap["paths"] if p["state"] == "active"]
+        assert len(active) == 4, snap["paths"]
+        assert all(p["tx_packets"] > 0 and p["rx_packets"] > 0 for p in active), active
+        (tunnel,) = snap["tunnels"]
+        assert tunnel["datagrams_in"] >= count and tunnel["datagrams_out"] >= count
+        assert tunnel["datagrams_lost"] == 0, tunnel
+
+    # SIGTERM a: exit 0, socket file gone, deregistered (b is told a has no endpoints).
+    assert a.proc is not None
+    pushes_before = len(b.events("map.peer_endpoints"))
+    assert net.lab.stop(a.proc, grace_s=5) == 0, a.log.read_text()[-2000:]
+    assert not a.socket.exists()
+    assert a.events("map.deregistered")[0]["acknowledged"] == "True"
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        pushes = b.events("map.peer_endpoints")[pushes_before:]
+        if any(p.get("endpoints", "") == "" for p in pushes):
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"b never saw a deregister: {b.events('map.peer_endpoints')}")
+    key_a = encode_key(public_key_of(net.keys["a"]))[:12]
+    assert f"map.deregistered client={key_a}" in net.map_log.read_text()
