@@ -306,10 +306,12 @@ class Registry:
             client.registrations.clear()
             client.instance = message.instance
         if message.far_gate != client.far_gate:
-            self._watchers.get(client.far_gate, set()).discard(key)
-            if not self._watchers.get(client.far_gate, True):
-                del self._watchers[client.far_gate]
+            old_far = client.far_gate
+            self._watchers.get(old_far, set()).discard(key)
+            if not self._watchers.get(old_far, True):
+                del self._watchers[old_far]
             client.far_gate = message.far_gate
+            self._revoke(client, old_far, now)
             self._watchers.setdefault(message.far_gate, set()).add(key)
             grew = True  # whoever may now see us must hear of it, and we of them
         registration = client.registrations.get(message.uplink)
@@ -491,6 +493,17 @@ class Registry:
                 if far_endpoints:
                     reverse = encode(Push(far.key, far_endpoints, far.version, self.boot_id))
                     self._push(client, reverse, now, about=far.key)
+
+    def _revoke(self, client: Client, old_far: bytes, now: float) -> None:
+        """``client`` no longer names ``old_far`` as its far gate: under ``mutual``, the old far
+        gate may not see it any more, so it is told the list is empty."""
+        watcher = self.clients.get(old_far)
+        if self.policy != "mutual" or watcher is None or watcher.far_gate != client.key:
+            return
+        self._version += 1
+        client.version = self._version
+        frame = encode(Push(client.key, (), client.version, self.boot_id))
+        self._push(watcher, frame, now, about=client.key)
 
     def _push(self, to: Client, frame: bytes, now: float, *, about: bytes) -> None:
         destinations = to.endpoints(now)

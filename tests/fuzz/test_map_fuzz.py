@@ -13,6 +13,8 @@ from warp.map_client.messages import (
     MAX_ENDPOINTS,
     Deregister,
     Endpoint,
+    Error,
+    ErrorCode,
     Lookup,
     MapMessage,
     MessageError,
@@ -164,3 +166,47 @@ def test_twenty_thousand_random_frames_through_decode() -> None:
         except MessageError:
             pass
     assert accepted < 20_000
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 7), st.floats(0, 3), st.integers(0, 2**32)), max_size=80))
+def test_client_never_loses_track_of_an_uplink(steps: list[tuple[int, float, int]]) -> None:
+    """Whatever the map answers (right ids, wrong ids, wrong types), every uplink always has a
+    register in flight or one scheduled, and the client always has a next deadline."""
+    rng = random.Random(len(steps))
+    client = MapClient[str](KEYS[1], refresh_interval=2.0, response_timeout=0.25, rng=rng.randbytes)
+    now = 0.0
+    names = ["u0", "u1", "u2"]
+    for action, advance, seed in steps:
+        now += advance
+        pick = random.Random(seed)
+        pending_ids = list(client._pending) or [seed & 0xFFFF_FFFF]
+        request_id = pick.choice(pending_ids)
+        tags = [u.tag for u in client._uplinks.values()] or [0]
+        if action == 0:
+            client.add_uplink(pick.choice(names), now)
+        elif action == 1:
+            client.remove_uplink(pick.choice(names), now)
+        elif action == 2:
+            client.uplink_changed(pick.choice(names), now)
+        elif action == 3:
+            answer: MapMessage = Registered(
+                request_id, pick.choice(tags), ("192.0.2.1", 1 + seed % 65535), 5.0, seed % 3
+            )
+            client.receive(encode(answer), pick.choice(names), now)
+        elif action == 4:
+            answer = PeerEndpoints(request_id, KEYS[pick.randrange(2)], (), seed, seed % 3)
+            client.receive(encode(answer), pick.choice(names), now)
+        elif action == 5:
+            code = pick.choice(list(ErrorCode))
+            client.receive(encode(Error(request_id, code, "x")), pick.choice(names), now)
+        elif action == 6:
+            client.tick(now)
+        elif action == 7 and seed % 5 == 0:
+            client.stop(now)
+        client.drain_outgoing()
+        client.drain_events()
+        for state in client._uplinks.values():
+            assert state.register_request is None or state.register_request in client._pending
+        if client._uplinks and not client._stopping:
+            assert client.next_deadline() is not None

@@ -26,8 +26,10 @@ from warp.map_client.messages import (
     Deregister,
     Endpoint,
     Lookup,
+    PeerEndpoints,
     Push,
     Register,
+    Registered,
     decode,
     encode,
 )
@@ -381,3 +383,19 @@ def test_relay_carries_a_payload_to_the_far_gate() -> None:
 def test_relay_without_uplinks_is_refused_locally() -> None:
     client = MapClient[str](B, rng=rng(1))
     assert not client.relay(b"x", 0.0)
+
+
+def test_a_confused_answer_never_leaves_an_uplink_without_a_register_in_flight() -> None:
+    client = MapClient[str](B, refresh_interval=R, response_timeout=T, rng=rng(9))
+    client.add_uplink("u", 0.0)
+    requests = [decode(s.frame) for s in client.drain_outgoing()]
+    (request,) = [m for m in requests if isinstance(m, Register)]
+    # answered with the wrong message type, then with the wrong uplink tag
+    bogus = PeerEndpoints(request.request_id, B, (), 1, 1)
+    client.receive(encode(bogus), "u", 0.1)
+    wrong_tag = Registered(request.request_id, request.uplink ^ 1, ("192.0.2.1", 1), 60.0, 1)
+    client.receive(encode(wrong_tag), "u", 0.1)
+    assert not client.registered("u", 0.2)
+    client.tick(0.1 + T)
+    retry = [decode(s.frame) for s in client.drain_outgoing()]
+    assert any(isinstance(m, Register) for m in retry)

@@ -299,6 +299,18 @@ def test_changing_far_gate_starts_pushes_for_the_new_pair() -> None:
     assert {(k, d) for k, d, _ in sent} == {(B, B1), (A, A1)}
 
 
+def test_the_old_far_gate_is_told_when_it_may_no_longer_see_a_client() -> None:
+    registry = make()
+    register(registry, A, A1, far=B, now=0.0)
+    register(registry, B, B1, far=A, now=0.0)
+    registry.drain()
+    sent = pushes(register(registry, A, A1, far=C, now=1.0))
+    to_b = [m for k, d, m in sent if k == B]
+    assert [m.endpoints for m in to_b] == [()]
+    refused = send(registry, B, B1, Lookup(1, A), 2.0)[0][2]
+    assert isinstance(refused, Error) and refused.code is ErrorCode.NOT_PERMITTED
+
+
 # ----------------------------------------------------------------------------------- deregister
 
 

@@ -436,10 +436,14 @@ class MapClient(Generic[U]):
         state = self._uplinks.get(pending.uplink) if pending.uplink is not None else None
         del self._pending[message.request_id]
         self.stats.replies += 1
-        if state is None or state.tag != message.uplink:
+        if state is None:
+            return
+        state.register_request = None
+        if state.tag != message.uplink:  # a confused map: try again soon
+            self.stats.invalid += 1
+            state.next_register = now + self.response_timeout
             return
         self._ttl = message.ttl
-        state.register_request = None
         changed = state.reflexive != message.reflexive or state.registered_until is None
         state.reflexive = message.reflexive
         state.registered_until = now + message.ttl
@@ -449,9 +453,10 @@ class MapClient(Generic[U]):
         self._note_boot(message.boot, now)
 
     def _on_peer_endpoints(self, message: PeerEndpoints, now: float) -> None:
-        pending = self._pending.pop(message.request_id, None)
-        if pending is None:
-            return
+        pending = self._pending.get(message.request_id)
+        if pending is None or pending.kind == "register":
+            return  # not an answer to anything we asked (a register is answered by Registered)
+        del self._pending[message.request_id]
         self.stats.replies += 1
         self._note_boot(message.boot, now)
         if pending.kind == "lookup":
