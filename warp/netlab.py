@@ -442,6 +442,11 @@ class Site:
             "    }\n"
             "    chain input {\n"
             "        type filter hook input priority filter; policy accept;\n"
+            # Unsolicited UDP from the internet to the router itself is dropped, as a NAT
+            # router's firewall does. Dropped here, its conntrack entry is never confirmed;
+            # otherwise that entry would take the port that a later outbound packet of the
+            # LAN host needs, and SNAT would pick another port (hole punching would fail).
+            '        iifname "wan" meta l4proto udp ct state new drop\n'
             "        iifname @blackholed drop\n"
             f"{loss('iifname', up_loss)}"
             "    }\n"
