@@ -435,3 +435,110 @@ def iperf3(
         "interval_mbps": [round(x, 1) for x in intervals],
         "exit": client.returncode,
     }
+
+
+WARP = os.environ.get("WARP_BIN") or str(REPO / ".venv" / "bin" / "warp")
+
+
+def warp_run_config(
+    lab: WgLab,
+    *,
+    ours: KeyPair,
+    theirs: KeyPair,
+    psk: bytes | None,
+    endpoint: str | None = f"{UNDERLAY_B}:{WG_PORT}",
+    listen_port: int = WG_PORT,
+    tun_name: str = "warp0",
+    mtu: int = 1420,
+    exclude_tun: bool = True,
+    log_level: str = "info",
+) -> Path:
+    """A ``warp run`` config: one tun gate, ``far_gate.kind = "wireguard"``. With
+    ``exclude_tun`` the tun interface is excluded from the uplinks explicitly."""
+    exclusions = ['"^lo$"'] + ([f'"^{tun_name}$"'] if exclude_tun else [])
+    lines = [
+        f'private_key = "{b64(ours.private)}"',
+        f"listen_port = {listen_port}",
+        "[interfaces]",
+        f"exclusion_patterns = [{', '.join(exclusions)}]",
+        "[far_gate]",
+        f'public_key = "{b64(theirs.public)}"',
+        'kind = "wireguard"',
+    ]
+    if psk is not None:
+        lines.append(f'preshared_key = "{b64(psk)}"')
+    if endpoint is not None:
+        lines.append(f'endpoints = ["{endpoint}"]')
+    lines += [
+        "[control]",
+        f'socket = "{lab.workdir / "warp.sock"}"',
+        "[log]",
+        f'level = "{log_level}"',
+        "[tunnels.wg.gate]",
+        'type = "tun"',
+        f'name = "{tun_name}"',
+        f'address = ["{TUNNEL_A}/24", "{TUNNEL6_A}/64"]',
+        f"mtu = {mtu}",
+        f'allowed_ips = ["{TUNNEL_B}/32", "{TUNNEL6_B}/128"]',
+    ]
+    path = lab.workdir / "warp.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class WarpRun:
+    """``warp run CONFIG`` in namespace A."""
+
+    lab: WgLab
+    config: Path
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def socket(self) -> Path:
+        return self.lab.workdir / "warp.sock"
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def status(self) -> dict[str, Any] | None:
+        """``warp status --json`` over the control socket, or None if it does not answer."""
+        proc = self.lab.exec(
+            "a", [WARP, "status", "--socket", str(self.socket), "--json"], check=False
+        )
+        if proc.returncode != 0:
+            return None
+        try:
+            result: dict[str, Any] = json.loads(proc.stdout)
+        except ValueError:
+            return None
+        return result
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM; the exit code (the lab kills it if it does not stop)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stop_process(self.process)
+            return -9
+
+
+def start_warp_run(lab: WgLab, config: Path, *, ready_timeout: float = 15.0) -> WarpRun:
+    """Start ``warp run`` in namespace A; return once its control socket answers."""
+    log_path, log_f = lab.log_file("warp-run.log")
+    proc = lab.spawn("a", [WARP, "run", str(config)], stdout=log_f, stderr=subprocess.STDOUT)
+    node = WarpRun(lab, config, proc, log_path)
+    deadline = time.monotonic() + ready_timeout
+    while node.status() is None:
+        if proc.poll() is not None:
+            raise LabError(f"warp run exited {proc.returncode}: {node.log()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise LabError(f"warp run did not answer on {node.socket}: {node.log()[-3000:]}")
+        time.sleep(0.1)
+    return node
