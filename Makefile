@@ -22,6 +22,22 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit tests/sim tests/fuzz
 
+# As root: namespaces, NAT, two uplinks per site. Otherwise the loopback subset (it says so).
+demo: $(STAMP)
+	@if [ "$$(id -u)" = 0 ]; then \
+		missing=""; \
+		for t in ip nft tc conntrack timeout sysctl; do \
+			command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; \
+		done; \
+		if [ -n "$$missing" ]; then \
+			echo "make demo: missing:$$missing — install them (Debian/Ubuntu:" \
+				"apt-get install iproute2 nftables conntrack coreutils procps)," \
+				"or run 'make demo' without root for the loopback subset"; \
+			exit 1; \
+		fi; \
+	fi
+	$(BIN)/warp demo $(DEMO_ARGS)
+
 test: lint typecheck $(STAMP)
 	$(BIN)/pytest -q -ra
 

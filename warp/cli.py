@@ -30,6 +30,7 @@ from warp.config import (
     load_gateway_config,
     load_map_config,
 )
+from warp.demo import register_demo
 from warp.keys import encode_key
 from warp.status import register_status
 
@@ -212,6 +213,7 @@ COMMANDS: list[Callable[[SubParsers], None]] = [
     register_check,
     register_print_example_config,
     register_status,
+    register_demo,
 ]
 
 
