@@ -28,5 +28,6 @@ def test_loopback_demo_end_to_end(tmp_path: Path) -> None:
     assert s["duplicates"] == 0 and s["lost"] == 0
     assert all(s["a_tx_packets_before_cut"][u] > 0 for u in ("lo-a1", "lo-a2"))
     assert s["b_rx_packets_after_cut"]["lo-a2"] > 0
-    assert s["b_rx_packets_after_cut"]["lo-a1"] <= 20
+    after = s["b_rx_packets_after_cut"]
+    assert after["lo-a1"] <= 0.05 * (after["lo-a1"] + after["lo-a2"])  # only what was in flight
     assert s["delivered_after_cut"] > 0

@@ -51,7 +51,8 @@ def test_demo_loses_nothing_when_an_uplink_dies(tmp_path: Path) -> None:
     # after the cut, the traffic continued on up2 only (up1 may see a few in-flight packets)
     assert s["delivered_after_cut"] > 0 and s["delivered_before_cut"] > 0
     assert s["b_rx_packets_after_cut"]["up2"] > 0
-    assert s["b_rx_packets_after_cut"]["up1"] <= 20
+    after = s["b_rx_packets_after_cut"]
+    assert after["up1"] <= 0.05 * (after["up1"] + after["up2"])  # only what was in flight
     assert s["time_to_first_datagram_s"] is not None
     assert "summary" in out and "CUT at" in out
     assert _left_behind(proc.pid) == []
