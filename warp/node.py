@@ -80,6 +80,10 @@ SEND_QUEUE_LENGTH = 4096
 SEND_QUEUE_PAUSE = 1024
 #: Map frames held until the map session is up (then sent from their own uplink).
 MAP_PENDING_LIMIT = 64
+#: First retry of an unanswered map request (doubling). A new uplink's first registration is
+#: often lost (its address appears before its route), and the peer can only reach the new
+#: uplink after the map pushed its reflexive address: this bounds time-to-use of an uplink.
+MAP_RESPONSE_TIMEOUT = 0.3
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +222,11 @@ class Gateway:
             (t for t in self.tunnels.values() if isinstance(t.config.gate, TunGate)), None
         )
         self.map_client: MapClient[str] | None = (
-            MapClient(self.far_key, refresh_interval=interfaces.interface_scan_interval)
+            MapClient(
+                self.far_key,
+                refresh_interval=interfaces.interface_scan_interval,
+                response_timeout=MAP_RESPONSE_TIMEOUT,
+            )
             if self.map_key is not None
             else None
         )
