@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import os
+import select
 import socket
 import struct
 import sys
@@ -101,17 +102,19 @@ def main() -> int:
     print(json.dumps({"ready": True, "t": time.time()}), flush=True)
 
     def receiver() -> None:
-        sock.settimeout(0.2)
         while time.time() < hard_end:
             if done_sending.is_set() and (
                 recv["unique"] >= args.expect or time.time() > send_end[0] + args.grace
             ):
                 return
             try:
-                data = sock.recv(1 << 17)
-            except TimeoutError:
+                if not select.select([sock], [], [], 0.2)[0]:
+                    continue
+                data = sock.recv(1 << 17, socket.MSG_DONTWAIT)
+            except BlockingIOError:
                 continue
-            except OSError:
+            except OSError as exc:
+                recv["error"] = str(exc)
                 return
             now = time.time()
             recv["received"] += 1
@@ -151,8 +154,6 @@ def main() -> int:
     send_errors = 0
     send_started = time.time()
     interval = 1.0 / args.rate if args.rate > 0 else 0.0
-    sock.setblocking(True)
-    sock.settimeout(None)
     limit = args.count if not args.until_first else 1 << 30
     while sent < limit and time.time() < hard_end:
         if args.until_first and first_event.is_set():
