@@ -18,6 +18,7 @@ CONFIG.json: ``private_key``, ``peer_public_key``, ``preshared_key`` (hex or nul
 from __future__ import annotations
 
 import argparse
+import hashlib
 import ipaddress
 import json
 import random
@@ -71,6 +72,7 @@ class Driver:
         )
         self.addresses = {ipaddress.ip_address(a).packed for a in cfg["addresses"]}
         self.offset = 0.0
+        self.on_step: Any = None
         self.started = time.monotonic()
         self.replies: dict[tuple[int, int], bytes] = {}
         self.handshakes: list[dict[str, Any]] = []
@@ -176,6 +178,8 @@ class Driver:
         if deadline is not None and self.now() >= deadline:
             self.device.tick(self.now())
         self.flush()
+        if self.on_step is not None:
+            self.on_step()
 
     def wait_for(self, condition: Any, timeout: float) -> bool:
         end = time.monotonic() + timeout
@@ -277,6 +281,60 @@ class Driver:
         }
 
 
+class Flooder:
+    """Puts wireguard-go "under load" (its handshake queue >= 128): bursts of initiations
+    with a valid mac1 for its key but garbage inside (each costs it a DH until it is under
+    load), from a second socket, so its cookie replies to them are counted apart from ours."""
+
+    def __init__(self, driver: Driver, far_public: bytes, burst: int, interval: float) -> None:
+        host = driver.sock.getsockname()[0]
+        self.sock = socket.socket(driver.sock.family, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+        self.sock.bind((host, 0))
+        self.sock.setblocking(False)
+        peer = driver.device.peer(driver.peer)
+        assert peer is not None and peer.endpoint is not None
+        self.dest = peer.endpoint
+        key = hashlib.blake2s(b"mac1----" + far_public).digest()
+        rng = random.Random(1)
+        self.packets = []
+        for _ in range(burst):
+            body = b"\x01\x00\x00\x00" + rng.randbytes(112)
+            mac1 = hashlib.blake2s(body, key=key, digest_size=16).digest()
+            self.packets.append(body + mac1 + bytes(16))
+        self.interval = interval
+        self.next_at = 0.0
+        self.sent = 0
+        self.bursts = 0
+        self.cookie_times: list[float] = []
+
+    def poll(self, quiet_around: float | None = None) -> None:
+        """Send a burst when one is due, except within 0.3 s of ``quiet_around`` (when our
+        own initiation goes out: wireguard-go's handshake queue must have room for it, and its
+        under-load state lasts 1 s after the last full queue, so it spans the lull)."""
+        t = time.monotonic()
+        quiet = quiet_around is not None and abs(t - quiet_around) < 0.3
+        if t >= self.next_at and not quiet:
+            self.next_at = t + self.interval
+            self.bursts += 1
+            for packet in self.packets:
+                try:
+                    self.sock.sendto(packet, self.dest)
+                    self.sent += 1
+                except OSError:
+                    break
+        while True:
+            try:
+                data = self.sock.recv(2048)
+            except OSError:
+                break
+            if len(data) == 64 and data[0] == 3:
+                self.cookie_times.append(time.monotonic())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def parse_sizes(text: str) -> list[int]:
     """``"28-1420"`` or ``"64,100,1420"`` (IP packet sizes)."""
     sizes: list[int] = []
@@ -291,8 +349,38 @@ def parse_sizes(text: str) -> list[int]:
 
 def cmd_ping(driver: Driver, args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
+    flooder = None
+    if args.flood:
+        flooder = Flooder(driver, bytes.fromhex(args.flood), args.flood_burst, 0.25)
+        # under load (it answers the garbage with cookies) before our initiation goes out,
+        # after a short lull
+        until = time.monotonic() + 5.0
+        while not flooder.cookie_times and time.monotonic() < until:
+            flooder.poll()
+            time.sleep(0.02)
+        first = time.monotonic() + 0.3
+        peer = driver.device.peer(driver.peer)
+        assert peer is not None
+        driver.wait_for(lambda: time.monotonic() >= first, 1.0)
+        driver.on_step = lambda: flooder.poll(
+            peer.retransmit_at if peer.retransmit_at is not None else first
+        )
     duration = driver.handshake(args.handshake_timeout)
     results["handshake_s"] = round(duration, 4) if duration is not None else None
+    if flooder is not None:
+        done = time.monotonic()
+        driver.wait_for(lambda: False, 1.0)  # keep flooding: was it still under load?
+        driver.on_step = None
+        flooder.close()
+        results["flood"] = {
+            "bursts": flooder.bursts,
+            "sent": flooder.sent,
+            "cookie_replies": len(flooder.cookie_times),
+            "cookie_replies_after_handshake": sum(t > done for t in flooder.cookie_times),
+            "cookie_replies_in_the_second_before": sum(
+                done - 1.0 < t <= done for t in flooder.cookie_times
+            ),
+        }
     if duration is None:
         return driver.report(**results)
     for src, dst in zip(args.src, args.dst, strict=True):
@@ -357,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rekey-at", type=int, action="append", default=[])
     p.add_argument("--clock-jump-at", type=int, action="append", default=[])
     p.add_argument("--handshake-timeout", type=float, default=10.0)
+    p.add_argument("--flood", metavar="FAR_PUBLIC_KEY_HEX", help="keep the far side under load")
+    p.add_argument("--flood-burst", type=int, default=1500)
     s = sub.add_parser("serve", help="answer echo requests until SIGTERM")
     s.add_argument("--under-load", action="store_true", help="demand cookies (mac2)")
     s.add_argument("--rekey-after", type=int, default=0, help="force a rekey after N replies")

@@ -179,3 +179,30 @@ def test_wrong_preshared_key_gives_no_session(wglab: WgLab) -> None:
     assert result["handshakes"] == []
     assert result["rejected"].get("decrypt_failed", 0) >= 1, result["rejected"]
     assert pair.log_count("Sending handshake response") >= 1
+
+
+def test_cookie_from_wireguard_go_under_load(wglab: WgLab) -> None:
+    """Our side as initiator while wireguard-go is under load (kept there by bursts of
+    garbage initiations with a valid mac1 from another socket): our first initiation gets a
+    cookie reply, which we decrypt with our last mac1; our retry REKEY_TIMEOUT later carries
+    a mac2 that wireguard-go accepts while still under load (it goes on answering the garbage
+    with cookies before and after), so exactly one cookie and one handshake."""
+    pair = start_pair(wglab, far_knows_endpoint=False)
+    result = run_driver(
+        pair,
+        [
+            *("ping", "--src", TUNNEL_A, "--dst", TUNNEL_B, "--count", "20"),
+            *("--flood", pair.theirs.public.hex(), "--handshake-timeout", "20"),
+        ],
+    )
+    assert result["handshake_s"] is not None and result["handshake_s"] >= 4.9, result
+    counters = result["counters"]
+    assert counters.get("cookie_replies_received") == 1, counters
+    assert counters.get("initiations_sent") == 2, counters
+    flood = result["flood"]
+    assert flood["cookie_replies_in_the_second_before"] > 0, flood
+    assert flood["cookie_replies_after_handshake"] > 0, flood
+    assert_no_loss(result["count"], 20)
+    assert_clean(result)
+    assert pair.log_count("Received handshake initiation") == 1
+    assert pair.log_count("Sending handshake response") == 1
