@@ -209,12 +209,13 @@ class Driver:
         *,
         window: int = 1,
         timeout: float = 2.0,
-        hooks: dict[int, str] | None = None,
+        hooks: dict[int, tuple[str, float]] | None = None,
     ) -> dict[str, Any]:
         """One echo request per entry of ``sizes`` (ICMP payload sizes), at most ``window``
         outstanding; returns sent/lost/bad counts and RTTs. ``hooks`` maps a ping number to
-        ``"rekey"`` (a forced handshake) or ``"clock"`` (our clock jumps past REKEY_AFTER_TIME,
-        so the next send rekeys by the timer rule)."""
+        ``("rekey", _)`` (a forced handshake) or ``("clock", seconds)`` (our clock jumps ahead:
+        past REKEY_AFTER_TIME the next send rekeys by the timer rule, past REJECT_AFTER_TIME
+        the session is expired and packets wait for a new handshake)."""
         ident = random.randrange(1, 0xFFFF)
         pending: dict[int, tuple[float, bytes]] = {}
         lost: list[int] = []
@@ -238,12 +239,23 @@ class Driver:
                     del pending[seq]
 
         for i, size in enumerate(sizes):
-            action = hooks.get(i)
+            action, amount = hooks.get(i, ("", 0.0))
+            if action:
+                # wireguard-go refuses initiations < 20 ms apart (real time), whatever our clock
+                if self.handshakes:
+                    last = self.started + self.handshakes[-1]["t"]
+                    while time.monotonic() - last < 0.05:
+                        self.step(0.01)
+                        collect()
+                if action == "clock":  # nothing in flight across the jump
+                    while pending:
+                        self.step(0.01)
+                        collect()
             if action == "rekey":
                 self.device.initiate_handshake(self.peer, self.now(), force=True)
                 self.flush()
             elif action == "clock":
-                self.offset += REKEY_AFTER_TIME + 1.0
+                self.offset += amount
             while len(pending) >= window:
                 self.step(0.01)
                 collect()
@@ -389,11 +401,12 @@ def cmd_ping(driver: Driver, args: argparse.Namespace) -> dict[str, Any]:
             sizes = [s - header for s in parse_sizes(args.sizes) if s >= header]
             results[f"sweep {dst}"] = driver.ping(src, dst, sizes, window=1)
     if args.count:
-        hooks: dict[int, str] = {}
+        hooks: dict[int, tuple[str, float]] = {}
         for at in args.rekey_at:
-            hooks[at] = "rekey"
-        for at in args.clock_jump_at:
-            hooks[at] = "clock"
+            hooks[at] = ("rekey", 0.0)
+        for spec in args.clock_jump_at:
+            at, _, seconds = spec.partition(":")
+            hooks[int(at)] = ("clock", float(seconds or REKEY_AFTER_TIME + 1.0))
         src, dst = args.src[0], args.dst[0]
         size = args.count_size - (48 if ":" in src else 28)
         results["count"] = driver.ping(
@@ -443,7 +456,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count-size", type=int, default=84, help="IP packet size of counted pings")
     p.add_argument("--window", type=int, default=1, help="echo requests in flight")
     p.add_argument("--rekey-at", type=int, action="append", default=[])
-    p.add_argument("--clock-jump-at", type=int, action="append", default=[])
+    p.add_argument(
+        "--clock-jump-at",
+        action="append",
+        default=[],
+        metavar="N[:SECONDS]",
+        help="our clock jumps SECONDS (default REKEY_AFTER_TIME + 1) before ping N",
+    )
     p.add_argument("--handshake-timeout", type=float, default=10.0)
     p.add_argument("--flood", metavar="FAR_PUBLIC_KEY_HEX", help="keep the far side under load")
     p.add_argument("--flood-burst", type=int, default=1500)

@@ -76,7 +76,7 @@ def test_1000_pings_with_forced_and_timer_rekeys(wglab: WgLab) -> None:
             "ping",
             *("--src", TUNNEL_A, "--dst", TUNNEL_B),
             *("--count", "1000", "--window", "8", "--count-size", "1000"),
-            *("--rekey-at", "300", "--clock-jump-at", "700"),
+            *("--rekey-at", "300", "--clock-jump-at", "700:121"),
         ],
     )
     assert_no_loss(result["count"], 1000)
@@ -206,3 +206,38 @@ def test_cookie_from_wireguard_go_under_load(wglab: WgLab) -> None:
     assert_clean(result)
     assert pair.log_count("Received handshake initiation") == 1
     assert pair.log_count("Sending handshake response") == 1
+
+
+def test_session_expired_by_our_clock_then_new_handshake(wglab: WgLab) -> None:
+    """Our clock jumps past REJECT_AFTER_TIME (181 s) mid-stream: the session may no longer
+    send, so the next pings are staged, a new handshake runs, and they all get through."""
+    pair = start_pair(wglab, far_knows_endpoint=False)
+    result = run_driver(
+        pair,
+        [
+            *("ping", "--src", TUNNEL_A, "--dst", TUNNEL_B, "--count", "200"),
+            *("--clock-jump-at", "100:181"),
+        ],
+    )
+    assert_no_loss(result["count"], 200)
+    assert [h["initiator"] for h in result["handshakes"]] == [True, True], result["handshakes"]
+    assert_clean(result)
+    assert pair.log_count("Received handshake initiation") == 2
+
+
+def test_they_roam_to_a_new_port(wglab: WgLab) -> None:
+    """wireguard-go moves to another UDP port mid-stream (``wg set … listen-port``): we learn
+    its new endpoint from its next authenticated packet and answer there."""
+    pair = start_pair(wglab, far_knows_endpoint=True)
+    driver = ServingDriver(pair, [])
+    try:
+        before = run_pinger(wglab, TUNNEL_A, ["--count", "50"])
+        wglab.exec("b", ["wg", "set", pair.far.ifname, "listen-port", "51999"])
+        after = run_pinger(wglab, TUNNEL_A, ["--count", "200", "--window", "4"])
+    finally:
+        result = driver.stop()
+    assert_no_loss(before, 50)
+    assert_no_loss(after, 200)
+    assert result["endpoint"] == ["192.168.77.2", 51999], result["endpoint"]
+    assert [h["initiator"] for h in result["handshakes"]] == [False], result["handshakes"]
+    assert_clean(result)
