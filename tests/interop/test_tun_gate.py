@@ -4,6 +4,7 @@ core + a UDP socket) against wireguard-go: real ``ping`` and ``iperf3`` through 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -22,14 +23,44 @@ from tests.interop.wglab import (
     WgLab,
     iperf3,
 )
+from warp.gate.base import GateError
+from warp.gate.tun import TunGate, routes_for
 
-pytestmark = pytest.mark.interop
+MTU_DEFAULT = 1420
 
 MTU = 1420
 #: a floor far below what this path does (hundreds of Mbit/s), so a busy CI box still passes
 MIN_MBPS = 20.0
 
 
+def test_routes_for_splits_default_routes() -> None:
+    """No root needed: a /0 becomes two /1 (the default route stays), others are kept."""
+    nets = [ipaddress.ip_network(n) for n in ("0.0.0.0/0", "::/0", "10.1.0.0/16")]
+    assert [str(n) for n in routes_for(nets)] == [
+        "0.0.0.0/1",
+        "128.0.0.0/1",
+        "::/1",
+        "8000::/1",
+        "10.1.0.0/16",
+    ]
+
+
+def test_tun_gate_before_start() -> None:
+    """No root needed: configuration is parsed up front; deliver before start is a counted
+    drop, never an exception; a bad name is refused at once."""
+    gate = TunGate(
+        lambda g, p: None, addresses=["10.0.0.1/24", "fd00::1/64"], allowed_ips=["10.9.0.0/16"]
+    )
+    assert gate.kind == "tun" and gate.address == "warp0" and gate.mtu == MTU_DEFAULT
+    assert [str(a) for a in gate.addresses] == ["10.0.0.1/24", "fd00::1/64"]
+    assert not gate.is_reading and gate.fileno is None
+    assert gate.deliver(b"\x45" + bytes(19)) is False
+    assert gate.counters.drops == {"closed": 1}
+    with pytest.raises(GateError):
+        TunGate(lambda g, p: None, name="a-name-longer-than-15")
+
+
+@pytest.mark.interop
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_tun_gate_selftest(wglab: WgLab, loop: str) -> None:
     """Setup (MTU, addresses, routes, /0 split), ping through the gate, exact MTU, invalid
@@ -55,6 +86,7 @@ def check_iperf(run: dict[str, Any]) -> None:
     assert all(x > MIN_MBPS / 4 for x in run["interval_mbps"]), run
 
 
+@pytest.mark.interop
 def test_tun_peer_against_wireguard_go(wglab: WgLab) -> None:
     """Ping both ways (IPv4 and IPv6, up to exactly the MTU with DF), then iperf3 TCP 5 s each
     way, each with a forced rekey from our side 2 s into the transfer: the TCP connection
