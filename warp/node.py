@@ -21,6 +21,7 @@ import contextlib
 import functools
 import importlib
 import logging
+import math
 import os
 import random
 import time
@@ -54,6 +55,7 @@ from warp.paths.prober import (
     PathStateChanged,
     make_probe_reply,
 )
+from warp.paths.scheduler import PathQuality, ShardScheduler
 from warp.paths.uplinks import Uplink, UplinkEvent, UplinkEventKind, UplinkManager
 from warp.redundancy import SendQueue, ShardDecoder, ShardEncoder, shard_tunnel_id
 from warp.status import ControlServer, gate_info
@@ -86,23 +88,16 @@ MAP_PENDING_LIMIT = 64
 MAP_RESPONSE_TIMEOUT = 0.3
 
 
-@dataclass(frozen=True, slots=True)
-class PathInfo:  # TEMPORARY until warp.paths.scheduler lands
-    index: int
-    alive: bool
-    loss: float
-    rtt: float
+def _quantize_loss(loss: float | None) -> int:
+    """Loss in 5 % steps: finer changes do not move the shard shares enough to recompute."""
+    return 0 if loss is None else round(loss * 20)
 
 
-class ShardScheduler:  # TEMPORARY until warp.paths.scheduler lands
-    def __init__(self) -> None:
-        self._start = 0
-
-    def assign(self, paths: Sequence[PathInfo], k: int, n: int) -> list[int]:
-        count = len(paths)
-        start = self._start
-        self._start = (start + 1) % max(count, 1)
-        return [paths[(start + i) % count].index for i in range(n)]
+def _quantize_rtt(rtt: float | None) -> int:
+    """RTT in ~25 % (log) steps above 1 ms; below that the scheduler sees no difference."""
+    if rtt is None or rtt < 0.001:
+        return 0
+    return 1 + int(math.log(rtt * 1000, 1.25))
 
 
 class TimerSlot:
@@ -144,6 +139,7 @@ class Tunnel:
     tunnel_id: int
     encoder: ShardEncoder
     decoder: ShardDecoder
+    scheduler: ShardScheduler[Path]
     gate: Gate | None = None
     timer: TimerSlot | None = None
     drops: dict[str, int] = field(default_factory=dict)
@@ -194,7 +190,10 @@ class Gateway:
         self.prober = PathProber(
             interfaces.holepunch_keep_alive_interval, interfaces.path_timeout, self._rng
         )
-        self.scheduler = ShardScheduler()
+        # What the schedulers were last told (`_update_schedulers`): the sending paths and a
+        # signature of their state and quality; None forces a recomputation.
+        self._sending: list[Path] = []
+        self._sending_signature: tuple[object, ...] | None = None
         self.send_queue = SendQueue(SEND_QUEUE_LENGTH)
         self.tunnels: dict[str, Tunnel] = {}
         self._tunnels_by_id: dict[int, Tunnel] = {}
@@ -215,6 +214,7 @@ class Gateway:
                     ordered=transport.ordered,
                     reorder_timeout=transport.reorder_timeout,
                 ),
+                scheduler=ShardScheduler(k, n),
             )
             self.tunnels[name] = tunnel
             self._tunnels_by_id[tunnel.tunnel_id] = tunnel
@@ -611,6 +611,21 @@ class Gateway:
             paths = [p for p in self.prober.paths if p.state is PathState.PROBING]
         return paths
 
+    def _update_schedulers(self) -> list[Path]:
+        """The sending paths; the tunnels' schedulers are updated (they precompute a cycle of
+        assignments) only when the set, state or quality of those paths changed."""
+        paths = self._sending_paths()
+        signature = tuple(
+            (id(p), p.state, _quantize_loss(p.loss), _quantize_rtt(p.rtt)) for p in paths
+        )
+        if signature != self._sending_signature:
+            self._sending_signature = signature
+            self._sending = paths
+            qualities = [PathQuality(p, alive=True, loss=p.loss or 0.0, rtt=p.rtt) for p in paths]
+            for tunnel in self.tunnels.values():
+                tunnel.scheduler.update(qualities)
+        return self._sending
+
     def _on_prober_timer(self) -> None:
         now = self._now()
         probes = self.prober.tick(now)
@@ -767,30 +782,25 @@ class Gateway:
                 self._ensure_session(now)
             self._queue_timer.arm(queue.next_expiry())
             return
-        paths = self._sending_paths()
+        paths = self._update_schedulers()
         uplinks = self.uplinks.uplinks if self.uplinks is not None else {}
         if not paths or not uplinks:
             if len(queue):
                 self.counters["no_path"] += queue.drop_expired(now)
             self._queue_timer.arm(queue.next_expiry())
             return
-        infos = [
-            PathInfo(i, p.state is PathState.ACTIVE, p.loss or 0.0, p.rtt or 0.0)
-            for i, p in enumerate(paths)
-        ]
-        targets = [(uplinks.get(p.uplink), p.remote, p) for p in paths]
+        targets = {p: (uplinks.get(p.uplink), p.remote) for p in paths}
         seal = self.device.seal
         far_key = self.far_key
         tunnels = self._tunnels_by_id
-        scheduler = self.scheduler
         send_failed = 0
         while (item := queue.pop(now)) is not None:
             tunnel = tunnels[item.tunnel_id]
             encoder = tunnel.encoder
+            assign = tunnel.scheduler.assign
             for frames in encoder.encode(item.datagram):
-                assignment = scheduler.assign(infos, encoder.k, encoder.n)
-                for frame, path_index in zip(frames, assignment, strict=True):
-                    uplink, remote, path = targets[path_index]
+                for frame, path in zip(frames, assign(), strict=True):
+                    uplink, remote = targets[path]
                     wire = seal(far_key, frame, now)
                     if wire is None or uplink is None:
                         send_failed += 1

@@ -1,0 +1,226 @@
+"""Two `Gateway`s in one asyncio loop on loopback (no root, no network beyond 127.0.0.x).
+
+Each gateway has two static uplinks (127.0.0.2/3 for "a", 127.0.0.4/5 for "b") on one fixed
+port, the other side's uplinks as `far_gate.endpoints`, and a unix gate; the test is the
+application on both unix sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from warp.config import GatewayConfig, parse_gateway_config
+from warp.keys import encode_key, generate_private_key, public_key_of
+from warp.node import Gateway
+from warp.paths.path import Path as WarpPath
+from warp.paths.scheduler import ShardScheduler
+
+UPLINKS = {"a": [("up1", "127.0.0.2"), ("up2", "127.0.0.3")],
+           "b": [("up1", "127.0.0.4"), ("up2", "127.0.0.5")]}  # fmt: skip
+
+
+def _free_port() -> int:
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.2", 0))
+            port = int(probe.getsockname()[1])
+        ok = True
+        for addresses in UPLINKS.values():
+            for _, address in addresses:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as check:
+                    try:
+                        check.bind((address, port))
+                    except OSError:
+                        ok = False
+        if ok:
+            return port
+    raise RuntimeError("no free port on 127.0.0.2-5")
+
+
+def _config(
+    tmp: Path, side: str, keys: dict[str, bytes], port: int, k: int, n: int, static: bool
+) -> GatewayConfig:
+    other = "b" if side == "a" else "a"
+    endpoints = ", ".join(f'"{address}:{port}"' for _, address in UPLINKS[other] if static)
+    text = f"""
+private_key = "{encode_key(keys[side])}"
+listen_port = {port}
+[interfaces]
+holepunch_keep_alive_interval = 0.5
+path_timeout = 1.5
+[far_gate]
+public_key = "{encode_key(public_key_of(keys[other]))}"
+endpoints = [{endpoints}]
+[tunnels.t.gate]
+path = "{tmp / f"{side}.gate"}"
+application_path = "{tmp / f"{side}.app"}"
+[tunnels.t.transport]
+send_deadline = "2s"
+[tunnels.t.transport.redundancy]
+num_shards = {n}
+required_shards = {k}
+[control]
+socket = "{tmp / f"{side}.ctl"}"
+"""
+    return parse_gateway_config(text)
+
+
+@dataclass
+class Pair:
+    tmp: Path
+    a: Gateway
+    b: Gateway
+    apps: dict[str, socket.socket]
+
+    def send(self, side: str, payload: bytes) -> None:
+        self.apps[side].send(payload)
+
+    async def receive(self, side: str, count: int, timeout: float = 5.0) -> list[bytes]:
+        loop = asyncio.get_running_loop()
+        sock = self.apps[side]
+        got: list[bytes] = []
+        deadline = loop.time() + timeout
+        while len(got) < count and loop.time() < deadline:
+            try:
+                got.append(sock.recv(1 << 17))
+            except BlockingIOError:
+                await asyncio.sleep(0.005)
+        return got
+
+    async def connected(self, timeout: float = 5.0) -> float:
+        """Seconds until both gateways have a session with each other."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while loop.time() - start < timeout:
+            peers = [g.device.peer(g.far_key) for g in (self.a, self.b)]
+            if all(p is not None and p.has_session for p in peers):
+                return loop.time() - start
+            await asyncio.sleep(0.005)
+        raise AssertionError(f"no session within {timeout} s")
+
+
+@contextlib.asynccontextmanager
+async def gateway_pair(
+    tmp: Path,
+    k: int = 2,
+    n: int = 4,
+    *,
+    before_start: Callable[[Gateway, Gateway], None] | None = None,
+    initiators: tuple[str, ...] = ("a", "b"),
+) -> AsyncIterator[Pair]:
+    """``initiators``: the sides that get the other's addresses (static endpoints)."""
+    keys = {"a": generate_private_key(), "b": generate_private_key()}
+    port = _free_port()
+    gateways = {
+        side: Gateway(
+            _config(tmp, side, keys, port, k, n, side in initiators),
+            static_uplinks=UPLINKS[side],
+        )
+        for side in ("a", "b")
+    }
+    if before_start is not None:
+        before_start(gateways["a"], gateways["b"])
+    stops = {side: asyncio.Event() for side in gateways}
+    tasks = [asyncio.create_task(g.run(stops[s])) for s, g in gateways.items()]
+    apps: dict[str, socket.socket] = {}
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while not all((tmp / f"{s}.gate").exists() for s in gateways):
+            assert loop.time() < deadline, "gates did not start"
+            await asyncio.sleep(0.005)
+        for side in gateways:
+            app = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            app.bind(str(tmp / f"{side}.app"))
+            app.connect(str(tmp / f"{side}.gate"))
+            app.setblocking(False)
+            apps[side] = app
+        yield Pair(tmp, gateways["a"], gateways["b"], apps)
+    finally:
+        for stop in stops.values():
+            stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+        for app in apps.values():
+            app.close()
+
+
+@pytest.fixture
+def tmp() -> Iterator[Path]:
+    """A short directory (unix socket paths are limited to 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="warp-node-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _payload(side: str, i: int, size: int = 200) -> bytes:
+    head = f"{side}:{i}:".encode()
+    return head + bytes((i + j) % 251 for j in range(size - len(head)))
+
+
+def test_datagrams_both_ways_exactly_once(tmp: Path) -> None:
+    asyncio.run(_datagrams_both_ways(tmp))
+
+
+async def _datagrams_both_ways(tmp_path: Path) -> None:
+    async with gateway_pair(tmp_path, initiators=("a",)) as pair:
+        await pair.connected()
+        for i in range(50):
+            pair.send("a", _payload("a", i))
+            pair.send("b", _payload("b", i))
+            await asyncio.sleep(0.002)
+        got_b = await pair.receive("b", 50)
+        got_a = await pair.receive("a", 50)
+        await asyncio.sleep(0.2)
+        got_b += await pair.receive("b", 1, timeout=0.05)
+        got_a += await pair.receive("a", 1, timeout=0.05)
+        assert sorted(got_b) == sorted(_payload("a", i) for i in range(50))
+        assert sorted(got_a) == sorted(_payload("b", i) for i in range(50))
+
+
+def test_real_scheduler_per_tunnel_spreads_within_cap(tmp: Path) -> None:
+    asyncio.run(_real_scheduler(tmp))
+
+
+async def _real_scheduler(tmp_path: Path) -> None:
+    """(3, 5) over 4 paths: each block puts at most n - k = 2 shards on any path."""
+    async with gateway_pair(tmp_path, k=3, n=5, initiators=("a",)) as pair:
+        await pair.connected()
+        tunnel = pair.a.tunnels["t"]
+        scheduler = tunnel.scheduler
+        assert isinstance(scheduler, ShardScheduler)
+        assert (scheduler.k, scheduler.n) == (3, 5)
+        blocks: list[tuple[WarpPath, ...]] = []
+        original = scheduler.assign
+
+        def recording() -> tuple[WarpPath, ...]:
+            assignment = original()
+            blocks.append(assignment)
+            return assignment
+
+        scheduler.assign = recording  # type: ignore[method-assign]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while len(pair.a.prober.active_paths()) < 4:
+            assert loop.time() < deadline, "paths did not all become active"
+            await asyncio.sleep(0.02)
+        for i in range(40):
+            pair.send("a", _payload("a", i))
+            await asyncio.sleep(0.002)
+        got = await pair.receive("b", 40)
+        assert len(got) == 40
+        assert len(blocks) >= 40
+        for assignment in blocks:
+            assert len(assignment) == 5
+            assert max(assignment.count(p) for p in set(assignment)) <= 2
+        assert len({p for a in blocks for p in a}) == 4
