@@ -1,0 +1,273 @@
+"""warp.metrics: a fake StatusSnapshot served on 127.0.0.1:0, scraped over HTTP and parsed."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from warp.metrics import (
+    MetricsError,
+    SnapshotCache,
+    start_gateway_metrics,
+    start_metrics_server,
+)
+
+SNAPSHOT: dict[str, Any] = {
+    "version": "0.1.0",
+    "uptime_s": 12.5,
+    "public_key": "A" * 52,
+    "paths": [
+        {
+            "uplink": "wwan0",
+            "local_address": "10.0.0.2:40001",
+            "remote_address": "198.51.100.7:40002",
+            "source": "map",
+            "state": "active",
+            "rtt_ms": 42.5,
+            "loss_pct": 1.5,
+            "last_rx_age_s": 0.25,
+            "tx_bytes": 1000,
+            "tx_packets": 10,
+            "rx_bytes": 2000,
+            "rx_packets": 20,
+        },
+        {
+            "uplink": "wlan0",
+            "local_address": "192.168.1.5:40003",
+            "remote_address": "198.51.100.7:40002",
+            "source": "static",
+            "state": "probing",
+            "rtt_ms": None,
+            "loss_pct": None,
+            "last_rx_age_s": None,
+            "tx_bytes": 64,
+            "tx_packets": 1,
+            "rx_bytes": 0,
+            "rx_packets": 0,
+        },
+    ],
+    "tunnels": [
+        {
+            "name": "wireguard",
+            "tunnel_id": 4242,
+            "gate": {"kind": "loopback", "address": "127.0.0.1:59401"},
+            "datagrams_in": 100,
+            "datagrams_out": 90,
+            "bytes_in": 140000,
+            "bytes_out": 126000,
+            "blocks_rebuilt": 7,
+            "datagrams_lost": 2,
+            "drops": {"send_deadline": 3, "duplicate_shards": 11},
+        },
+        {
+            "name": "video",
+            "tunnel_id": 17,
+            "gate": {"kind": "unix", "address": "/run/video.sock"},
+            "datagrams_in": 5,
+            "datagrams_out": 0,
+            "bytes_in": 500,
+            "bytes_out": 0,
+            "blocks_rebuilt": 0,
+            "datagrams_lost": 0,
+            "drops": {},
+        },
+    ],
+    "map": {
+        "address": "warp-map.example.net:13116",
+        "registered": True,
+        "reflexive": {"wwan0": "203.0.113.9:40001", "wlan0": None},
+        "last_registration_age_s": 3.5,
+    },
+    "session": {
+        "far_gate": "B" * 52,
+        "handshake_state": "established",
+        "last_handshake_age_s": 30.0,
+        "rekeys": 4,
+    },
+    "uplinks": [
+        {"name": "wwan0", "local_address": "10.0.0.2:40001", "state": "up", "send_errors": 0},
+        {"name": "wlan0", "local_address": "192.168.1.5:40003", "state": "down", "send_errors": 5},
+    ],
+    "counters": {"no_path": 6, "unknown_tunnel": 1},
+}
+
+
+def scrape(url: str) -> dict[str, list[Sample]]:
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        assert reply.status == 200
+        text = reply.read().decode()
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def value(samples: list[Sample], name: str, **labels: str) -> float:
+    found = [s.value for s in samples if s.name == name and s.labels == labels]
+    assert len(found) == 1, (name, labels, samples)
+    return found[0]
+
+
+@pytest.fixture
+def served() -> Iterator[str]:
+    cache = SnapshotCache()
+    cache.update(SNAPSHOT)
+    server = start_metrics_server("127.0.0.1", 0, cache, age=cache.age)
+    try:
+        assert server.port != 0
+        yield server.url
+    finally:
+        server.close()
+
+
+def test_paths_by_uplink_and_remote(served: str) -> None:
+    families = scrape(served)
+    remote = "198.51.100.7:40002"
+    rtt = families["warp_path_rtt_seconds"]
+    assert value(rtt, "warp_path_rtt_seconds", uplink="wwan0", remote=remote) == 0.0425
+    # a path without a measurement yet has no RTT sample (not a fake 0)
+    assert not [s for s in rtt if s.labels.get("uplink") == "wlan0"]
+    loss = families["warp_path_loss_ratio"]
+    assert value(loss, "warp_path_loss_ratio", uplink="wwan0", remote=remote) == 0.015
+    state = families["warp_path_state"]
+    assert value(state, "warp_path_state", uplink="wwan0", remote=remote, state="active") == 1
+    assert value(state, "warp_path_state", uplink="wwan0", remote=remote, state="dead") == 0
+    assert value(state, "warp_path_state", uplink="wlan0", remote=remote, state="probing") == 1
+    sent = families["warp_path_sent_bytes"]
+    assert value(sent, "warp_path_sent_bytes_total", uplink="wwan0", remote=remote) == 1000
+    assert value(sent, "warp_path_sent_bytes_total", uplink="wlan0", remote=remote) == 64
+    received = families["warp_path_received_bytes"]
+    assert value(received, "warp_path_received_bytes_total", uplink="wwan0", remote=remote) == 2000
+    pairs = {(s.labels["uplink"], s.labels["remote"]) for s in state}
+    assert pairs == {("wwan0", remote), ("wlan0", remote)}
+
+
+def test_tunnels_and_drops(served: str) -> None:
+    families = scrape(served)
+    datagrams = families["warp_tunnel_datagrams"]
+    name = "warp_tunnel_datagrams_total"
+    assert value(datagrams, name, tunnel="wireguard", direction="in") == 100
+    assert value(datagrams, name, tunnel="wireguard", direction="out") == 90
+    assert value(datagrams, name, tunnel="video", direction="in") == 5
+    rebuilt = families["warp_tunnel_blocks_rebuilt"]
+    assert value(rebuilt, "warp_tunnel_blocks_rebuilt_total", tunnel="wireguard") == 7
+    lost = families["warp_tunnel_datagrams_lost"]
+    assert value(lost, "warp_tunnel_datagrams_lost_total", tunnel="wireguard") == 2
+    drops = families["warp_tunnel_drops"]
+    assert value(drops, "warp_tunnel_drops_total", tunnel="wireguard", reason="send_deadline") == 3
+    assert {s.labels["tunnel"] for s in families["warp_tunnel_info"]} == {"wireguard", "video"}
+    info = families["warp_tunnel_info"]
+    assert (
+        value(
+            info,
+            "warp_tunnel_info",
+            tunnel="wireguard",
+            tunnel_id="4242",
+            gate_kind="loopback",
+            gate_address="127.0.0.1:59401",
+        )
+        == 1
+    )
+
+
+def test_session_map_uplinks_and_counters(served: str) -> None:
+    families = scrape(served)
+    far = "B" * 52
+    handshake = families["warp_session_handshake_state"]
+    assert value(handshake, "warp_session_handshake_state", far_gate=far, state="established") == 1
+    assert value(handshake, "warp_session_handshake_state", far_gate=far, state="none") == 0
+    assert value(families["warp_session_rekeys"], "warp_session_rekeys_total") == 4
+    the_map = "warp-map.example.net:13116"
+    assert value(families["warp_map_registered"], "warp_map_registered", map=the_map) == 1
+    registered = families["warp_map_uplink_registered"]
+    name = "warp_map_uplink_registered"
+    assert value(registered, name, map=the_map, uplink="wwan0", reflexive="203.0.113.9:40001") == 1
+    assert value(registered, name, map=the_map, uplink="wlan0", reflexive="") == 0
+    assert value(families["warp_uplink_up"], "warp_uplink_up", uplink="wlan0") == 0
+    errors = families["warp_uplink_send_errors"]
+    assert value(errors, "warp_uplink_send_errors_total", uplink="wlan0") == 5
+    events = families["warp_gateway_events"]
+    assert value(events, "warp_gateway_events_total", event="no_path") == 6
+    assert value(families["warp_up"], "warp_up") == 1
+    assert value(families["warp_uptime_seconds"], "warp_uptime_seconds") == 12.5
+    age = value(families["warp_metrics_snapshot_age_seconds"], "warp_metrics_snapshot_age_seconds")
+    assert 0 <= age < 5
+
+
+def test_no_snapshot_yet_and_failing_snapshot() -> None:
+    def broken() -> dict[str, Any]:
+        raise RuntimeError("boom")
+
+    for source in (SnapshotCache(), broken):
+        server = start_metrics_server("127.0.0.1", 0, source)
+        try:
+            families = scrape(server.url)
+        finally:
+            server.close()
+        assert value(families["warp_up"], "warp_up") == 0
+        assert "warp_path_state" not in families
+
+
+def test_malformed_snapshot_fields_are_skipped() -> None:
+    bad = copy.deepcopy(SNAPSHOT)
+    bad["paths"] = [{"uplink": "x", "rtt_ms": "fast"}, "garbage"]
+    bad["tunnels"] = "nope"
+    bad["session"] = None
+    cache = SnapshotCache()
+    cache.update(bad)
+    server = start_metrics_server("127.0.0.1", 0, cache)
+    try:
+        families = scrape(server.url)
+    finally:
+        server.close()
+    assert value(families["warp_up"], "warp_up") == 1
+    assert not families["warp_path_rtt_seconds"]
+    assert "warp_tunnel_datagrams" not in families
+
+
+def test_address_in_use_is_one_line_error() -> None:
+    server = start_metrics_server("127.0.0.1", 0, SnapshotCache())
+    try:
+        with pytest.raises(MetricsError) as info:
+            start_metrics_server("127.0.0.1", server.port, SnapshotCache())
+        assert "\n" not in str(info.value)
+        assert f"127.0.0.1:{server.port}" in str(info.value)
+    finally:
+        server.close()
+
+
+def test_gateway_exporter_refreshes_on_the_loop() -> None:
+    """The node's wiring: the cache is filled on the loop; scrapes read the copy."""
+    state = copy.deepcopy(SNAPSHOT)
+    calls = 0
+
+    def snapshot() -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        state["uptime_s"] = float(calls)
+        return state
+
+    async def main() -> tuple[float, float]:
+        exporter = start_gateway_metrics(("127.0.0.1", 0), snapshot, interval=0.05)
+        task = asyncio.create_task(exporter.refresh_forever())
+        try:
+            loop = asyncio.get_running_loop()
+            first = await loop.run_in_executor(None, scrape, exporter.server.url)
+            await asyncio.sleep(0.3)
+            later = await loop.run_in_executor(None, scrape, exporter.server.url)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            exporter.close()
+        return (
+            value(first["warp_uptime_seconds"], "warp_uptime_seconds"),
+            value(later["warp_uptime_seconds"], "warp_uptime_seconds"),
+        )
+
+    first, later = asyncio.run(main())
+    assert first >= 1
+    assert later > first
