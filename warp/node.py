@@ -86,6 +86,10 @@ MAP_PENDING_LIMIT = 64
 #: often lost (its address appears before its route), and the peer can only reach the new
 #: uplink after the map pushed its reflexive address: this bounds time-to-use of an uplink.
 MAP_RESPONSE_TIMEOUT = 0.3
+#: After crossed initiations, the lower key re-initiates after this long (random, seconds):
+#: past the responder's 20 ms initiation rate limit, well inside the 5 s retransmission.
+COLLISION_RETRY_MIN = 0.030
+COLLISION_RETRY_MAX = 0.080
 
 
 def _quantize_loss(loss: float | None) -> int:
@@ -240,6 +244,13 @@ class Gateway:
         self._flush_scheduled = False
         self._paused_gates: set[Gate] = set()
         self._last_initiation: bytes | None = None
+        # Simultaneous initiation (both sides initiate at once, e.g. on the same map push):
+        # each answers the other's initiation, which replaces its own initiator state, so
+        # both responses are dropped. The side with the lower public key re-initiates
+        # shortly after; the other stays responder (`_on_initiation_collision`).
+        self._initiating = False
+        self._reinitiate: asyncio.TimerHandle | None = None
+        self.collisions = 0
         self._handshake_state = "none"
         self._rekeys = 0
         self._stopping = False
@@ -364,6 +375,8 @@ class Gateway:
                 await asyncio.sleep(0.05)
         for timer in (self._device_timer, self._prober_timer, self._queue_timer, self._map_timer):
             timer.cancel()
+        if self._reinitiate is not None:
+            self._reinitiate.cancel()
         for tunnel in self.tunnels.values():
             if tunnel.timer is not None:
                 tunnel.timer.cancel()
@@ -500,12 +513,41 @@ class Gateway:
                     MessageKind.COOKIE_REPLY,
                 )
             ):
+                if kind is MessageKind.RESPONSE and out.peer == self.far_key:
+                    self._on_initiation_collision()
                 uplink.send(out.data, source)
             else:
                 self._send_to_peer(out)
 
+    def _on_initiation_collision(self) -> None:
+        """We answered the far gate's initiation: if ours was pending, both crossed and both
+        responses will be dropped. The side with the lower public key re-initiates after a
+        short random delay (past the responder's 20 ms initiation rate limit); the other side
+        only answers. Without this, nothing completes before the 5 s retransmission."""
+        if not self._initiating:
+            return
+        self._initiating = False
+        self.collisions += 1
+        if self.config.public_key >= self.far_key or self._loop is None:
+            return
+        if self._reinitiate is not None:
+            self._reinitiate.cancel()
+        delay = self._rng.uniform(COLLISION_RETRY_MIN, COLLISION_RETRY_MAX)
+        self._reinitiate = self._loop.call_later(delay, self._on_reinitiate)
+        log.info("handshake.collision peer=far_gate retry_ms=%d", round(delay * 1000))
+
+    def _on_reinitiate(self) -> None:
+        self._reinitiate = None
+        peer = self.device.peer(self.far_key)
+        if peer is None or peer.has_session or self._stopping:
+            return
+        now = self._now()
+        self.device.initiate_handshake(self.far_key, now, force=True)
+        self._after_device(now)
+
     def _send_initiation(self, out: Outgoing) -> None:
         if out.peer == self.far_key:
+            self._initiating = True
             self._last_initiation = out.data
             self._handshake_state = (
                 "initiating" if self._handshake_state != "established" else "established"
@@ -550,6 +592,7 @@ class Gateway:
         for event in self.device.drain_events():
             if isinstance(event, HandshakeComplete):
                 if event.peer == self.far_key:
+                    self._initiating = False
                     if self._handshake_state == "established":
                         self._rekeys += 1
                     self._handshake_state = "established"

@@ -224,3 +224,22 @@ async def _real_scheduler(tmp_path: Path) -> None:
             assert len(assignment) == 5
             assert max(assignment.count(p) for p in set(assignment)) <= 2
         assert len({p for a in blocks for p in a}) == 4
+
+
+def test_simultaneous_initiation_connects_fast(tmp: Path) -> None:
+    asyncio.run(_simultaneous_initiation(tmp))
+
+
+async def _simultaneous_initiation(tmp_path: Path) -> None:
+    """Both sides know the other's endpoints and initiate at start: their initiations cross.
+    Without a tie-break both responses are dropped and nothing completes before the 5 s
+    retransmission; the target is the first datagram within 1 s."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    async with gateway_pair(tmp_path) as pair:
+        elapsed = await pair.connected(timeout=3.0)
+        assert elapsed < 1.0, elapsed
+        pair.send("a", _payload("a", 0))
+        assert await pair.receive("b", 1, timeout=1.0) == [_payload("a", 0)]
+        assert loop.time() - start < 1.5
+        assert pair.a.collisions + pair.b.collisions >= 1
