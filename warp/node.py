@@ -143,7 +143,8 @@ class Tunnel:
     tunnel_id: int
     encoder: ShardEncoder
     decoder: ShardDecoder
-    scheduler: ShardScheduler[Path]
+    scheduler: ShardScheduler[str]
+    """Spreads each block over the uplinks (by name)."""
     gate: Gate | None = None
     timer: TimerSlot | None = None
     drops: dict[str, int] = field(default_factory=dict)
@@ -196,7 +197,8 @@ class Gateway:
         )
         # What the schedulers were last told (`_update_schedulers`): the sending paths and a
         # signature of their state and quality; None forces a recomputation.
-        self._sending: list[Path] = []
+        self._sending: dict[str, list[Path]] = {}
+        self._rotation: dict[str, int] = {}
         self._sending_signature: tuple[object, ...] | None = None
         self.send_queue = SendQueue(SEND_QUEUE_LENGTH)
         self.tunnels: dict[str, Tunnel] = {}
@@ -654,17 +656,34 @@ class Gateway:
             paths = [p for p in self.prober.paths if p.state is PathState.PROBING]
         return paths
 
-    def _update_schedulers(self) -> list[Path]:
-        """The sending paths; the tunnels' schedulers are updated (they precompute a cycle of
-        assignments) only when the set, state or quality of those paths changed."""
+    def _update_schedulers(self) -> dict[str, list[Path]]:
+        """The sending paths by uplink. The tunnels' schedulers spread each block over the
+        *uplinks* (no uplink carries more than n - k shards when there are enough of them: a
+        whole uplink lost loses nothing); each uplink's shards then rotate over its paths (the
+        peer's addresses). The schedulers precompute a cycle of assignments, so they are
+        updated only when the set, state or quality of the sending paths changed."""
         paths = self._sending_paths()
         signature = tuple(
             (id(p), p.state, _quantize_loss(p.loss), _quantize_rtt(p.rtt)) for p in paths
         )
         if signature != self._sending_signature:
             self._sending_signature = signature
-            self._sending = paths
-            qualities = [PathQuality(p, alive=True, loss=p.loss or 0.0, rtt=p.rtt) for p in paths]
+            by_uplink: dict[str, list[Path]] = {}
+            for path in sorted(paths, key=lambda p: p.remote):
+                by_uplink.setdefault(path.uplink, []).append(path)
+            self._sending = by_uplink
+            qualities = []
+            for name, group in by_uplink.items():
+                losses = [p.loss or 0.0 for p in group]
+                rtts = [p.rtt for p in group if p.rtt is not None]
+                qualities.append(
+                    PathQuality(
+                        name,
+                        alive=True,
+                        loss=sum(losses) / len(losses),
+                        rtt=sum(rtts) / len(rtts) if rtts else None,
+                    )
+                )
             for tunnel in self.tunnels.values():
                 tunnel.scheduler.update(qualities)
         return self._sending
@@ -825,14 +844,15 @@ class Gateway:
                 self._ensure_session(now)
             self._queue_timer.arm(queue.next_expiry())
             return
-        paths = self._update_schedulers()
+        by_uplink = self._update_schedulers()
         uplinks = self.uplinks.uplinks if self.uplinks is not None else {}
-        if not paths or not uplinks:
+        if not by_uplink or not uplinks:
             if len(queue):
                 self.counters["no_path"] += queue.drop_expired(now)
             self._queue_timer.arm(queue.next_expiry())
             return
-        targets = {p: (uplinks.get(p.uplink), p.remote) for p in paths}
+        targets = {name: (uplinks.get(name), paths) for name, paths in by_uplink.items()}
+        rotation = self._rotation
         seal = self.device.seal
         far_key = self.far_key
         tunnels = self._tunnels_by_id
@@ -842,13 +862,16 @@ class Gateway:
             encoder = tunnel.encoder
             assign = tunnel.scheduler.assign
             for frames in encoder.encode(item.datagram):
-                for frame, path in zip(frames, assign(), strict=True):
-                    uplink, remote = targets[path]
+                for frame, name in zip(frames, assign(), strict=True):
+                    uplink, paths = targets[name]
+                    turn = rotation.get(name, 0)
+                    rotation[name] = turn + 1
+                    path = paths[turn % len(paths)]
                     wire = seal(far_key, frame, now)
                     if wire is None or uplink is None:
                         send_failed += 1
                         continue
-                    if uplink.send(wire, remote):
+                    if uplink.send(wire, path.remote):
                         path.tx_packets += 1
                         path.tx_bytes += len(wire)
                     else:

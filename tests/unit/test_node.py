@@ -21,7 +21,6 @@ import pytest
 from warp.config import GatewayConfig, parse_gateway_config
 from warp.keys import encode_key, generate_private_key, public_key_of
 from warp.node import Gateway
-from warp.paths.path import Path as WarpPath
 from warp.paths.scheduler import ShardScheduler
 
 UPLINKS = {"a": [("up1", "127.0.0.2"), ("up2", "127.0.0.3")],
@@ -193,27 +192,29 @@ def test_real_scheduler_per_tunnel_spreads_within_cap(tmp: Path) -> None:
 
 
 async def _real_scheduler(tmp_path: Path) -> None:
-    """(3, 5) over 4 paths: each block puts at most n - k = 2 shards on any path."""
+    """(3, 5) over 2 uplinks x 2 remotes: every block within the caps (ceil(5 / 2) = 3 per
+    uplink, and each uplink's shards alternate over the peer's two addresses)."""
     async with gateway_pair(tmp_path, k=3, n=5, initiators=("a",)) as pair:
         await pair.connected()
         tunnel = pair.a.tunnels["t"]
         scheduler = tunnel.scheduler
         assert isinstance(scheduler, ShardScheduler)
         assert (scheduler.k, scheduler.n) == (3, 5)
-        blocks: list[tuple[WarpPath, ...]] = []
-        original = scheduler.assign
-
-        def recording() -> tuple[WarpPath, ...]:
-            assignment = original()
-            blocks.append(assignment)
-            return assignment
-
-        scheduler.assign = recording  # type: ignore[method-assign]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 5
         while len(pair.a.prober.active_paths()) < 4:
             assert loop.time() < deadline, "paths did not all become active"
             await asyncio.sleep(0.02)
+        blocks: list[tuple[str, ...]] = []
+        original = scheduler.assign
+
+        def recording() -> tuple[str, ...]:
+            assignment = original()
+            blocks.append(assignment)
+            return assignment
+
+        scheduler.assign = recording  # type: ignore[method-assign]
+        before = {p.key: p.tx_packets for p in pair.a.prober.paths}
         for i in range(40):
             pair.send("a", _payload("a", i))
             await asyncio.sleep(0.002)
@@ -222,8 +223,47 @@ async def _real_scheduler(tmp_path: Path) -> None:
         assert len(blocks) >= 40
         for assignment in blocks:
             assert len(assignment) == 5
-            assert max(assignment.count(p) for p in set(assignment)) <= 2
-        assert len({p for a in blocks for p in a}) == 4
+            assert max(assignment.count(u) for u in set(assignment)) <= 3
+        sent = {p.key: p.tx_packets - before[p.key] for p in pair.a.prober.paths}
+        assert all(count >= 40 for count in sent.values()), sent
+
+
+class _BlackHole:
+    """Stands in for an uplink's transport: every datagram sent is silently lost."""
+
+    def sendto(self, data: bytes, addr: object = None) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+def test_uplink_loss_loses_nothing_with_2_4(tmp: Path) -> None:
+    asyncio.run(_uplink_loss(tmp))
+
+
+async def _uplink_loss(tmp_path: Path) -> None:
+    """(2, 4): every block puts at most 2 shards on an uplink, so with a's uplink "up1"
+    silently dropping everything it sends, every datagram still arrives (exactly once)."""
+    async with gateway_pair(tmp_path, k=2, n=4, initiators=("a",)) as pair:
+        await pair.connected()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while len(pair.a.prober.active_paths()) < 4:
+            assert loop.time() < deadline, "paths did not all become active"
+            await asyncio.sleep(0.02)
+        assert pair.a.uplinks is not None
+        dead = pair.a.uplinks.uplinks["up1"]
+        dead._transport = _BlackHole()  # type: ignore[assignment]  # sends vanish
+        sent = [_payload("a", i, 1000) for i in range(300)]
+        for i, payload in enumerate(sent):
+            pair.send("a", payload)
+            if i % 10 == 0:
+                await asyncio.sleep(0.002)
+        got = await pair.receive("b", len(sent))
+        await asyncio.sleep(0.1)
+        got += await pair.receive("b", 1, timeout=0.05)
+        assert sorted(got) == sorted(sent)
 
 
 def test_simultaneous_initiation_connects_fast(tmp: Path) -> None:
