@@ -11,13 +11,15 @@ namespace B in every case. In namespace A runs, in turn:
   WireGuard core on one UDP socket without the rest of the node (where the node's cost lies).
 
 For each, iperf3 TCP runs ``--repeat`` times ``--seconds`` s in each direction (A→B: A sends;
-B→A: ``-R``). Printed: receiver-side Mbit/s per run, the medians, and warp / wireguard-go.
-Both ends share the machine's CPUs, as in the notes' wireguard-go measurements.
+B→A: ``-R``), the cases interleaved run by run so that drifting background load hits them
+alike. Printed: receiver-side Mbit/s per run, the medians, and warp / wireguard-go. Both ends
+share the machine's CPUs, as in the notes' wireguard-go measurements.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -46,7 +48,6 @@ from tests.interop.wglab import (  # noqa: E402
     iperf3,
     prerequisites_missing,
     start_warp_run,
-    stop_process,
     warp_run_config,
 )
 
@@ -71,30 +72,28 @@ def far_side(lab: WgLab, ours: KeyPair, psk: bytes) -> KeyPair:
     return theirs
 
 
-def measure(lab: WgLab, repeat: int, seconds: float) -> dict[str, list[float]]:
-    # one answered echo first: the handshake is not part of the measurement
+def warm_up(lab: WgLab) -> None:
+    """One answered echo first: the handshake is not part of the measurement."""
     lab.exec("a", ["ping", "-c", "1", "-w", "15", TUNNEL_B], timeout=30)
-    samples: dict[str, list[float]] = {d: [] for d in DIRECTIONS}
-    for _ in range(repeat):
-        for direction in DIRECTIONS:
-            run = iperf3(lab, TUNNEL_B, seconds=seconds, reverse=direction == "B->A")
-            samples[direction].append(round(run["received_mbps"], 1))
-            time.sleep(0.5)
-    return samples
 
 
-def with_warp(lab: WgLab, repeat: int, seconds: float) -> dict[str, list[float]]:
+def measure_once(lab: WgLab, seconds: float) -> dict[str, float]:
+    result = {}
+    for direction in DIRECTIONS:
+        run = iperf3(lab, TUNNEL_B, seconds=seconds, reverse=direction == "B->A")
+        result[direction] = round(run["received_mbps"], 1)
+        time.sleep(0.5)
+    return result
+
+
+def with_warp(lab: WgLab) -> None:
     ours, psk = KeyPair.generate(), os.urandom(32)
     theirs = far_side(lab, ours, psk)
     config = warp_run_config(lab, ours=ours, theirs=theirs, psk=psk)
-    node = start_warp_run(lab, config)
-    try:
-        return measure(lab, repeat, seconds)
-    finally:
-        node.stop()
+    start_warp_run(lab, config)  # stopped by the lab's teardown
 
 
-def with_wireguard_go(lab: WgLab, repeat: int, seconds: float) -> dict[str, list[float]]:
+def with_wireguard_go(lab: WgLab) -> None:
     ours, psk = KeyPair.generate(), os.urandom(32)
     theirs = far_side(lab, ours, psk)
     lab.wireguard_go(
@@ -110,10 +109,9 @@ def with_wireguard_go(lab: WgLab, repeat: int, seconds: float) -> dict[str, list
         ],
         addresses=[f"{TUNNEL_A}/24", f"{TUNNEL6_A}/64"],
     )
-    return measure(lab, repeat, seconds)
 
 
-def with_tun_peer(lab: WgLab, repeat: int, seconds: float) -> dict[str, list[float]]:
+def with_tun_peer(lab: WgLab) -> None:
     ours, psk = KeyPair.generate(), os.urandom(32)
     theirs = far_side(lab, ours, psk)
     cfg = {
@@ -132,13 +130,9 @@ def with_tun_peer(lab: WgLab, repeat: int, seconds: float) -> dict[str, list[flo
     path = lab.workdir / "tun_peer.json"
     path.write_text(json.dumps(cfg))
     proc = lab.spawn("a", [PYTHON, str(REPO / "tests" / "interop" / "tun_peer.py"), str(path)])
-    try:
-        assert proc.stdout is not None
-        if proc.stdout.readline().strip() != b"READY":
-            raise RuntimeError("tun_peer.py did not start")
-        return measure(lab, repeat, seconds)
-    finally:
-        stop_process(proc)
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != b"READY":
+        raise RuntimeError("tun_peer.py did not start")
 
 
 def main() -> int:
@@ -153,22 +147,31 @@ def main() -> int:
         print(f"wireguard_iperf: cannot run: {missing}", file=sys.stderr)
         return 1
     cleanup_stale()
-    cases: list[tuple[str, Callable[[WgLab, int, float], dict[str, list[float]]]]] = [
+    cases: list[tuple[str, Callable[[WgLab], None]]] = [
         ("warp", with_warp),
         ("wireguard-go", with_wireguard_go),
     ]
     if args.with_tun_peer:
         cases.append(("tun-peer", with_tun_peer))
-    results: dict[str, Any] = {}
-    for name, run in cases:
-        with WgLab() as lab:
-            samples = run(lab, args.repeat, args.seconds)
-        results[name] = {
-            d: {"samples": s, "median": round(statistics.median(s), 1)} for d, s in samples.items()
-        }
-        if not args.json:
-            for d in DIRECTIONS:
-                print(f"{name:>13} {d}: {results[name][d]['samples']} Mbit/s", flush=True)
+    samples: dict[str, dict[str, list[float]]] = {n: {d: [] for d in DIRECTIONS} for n, _ in cases}
+    with contextlib.ExitStack() as stack:
+        labs = {}
+        for name, setup in cases:  # all labs up at once; idle ones cost nothing
+            lab = stack.enter_context(WgLab())
+            setup(lab)
+            warm_up(lab)
+            labs[name] = lab
+        for rep in range(args.repeat):  # interleaved, so drifting load hits every case alike
+            for name, lab in labs.items():
+                for d, mbps in measure_once(lab, args.seconds).items():
+                    samples[name][d].append(mbps)
+                if not args.json:
+                    line = "  ".join(f"{d} {samples[name][d][-1]:7.1f}" for d in DIRECTIONS)
+                    print(f"run {rep + 1} {name:>13}: {line} Mbit/s", flush=True)
+    results: dict[str, Any] = {
+        name: {d: {"samples": s, "median": round(statistics.median(s), 1)} for d, s in per.items()}
+        for name, per in samples.items()
+    }
     ratios = {
         d: round(results["warp"][d]["median"] / results["wireguard-go"][d]["median"], 3)
         for d in DIRECTIONS
