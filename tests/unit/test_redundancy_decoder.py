@@ -351,3 +351,24 @@ def test_reset_flushes_what_ordered_mode_held() -> None:
         dec.receive(f, 0.0)
     assert dec.reset() == [bytes([2]) * 20]
     assert dec.buffered_bytes() == 0
+
+
+def test_ticking_exactly_at_next_deadline_always_makes_progress() -> None:
+    # Timer drivers call tick(next_deadline()); float rounding must not leave the
+    # deadline unchanged (an event loop would spin on it).
+    enc = encoder()
+    rng = random.Random(3)
+    for ordered in (False, True):
+        dec = decoder(block_timeout=0.3, ordered=ordered, reorder_timeout=0.07)
+        now = 0.0
+        for _ in range(300):
+            now += rng.random() / 7
+            for block in enc.encode(random.randbytes(rng.choice((50, 6000)))):
+                for f in block[: rng.choice((2, 3))]:
+                    dec.receive(f, now)
+            deadline = dec.next_deadline()
+            while deadline is not None and deadline <= now + rng.random():
+                dec.tick(deadline)
+                after = dec.next_deadline()
+                assert after is None or after > deadline
+                deadline = after

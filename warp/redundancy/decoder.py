@@ -363,16 +363,17 @@ class ShardDecoder:
         """Abandon blocks and datagrams past their timeouts; in ordered mode, skip gaps
         that have been waited on for `reorder_timeout` and return what that releases."""
         pending = self._pending
-        expiry = now - self.block_timeout
+        timeout = self.block_timeout
         while pending:
             seq, block = next(iter(pending.items()))
-            if block[_CREATED] > expiry:
+            # Same expression as next_deadline(): ticking at the deadline must expire.
+            if block[_CREATED] + timeout > now:
                 break
             del pending[seq]
             self._mark_decided(seq, block[_EXTENDED])
             self.stats.blocks_expired += 1
         partials = self._partials
-        while partials and next(iter(partials.values())).created <= expiry:
+        while partials and next(iter(partials.values())).created + timeout <= now:
             self._drop_oldest_partial()
         return self._reorder.tick(now) if self._reorder is not None else []
 
