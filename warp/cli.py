@@ -31,6 +31,7 @@ from warp.config import (
     load_map_config,
 )
 from warp.demo import register_demo
+from warp.gauge import register_gauge
 from warp.keys import encode_key
 from warp.status import register_status
 
@@ -214,6 +215,7 @@ COMMANDS: list[Callable[[SubParsers], None]] = [
     register_print_example_config,
     register_status,
     register_demo,
+    register_gauge,
 ]
 
 
