@@ -237,6 +237,7 @@ class Gateway:
             else None
         )
         self._map_pending: list[tuple[str, bytes]] = []
+        self._map_rehandshake = False
         self._map_registered_at: float | None = None
         self._map_reflexive: dict[str, str | None] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -604,6 +605,7 @@ class Gateway:
                              event.initiator, event.source)  # fmt: skip
                     self._schedule_flush()
                 elif event.peer == self.map_key:
+                    self._map_rehandshake = False
                     log.info("handshake.complete peer=map source=%s", event.source)
                     self._flush_map_pending(now)
             elif isinstance(event, HandshakeFailed):
@@ -611,6 +613,8 @@ class Gateway:
                             event.dropped_packets)  # fmt: skip
                 if event.peer == self.far_key and self._handshake_state != "established":
                     self._handshake_state = "none"
+                elif event.peer == self.map_key:
+                    self._map_rehandshake = False  # the next map request tries again
             elif isinstance(event, SessionExpired | KeysZeroed):
                 if event.peer == self.far_key:
                     self._handshake_state = "expired"
@@ -730,8 +734,8 @@ class Gateway:
         if client is None or self._loop is None:
             return
         now = self._now()
-        for action in client.drain_outgoing():
-            self._send_map_frame(action.uplink, action.frame, now)
+        # Events first: a RehandshakeNeeded must start the new handshake (and hold frames)
+        # before the retries it comes with are sealed under the dead session and lost.
         for event in client.drain_events():
             if isinstance(event, UplinkRegistered):
                 self._map_registered_at = now
@@ -755,6 +759,9 @@ class Gateway:
                 log.info("map.lookup_refused code=%s %s", event.code, event.message)
             elif isinstance(event, RehandshakeNeeded):
                 if self.map_key is not None:
+                    # Hold map frames (`_map_pending`) until this handshake completes.
+                    self._map_rehandshake = True
+                    log.info("map.rehandshake unanswered=%d", event.unanswered)
                     self.device.initiate_handshake(self.map_key, now, force=True)
                     self._after_device(now)
             elif isinstance(event, MapErrorReceived):
@@ -763,6 +770,8 @@ class Gateway:
                 pass  # relay fallback: issue 7
             elif isinstance(event, Stopped):
                 log.info("map.deregistered acknowledged=%s", event.acknowledged)
+        for action in client.drain_outgoing():
+            self._send_map_frame(action.uplink, action.frame, now)
         self._map_timer.arm(client.next_deadline())
 
     def _send_map_frame(self, uplink_name: str, frame: bytes, now: float) -> None:
@@ -772,12 +781,12 @@ class Gateway:
         if uplink is None:
             return
         peer = self.device.peer(self.map_key)
-        if peer is None or not peer.has_session:
+        if peer is None or not peer.has_session or self._map_rehandshake:
             # Held until the session is up, then sent from its own uplink (the map must see
             # each uplink's own reflexive address).
             if len(self._map_pending) < MAP_PENDING_LIMIT:
                 self._map_pending.append((uplink_name, frame))
-            if peer is not None and not peer.handshake_in_progress:
+            if peer is not None and not peer.handshake_in_progress and not self._map_rehandshake:
                 self.device.initiate_handshake(self.map_key, now)
                 self._after_device(now)
             return

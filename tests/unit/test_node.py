@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from warp.config import GatewayConfig, parse_gateway_config
+from warp.config import GatewayConfig, parse_gateway_config, parse_map_config
 from warp.keys import encode_key, generate_private_key, public_key_of
 from warp.node import Gateway
 from warp.paths.scheduler import ShardScheduler
+from warp_map_server.server import MapServer
 
 UPLINKS = {"a": [("up1", "127.0.0.2"), ("up2", "127.0.0.3")],
            "b": [("up1", "127.0.0.4"), ("up2", "127.0.0.5")]}  # fmt: skip
@@ -46,14 +47,23 @@ def _free_port() -> int:
 
 
 def _config(
-    tmp: Path, side: str, keys: dict[str, bytes], port: int, k: int, n: int, static: bool
+    tmp: Path,
+    side: str,
+    keys: dict[str, bytes],
+    port: int,
+    k: int,
+    n: int,
+    static: bool,
+    map_section: str = "",
 ) -> GatewayConfig:
     other = "b" if side == "a" else "a"
     endpoints = ", ".join(f'"{address}:{port}"' for _, address in UPLINKS[other] if static)
     text = f"""
 private_key = "{encode_key(keys[side])}"
 listen_port = {port}
+{map_section}
 [interfaces]
+interface_scan_interval = 2
 holepunch_keep_alive_interval = 0.5
 path_timeout = 1.5
 [far_gate]
@@ -115,13 +125,14 @@ async def gateway_pair(
     *,
     before_start: Callable[[Gateway, Gateway], None] | None = None,
     initiators: tuple[str, ...] = ("a", "b"),
+    map_section: str = "",
 ) -> AsyncIterator[Pair]:
     """``initiators``: the sides that get the other's addresses (static endpoints)."""
     keys = {"a": generate_private_key(), "b": generate_private_key()}
     port = _free_port()
     gateways = {
         side: Gateway(
-            _config(tmp, side, keys, port, k, n, side in initiators),
+            _config(tmp, side, keys, port, k, n, side in initiators, map_section),
             static_uplinks=UPLINKS[side],
         )
         for side in ("a", "b")
@@ -283,3 +294,55 @@ async def _simultaneous_initiation(tmp_path: Path) -> None:
         assert await pair.receive("b", 1, timeout=1.0) == [_payload("a", 0)]
         assert loop.time() - start < 1.5
         assert pair.a.collisions + pair.b.collisions >= 1
+
+
+def test_map_restart_rehandshake_then_reregister(tmp: Path) -> None:
+    asyncio.run(_map_restart(tmp))
+
+
+async def _map_restart(tmp_path: Path) -> None:
+    """The map restarts (its sessions are gone): after two unanswered requests the gateway
+    starts a fresh handshake and holds its map frames until it completes, so the retries are
+    not sealed under the dead session; every uplink is registered again within ~1.5 s."""
+    map_key = generate_private_key()
+    map_port = _free_port()
+    map_toml = f'bind = "127.0.0.1:{map_port}"\nprivate_key = "{encode_key(map_key)}"\n'
+    server = MapServer(parse_map_config(map_toml))
+    await server.start()
+    section = (
+        f'[warp_map]\naddress = "127.0.0.1:{map_port}"\n'
+        f'public_key = "{encode_key(public_key_of(map_key))}"\n'
+    )
+    try:
+        async with gateway_pair(tmp_path, initiators=(), map_section=section) as pair:
+            await pair.connected()
+            loop = asyncio.get_running_loop()
+            server.close()
+            await asyncio.sleep(0.05)  # the old socket closes on the next loop iterations
+            server = MapServer(parse_map_config(map_toml))
+            await server.start()
+            restarted = loop.time()
+            key_a = public_key_of(pair.a.config.private_key)
+            map_peer = pair.a.device.peer(public_key_of(map_key))
+            assert map_peer is not None
+            first_handshake = map_peer.last_handshake_time
+            rehandshake_at: float | None = None
+            while True:
+                if rehandshake_at is None and map_peer.last_handshake_time != first_handshake:
+                    rehandshake_at = loop.time()
+                client = server.registry.clients.get(key_a)
+                if client is not None and len(client.registrations) == 2:
+                    break
+                assert loop.time() - restarted < 6.0, "not registered again"
+                await asyncio.sleep(0.005)
+            registered_at = loop.time()
+            assert rehandshake_at is not None
+            # Both uplinks' registrations go out as soon as the new session is up (they were
+            # held), not on the next retry (>= 0.3 s later, sealed under the dead session).
+            assert registered_at - rehandshake_at < 0.15, registered_at - rehandshake_at
+            # Next refresh <= 2 s, then 0.3 + 0.6 s unanswered, then the handshake.
+            assert registered_at - restarted < 3.3
+            pair.send("a", _payload("a", 1))
+            assert await pair.receive("b", 1, timeout=2.0) == [_payload("a", 1)]
+    finally:
+        server.close()
