@@ -175,7 +175,9 @@ class Gateway:
         self.far_key = config.far_gate.public_key
         self.map_key = config.warp_map.public_key if config.warp_map.address else None
         self.map_address: Address | None = None
-        self.device = Device(config.private_key)
+        # Multi-path: the far gate's "endpoint" flips with every packet from another path, so
+        # the core's roaming events would be noise; paths are the prober's business.
+        self.device = Device(config.private_key, roaming_events=False)
         # A plain WireGuard far gate (no warp): IP packets travel bare, exactly as WireGuard.
         self.plain_wireguard = config.far_gate.kind == "wireguard"
         allowed_ips: list[str] = []
@@ -428,9 +430,9 @@ class Gateway:
         now = self._loop.time()  # type: ignore[union-attr]
         device = self.device
         received = device.receive(data, source, now)
-        if device._outbox:
+        if device.has_outgoing:
             self._send_device_output(uplink, source)
-        if device._events:
+        if device.has_events:
             self._handle_device_events(uplink, now)
         self._device_timer.arm(device.next_deadline())
         if received is None:
@@ -629,9 +631,9 @@ class Gateway:
 
     def _after_device(self, now: float) -> None:
         device = self.device
-        if device._outbox:
+        if device.has_outgoing:
             self._send_device_output(None, None)
-        if device._events:
+        if device.has_events:
             self._handle_device_events(None, now)
         self._device_timer.arm(device.next_deadline())
 

@@ -196,6 +196,10 @@ async def _datagrams_both_ways(tmp_path: Path) -> None:
         got_a += await pair.receive("a", 1, timeout=0.05)
         assert sorted(got_b) == sorted(_payload("a", i) for i in range(50))
         assert sorted(got_a) == sorted(_payload("b", i) for i in range(50))
+        for gateway in (pair.a, pair.b):
+            # Traffic arrives from 2 addresses on 2 uplinks: no roaming event per flip.
+            assert gateway.device.roaming_events is False
+            assert not gateway.device.has_events
 
 
 def test_real_scheduler_per_tunnel_spreads_within_cap(tmp: Path) -> None:
