@@ -112,14 +112,15 @@ class ShardDecoder:
         self.stats = DecoderStats()
         self._zfec: Any = zfec_decoder(k, n) if n > k else None
         self._data_mask = (1 << k) - 1
-        self._index_bits = tuple(1 << i if i < n else 0 for i in range(256))
         self._in_order_indexes = list(range(k))
         self._complete_length = _FIRST_SHARD + 2 * k
+        self._k_minus_1 = k - 1
         self._ring_mask = window - 1
         self._epoch: int | None = None
-        # Header bytes 0-6 of this stream's shards (type, tunnel, epoch, k, n) as one
-        # integer; -1 until the first shard tells the epoch (that one takes the slow path).
-        self._stream = -1
+        # Header bytes 0-7 (type, tunnel, epoch, k, n, shard index) of every valid shard of
+        # the current stream, as the grouped header reads them -> (index, 1 << index).
+        # One lookup checks all those fields; empty until the first shard tells the epoch.
+        self._valid_heads: dict[int, tuple[int, int]] = {}
         self._retired_epochs: deque[int] = deque(maxlen=_RETIRED_EPOCHS_KEPT)
         self._reset_streams()
 
@@ -157,12 +158,10 @@ class ShardDecoder:
             stream, seq, shape = _unpack_grouped(frame)
         except struct.error:
             return self._reject(RejectReason.SHORT)
-        if stream >> 8 != self._stream:
+        head = self._valid_heads.get(stream)
+        if head is None:
             return self._receive_unexpected(frame, now)
-        index = stream & 0xFF
-        bit = self._index_bits[index]  # 0 when index >= n
-        if not bit:
-            return self._reject(RejectReason.INDEX)
+        index, bit = head
         block = self._pending.get(seq)
         if block is None:
             if self._decided[seq & self._ring_mask] == seq:
@@ -220,7 +219,8 @@ class ShardDecoder:
             self.stats.epoch_changes += 1
             flushed = self.reset()
         self._epoch = epoch
-        self._stream = int.from_bytes(frame[:7])
+        prefix = int.from_bytes(frame[:7]) << 8
+        self._valid_heads = {prefix | i: (i, 1 << i) for i in range(self.n)}
         return flushed + self.receive(frame, now)
 
     def _reject(self, reason: RejectReason) -> list[bytes]:
@@ -282,42 +282,40 @@ class ShardDecoder:
 
     def _rebuild(self, seq: int, block: _Block, now: float) -> list[bytes]:
         del self._pending[seq]
-        highest = self._highest_extended
-        if highest is not None and highest - block[_EXTENDED] < self.window:
-            self._decided[seq & self._ring_mask] = seq  # as _mark_decided, inlined
+        extended = block[_EXTENDED]
+        # As _mark_decided; a block exists, so _highest_extended is set.
+        if self._highest_extended - extended < self.window:
+            self._decided[seq & self._ring_mask] = seq
         stats = self.stats
         stats.blocks_rebuilt += 1
-        k = self.k
-        indexes = block[_FIRST_SHARD::2]
         parts: list[Any] = block[_FIRST_SHARD + 1 :: 2]
         if block[_RECEIVED] == self._data_mask:
             # All k data shards: no decoding, just put them in order.
+            indexes = block[_FIRST_SHARD::2]
             if indexes != self._in_order_indexes:
-                in_order: list[Any] = [b""] * k
-                for index, payload in zip(indexes, parts, strict=True):
-                    in_order[index] = payload
-                parts = in_order
+                parts = [parts[indexes.index(i)] for i in self._in_order_indexes]
         else:
-            parts = self._zfec.decode(parts, indexes)
+            parts = self._zfec.decode(parts, block[_FIRST_SHARD::2])
             stats.decode_calls += 1
         shape = block[_SHAPE]
         length = shape & 0xFFFF
         shard_size = block[_END] - SHARD_HEADER_SIZE
-        if length != shard_size * k:
+        last = length - self._k_minus_1 * shard_size  # bytes of data in the last data shard
+        if last != shard_size:
             # Drop the zero padding: usually the end of the last data shard, but it spans
             # more than one shard when length < k.
-            whole, tail = divmod(length, shard_size)
-            if whole == k - 1:
-                parts[-1] = parts[-1][:tail]
+            if last > 0:
+                parts[-1] = parts[-1][:last]
             else:
+                whole, tail = divmod(length, shard_size)
                 parts = [*parts[:whole], parts[whole][:tail]] if tail else parts[:whole]
         data = b"".join(parts)
-        if shape >> 16 == 1:  # fragment 0 of 1: the whole datagram
-            if self._reorder is not None:
-                return self._reorder.offer(block[_EXTENDED], 1, data, now)
-            stats.datagrams_delivered += 1
-            return [data]
-        return self._assemble(block, data, now)
+        if shape >> 16 != 1:  # not fragment 0 of 1: part of a larger datagram
+            return self._assemble(block, data, now)
+        if self._reorder is not None:
+            return self._reorder.offer(extended, 1, data, now)
+        stats.datagrams_delivered += 1
+        return [data]
 
     # ---- multi-block datagrams -------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import struct
 
 from warp.redundancy.codec import zfec_encoder
 from warp.redundancy.shard import (
@@ -17,6 +18,12 @@ from warp.redundancy.shard import (
 
 # One block's frames, indexed by shard index: frames[i] carries shard i (0 .. k-1 data).
 BlockFrames = list[bytes]
+
+# Header bytes 8-15: block sequence, fragment index, fragment count, block length.
+_BLOCK_TAIL = struct.Struct("!IBBH")
+assert SHARD_HEADER.size == 8 + _BLOCK_TAIL.size
+_SEQUENCE_MASK = SEQUENCE_MODULUS - 1
+_ZEROS = [bytes(size) for size in range(MAX_SHARDS)]  # padding is at most k - 1 bytes
 
 
 def validate_geometry(k: int, n: int) -> None:
@@ -36,11 +43,11 @@ class ShardEncoder:
     __slots__ = (
         "_encoder",
         "_epoch",
+        "_heads",
         "_next_seq",
         "_parity_numbers",
         "block_capacity",
         "blocks_encoded",
-        "datagrams_encoded",
         "k",
         "max_payload",
         "n",
@@ -72,7 +79,11 @@ class ShardEncoder:
         self._next_seq = initial_seq % SEQUENCE_MODULUS
         self._encoder = zfec_encoder(k, n) if n > k else None
         self._parity_numbers = tuple(range(k, n))
-        self.datagrams_encoded = 0
+        # The first 8 header bytes of shard i never change for this encoder.
+        self._heads = [
+            SHARD_HEADER.pack(SHARD_FRAME_TYPE, tunnel_id, self._epoch, k, n, i, 0, 0, 0, 0)[:8]
+            for i in range(n)
+        ]
         self.blocks_encoded = 0
 
     @property
@@ -88,7 +99,6 @@ class ShardEncoder:
         length = len(datagram)
         if not 0 < length <= MAX_DATAGRAM_SIZE:
             raise ValueError(f"datagram length must be 1..{MAX_DATAGRAM_SIZE}, got {length}")
-        self.datagrams_encoded += 1
         if length <= self.block_capacity:
             return [self._encode_block(datagram, length, 0, 1)]
         block_count = -(-length // self.block_capacity)
@@ -115,14 +125,10 @@ class ShardEncoder:
         shard_size = -(-block_length // k)
         padding = shard_size * k - block_length
         if padding:
-            data = bytes(data) + bytes(padding)
+            data = b"".join((data, _ZEROS[padding]))
         seq = self._next_seq
-        self._next_seq = (seq + 1) % SEQUENCE_MODULUS
+        self._next_seq = (seq + 1) & _SEQUENCE_MASK
         self.blocks_encoded += 1
-        pack = SHARD_HEADER.pack
-        tunnel_id = self.tunnel_id
-        epoch = self._epoch
-        n = self.n
         pieces: list[bytes | bytearray | memoryview]
         if k == 1:
             pieces = [data]
@@ -131,8 +137,6 @@ class ShardEncoder:
             pieces = [view[i : i + shard_size] for i in range(0, k * shard_size, shard_size)]
         if self._encoder is not None:
             pieces += self._encoder.encode(pieces, self._parity_numbers)
-        return [
-            pack(SHARD_FRAME_TYPE, tunnel_id, epoch, k, n, index, seq, fragment_index,
-                 fragment_count, block_length) + piece
-            for index, piece in enumerate(pieces)
-        ]  # fmt: skip
+        # Header = per-index constant (type, tunnel, epoch, k, n, index) + per-block tail.
+        tail = _BLOCK_TAIL.pack(seq, fragment_index, fragment_count, block_length)
+        return [head + tail + piece for head, piece in zip(self._heads, pieces, strict=True)]
