@@ -33,6 +33,7 @@ from warp.config import (
 from warp.demo import register_demo
 from warp.gauge import register_gauge
 from warp.keys import encode_key
+from warp.migrate.engarde import register_migrate_engarde
 from warp.status import register_status
 
 EXIT_OK = 0
@@ -215,6 +216,7 @@ COMMANDS: list[Callable[[SubParsers], None]] = [
     register_print_example_config,
     register_status,
     register_demo,
+    register_migrate_engarde,
     register_gauge,
 ]
 
