@@ -24,6 +24,8 @@ import logging
 import math
 import os
 import random
+import re
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -90,6 +92,19 @@ MAP_RESPONSE_TIMEOUT = 0.3
 #: past the responder's 20 ms initiation rate limit, well inside the 5 s retransmission.
 COLLISION_RETRY_MIN = 0.030
 COLLISION_RETRY_MAX = 0.080
+#: A forced rekey waits this long after our previous initiation (responders, wireguard-go
+#: included, drop initiations less than 20 ms apart).
+REKEY_SPACING = 0.030
+
+
+def _ip_destination(packet: bytes) -> bytes:
+    """The destination address of an IPv4/IPv6 packet (empty if it is neither)."""
+    version = packet[0] >> 4
+    if version == 4 and len(packet) >= 20:
+        return packet[16:20]
+    if version == 6 and len(packet) >= 40:
+        return packet[24:40]
+    return b""
 
 
 def _quantize_loss(loss: float | None) -> int:
@@ -157,7 +172,8 @@ class Gateway:
     """A running warp instance (`warp run`).
 
     ``static_uplinks`` replaces interface discovery with fixed local addresses (the loopback
-    demo and tests without root); ``control_socket`` overrides ``control.socket``.
+    demo and tests without root); ``control_socket`` overrides ``control.socket``;
+    ``rekey_signal``: SIGUSR1 forces a handshake with the far gate (`rekey`).
     """
 
     def __init__(
@@ -167,8 +183,11 @@ class Gateway:
         static_uplinks: Sequence[tuple[str, str]] | None = None,
         control_socket: str | None = None,
         rng: random.Random | None = None,
+        rekey_signal: bool = True,
     ) -> None:
         self.config = config
+        self._rekey_signal = rekey_signal
+        self._rekey_signal_installed = False
         self._static_uplinks = static_uplinks
         self._control_path = control_socket or config.control.socket
         self._rng = rng or random.Random()
@@ -254,6 +273,7 @@ class Gateway:
         # both responses are dropped. The side with the lower public key re-initiates
         # shortly after; the other stays responder (`_on_initiation_collision`).
         self._initiating = False
+        self._last_initiation_at = -1.0
         self._reinitiate: asyncio.TimerHandle | None = None
         self.collisions = 0
         self._handshake_state = "none"
@@ -265,6 +285,7 @@ class Gateway:
             "unknown_tunnel": 0,
             "unknown_frame": 0,
             "send_failed": 0,
+            "no_route": 0,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -286,8 +307,10 @@ class Gateway:
         if far_peer is not None and self._static_endpoints:
             far_peer.endpoint = self._static_endpoints[0]
         try:
-            await self._start_gates()
+            # Uplinks first: the first packet from a gate (a fresh tun sends its own router
+            # solicitation at once) starts a handshake that must have an uplink to go out on.
             await self._start_uplinks()
+            await self._start_gates()
             self.control = ControlServer(self._control_path, self.snapshot)
             await self.control.start()
             log.info(
@@ -298,9 +321,35 @@ class Gateway:
                 ",".join(self.uplinks.uplinks) if self.uplinks else "",
             )
             self._rearm()
+            self._install_rekey_signal(loop)
             await stop.wait()
         finally:
             await self._shutdown()
+
+    def _install_rekey_signal(self, loop: asyncio.AbstractEventLoop) -> None:
+        """SIGUSR1 forces a new handshake with the far gate (`kill -USR1 <pid>`)."""
+        if not self._rekey_signal:
+            return
+        try:
+            loop.add_signal_handler(signal.SIGUSR1, self.rekey)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, Windows
+            return
+        self._rekey_signal_installed = True
+
+    def rekey(self) -> None:
+        """Start a new handshake with the far gate now (the session stays usable meanwhile).
+        Not within 30 ms of our previous initiation: WireGuard responders drop initiations
+        closer than 20 ms apart as a flood."""
+        if self._loop is None or self._stopping:
+            return
+        now = self._now()
+        wait = self._last_initiation_at + REKEY_SPACING - now
+        if wait > 0:
+            self._loop.call_later(wait, self.rekey)
+            return
+        log.info("handshake.rekey_requested peer=far_gate")
+        self.device.initiate_handshake(self.far_key, now, force=True)
+        self._after_device(now)
 
     async def _resolve(self, host_port: Any) -> Address:
         host, port = host_port.host, host_port.port
@@ -356,9 +405,15 @@ class Gateway:
                 max_consecutive_failures=interfaces.max_consecutive_failures,
             )
         else:
+            # Never carry the tunnel over itself: our own tun gates are never uplinks.
+            own_tuns = [
+                f"^{re.escape(t.config.gate.name)}$"
+                for t in self.tunnels.values()
+                if isinstance(t.config.gate, TunGate)
+            ]
             self.uplinks = UplinkManager(
                 inclusion_patterns=[p.pattern for p in interfaces.inclusion_patterns],
-                exclusion_patterns=[p.pattern for p in interfaces.exclusion_patterns],
+                exclusion_patterns=[p.pattern for p in interfaces.exclusion_patterns] + own_tuns,
                 bind_to_device=interfaces.bind_to_device,
                 listen_port=self.config.listen_port,
                 scan_interval=interfaces.interface_scan_interval,
@@ -382,6 +437,10 @@ class Gateway:
             timer.cancel()
         if self._reinitiate is not None:
             self._reinitiate.cancel()
+        if self._rekey_signal_installed and self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_signal_handler(signal.SIGUSR1)
+            self._rekey_signal_installed = False
         for tunnel in self.tunnels.values():
             if tunnel.timer is not None:
                 tunnel.timer.cancel()
@@ -411,10 +470,22 @@ class Gateway:
             if self.map_client is not None and not self._stopping:
                 self.map_client.remove_uplink(uplink.name, now)
         else:
+            far = self.device.peer(self.far_key)
+            if (
+                far is not None
+                and not far.has_session
+                and far.handshake_in_progress
+                and self.uplinks is not None
+                and len(self.uplinks.uplinks) == 1
+            ):
+                # The pending initiation (packets are staged) had no uplink to go out on:
+                # send a fresh one now rather than at the 5 s retransmission.
+                self.device.initiate_handshake(self.far_key, now, force=True)
+                self._after_device(now)
             if not self.plain_wireguard:
                 for endpoint in self._static_endpoints:
                     self.prober.add_candidate(uplink.name, endpoint, "static", now)
-            if self.map_client is not None:
+            if self.map_client is not None and not self.plain_wireguard:
                 for endpoint in self.map_client.peer_endpoints:
                     self.prober.add_candidate(uplink.name, endpoint, "map", now)
                 if event.kind is UplinkEventKind.ADDED:
@@ -553,6 +624,7 @@ class Gateway:
     def _send_initiation(self, out: Outgoing) -> None:
         if out.peer == self.far_key:
             self._initiating = True
+            self._last_initiation_at = self._now()
             self._last_initiation = out.data
             self._handshake_state = (
                 "initiating" if self._handshake_state != "established" else "established"
@@ -601,7 +673,8 @@ class Gateway:
                     if self._handshake_state == "established":
                         self._rekeys += 1
                     self._handshake_state = "established"
-                    if uplink is not None:
+                    if uplink is not None and not self.plain_wireguard:
+                        # (plain WireGuard: no paths, no probes: it would reject them)
                         self.prober.on_authenticated(uplink.name, event.source, now)
                     log.info("handshake.complete peer=far_gate initiator=%s source=%s",
                              event.initiator, event.source)  # fmt: skip
@@ -821,6 +894,12 @@ class Gateway:
             return None
         now = self._loop.time()  # type: ignore[union-attr]
         if self.plain_wireguard:
+            # As WireGuard: only packets whose destination is in the peer's AllowedIPs go.
+            if self.device.route(_ip_destination(payload)) != self.far_key:
+                # Not a tunnel drop: the tun's own link-local chatter (router solicitations,
+                # MLD) always lands here, as in WireGuard ("no route to host").
+                self.counters["no_route"] += 1
+                return None
             wire = self.device.seal(self.far_key, payload, now)
             peer = self.device.peer(self.far_key)
             uplink = self._plain_sending_uplink()

@@ -135,26 +135,11 @@ def test_warp_run_as_responder(wglab: WgLab) -> None:
         assert n.run.stop() == 0
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="node: gates start before uplinks, so a packet from the fresh tun (its own IPv6 "
-    "router solicitation / MLD report) starts a handshake that has no uplink to go out on, "
-    "and the retry comes REKEY_TIMEOUT (5 s) later. Fix: start uplinks first, or initiate "
-    "again (force) when the first uplink appears while packets are staged.",
-)
 def test_warp_run_first_ping_right_after_start(node: Node) -> None:
     out = node.lab.exec("a", ["ping", "-c", "1", "-W", "2", TUNNEL_B], check=False)
     assert out.returncode == 0, out.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="node (plain WireGuard far gate): sends path probes to wireguard-go ('Packet with "
-    "invalid IP version' once per interval), and seals tun packets without the AllowedIPs "
-    "check on their destination (the tun's fe80::/ff02:: packets: 'IPv6 packet with "
-    "disallowed source address'). Fix: no probes in plain mode; drop unless "
-    "device.route(dst) == far key, as WireGuard does.",
-)
 def test_warp_run_sends_nothing_wireguard_go_rejects(node: Node) -> None:
     warm_up(node.lab, "a", TUNNEL_B)
     ping_ok(node.lab, "a", TUNNEL_B)
@@ -164,13 +149,6 @@ def test_warp_run_sends_nothing_wireguard_go_rejects(node: Node) -> None:
         assert bad not in log, bad
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="node: the tun gate's own interface is taken as an uplink unless the config "
-    "excludes it, so WireGuard packets get routed into the tunnel itself (wireguard-go then "
-    "logs 'Received invalid initiation message from 10.77.0.1:51820'). Fix: never use an "
-    "interface of one of our tun gates as an uplink.",
-)
 def test_warp_run_does_not_use_its_tun_as_uplink(wglab: WgLab) -> None:
     n = make_node(wglab, exclude_tun=False)
     try:
@@ -181,11 +159,6 @@ def test_warp_run_does_not_use_its_tun_as_uplink(wglab: WgLab) -> None:
         n.run.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="node: no rekey hook yet (asked for SIGUSR1 -> device.initiate_handshake(far, "
-    "now, force=True)); today SIGUSR1's default action kills warp run.",
-)
 def test_warp_run_rekey_mid_transfer(node: Node) -> None:
     """A forced rekey from our side 2 s into each iperf3 transfer: TCP never stalls."""
     lab = node.lab
