@@ -97,6 +97,14 @@ COLLISION_RETRY_MAX = 0.080
 REKEY_SPACING = 0.030
 
 
+def _host_port(address: Address | None) -> str:
+    """``host:port`` (``[v6]:port``) for logs: one word, as log fields split on spaces."""
+    if address is None:
+        return "-"
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _ip_destination(packet: bytes) -> bytes:
     """The destination address of an IPv4/IPv6 packet (empty if it is neither)."""
     version = packet[0] >> 4
@@ -677,11 +685,11 @@ class Gateway:
                         # (plain WireGuard: no paths, no probes: it would reject them)
                         self.prober.on_authenticated(uplink.name, event.source, now)
                     log.info("handshake.complete peer=far_gate initiator=%s source=%s",
-                             event.initiator, event.source)  # fmt: skip
+                             event.initiator, _host_port(event.source))  # fmt: skip
                     self._schedule_flush()
                 elif event.peer == self.map_key:
                     self._map_rehandshake = False
-                    log.info("handshake.complete peer=map source=%s", event.source)
+                    log.info("handshake.complete peer=map source=%s", _host_port(event.source))
                     self._flush_map_pending(now)
             elif isinstance(event, HandshakeFailed):
                 log.warning("handshake.failed peer=%s dropped=%d", self._peer_name(event.peer),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import re
 import shutil
 import socket
 import tempfile
@@ -176,6 +178,22 @@ def tmp() -> Iterator[Path]:
 def _payload(side: str, i: int, size: int = 200) -> bytes:
     head = f"{side}:{i}:".encode()
     return head + bytes((i + j) % 251 for j in range(size - len(head)))
+
+
+def test_handshake_complete_logs_source_as_host_port(
+    tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="warp.node")
+    asyncio.run(_connect_only(tmp))
+    lines = [r.getMessage() for r in caplog.records if "handshake.complete" in r.getMessage()]
+    assert lines
+    for line in lines:
+        assert re.search(r" source=127\.0\.0\.[2-5]:\d+( |$)", line), line
+
+
+async def _connect_only(tmp_path: Path) -> None:
+    async with gateway_pair(tmp_path, initiators=("a",)) as pair:
+        await pair.connected()
 
 
 def test_datagrams_both_ways_exactly_once(tmp: Path) -> None:
