@@ -40,6 +40,7 @@ __all__ = [
     "MetricsServer",
     "SnapshotCache",
     "SnapshotCollector",
+    "snapshot_metrics",
     "start_gateway_metrics",
     "start_metrics_server",
 ]
