@@ -372,3 +372,41 @@ def test_ticking_exactly_at_next_deadline_always_makes_progress() -> None:
                 after = dec.next_deadline()
                 assert after is None or after > deadline
                 deadline = after
+
+
+def test_a_restart_that_draws_the_same_epoch_is_refused_until_it_passes_the_old_stream() -> None:
+    # 1 chance in 65536 per restart. Safety first: nothing the old stream sent can be
+    # taken twice, so the new one is refused (counted) until its sequence passes.
+    dec = decoder(max_blocks_in_flight=8, window=16)
+    old = ShardEncoder(TUNNEL, K, N, 1400, epoch=5)
+    for i in range(40):
+        [block] = old.encode(bytes([i]) * 10)
+        assert [d for f in block[:3] for d in dec.receive(f, 0.0)] == [bytes([i]) * 10]
+    restarted = ShardEncoder(TUNNEL, K, N, 1400, epoch=5)
+    out = []
+    for i in range(60):
+        [block] = restarted.encode(bytes([100 + i]) * 10)
+        out += [d for f in block[:3] for d in dec.receive(f, 10.0)]
+    # Sequence numbers 0..23 are at least a window behind 39 (refused as stale), 24..39
+    # fall on blocks already decided (dropped as duplicates), 40.. are new.
+    assert out == [bytes([100 + i]) * 10 for i in range(40, 60)]
+    assert dec.stats.rejected == {RejectReason.STALE: 24 * 3}
+
+
+def test_a_retired_epoch_comes_back_only_when_the_current_one_is_silent() -> None:
+    dec = decoder(block_timeout=0.5)
+    a = ShardEncoder(TUNNEL, K, N, 1400, epoch=1)
+    b = ShardEncoder(TUNNEL, K, N, 1400, epoch=2)
+
+    def send(encoder: ShardEncoder, payload: bytes, now: float) -> list[bytes]:
+        return [d for block in encoder.encode(payload) for f in block for d in dec.receive(f, now)]
+
+    assert send(a, b"a1", 0.0) == [b"a1"]
+    assert send(b, b"b1", 0.1) == [b"b1"]  # a restarted as b
+    assert send(a, b"a2", 0.2) == []  # a straggler, or a second instance: b is alive
+    assert send(b, b"b2", 0.3) == [b"b2"]
+    assert send(a, b"a3", 1.3) == [b"a3"]  # b silent for 1 s: fail back to a
+    assert dec.stats.epoch_changes == 2
+    # Nothing a sent before the switch is taken again after the fail-back.
+    [old_block] = ShardEncoder(TUNNEL, K, N, 1400, epoch=1).encode(b"a1")
+    assert [d for f in old_block for d in dec.receive(f, 1.4)] == []

@@ -151,3 +151,39 @@ def test_every_size_round_trips_exhaustively_around_block_boundaries() -> None:
             for index in (4, 1, 3, 0, 2):
                 delivered += decoder.receive(block[index], 0.0)
         assert delivered == [datagram], size
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    geometry=geometry,
+    epochs=st.lists(st.integers(0, 3), min_size=1, max_size=4),
+    count=st.integers(1, 12),
+    seed=st.integers(0, 2**32),
+    data=st.data(),
+)
+def test_sender_restarts_and_fail_backs_never_deliver_twice(
+    geometry: tuple[int, int], epochs: list[int], count: int, seed: int, data: st.DataObject
+) -> None:
+    # Several sender instances of one tunnel (one epoch each), interleaved, with silences
+    # long enough for the decoder to fail back to an instance it had left.
+    k, n = geometry
+    rng = random.Random(seed)
+    encoders = {epoch: ShardEncoder(3, k, n, 1400, epoch=epoch) for epoch in set(epochs)}
+    sent: list[bytes] = []
+    frames: list[bytes] = []
+    for i in range(count):
+        payload = datagram_of(rng.randrange(1, 3000), seed + i)
+        sent.append(payload)
+        encoder = encoders[rng.choice(epochs)]
+        frames += [f for block in encoder.encode(payload) for f in block if rng.random() < 0.8]
+    order = data.draw(st.permutations(range(len(frames))))
+    decoder = ShardDecoder(3, k, n, block_timeout=0.5, max_blocks_in_flight=8, window=16)
+    delivered: list[bytes] = []
+    now = 0.0
+    for position in order:
+        now += rng.choice((0.001, 0.01, 1.5))
+        delivered += decoder.receive(frames[position], now)
+        delivered += decoder.tick(now)
+    for datagram in delivered:
+        assert delivered.count(datagram) <= sent.count(datagram)
+        assert datagram in sent

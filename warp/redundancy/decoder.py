@@ -13,9 +13,10 @@ is reached the oldest entry goes, and is counted.
 
 from __future__ import annotations
 
+import math
 import struct
 from array import array
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from typing import Any
 
 from warp.redundancy.codec import zfec_decoder
@@ -121,7 +122,9 @@ class ShardDecoder:
         # the current stream, as the grouped header reads them -> (index, 1 << index).
         # One lookup checks all those fields; empty until the first shard tells the epoch.
         self._valid_heads: dict[int, tuple[int, int]] = {}
-        self._retired_epochs: deque[int] = deque(maxlen=_RETIRED_EPOCHS_KEPT)
+        # Epochs we followed before, with the highest sequence number seen in each.
+        self._retired_epochs: OrderedDict[int, int] = OrderedDict()
+        self._last_block_opened = -math.inf
         self._reset_streams()
 
     def _reset_streams(self) -> None:
@@ -134,6 +137,8 @@ class ShardDecoder:
         # so ordering and windows never deal with wrap-around.
         self._highest_raw = 0
         self._highest_extended: int | None = None
+        # Sequence numbers at or below this were seen before (fail-back to an epoch).
+        self._floor: float = -math.inf
         self._partials: OrderedDict[int, _PartialDatagram] = OrderedDict()
         self._partial_blocks = 0
         # Ordered mode: datagrams keyed by the extended sequence of their first block.
@@ -211,17 +216,31 @@ class ShardDecoder:
             return self._reject(RejectReason.LENGTH)
         if len(frame) < SHARD_HEADER_SIZE + shard_size:
             return self._reject(RejectReason.LENGTH)
-        if epoch in self._retired_epochs:
+        if epoch in self._retired_epochs and not self._stream_silent(now):
+            # A straggler from before a restart, or a second sender instance fighting the
+            # current one: the stream we follow is alive, keep it.
             return self._reject(RejectReason.STALE_EPOCH)
         flushed: list[bytes] = []
         if self._epoch is not None:
-            self._retired_epochs.append(self._epoch)
             self.stats.epoch_changes += 1
+            # Remember how far the retired stream got: should it come back (the current
+            # one fell silent: a fail-back), nothing at or below that is taken again.
+            if self._highest_extended is not None:
+                self._retired_epochs[self._epoch] = self._highest_raw
+            while len(self._retired_epochs) > _RETIRED_EPOCHS_KEPT:
+                self._retired_epochs.popitem(last=False)
             flushed = self.reset()
+        floor = self._retired_epochs.pop(epoch, None)
+        if floor is not None:
+            self._highest_raw = self._highest_extended = self._floor = floor
         self._epoch = epoch
         prefix = int.from_bytes(frame[:7]) << 8
         self._valid_heads = {prefix | i: (i, 1 << i) for i in range(self.n)}
         return flushed + self.receive(frame, now)
+
+    def _stream_silent(self, now: float) -> bool:
+        """Whether the stream we follow has started no block for 2 block timeouts."""
+        return now - self._last_block_opened >= 2 * self.block_timeout
 
     def _reject(self, reason: RejectReason) -> list[bytes]:
         rejected = self.stats.rejected
@@ -252,12 +271,12 @@ class ShardDecoder:
         if highest is None:
             extended = self._highest_extended = seq
             self._highest_raw = seq
-        elif delta < _HALF_SEQUENCE:
+        elif 0 < delta < _HALF_SEQUENCE:
             extended = self._highest_extended = highest + delta
             self._highest_raw = seq
-        else:
+        else:  # behind the highest (or equal to it: only possible at a fail-back floor)
             extended = highest + delta - SEQUENCE_MODULUS
-            if highest - extended >= self.window:
+            if highest - extended >= self.window or extended <= self._floor:
                 return self._reject(RejectReason.STALE)
         pending = self._pending
         if len(pending) >= self.max_blocks_in_flight:
@@ -268,6 +287,7 @@ class ShardDecoder:
         if type(payload) is not bytes:
             payload = bytes(payload)
         block = pending[seq] = [shape, end, extended, now, bit, index, payload]
+        self._last_block_opened = now
         if self.k == 1:
             return self._rebuild(seq, block, now)
         return []

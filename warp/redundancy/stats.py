@@ -32,7 +32,7 @@ class DecoderStats:
     datagrams_incomplete: int = 0  # multi-block datagrams abandoned with some blocks rebuilt
     blocks_skipped: int = 0  # ordered mode: sequence numbers given up after reorder_timeout
     datagrams_late: int = 0  # ordered mode: rebuilt after their place was skipped; dropped
-    epoch_changes: int = 0  # the sender restarted
+    epoch_changes: int = 0  # the sender restarted (a new epoch appeared)
     rejected: dict[RejectReason, int] = field(default_factory=dict)
 
     @property
