@@ -524,7 +524,11 @@ class Gateway:
                 self._tun_tunnel.gate.deliver(plaintext)
             return
         if peer == self.far_key:
-            self.prober.on_authenticated(uplink.name, source, now, len(data))
+            path = self.prober.on_authenticated(uplink.name, source, now, len(data))
+            if path is not None and path.state_since == now:
+                # A path just learned or just active: log it and reschedule now (the core's
+                # roaming events, which used to prompt this, are off).
+                self._after_prober()
             if not plaintext:
                 return  # keepalive
             kind = plaintext[0]
