@@ -341,19 +341,22 @@ class Site:
         )
         lab = self.lab
         lab._veth(self.host_ns, up.name, self.router_ns, up.router_if)
-        lab._ip(self.host_ns, "addr", "add", f"{up.address}/24", "dev", up.name)
+        # Router side and its NAT rule first, the host address last: a gateway uses the new
+        # address the moment it appears, and a first packet that left before its SNAT rule
+        # existed would pin an un-NATed conntrack entry.
         lab._ip(self.router_ns, "addr", "add", f"{up.gateway}/24", "dev", up.router_if)
         lab._ip(self.router_ns, "link", "set", up.router_if, "up")
-        lab._ip(self.host_ns, "link", "set", up.name, "up")
         lab._ip(self.router_ns, "addr", "add", f"{up.public_address}/24", "dev", "wan")
         self.uplinks.append(up)
         self.uplinks.sort(key=lambda u: u.index)
-        self._host_routes(up)
+        self._write_nft()
         lab._ip(
             self.host_ns,
             "rule", "add", "from", up.address, "lookup", str(up.table), "pref", str(1000 + i),
         )  # fmt: skip
-        self._write_nft()
+        lab._ip(self.host_ns, "link", "set", up.name, "up")
+        lab._ip(self.host_ns, "addr", "add", f"{up.address}/24", "dev", up.name)
+        self._host_routes(up)
         return up
 
     def remove_uplink(self, up: Uplink) -> None:
