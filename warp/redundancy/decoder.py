@@ -79,6 +79,27 @@ class ShardDecoder:
 
     Sans-I/O: `receive` and `tick` take the current time and return the datagrams ready
     for the application; `next_deadline` says when `tick` must next be called.
+
+    - A block is rebuilt from the first k distinct shards (joined as they are when they
+      are the k data shards, zfec-decoded otherwise); later shards of a rebuilt or
+      abandoned block cost a header unpack and a ring lookup (`duplicates`).
+    - Incomplete blocks are abandoned after `block_timeout`, or when more than
+      `max_blocks_in_flight` are open (oldest first).
+    - Sequence numbers more than `window` blocks behind the highest seen are refused
+      (`stale`): within the window, the ring tells a finished block from a new one.
+    - `max_shard_size` (payload bytes) caps what one shard may make us hold: give it
+      `max_shard_payload(mtu)` of the largest MTU the peer may use.
+    - `ordered`: deliver in sequence, holding a datagram behind a gap for at most
+      `reorder_timeout`, then skipping the gap (see `ReorderBuffer`).
+    - A shard with a new epoch means the sender restarted: the stream state is reset and
+      the new stream followed. Shards of an epoch left behind are refused while the
+      current stream is alive (started a block within 2 `block_timeout`s); after that,
+      the old one is followed again (a fail-back), but never below the sequence number
+      it had reached. A shard a full `window` behind, once the stream is silent, is a
+      restarted sender that drew a known epoch: followed (`resyncs`).
+
+    Exactly-once delivery assumes no shard arrives a full `window` of blocks late, which
+    WireGuard's replay window (8312 messages) guarantees for the default window.
     """
 
     def __init__(
@@ -275,8 +296,15 @@ class ShardDecoder:
             extended = self._highest_extended = highest + delta
             self._highest_raw = seq
         else:  # behind the highest (or equal to it: only possible at a fail-back floor)
-            extended = highest + delta - SEQUENCE_MODULUS
+            extended = highest + delta - SEQUENCE_MODULUS if delta else highest
             if highest - extended >= self.window or extended <= self._floor:
+                # A full window behind is no straggler of this stream (WireGuard's replay
+                # window drops anything that late): a restarted sender drew an epoch we
+                # know. Follow it once the old stream is silent.
+                far_behind = max(highest, self._floor) - extended >= self.window
+                if far_behind and self._stream_silent(now):
+                    self.stats.resyncs += 1
+                    return self.reset() + self.receive(frame, now)
                 return self._reject(RejectReason.STALE)
         pending = self._pending
         if len(pending) >= self.max_blocks_in_flight:

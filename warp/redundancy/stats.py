@@ -33,6 +33,7 @@ class DecoderStats:
     blocks_skipped: int = 0  # ordered mode: sequence numbers given up after reorder_timeout
     datagrams_late: int = 0  # ordered mode: rebuilt after their place was skipped; dropped
     epoch_changes: int = 0  # the sender restarted (a new epoch appeared)
+    resyncs: int = 0  # the sender restarted with an epoch already seen (far-behind sequence)
     rejected: dict[RejectReason, int] = field(default_factory=dict)
 
     @property
