@@ -257,7 +257,8 @@ def _gateway(args: argparse.Namespace) -> int:
             print(f"demo.cut uplink={args.cut} (simulated in this process)", file=sys.stderr)
 
         loop.add_signal_handler(signal.SIGUSR1, do_cut)
-        gateway = Gateway(config, static_uplinks=[(n, a) for n, a in static])
+        # SIGUSR1 is this wrapper's "cut", not the gateway's rekey hook.
+        gateway = Gateway(config, static_uplinks=[(n, a) for n, a in static], rekey_signal=False)
         real_receive = gateway._on_uplink_datagram
 
         def receive(uplink: Any, data: bytes, source: Any) -> None:
