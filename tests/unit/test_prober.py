@@ -321,3 +321,45 @@ def test_random_frames_never_raise(frame: bytes, now: float) -> None:
     parse_probe(frame)
     prober.tick(now)
     assert len(prober) <= 2
+
+
+def _uncached_deadline(prober: PathProber) -> float | None:
+    prober._deadline_valid = False
+    return prober.next_deadline()
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["auth", "auth", "auth", "candidate", "reply", "tick", "remove"]),
+            st.sampled_from(["up1", "up2"]),
+            st.sampled_from([A, B, ("192.0.2.5", 6000)]),
+            st.floats(min_value=0.0, max_value=2.0),
+        ),
+        max_size=60,
+    )
+)
+def test_cached_next_deadline_matches_a_full_recompute(
+    ops: list[tuple[str, str, Address, float]],
+) -> None:
+    """The O(1) per-packet `next_deadline` is always what a full pass over the paths gives."""
+    prober = PathProber(1.0, 3.0, random.Random(7), max_paths=4)
+    now = 0.0
+    probes: list[tuple[str, Address, bytes]] = []
+    for op, uplink, remote, dt in ops:
+        now += dt
+        if op == "auth":
+            prober.on_authenticated(uplink, remote, now, 100)
+        elif op == "candidate":
+            prober.add_candidate(uplink, remote, "map", now)
+        elif op == "reply" and probes:
+            up, rem, frame = probes.pop()
+            reply = make_probe_reply(frame)
+            assert reply is not None
+            prober.on_probe_reply(reply, up, rem, now)
+        elif op == "tick":
+            probes.extend(prober.tick(now))
+        elif op == "remove":
+            prober.remove_path(uplink, remote)
+        cached = prober.next_deadline()
+        assert cached == _uncached_deadline(prober)

@@ -159,6 +159,11 @@ class PathProber:
         self._next_id = self._rng.getrandbits(32)
         self._paths: dict[PathKey, Path] = {}
         self._events: list[PathEvent] = []
+        # `next_deadline()` is asked after every authenticated packet: it is cached, and only
+        # recomputed (O(paths)) after a change that may move it earlier or that touched the
+        # path defining it. `_deadline_valid` False means "recompute on the next ask".
+        self._deadline: float | None = None
+        self._deadline_valid = False
         # Counters (peers cannot raise into us: bad input becomes a number).
         self.bad_frames = 0
         self.unmatched_replies = 0
@@ -184,7 +189,11 @@ class PathProber:
         return events
 
     def next_deadline(self) -> float | None:
-        """When `tick` next has something to do (a probe, a timeout), or None if no paths."""
+        """When `tick` next has something to do (a probe, a timeout), or None if no paths.
+        O(1) while only `on_authenticated` traffic on active paths happened since the last
+        call (the per-packet case); otherwise one pass over the paths."""
+        if self._deadline_valid:
+            return self._deadline
         deadline: float | None = None
         for path in self._paths.values():
             d = path.next_probe_at
@@ -194,6 +203,8 @@ class PathProber:
                 d = min(d, path.state_since + self.forget_after)
             if deadline is None or d < deadline:
                 deadline = d
+        self._deadline = deadline
+        self._deadline_valid = True
         return deadline
 
     # --- inputs -------------------------------------------------------------------------
@@ -224,7 +235,8 @@ class PathProber:
     ) -> Path | None:
         """An authenticated packet arrived on (uplink, remote): the path is alive. An unknown
         remote is learned (roaming / symmetric NAT). Returns the path (None if table full)."""
-        remote = _norm(remote)
+        if len(remote) != 2:
+            remote = (remote[0], remote[1])
         path = self._paths.get((uplink, remote))
         if path is None:
             path = self._learn(uplink, remote, now)
@@ -232,6 +244,22 @@ class PathProber:
                 return None
         path.rx_packets += 1
         path.rx_bytes += nbytes
+        # Inlined `_touch` for the per-packet case: an active path heard from again.
+        if path.state is PathState.ACTIVE:
+            last = path.last_authenticated
+            if last is None or now > last:
+                path.last_authenticated = now
+                deadline = self._deadline
+                if self._deadline_valid and deadline is not None:
+                    # This path's liveness deadline moves later; the cached minimum stays
+                    # exact unless that deadline was (or tied with) the minimum.
+                    since = path.state_since
+                    ref = since if last is None or last < since else last
+                    if ref + self.path_timeout <= deadline:
+                        self._deadline_valid = False
+                else:
+                    self._deadline_valid = False
+            return path
         self._touch(path, now)
         return path
 
@@ -277,12 +305,14 @@ class PathProber:
         path = self._paths.pop((uplink, _norm(remote)), None)
         if path is None:
             return False
+        self._deadline_valid = False
         self._events.append(PathRemoved(path, reason, None))
         return True
 
     def remove_uplink(self, uplink: str) -> list[Path]:
         """Forget every path on an uplink that is gone."""
         gone = [p for p in self._paths.values() if p.uplink == uplink]
+        self._deadline_valid = False
         for path in gone:
             del self._paths[path.key]
             self._events.append(PathRemoved(path, "uplink removed", None))
@@ -292,6 +322,7 @@ class PathProber:
         """Forget every path to a remote address (e.g. the map no longer lists it)."""
         remote = _norm(remote)
         gone = [p for p in self._paths.values() if p.remote == remote]
+        self._deadline_valid = False
         for path in gone:
             del self._paths[path.key]
             self._events.append(PathRemoved(path, "remote removed", None))
@@ -301,6 +332,7 @@ class PathProber:
 
     def tick(self, now: float) -> list[ProbeToSend]:
         """Advance to `now`: time out silent paths, settle lost probes, emit due probes."""
+        self._deadline_valid = False
         out: list[ProbeToSend] = []
         for path in list(self._paths.values()):
             if path.state is not PathState.DEAD:
@@ -333,6 +365,7 @@ class PathProber:
     def _touch(self, path: Path, now: float) -> None:
         if path.last_authenticated is None or now > path.last_authenticated:
             path.last_authenticated = now
+            self._deadline_valid = False
         if path.state is not PathState.ACTIVE:
             self._set_state(path, PathState.ACTIVE, now)
 
@@ -342,6 +375,7 @@ class PathProber:
             return
         path.state = new
         path.state_since = now
+        self._deadline_valid = False
         self._events.append(PathStateChanged(path, old, new, now))
 
     def _learn(self, uplink: str, remote: Address, now: float) -> Path | None:
@@ -357,6 +391,7 @@ class PathProber:
             return None
         path = Path(uplink=uplink, remote=remote, source=source, created_at=now, state_since=now)
         self._paths[path.key] = path
+        self._deadline_valid = False
         self._events.append(PathAdded(path, now))
         return path
 
@@ -374,10 +409,12 @@ class PathProber:
             ),
         )
         del self._paths[victim.key]
+        self._deadline_valid = False
         self._events.append(PathRemoved(victim, "evicted: path table full", now))
         return True
 
     def _start_burst(self, path: Path, now: float) -> None:
+        self._deadline_valid = False
         path.burst_anchor = now
         path.burst_index = 0
         path.next_probe_at = now + self.burst[0]
