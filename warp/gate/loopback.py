@@ -17,8 +17,16 @@ from warp.gate.base import DatagramSocketGate, GateError, OnDatagram, set_socket
 
 __all__ = ["LOOPBACK_SOCKET_BUFFER", "LoopbackGate"]
 
-#: SO_RCVBUF / SO_SNDBUF asked for (the kernel caps it at net.core.[rw]mem_max)
-LOOPBACK_SOCKET_BUFFER = 4 * 1024 * 1024
+#: SO_RCVBUF / SO_SNDBUF asked for (the kernel doubles it for its bookkeeping and caps it at
+#: net.core.[rw]mem_max). The receive queue is where application datagrams wait while the
+#: gateway is busy, so its size bounds added latency, not just loss. Measured on loopback,
+#: 1 MiB asked (2 MiB effective) holds ~910 datagrams of 1400 B: at most ~40-60 ms of queue
+#: at the 15-25 k/s a gateway drains, while still absorbing a 1000-datagram burst of small
+#: datagrams (~1640 of 400 B; tests/unit/test_gates.py) and ~90 ms of stall at 10 k/s. The
+#: former 4 MiB held ~3640 of 1400 B: under overload datagrams queued for ~250 ms
+#: (bench/throughput.py: p50 53 ms at 15 k/s) instead of being dropped at once. 512 KiB
+#: (~455 / ~820 of 400 B) would drop that small-datagram burst.
+LOOPBACK_SOCKET_BUFFER = 1024 * 1024
 
 
 class LoopbackGate(DatagramSocketGate):
