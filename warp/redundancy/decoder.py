@@ -425,16 +425,22 @@ class ShardDecoder:
 
     def next_deadline(self) -> float | None:
         """When `tick` must next run, or None if nothing is waiting."""
-        deadlines = []
-        if self._pending:
-            deadlines.append(next(iter(self._pending.values()))[_CREATED] + self.block_timeout)
-        if self._partials:
-            deadlines.append(next(iter(self._partials.values())).created + self.block_timeout)
-        if self._reorder is not None:
-            reorder_deadline = self._reorder.deadline()
-            if reorder_deadline is not None:
-                deadlines.append(reorder_deadline)
-        return min(deadlines) if deadlines else None
+        # Asked after every shard: no list, no iterator object, no min() call.
+        deadline: float | None = None
+        for block in self._pending.values():
+            deadline = block[_CREATED] + self.block_timeout
+            break
+        for partial in self._partials.values():
+            t = partial.created + self.block_timeout
+            if deadline is None or t < deadline:
+                deadline = t
+            break
+        reorder = self._reorder
+        if reorder is not None:
+            t2 = reorder.deadline()
+            if t2 is not None and (deadline is None or t2 < deadline):
+                deadline = t2
+        return deadline
 
     # ---- introspection -----------------------------------------------------------------
 
