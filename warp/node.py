@@ -12,6 +12,15 @@ id) and what that rebuilds goes out of the tunnel's gate; probes are answered or
 map frames go to the `MapClient`.
 
 Each sans-I/O object has one timer (`TimerSlot`), re-armed only when its deadline changes.
+
+Back-pressure: `_flush` takes nothing from the send queue while an uplink its shards would go
+to is unwritable (its socket's send buffer is full: the link is saturated). It *holds*: the
+gates are paused first (a Unix gate's blocking sender then waits in `send()`), and the few
+datagrams warp had already taken are parked with their deadline clock stopped, so a held
+application sees no `send_deadline` drops: the deadline bounds warp's own queueing, not the
+time the link makes the application wait. When every sending uplink is writable again
+(`on_writable`), the parked datagrams go back to the queue with the rest of their budget, are
+sent, and the gates resume.
 """
 
 from __future__ import annotations
@@ -82,6 +91,9 @@ _PROBE_REPLY = int(FrameType.PROBE_REPLY)
 SEND_QUEUE_LENGTH = 4096
 #: Gates pause (back-pressure) while this many datagrams wait to be sent.
 SEND_QUEUE_PAUSE = 1024
+#: While held by full uplinks, `_flush` also re-checks this often (an uplink rebuilt or removed
+#: under the hold calls no `on_writable`).
+HOLD_RECHECK = 0.050
 #: Map frames held until the map session is up (then sent from their own uplink).
 MAP_PENDING_LIMIT = 64
 #: First retry of an unanswered map request (doubling). A new uplink's first registration is
@@ -275,6 +287,11 @@ class Gateway:
         self._started_at = time.monotonic()
         self._flush_scheduled = False
         self._paused_gates: set[Gate] = set()
+        # Back-pressure (`_hold`): datagrams taken before the hold, as (tunnel id, datagram,
+        # seconds left of their send deadline).
+        self._held = False
+        self._parked: list[tuple[int, bytes, float]] = []
+        self.holds = 0
         self._last_initiation: bytes | None = None
         # Simultaneous initiation (both sides initiate at once, e.g. on the same map push):
         # each answers the other's initiation, which replaces its own initiator state, so
@@ -409,6 +426,7 @@ class Gateway:
                 self._static_uplinks,
                 on_datagram=self._on_uplink_datagram,
                 on_change=self._on_uplink_change,
+                on_writable=self._on_uplink_writable,
                 listen_port=self.config.listen_port,
                 max_consecutive_failures=interfaces.max_consecutive_failures,
             )
@@ -428,6 +446,7 @@ class Gateway:
                 max_consecutive_failures=interfaces.max_consecutive_failures,
                 on_datagram=self._on_uplink_datagram,
                 on_change=self._on_uplink_change,
+                on_writable=self._on_uplink_writable,
             )
         await self.uplinks.start()
 
@@ -504,6 +523,10 @@ class Gateway:
             self._ensure_session(now)
         self._after_prober()
         self._after_map()
+
+    def _on_uplink_writable(self, uplink: Uplink) -> None:
+        if self._held:
+            self._schedule_flush()
 
     def _on_uplink_datagram(self, uplink: Uplink, data: bytes, source: Address) -> None:
         now = self._loop.time()  # type: ignore[union-attr]
@@ -920,6 +943,11 @@ class Gateway:
             self._after_device(now)
             return None
         transport = tunnel.config.transport
+        if self._held:
+            # Taken with the gate already asked to pause: parked, the gate stops now.
+            self._parked.append((tunnel.tunnel_id, payload, transport.send_deadline))
+            self._paused_gates.add(gate)
+            return False
         self.send_queue.push(
             tunnel.tunnel_id, payload, now, transport.send_deadline, transport.priority
         )
@@ -941,6 +969,7 @@ class Gateway:
         queue = self.send_queue
         peer = self.device.peer(self.far_key)
         if peer is None or not peer.has_session:
+            self._release(now)
             if len(queue):
                 self.counters["no_session"] += queue.drop_expired(now)
                 self._ensure_session(now)
@@ -949,11 +978,18 @@ class Gateway:
         by_uplink = self._update_schedulers()
         uplinks = self.uplinks.uplinks if self.uplinks is not None else {}
         if not by_uplink or not uplinks:
+            self._release(now)
             if len(queue):
                 self.counters["no_path"] += queue.drop_expired(now)
             self._queue_timer.arm(queue.next_expiry())
             return
         targets = {name: (uplinks.get(name), paths) for name, paths in by_uplink.items()}
+        sending = [uplink for uplink, _ in targets.values() if uplink is not None]
+        if not all(uplink.writable for uplink in sending):
+            self._hold(now)
+            self._queue_timer.arm(now + HOLD_RECHECK)
+            return
+        self._release(now)
         rotation = self._rotation
         seal = self.device.seal
         far_key = self.far_key
@@ -978,14 +1014,47 @@ class Gateway:
                         path.tx_bytes += len(wire)
                     else:
                         send_failed += 1
+            if not all(uplink.writable for uplink in sending):
+                self._hold(now)  # an uplink's socket just filled up: take no more
+                break
         if send_failed:
             self.counters["send_failed"] += send_failed
         self._after_device(now)
-        if self._paused_gates:
+        if self._held:
+            self._queue_timer.arm(now + HOLD_RECHECK)
+            return
+        if self._paused_gates and len(queue) < SEND_QUEUE_PAUSE:
             paused, self._paused_gates = self._paused_gates, set()
             for gate in paused:
                 gate.resume_reading()
         self._queue_timer.arm(queue.next_expiry())
+
+    def _hold(self, now: float) -> None:
+        """Back-pressure on: pause every gate, park what is queued (deadline clock stopped)."""
+        if not self._held:
+            self._held = True
+            self.holds += 1
+        queue = self.send_queue
+        parked = self._parked
+        while (item := queue.pop(now)) is not None:
+            parked.append((item.tunnel_id, item.datagram, item.expires_at - now))
+        for tunnel in self.tunnels.values():
+            gate = tunnel.gate
+            if gate is not None and gate not in self._paused_gates:
+                gate.pause_reading()
+                self._paused_gates.add(gate)
+
+    def _release(self, now: float) -> None:
+        """Back-pressure off: the parked datagrams go back to the queue, with their budget."""
+        if not self._held:
+            return
+        self._held = False
+        parked, self._parked = self._parked, []
+        queue = self.send_queue
+        tunnels = self._tunnels_by_id
+        for tunnel_id, datagram, remaining in parked:
+            priority = tunnels[tunnel_id].config.transport.priority
+            queue.push(tunnel_id, datagram, now, remaining, priority)
 
     def _rearm(self) -> None:
         self._device_timer.arm(self.device.next_deadline())
@@ -1009,6 +1078,8 @@ class Gateway:
                         "local_address": local,
                         "state": "down" if uplink.closed else "up",
                         "send_errors": uplink.errors,
+                        "tx_dropped": uplink.tx_dropped,
+                        "writable": uplink.writable,
                     }
                 )
         for path in self.prober.paths:

@@ -32,12 +32,23 @@ from warp.paths.path import Address
 
 log = logging.getLogger("warp.paths.uplinks")
 
-DEFAULT_SOCKET_BUFFER = 4 << 20
+DEFAULT_RECEIVE_BUFFER = 4 << 20
+"""SO_RCVBUF of an uplink socket."""
+DEFAULT_SEND_BUFFER = 128 << 10
+"""SO_SNDBUF asked for an uplink socket; the kernel doubles it: 256 KiB of skb truesize,
+~1 s of queue at 2 Mbit/s, ~0.1 s at 20 Mbit/s. UDP datagrams queued in the interface's
+qdisc (a shaper such as tbf, a slow modem's queue) count against it, so it is what bounds the
+kernel's queueing delay on a saturated uplink: when it is full the socket stops taking
+datagrams, the uplink becomes unwritable and the gateway holds its gates (back-pressure)
+instead of filling a qdisc that then drops silently."""
 DEFAULT_MAX_DATAGRAM = 1 << 16
 """Receive buffer per datagram on the stock loop (its default, 256 KiB, costs an mmap per read;
 64 KiB is below the mmap threshold and still never truncates a UDP payload)."""
-WRITE_BUFFER_HIGH = 256 << 10
-"""Past this much queued in the transport (socket full), `send` drops instead of queueing."""
+WRITE_BUFFER_LIMIT = 256 << 10
+"""Past this much queued in the transport (socket full), `send` drops instead of queueing.
+The uplink is unwritable (`Uplink.writable`) as soon as anything waits there: the gateway
+stops sending tunnel data to it, so only small control frames (probes, handshakes) can land
+in this margin."""
 REBUILD_MIN_INTERVAL = 1.0
 """An uplink is rebuilt at most this often, however fast its sends fail."""
 
@@ -45,6 +56,7 @@ REBUILD_MIN_INTERVAL = 1.0
 _DATAGRAM_ERRNOS = frozenset({errno.EMSGSIZE, errno.EAFNOSUPPORT, errno.EDESTADDRREQ})
 
 OnDatagram = Callable[["Uplink", bytes, Address], None]
+OnWritable = Callable[["Uplink"], None]
 
 
 def _compile(patterns: Iterable[str | re.Pattern[str]]) -> list[re.Pattern[str]]:
@@ -161,10 +173,21 @@ class Uplink:
     def local_address(self) -> Address:
         return (self.address, self.local_port)
 
+    @property
+    def writable(self) -> bool:
+        """False while the socket's send buffer is full (datagrams wait in the transport) or
+        the uplink is closed; `on_writable` is called when it drains."""
+        return self._writable and self._transport is not None
+
     def send(self, data: bytes, addr: Address) -> bool:
-        """Queue one datagram (non-blocking). False if it was dropped or failed at once."""
+        """Queue one datagram (non-blocking). False if it was dropped or failed at once.
+
+        While the uplink is unwritable, datagrams still queue in the transport up to
+        `WRITE_BUFFER_LIMIT` bytes; past that (or closed) they are dropped (`tx_dropped`)."""
         transport = self._transport
-        if transport is None or not self._writable:
+        if transport is None or (
+            not self._writable and transport.get_write_buffer_size() >= WRITE_BUFFER_LIMIT  # type: ignore[attr-defined]
+        ):
             self.tx_dropped += 1
             return False
         errors = self.errors
@@ -210,9 +233,16 @@ class Uplink:
 
 
 class _UplinkProtocol(asyncio.DatagramProtocol):
-    def __init__(self, uplink: Uplink, on_datagram: OnDatagram, max_datagram: int) -> None:
+    def __init__(
+        self,
+        uplink: Uplink,
+        on_datagram: OnDatagram,
+        max_datagram: int,
+        on_writable: OnWritable | None = None,
+    ) -> None:
         self._uplink = uplink
         self._on_datagram = on_datagram
+        self._on_writable = on_writable
         self._max_datagram = max_datagram
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -222,7 +252,8 @@ class _UplinkProtocol(asyncio.DatagramProtocol):
         if hasattr(transport, "max_size"):
             transport.max_size = self._max_datagram
         with contextlib.suppress(AttributeError, NotImplementedError):  # loop dependent
-            transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)  # type: ignore[attr-defined]
+            # Paused as soon as one datagram waits in the transport (the socket is full).
+            transport.set_write_buffer_limits(high=0)  # type: ignore[attr-defined]
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         uplink = self._uplink
@@ -244,7 +275,14 @@ class _UplinkProtocol(asyncio.DatagramProtocol):
         self._uplink._writable = False
 
     def resume_writing(self) -> None:
-        self._uplink._writable = True
+        uplink = self._uplink
+        uplink._writable = True
+        if self._on_writable is not None:
+            try:
+                self._on_writable(uplink)
+            except Exception:
+                uplink.callback_errors += 1
+                log.exception("uplink.callback_error uplink=%s", uplink.name)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed.done():
@@ -279,8 +317,10 @@ class UplinkManager:
         max_consecutive_failures: int = 10,
         on_datagram: OnDatagram,
         on_change: Callable[[UplinkEvent], None] | None = None,
+        on_writable: OnWritable | None = None,
         static: Sequence[tuple[str, str]] | None = None,
-        socket_buffer: int = DEFAULT_SOCKET_BUFFER,
+        receive_buffer: int = DEFAULT_RECEIVE_BUFFER,
+        send_buffer: int = DEFAULT_SEND_BUFFER,
         max_datagram_size: int = DEFAULT_MAX_DATAGRAM,
     ) -> None:
         if not 0 <= listen_port <= 65535:
@@ -295,10 +335,12 @@ class UplinkManager:
         self.listen_port = listen_port
         self.scan_interval = float(scan_interval)
         self.max_consecutive_failures = max_consecutive_failures
-        self.socket_buffer = socket_buffer
+        self.receive_buffer = receive_buffer
+        self.send_buffer = send_buffer
         self.max_datagram_size = max_datagram_size
         self._on_datagram = on_datagram
         self._on_change = on_change
+        self._on_writable = on_writable
         self._static = None if static is None else [(n, a) for n, a in static]
         if self._static is not None:
             names = [n for n, _ in self._static]
@@ -325,10 +367,12 @@ class UplinkManager:
         *,
         on_datagram: OnDatagram,
         on_change: Callable[[UplinkEvent], None] | None = None,
+        on_writable: OnWritable | None = None,
         listen_port: int = 0,
         max_consecutive_failures: int = 10,
         scan_interval: float = 10.0,
-        socket_buffer: int = DEFAULT_SOCKET_BUFFER,
+        receive_buffer: int = DEFAULT_RECEIVE_BUFFER,
+        send_buffer: int = DEFAULT_SEND_BUFFER,
         max_datagram_size: int = DEFAULT_MAX_DATAGRAM,
     ) -> UplinkManager:
         """Uplinks bound to given local addresses, e.g. `[("lo0", "127.0.0.1"), ("lo1",
@@ -336,12 +380,14 @@ class UplinkManager:
         return cls(
             on_datagram=on_datagram,
             on_change=on_change,
+            on_writable=on_writable,
             listen_port=listen_port,
             max_consecutive_failures=max_consecutive_failures,
             scan_interval=scan_interval,
             static=list(uplinks),
             bind_to_device=False,
-            socket_buffer=socket_buffer,
+            receive_buffer=receive_buffer,
+            send_buffer=send_buffer,
             max_datagram_size=max_datagram_size,
         )
 
@@ -593,8 +639,8 @@ class UplinkManager:
                             uplink.name,
                             exc,
                         )
-            _set_buffer(sock, _SO_RCVBUFFORCE, socket.SO_RCVBUF, self.socket_buffer)
-            _set_buffer(sock, _SO_SNDBUFFORCE, socket.SO_SNDBUF, self.socket_buffer)
+            _set_buffer(sock, _SO_RCVBUFFORCE, socket.SO_RCVBUF, self.receive_buffer)
+            _set_buffer(sock, _SO_SNDBUFFORCE, socket.SO_SNDBUF, self.send_buffer)
             if uplink.family == socket.AF_INET6:
                 sock.bind((uplink.address, port, 0, 0))
             else:
@@ -607,7 +653,9 @@ class UplinkManager:
     async def _open(self, uplink: Uplink, port: int) -> None:
         sock = self._make_socket(uplink, port)
         loop = asyncio.get_running_loop()
-        protocol = _UplinkProtocol(uplink, self._on_datagram, self.max_datagram_size)
+        protocol = _UplinkProtocol(
+            uplink, self._on_datagram, self.max_datagram_size, self._on_writable
+        )
         try:
             transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
         except BaseException:
