@@ -1,5 +1,6 @@
 """Micro-benchmark of the WireGuard core's hot paths: ``Device.seal`` and the transport branch of
-``Device.receive`` for 1400-byte plaintexts, plus a full handshake for scale.
+``Device.receive`` for 1400-byte plaintexts, ``Device.seal_many`` on blocks of 5 (the shards of
+one (3, 5) block), plus a full handshake for scale.
 
 Run: ``python bench/wireguard_core.py [--rounds 15] [--batch 20000]``. Prints medians in µs per
 call (median over rounds of the mean per batch).
@@ -38,6 +39,7 @@ def bench(rounds: int, batch: int, size: int) -> dict[str, float]:
     seal_times: list[float] = []
     recv_times: list[float] = []
     both_times: list[float] = []
+    many_times: list[float] = []
     now = 1.0
     for _ in range(rounds):
         seal = a.seal
@@ -51,6 +53,12 @@ def bench(rounds: int, batch: int, size: int) -> dict[str, float]:
         for _ in range(batch):
             receive(seal(key_b, plaintext, now), A_ADDR, now)  # type: ignore[arg-type]
         t3 = time.perf_counter()
+        seal_many = a.seal_many
+        block = [plaintext] * 5
+        for _ in range(batch // 5):
+            seal_many(key_b, block, now)
+        t4 = time.perf_counter()
+        many_times.append((t4 - t3) / (batch // 5 * 5) * 1e6)
         seal_times.append((t1 - t0) / batch * 1e6)
         recv_times.append((t2 - t1) / batch * 1e6)
         both_times.append((t3 - t2) / batch * 1e6)
@@ -75,6 +83,7 @@ def bench(rounds: int, batch: int, size: int) -> dict[str, float]:
         f"seal {size} B": statistics.median(seal_times),
         f"receive {size} B": statistics.median(recv_times),
         f"seal+receive {size} B": statistics.median(both_times),
+        f"seal_many 5 x {size} B, per packet": statistics.median(many_times),
         "handshake (initiation+response+completion, both sides)": statistics.median(hs_times),
     }
 

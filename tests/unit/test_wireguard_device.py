@@ -894,3 +894,51 @@ def test_multipath_duplicates_first_wins() -> None:
     events = b.device.drain_events()
     assert PeerRoamed(a.key, path1, path2) in events
     assert not b.device.has_events
+
+
+def _sealing_pair(keepalive: float | None) -> tuple[Device, Device]:
+    a, b = make_device(11, mtu=1420), make_device(12, mtu=1420)
+    a.add_peer(b.public_key, endpoint=B_ADDR)
+    b.add_peer(a.public_key)
+    if keepalive is not None:
+        a.set_persistent_keepalive(b.public_key, keepalive)
+    a.initiate_handshake(b.public_key, 0.0)
+    Link(a, b, A_ADDR, B_ADDR).pump(0.0)
+    return a, b
+
+
+@pytest.mark.parametrize("keepalive", [None, 25.0])
+@pytest.mark.parametrize(
+    "sizes", [[1400] * 5, [0, 1, 15, 16, 1419, 1420, 1421, 3000], [], [b for b in range(40)]]
+)
+def test_seal_many_is_seal_in_a_loop(keepalive: float | None, sizes: list[int]) -> None:
+    """Same wire bytes, counters and timers as one `seal` per plaintext, and the peer opens
+    all of them."""
+    a1, b1 = _sealing_pair(keepalive)
+    a2, _ = _sealing_pair(keepalive)
+    key = b1.public_key
+    plaintexts = [b"\x01" * n for n in sizes]
+    for now in (1.0, 2.5):
+        one_by_one = [a1.seal(key, p, now) for p in plaintexts]
+        batched = a2.seal_many(key, plaintexts, now)
+        assert batched == one_by_one
+        for msg in batched:
+            assert msg is not None
+            assert b1.receive(msg, A_ADDR, now) is not None
+    p1, p2 = a1.peer(key), a2.peer(key)
+    assert p1 is not None and p2 is not None
+    for field in ("tx_bytes", "tx_packets", "persistent_at", "keepalive_at", "new_handshake_at"):
+        assert getattr(p1, field) == getattr(p2, field), field
+    assert a1.next_deadline() == a2.next_deadline()
+    assert a1.drain_outgoing() == a2.drain_outgoing()
+
+
+def test_seal_many_without_a_session_stages_like_seal() -> None:
+    a, b = make_device(13), make_device(14)
+    a.add_peer(b.public_key, endpoint=B_ADDR)
+    b.add_peer(a.public_key)
+    assert a.seal_many(b.public_key, [b"\x01x", b"\x01y"], 0.0) == [None, None]
+    assert [o.kind.name for o in a.drain_outgoing()] == ["INITIATION"]
+    peer = a.peer(b.public_key)
+    assert peer is not None and list(peer.staged) == [b"\x01x", b"\x01y"]
+    assert a.seal_many(b"\x00" * 32, [b"\x01"], 0.0) == [None]

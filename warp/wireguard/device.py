@@ -409,6 +409,72 @@ class Device:
             self._flush_staged(peer, kp, now)
         return self._encrypt(peer, kp, plaintext, now)
 
+    def seal_many(
+        self, peer_key: bytes, plaintexts: Sequence[bytes], now: float
+    ) -> list[bytes | None]:
+        """:meth:`seal` each of ``plaintexts`` (e.g. the shards of one block) for one peer.
+
+        Same result as ``[seal(peer_key, p, now) for p in plaintexts]``, but the peer lookup,
+        session checks and timer bookkeeping run once per call instead of once per packet."""
+        peer = self._peers.get(peer_key)
+        kp = peer.current if peer is not None else None
+        count = len(plaintexts)
+        if (
+            peer is None
+            or kp is None
+            or peer.staged
+            or kp.send_counter + count >= REKEY_AFTER_MESSAGES
+            or now - kp.created >= REKEY_AFTER_TIME
+        ):
+            # Anything unusual (no session, staged packets, a rekey or expiry near): one by one.
+            seal = self.seal
+            return [seal(peer_key, p, now) for p in plaintexts]
+        send = kp.send
+        if send is None or count == 0:
+            seal = self.seal
+            return [seal(peer_key, p, now) for p in plaintexts]
+        encrypt = send.encrypt
+        mtu = self.mtu
+        remote_index = kp.remote_index
+        counter = kp.send_counter
+        out: list[bytes | None] = []
+        append = out.append
+        tx_bytes = 0
+        data = False
+        for plaintext in plaintexts:
+            n = len(plaintext)
+            if n:
+                data = True
+            pad = -n & 15
+            if pad:
+                if mtu:
+                    last = n % mtu if n > mtu else n
+                    padded = (last + 15) & -16
+                    pad = (mtu if padded > mtu else padded) - last
+                if pad:
+                    plaintext = plaintext + _PAD[pad]
+            msg = _header_pack(MESSAGE_TRANSPORT, remote_index, counter) + encrypt(
+                _nonce(counter), plaintext, None
+            )
+            counter += 1
+            tx_bytes += len(msg)
+            append(msg)
+        kp.send_counter = counter
+        peer.tx_bytes += tx_bytes
+        peer.tx_packets += count
+        # timers, as _encrypt once per packet (all at the same `now`)
+        pk = peer.persistent_keepalive
+        if pk is not None:
+            if peer.persistent_at is None:
+                self._arm(peer, now + pk)
+            peer.persistent_at = now + pk
+        peer.keepalive_at = None
+        if data and peer.new_handshake_at is None:
+            t = now + NEW_HANDSHAKE_TIME + self._jitter()
+            peer.new_handshake_at = t
+            self._arm(peer, t)
+        return out
+
     def _encrypt(self, peer: Peer, kp: Keypair, plaintext: bytes, now: float) -> bytes:
         counter = kp.send_counter
         kp.send_counter = counter + 1
