@@ -160,6 +160,7 @@ def _run_gateway(args: argparse.Namespace) -> int:
 
     from warp.gate.base import GateError
     from warp.logs import configure_logging
+    from warp.metrics import MetricsError
     from warp.node import Gateway, install_event_loop_policy
     from warp.status import ControlSocketError
 
@@ -178,7 +179,7 @@ def _run_gateway(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(main_task())
-    except (GateError, ControlSocketError) as exc:
+    except (GateError, ControlSocketError, MetricsError) as exc:
         print(f"warp: error: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     except PermissionError as exc:

@@ -58,6 +58,7 @@ from warp.map_client.client import (
     UplinkExpired,
     UplinkRegistered,
 )
+from warp.metrics import MetricsExporter, start_gateway_metrics
 from warp.paths.path import Address, Path, PathState
 from warp.paths.prober import (
     PathAdded,
@@ -284,6 +285,8 @@ class Gateway:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.uplinks: UplinkManager | None = None
         self.control: ControlServer | None = None
+        self.metrics: MetricsExporter | None = None
+        self._metrics_task: asyncio.Task[None] | None = None
         self._started_at = time.monotonic()
         self._flush_scheduled = False
         self._paused_gates: set[Gate] = set()
@@ -303,6 +306,7 @@ class Gateway:
         self.collisions = 0
         self._handshake_state = "none"
         self._rekeys = 0
+        self._handshakes = 0
         self._stopping = False
         self.counters: dict[str, int] = {
             "no_session": 0,
@@ -338,6 +342,12 @@ class Gateway:
             await self._start_gates()
             self.control = ControlServer(self._control_path, self.snapshot)
             await self.control.start()
+            if self.config.metrics.listen is not None:
+                # Raises MetricsError (one line) if the address is taken.
+                self.metrics = start_gateway_metrics(self.config.metrics.listen, self.snapshot)
+                self._metrics_task = loop.create_task(
+                    self.metrics.refresh_forever(), name="warp.metrics"
+                )
             log.info(
                 "gateway.started public_key=%s far_gate=%s tunnels=%s uplinks=%s",
                 encode_key(self.config.public_key),
@@ -474,6 +484,13 @@ class Gateway:
             if tunnel.gate is not None:
                 with contextlib.suppress(Exception):
                     await tunnel.gate.close()
+        task, self._metrics_task = self._metrics_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         if self.control is not None:
             await self.control.close()
         if self.uplinks is not None:
@@ -705,6 +722,7 @@ class Gateway:
             if isinstance(event, HandshakeComplete):
                 if event.peer == self.far_key:
                     self._initiating = False
+                    self._handshakes += 1
                     if self._handshake_state == "established":
                         self._rekeys += 1
                     self._handshake_state = "established"
@@ -1163,6 +1181,7 @@ class Gateway:
                 if last_handshake is None
                 else round(now - last_handshake, 3),
                 "rekeys": self._rekeys,
+                "handshakes": self._handshakes,
             },
             "uplinks": uplink_rows,
             "counters": dict(self.counters),
