@@ -32,8 +32,13 @@ from warp.paths.path import Address
 
 log = logging.getLogger("warp.paths.uplinks")
 
-DEFAULT_RECEIVE_BUFFER = 4 << 20
-"""SO_RCVBUF of an uplink socket."""
+DEFAULT_RECEIVE_BUFFER = 512 << 10
+"""SO_RCVBUF asked for an uplink socket; the kernel doubles it: 1 MiB of skb truesize, about
+450 full-size shards (~2.3 KiB each). That absorbs a ~10 ms event-loop stall at 10 000
+datagrams/s with n = 4 (40 000 shards/s), or 50 ms of a 100 Mbit/s uplink, and bounds how long
+a shard can wait there to about as much. 4 MiB (the old value) let the queue grow to 300+ ms
+under load, which `send_deadline` (warp's own queue only) cannot see; a datagram that late is
+worse than a lost one, and FEC covers an occasional overflow."""
 DEFAULT_SEND_BUFFER = 128 << 10
 """SO_SNDBUF asked for an uplink socket; the kernel doubles it: 256 KiB of skb truesize,
 ~1 s of queue at 2 Mbit/s, ~0.1 s at 20 Mbit/s. UDP datagrams queued in the interface's
