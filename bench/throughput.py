@@ -364,7 +364,7 @@ class Bench:
             return statistics.median(vals) if vals else None
 
         cpu = {n: statistics.median(r["cpu"][n] for r in runs) for n in runs[0]["cpu"]}
-        out = {
+        out: dict[str, Any] = {
             k: med(k)
             for k in ("delivered", "achieved", "p50", "p99", "snd_cpu", "rcv_cpu", "box_cpu")
         }
