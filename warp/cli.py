@@ -72,6 +72,21 @@ def _gate_summary(gate: LoopbackGate | UnixGate | TunGate) -> str:
 
 def gateway_summary(config: GatewayConfig) -> str:
     """One line describing a valid gateway config (what `warp check` prints)."""
+    engarde = config.engarde_tunnel
+    if engarde is not None and engarde[1].engarde is not None:
+        name, tunnel = engarde
+        mode = engarde[1].engarde
+        if mode.role == "client":
+            far = "to engarde server " + ", ".join(str(e) for e in config.far_gate.endpoints)
+        else:
+            far = (
+                f"engarde clients on port {config.listen_port}, "
+                f"client_timeout {mode.client_timeout:g} s"
+            )
+        return (
+            f"ok: engarde {mode.role} (engarde's wire format: no FEC, no warp encryption), "
+            f"tunnel {name}, {_gate_summary(tunnel.gate)}, {far}"
+        )
     count = len(config.tunnels)
     tunnels = "; ".join(
         f"{name} → id {tunnel.tunnel_id}, {_gate_summary(tunnel.gate)}"
@@ -173,6 +188,13 @@ def _run_gateway(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
+        if config.engarde_tunnel is not None:
+            from warp.migrate.engarde_wire import EngardeGateway
+
+            engarde = EngardeGateway(config, control_socket=args.socket)
+            logging.getLogger("warp.engarde").info("engarde.starting loop=%s", loop_name)
+            await engarde.run(stop)
+            return
         gateway = Gateway(config, control_socket=args.socket)
         logging.getLogger("warp.node").info("gateway.starting loop=%s", loop_name)
         await gateway.run(stop)

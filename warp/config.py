@@ -49,8 +49,10 @@ from warp.keys import KeyFormatError, decode_key, encode_key, generate_private_k
 __all__ = [
     "DEFAULT_CONTROL_SOCKET",
     "DEFAULT_MAP_PORT",
+    "ENGARDE_NO_KEY",
     "ConfigError",
     "ControlConfig",
+    "EngardeConfig",
     "FarGateConfig",
     "GateConfig",
     "GatewayConfig",
@@ -575,12 +577,34 @@ class TransportConfig(_Model):
     redundancy: RedundancyConfig = Field(default_factory=RedundancyConfig)
 
 
+ENGARDE_NO_KEY = bytes(32)
+"""Stands for the keys an engarde tunnel has no use for (``private_key``,
+``far_gate.public_key``) when the config leaves them out: engarde's wire format carries raw
+WireGuard datagrams, there is no warp peer and no warp handshake."""
+
+
+class EngardeConfig(_Model):
+    """``[tunnels.<name>.engarde]``: speak engarde's wire format instead of warp's.
+
+    ``client``: every datagram from the gate is sent from every uplink to each of
+    ``far_gate.endpoints`` (engarde-server's address); what any uplink receives from them goes
+    to the gate. ``server``: the uplinks listen on ``listen_port``; datagrams from engarde
+    clients go to the gate, and the gate's datagrams go to every client address heard from
+    within ``client_timeout`` (at most ``max_clients`` addresses, the oldest evicted).
+    """
+
+    role: Literal["client", "server"]
+    client_timeout: Duration = 30.0
+    max_clients: StrictInt = Field(default=64, ge=1, le=65536)
+
+
 class TunnelConfig(_Model):
     """``[tunnels.<name>]``. ``tunnel_id`` is always set after loading (derived from the name)."""
 
     tunnel_id: StrictInt = Field(ge=TUNNEL_ID_MIN, le=TUNNEL_ID_MAX)
     gate: GateConfig
     transport: TransportConfig = Field(default_factory=TransportConfig)
+    engarde: EngardeConfig | None = None
 
     @field_validator("gate", mode="before")
     @classmethod
@@ -661,11 +685,29 @@ class GatewayConfig(_Model):
         """This instance's public key."""
         return public_key_of(self.private_key)
 
+    @property
+    def engarde_tunnel(self) -> tuple[str, TunnelConfig] | None:
+        """The (name, config) of the engarde-mode tunnel, if this gateway speaks engarde's wire
+        format (it is then the only tunnel)."""
+        for name, tunnel in self.tunnels.items():
+            if tunnel.engarde is not None:
+                return name, tunnel
+        return None
+
     @model_validator(mode="before")
     @classmethod
     def _derive_tunnel_ids(cls, data: object) -> object:
         if not isinstance(data, dict) or not isinstance(data.get("tunnels"), dict):
             return data
+        if any(
+            isinstance(table, dict) and "engarde" in table for table in data["tunnels"].values()
+        ):
+            # engarde mode: no warp peer, no warp handshake; the keys may be left out.
+            data = {**data}
+            data.setdefault("private_key", ENGARDE_NO_KEY)
+            far = data.get("far_gate", {})
+            if isinstance(far, dict) and "public_key" not in far:
+                data["far_gate"] = {**far, "public_key": ENGARDE_NO_KEY}
         tunnels = {
             name: (
                 {**table, "tunnel_id": derive_tunnel_id(name)}
@@ -720,8 +762,86 @@ class GatewayConfig(_Model):
             raise _Problems(problems)
         return tunnels
 
+    def _engarde_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        found = self.engarde_tunnel
+        assert found is not None
+        name, tunnel = found
+        assert tunnel.engarde is not None
+        role = tunnel.engarde.role
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        if len(self.tunnels) > 1:
+            problems.append(
+                (
+                    ("tunnels",),
+                    f"tunnel {name!r} speaks engarde's wire format (raw WireGuard datagrams, "
+                    f"no tunnel ids): it must be the only tunnel, got {len(self.tunnels)}",
+                )
+            )
+        if not isinstance(tunnel.gate, LoopbackGate):
+            problems.append(
+                (
+                    ("tunnels", name, "gate"),
+                    "an engarde tunnel needs a loopback gate (WireGuard's endpoint), "
+                    f"got a {tunnel.gate.type} gate",
+                )
+            )
+        if self.far_gate.public_key != ENGARDE_NO_KEY:
+            problems.append(
+                (
+                    ("far_gate", "public_key"),
+                    "an engarde tunnel has no warp peer (WireGuard's own keys protect the data): "
+                    "remove far_gate.public_key, or remove [tunnels." + name + ".engarde] to "
+                    "run a full warp tunnel",
+                )
+            )
+        if self.far_gate.preshared_key is not None:
+            problems.append(
+                (("far_gate", "preshared_key"), "has no meaning for an engarde tunnel; remove it")
+            )
+        if self.far_gate.kind != "warp":
+            problems.append((("far_gate", "kind"), "has no meaning for an engarde tunnel"))
+        if self.warp_map.address is not None:
+            problems.append(
+                (
+                    ("warp_map", "address"),
+                    "an engarde tunnel uses no warp-map (engarde-server has a public address): "
+                    "remove [warp_map]",
+                )
+            )
+        if role == "client" and not self.far_gate.endpoints:
+            problems.append(
+                (
+                    ("far_gate", "endpoints"),
+                    "required for an engarde client: the engarde server's address, e.g. "
+                    '["203.0.113.7:59402"] (engarde\'s dstAddr)',
+                )
+            )
+        if role == "server":
+            if not self.listen_port:
+                problems.append(
+                    (
+                        ("listen_port",),
+                        "required for an engarde server: the UDP port the engarde clients send "
+                        "to (engarde-server's listenAddr port)",
+                    )
+                )
+            if self.far_gate.endpoints:
+                problems.append(
+                    (
+                        ("far_gate", "endpoints"),
+                        "an engarde server learns its clients' addresses; remove far_gate "
+                        '(or make this tunnel role = "client")',
+                    )
+                )
+        return problems
+
     @model_validator(mode="after")
     def _check_whole(self) -> GatewayConfig:
+        if self.engarde_tunnel is not None:
+            engarde_problems = self._engarde_problems()
+            if engarde_problems:
+                raise _Problems(engarde_problems)
+            return self
         problems: list[tuple[tuple[str | int, ...], str]] = []
         if self.far_gate.public_key == public_key_of(self.private_key):
             problems.append(
