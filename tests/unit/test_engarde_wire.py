@@ -164,3 +164,30 @@ async def _loopback_pair(tmp_path: Path) -> None:
         wg_client.close()
         wg_server.close()
     assert not (tmp_path / "c.sock").exists() and not (tmp_path / "s.sock").exists()
+
+
+ENGARDE_YML = {
+    "client": {
+        "listenAddr": "127.0.0.1:59401",
+        "dstAddr": "198.51.100.10:5555",
+        "excludedInterfaces": ["wg0"],
+    },
+    "server": {"listenAddr": ":5555", "dstAddr": "127.0.0.1:51820", "clientTimeout": 20},
+}
+
+
+def test_migrate_one_side_writes_engarde_mode_configs() -> None:
+    from warp.migrate.engarde import MigrationError, migrate
+
+    client = parse_gateway_config(migrate(ENGARDE_YML, role="client", one_side=True).toml)
+    found = client.engarde_tunnel
+    assert found is not None and found[1].engarde is not None
+    assert found[1].engarde.role == "client"
+    assert [str(e) for e in client.far_gate.endpoints] == ["198.51.100.10:5555"]
+    server = parse_gateway_config(migrate(ENGARDE_YML, role="server", one_side=True).toml)
+    found = server.engarde_tunnel
+    assert found is not None and found[1].engarde is not None
+    assert (found[1].engarde.role, found[1].engarde.client_timeout) == ("server", 20.0)
+    assert server.listen_port == 5555
+    with pytest.raises(MigrationError, match="no meaning with --one-side"):
+        migrate(ENGARDE_YML, role="client", one_side=True, far_public_key="x")

@@ -322,8 +322,13 @@ def migrate(
     source: str = "engarde.yml",
     control_socket: str | None = None,
     server_gate_port: int = DEFAULT_SERVER_GATE_PORT,
+    one_side: bool = False,
 ) -> Migration:
-    """Convert parsed engarde YAML. Raises `MigrationError` (one line) on what cannot be."""
+    """Convert parsed engarde YAML. Raises `MigrationError` (one line) on what cannot be.
+
+    ``one_side``: write an engarde-mode config instead (``[tunnels.wireguard.engarde]``, warp
+    speaks engarde's wire format), for when the other side keeps running engarde.
+    """
     from warp.keys import (
         KeyFormatError,
         decode_key,
@@ -348,6 +353,13 @@ def migrate(
     known = CLIENT_KEYS if role == "client" else SERVER_KEYS
     other = ("server", SERVER_KEYS) if role == "client" else ("client", CLIENT_KEYS)
     _unknown_keys(section, known, role, warnings, other_role=other)
+
+    if one_side:
+        if far_public_key is not None:
+            raise MigrationError(
+                "--far-public-key has no meaning with --one-side (engarde has no keys)"
+            )
+        return _one_side(section, role, source, warnings, control_socket, server_gate_port)
 
     private = generate_private_key()
     public = encode_key(public_key_of(private))
@@ -485,6 +497,115 @@ def migrate(
         )
     text = "\n".join(out)
     return Migration(role, text, public, placeholder, warnings, todo)
+
+
+ENGARDE_DEFAULT_CLIENT_TIMEOUT = 30
+
+
+def _client_timeout(section: Mapping[str, Any]) -> int:
+    """engarde-server's clientTimeout: integer seconds, 0 or absent = 30."""
+    raw = section.get("clientTimeout")
+    if raw is None or raw == 0:
+        return ENGARDE_DEFAULT_CLIENT_TIMEOUT
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+        raise MigrationError(
+            f"server.clientTimeout: expected a positive integer (seconds), got {raw!r}"
+        )
+    return raw
+
+
+def _one_side(
+    section: Mapping[str, Any],
+    role: str,
+    source: str,
+    warnings: list[str],
+    control_socket: str | None,
+    server_gate_port: int,
+) -> Migration:
+    """The engarde-mode config: warp replaces one side, the other keeps running engarde."""
+    for required in ("listenAddr", "dstAddr"):
+        if not section.get(required):
+            raise MigrationError(f"{role}.{required} is missing (engarde requires it too)")
+    listen = _address(section["listenAddr"], f"{role}.listenAddr")
+    dst = _address(section["dstAddr"], f"{role}.dstAddr")
+    _write_timeout(section, role, [])  # validated as engarde would; no meaning here
+    if section.get("writeTimeout") is not None:
+        warnings.append(
+            f"{role}.writeTimeout: not used in engarde mode (warp's sends never block: a copy "
+            "that does not fit an uplink's socket buffer is dropped, the other copies go)"
+        )
+    web_listen = _web_manager(section, role, warnings)
+    description = section.get("description")
+    other_side = "server" if role == "client" else "client"
+    out: list[str] = [
+        f"# WARP gateway config in ENGARDE MODE, converted from engarde ({role} section of",
+        f"# {source}) by `warp migrate-engarde --one-side`: warp speaks engarde's wire format",
+        f"# (raw WireGuard datagrams, duplicated over every uplink), so the {other_side} can keep",
+        "# running engarde. No FEC and no encryption of warp's own: WireGuard protects the data.",
+        "# Once both sides run warp, convert again without --one-side (docs/engarde-migration.md).",
+    ]
+    if description:
+        out.append(f"# engarde description: {_comment(str(description))}")
+    out.append("# No private_key / far_gate.public_key: engarde has no keys.")
+    todo: list[str] = []
+    if role == "client":
+        interfaces, endpoints, gate, wg_note = _client(section, listen, dst, warnings)
+        out += ["", "[interfaces]", *interfaces]
+        out += [
+            "",
+            "[far_gate]",
+            "# engarde dstAddr (and dstOverrides): every WireGuard datagram is sent from every",
+            "# uplink to each of these.",
+            "endpoints = [" + ", ".join(_toml_string(e) for e in endpoints) + "]",
+        ]
+        engarde = ['role = "client"']
+    else:
+        timeout = _client_timeout(section)
+        interfaces, gate, wg_note = _server(section, listen, dst, warnings, server_gate_port)
+        out += [
+            "",
+            f"# engarde listenAddr {listen}: the engarde clients keep sending to this UDP port.",
+            f"listen_port = {listen.port}",
+            "",
+            "[interfaces]",
+            *interfaces,
+        ]
+        engarde = [
+            'role = "server"',
+            "# engarde clientTimeout: WireGuard's datagrams go to every client address heard",
+            "# from within this long.",
+            f'client_timeout = "{timeout}s"',
+        ]
+    out += ["", f"[tunnels.{TUNNEL}.gate]", *gate]
+    out += ["", f"[tunnels.{TUNNEL}.engarde]", *engarde]
+    out += [
+        "",
+        "[control]",
+        "# `warp status -c FILE` finds the gateway here (one socket per instance).",
+        f"socket = {_toml_string(control_socket or '/run/warp/warp.sock')}",
+        "",
+    ]
+    if web_listen:
+        out.append(f"# engarde webManager listened on {web_listen}; warp's nearest is a Prometheus")
+        out.append("# endpoint (unauthenticated: keep it on loopback or a management network).")
+    else:
+        out.append("# Prometheus metrics (docs/metrics.md); off when not set.")
+    out += ["# [metrics]", '# listen = "127.0.0.1:9716"', ""]
+    todo.append(wg_note)
+    todo.append(
+        f"stop engarde-{role} (it holds UDP {listen.port}), then `warp check FILE` and "
+        "`warp run FILE` (or install it as /etc/warp/NAME.toml and "
+        "`systemctl enable --now warp@NAME`)"
+    )
+    if role == "server":
+        todo.append(
+            f"keep UDP {listen.port} open in the firewall / port forward, as for engarde-server"
+        )
+    todo.append(
+        f"later, when the {other_side} runs warp too: convert again without --one-side "
+        "(FEC instead of duplication, path health)"
+    )
+    return Migration(role, "\n".join(out), "", False, warnings, todo)
 
 
 def _client(
@@ -685,6 +806,7 @@ def run_migrate_engarde(args: argparse.Namespace) -> int:
             source=os.path.basename(args.engarde),
             control_socket=socket_path,
             server_gate_port=args.gate_port,
+            one_side=args.one_side,
         )
     except MigrationError as exc:
         print(f"warp migrate-engarde: error: {exc}", file=sys.stderr)
@@ -743,6 +865,12 @@ def register_migrate_engarde(subparsers: Any) -> None:
         "--far-public-key",
         metavar="KEY",
         help="the other side's warp public key (default: a random placeholder marked REPLACE)",
+    )
+    parser.add_argument(
+        "--one-side",
+        action="store_true",
+        help="migrate one side only: the other keeps running engarde, so write an engarde-mode "
+        "config (warp speaks engarde's wire format: duplication, no FEC, no warp keys)",
     )
     parser.add_argument(
         "--control-socket",
