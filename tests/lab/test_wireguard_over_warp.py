@@ -222,6 +222,9 @@ def test_wireguard_over_warp_ping_iperf3_and_uplink_cut(
     hs_before = {n: w.latest_handshake() for n, w in wgs.items()}
     init_before = {n: w.initiations() for n, w in wgs.items()}
     assert all(hs_before.values()), hs_before
+    # iperf3 fills every queue on purpose (TCP finds the capacity by loss), so count warp's
+    # lost blocks only from here: the uplink cut itself must lose nothing.
+    lost_before = {n: g.status()["tunnels"][0]["datagrams_lost"] for n, g in gw.items()}
     stream = lab.spawn(
         net.a.host_ns,
         ["ping", "-n", "-q", "-c", "200", "-i", "0.05", "-W", "1", WG_ADDR["b"]],
@@ -248,4 +251,4 @@ def test_wireguard_over_warp_ping_iperf3_and_uplink_cut(
     assert init_after == init_before
     for name in ("a", "b"):
         (tunnel,) = gw[name].status()["tunnels"]
-        assert tunnel["datagrams_lost"] == 0, tunnel
+        assert tunnel["datagrams_lost"] == lost_before[name], (lost_before, tunnel)
