@@ -412,6 +412,19 @@ class Site:
             f'        oifname "wan" ip saddr {u.subnet} snat to {u.public_address}{snat_flags}'
             for u in self.uplinks
         )
+        # "cone": endpoint-independent filtering too (RFC 4787 EIM + EIF, "full cone"): UDP
+        # arriving at an uplink's public address goes to that uplink's host address, same port.
+        # The SNAT keeps the port, so this is exactly the host's mapping; a peer behind a
+        # symmetric NAT (whose port the host cannot know in advance) can then reach it.
+        dnat = (
+            "\n".join(
+                f'        iifname "wan" ip daddr {u.public_address} meta l4proto udp '
+                f"dnat to {u.address}"
+                for u in self.uplinks
+            )
+            if self.nat == "cone"
+            else ""
+        )
         holes = [u.router_if for u in self.uplinks if u.blackholed]
         up_loss = [(u.router_if, u.nft_loss_up) for u in self.uplinks if u.nft_loss_up]
         down_loss = [(u.router_if, u.nft_loss_down) for u in self.uplinks if u.nft_loss_down]
@@ -432,6 +445,10 @@ class Site:
             "    set blackholed {\n"
             "        type ifname\n"
             f"{elements}"
+            "    }\n"
+            "    chain prerouting {\n"
+            "        type nat hook prerouting priority dstnat; policy accept;\n"
+            f"{dnat}\n"
             "    }\n"
             "    chain postrouting {\n"
             "        type nat hook postrouting priority srcnat; policy accept;\n"

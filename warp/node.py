@@ -108,6 +108,13 @@ COLLISION_RETRY_MAX = 0.080
 #: A forced rekey waits this long after our previous initiation (responders, wireguard-go
 #: included, drop initiations less than 20 ms apart).
 REKEY_SPACING = 0.030
+#: The relay path's pseudo uplink name: relayed packets go through the map (`MapClient.relay`)
+#: from whichever uplink last heard from it, and arrive on whichever uplink the map chose.
+RELAY_UPLINK = "relay"
+#: No direct path active this long after the peer's endpoints are known (or after the last
+#: direct path died): fall back to the map's relay for the data path (direct paths keep
+#: being probed in the background; traffic moves back as soon as one is active).
+RELAY_FALLBACK_AFTER = 2.5
 
 
 def _host_port(address: Address | None) -> str:
@@ -168,6 +175,28 @@ class TimerSlot:
 
     def cancel(self) -> None:
         self.arm(None)
+
+
+class RelayLink:
+    """The map's relay as a pseudo uplink: `send` hands a sealed WireGuard message to the map
+    client (a Relay request, sealed again for the map and sent from the map's best uplink).
+    The gateway treats it like an `Uplink` for the relay path (`RELAY_UPLINK`, the map's
+    address as remote)."""
+
+    __slots__ = ("_send",)
+
+    name = RELAY_UPLINK
+    closed = False
+    writable = True
+
+    def __init__(self, send: Callable[[bytes], bool]) -> None:
+        self._send = send
+
+    def send(self, data: bytes, addr: Address) -> bool:
+        return self._send(data)
+
+
+Link = Uplink | RelayLink
 
 
 @dataclass(slots=True, eq=False)
@@ -282,6 +311,13 @@ class Gateway:
         self._map_rehandshake = False
         self._map_registered_at: float | None = None
         self._map_reflexive: dict[str, str | None] = {}
+        # Relay fallback (`_check_relay`): the relay path is added once no direct path has been
+        # active for RELAY_FALLBACK_AFTER since `_direct_lost_at` (peer endpoints known / the
+        # last direct path died); `_relay_in_use`: the data path is on the relay right now.
+        self._relay_link = RelayLink(self._relay_send)
+        self._direct_lost_at: float | None = None
+        self._relay_in_use = False
+        self._relay_since: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.uplinks: UplinkManager | None = None
         self.control: ControlServer | None = None
@@ -327,6 +363,7 @@ class Gateway:
         self._prober_timer = TimerSlot(loop, self._on_prober_timer)
         self._queue_timer = TimerSlot(loop, self._flush)
         self._map_timer = TimerSlot(loop, self._on_map_timer)
+        self._relay_timer = TimerSlot(loop, self._on_relay_timer)
         if self.config.warp_map.address is not None:
             self.map_address = await self._resolve(self.config.warp_map.address)
         self._static_endpoints = [
@@ -470,7 +507,13 @@ class Gateway:
                 if self.map_client.stopped:
                     break
                 await asyncio.sleep(0.05)
-        for timer in (self._device_timer, self._prober_timer, self._queue_timer, self._map_timer):
+        for timer in (
+            self._device_timer,
+            self._prober_timer,
+            self._queue_timer,
+            self._map_timer,
+            self._relay_timer,
+        ):
             timer.cancel()
         if self._reinitiate is not None:
             self._reinitiate.cancel()
@@ -545,7 +588,7 @@ class Gateway:
         if self._held:
             self._schedule_flush()
 
-    def _on_uplink_datagram(self, uplink: Uplink, data: bytes, source: Address) -> None:
+    def _on_uplink_datagram(self, uplink: Link, data: bytes, source: Address) -> None:
         now = self._loop.time()  # type: ignore[union-attr]
         device = self.device
         received = device.receive(data, source, now)
@@ -559,7 +602,8 @@ class Gateway:
         peer = received.peer
         plaintext = received.plaintext
         if self.plain_wireguard and peer == self.far_key:
-            self._plain_uplink = uplink
+            if isinstance(uplink, Uplink):
+                self._plain_uplink = uplink
             if plaintext and self._tun_tunnel is not None and self._tun_tunnel.gate is not None:
                 self._tun_tunnel.gate.deliver(plaintext)
             return
@@ -612,7 +656,7 @@ class Gateway:
     # ------------------------------------------------------------------ WireGuard plumbing
 
     def _seal_and_send(
-        self, peer: bytes, plaintext: bytes, uplink: Uplink, remote: Address, now: float
+        self, peer: bytes, plaintext: bytes, uplink: Link, remote: Address, now: float
     ) -> bool:
         wire = self.device.seal(peer, plaintext, now)
         if wire is None:
@@ -625,7 +669,7 @@ class Gateway:
         self.counters["send_failed"] += 1
         return False
 
-    def _send_device_output(self, uplink: Uplink | None, source: Address | None) -> None:
+    def _send_device_output(self, uplink: Link | None, source: Address | None) -> None:
         """Send what the core produced. Replies (response, cookie) go back where the request
         came from; initiations to the far gate go out on every candidate path."""
         for out in self.device.drain_outgoing():
@@ -709,15 +753,18 @@ class Gateway:
                 self._send_on([(first, self.map_address)], out.data)
 
     def _send_on(self, targets: Sequence[tuple[str, Address]], data: bytes) -> None:
-        if self.uplinks is None:
-            return
-        uplinks = self.uplinks.uplinks
         for name, remote in targets:
-            uplink = uplinks.get(name)
+            uplink = self._link_named(name)
             if uplink is not None:
                 uplink.send(data, remote)
 
-    def _handle_device_events(self, uplink: Uplink | None, now: float) -> None:
+    def _link_named(self, name: str) -> Link | None:
+        """The uplink of that name, or the relay link for the relay path."""
+        if name == RELAY_UPLINK:
+            return self._relay_link if self.map_client is not None else None
+        return self.uplinks.uplinks.get(name) if self.uplinks is not None else None
+
+    def _handle_device_events(self, uplink: Link | None, now: float) -> None:
         for event in self.device.drain_events():
             if isinstance(event, HandshakeComplete):
                 if event.peer == self.far_key:
@@ -782,11 +829,24 @@ class Gateway:
     # ------------------------------------------------------------------ paths
 
     def _sending_paths(self) -> list[Path]:
-        """Paths to put shards on: the active ones, else (nothing proven yet) the probing ones."""
-        paths = self.prober.active_paths()
-        if not paths:
-            paths = [p for p in self.prober.paths if p.state is PathState.PROBING]
-        return paths
+        """Paths to put shards on: the active direct ones, else the relay if it is active, else
+        (nothing proven yet) the probing direct ones. Of several active paths from one uplink
+        to one remote host, one superseded by a fresher one (`_drop_superseded`) is left out."""
+        direct: list[Path] = []
+        relay: list[Path] = []
+        probing: list[Path] = []
+        for path in self.prober.paths:
+            state = path.state
+            if path.uplink == RELAY_UPLINK:
+                if state is PathState.ACTIVE:
+                    relay.append(path)
+            elif state is PathState.ACTIVE:
+                direct.append(path)
+            elif state is PathState.PROBING:
+                probing.append(path)
+        if direct:
+            return _drop_superseded(direct) if len(direct) > 1 else direct
+        return relay or probing
 
     def _update_schedulers(self) -> dict[str, list[Path]]:
         """The sending paths by uplink. The tunnels' schedulers spread each block over the
@@ -795,6 +855,9 @@ class Gateway:
         peer's addresses). The schedulers precompute a cycle of assignments, so they are
         updated only when the set, state or quality of the sending paths changed."""
         paths = self._sending_paths()
+        relayed = bool(paths) and paths[0].uplink == RELAY_UPLINK
+        if relayed != self._relay_in_use:
+            self._on_relay_use(relayed)
         signature = tuple(
             (id(p), p.state, _quantize_loss(p.loss), _quantize_rtt(p.rtt)) for p in paths
         )
@@ -826,7 +889,7 @@ class Gateway:
         peer = self.device.peer(self.far_key)
         has_session = peer is not None and peer.has_session
         for uplink_name, remote, frame in probes:
-            uplink = self.uplinks.uplinks.get(uplink_name) if self.uplinks else None
+            uplink = self._link_named(uplink_name)
             if uplink is None:
                 continue
             if has_session:
@@ -853,7 +916,77 @@ class Gateway:
                 log.info("%s uplink=%s remote=%s:%d", event.name, event.path.uplink,
                          event.path.remote[0], event.path.remote[1])  # fmt: skip
         if self._loop is not None:
+            self._check_relay(self._now())
             self._prober_timer.arm(self.prober.next_deadline())
+
+    # ------------------------------------------------------------------ relay
+
+    def _check_relay(self, now: float) -> None:
+        """Fall back to the map's relay once no direct path has been active for
+        RELAY_FALLBACK_AFTER (since the peer's endpoints became known, or since the last
+        direct path died): the relay path is added (probed like any path; it carries data
+        only while no direct path is active, `_sending_paths`)."""
+        if self.map_client is None or self.map_address is None or self.plain_wireguard:
+            return
+        if any(p.state is PathState.ACTIVE and p.uplink != RELAY_UPLINK for p in self.prober.paths):
+            self._direct_lost_at = None
+            self._relay_timer.cancel()
+            return
+        if self._direct_lost_at is None:
+            if not self.map_client.peer_endpoints and not self._static_endpoints:
+                return  # nothing to try yet: the peer is not there
+            self._direct_lost_at = now
+        if self.prober.get(RELAY_UPLINK, self.map_address) is not None:
+            return
+        due = self._direct_lost_at + RELAY_FALLBACK_AFTER
+        if now < due:
+            self._relay_timer.arm(due)
+            return
+        log.info("relay.fallback reason=no_direct_path after_s=%.3f",
+                 now - self._direct_lost_at)  # fmt: skip
+        self.prober.add_candidate(RELAY_UPLINK, self.map_address, "relay", now)
+        self._ensure_session(now)
+        self._after_prober()
+
+    def _on_relay_timer(self) -> None:
+        now = self._now()
+        self._check_relay(now)
+        self._prober_timer.arm(self.prober.next_deadline())
+
+    def _on_relay_use(self, relayed: bool) -> None:
+        """The data path moved onto the relay, or back to a direct path."""
+        now = self._now()
+        self._relay_in_use = relayed
+        if relayed:
+            self._relay_since = now
+            log.warning("path.relay.active remote=%s", _host_port(self.map_address))
+        else:
+            since, self._relay_since = self._relay_since, None
+            paths = [p for p in self.prober.active_paths() if p.uplink != RELAY_UPLINK]
+            log.info("relay.direct_restored relayed_s=%s paths=%d",
+                     None if since is None else round(now - since, 3), len(paths))  # fmt: skip
+
+    def _relay_send(self, data: bytes) -> bool:
+        """Hand a sealed WireGuard message for the far gate to the map's relay."""
+        client = self.map_client
+        if client is None or self._loop is None:
+            return False
+        now = self._now()
+        if not client.relay(data, now):
+            return False
+        for action in client.drain_outgoing():
+            self._send_map_frame(action.uplink, action.frame, now)
+        return True
+
+    def _on_relayed(self, sender: bytes, payload: bytes, now: float) -> None:
+        """A WireGuard message the far gate sent through the map's relay: received on the
+        relay path, as if from an uplink (replies go back through the relay)."""
+        if sender != self.far_key or self.map_address is None or self.plain_wireguard:
+            return
+        if self.prober.get(RELAY_UPLINK, self.map_address) is None:
+            log.info("relay.fallback reason=peer_relays")
+            self.prober.add_candidate(RELAY_UPLINK, self.map_address, "relay", now)
+        self._on_uplink_datagram(self._relay_link, payload, self.map_address)
 
     # ------------------------------------------------------------------ map
 
@@ -895,7 +1028,7 @@ class Gateway:
             elif isinstance(event, MapErrorReceived):
                 log.warning("map.error code=%s %s", event.code, event.message)
             elif isinstance(event, RelayReceived):
-                pass  # relay fallback: issue 7
+                self._on_relayed(event.sender, event.payload, now)
             elif isinstance(event, Stopped):
                 log.info("map.deregistered acknowledged=%s", event.acknowledged)
         for action in client.drain_outgoing():
@@ -1001,7 +1134,10 @@ class Gateway:
                 self.counters["no_path"] += queue.drop_expired(now)
             self._queue_timer.arm(queue.next_expiry())
             return
-        targets = {name: (uplinks.get(name), paths) for name, paths in by_uplink.items()}
+        targets: dict[str, tuple[Link | None, list[Path]]] = {
+            name: (self._relay_link if name == RELAY_UPLINK else uplinks.get(name), paths)
+            for name, paths in by_uplink.items()
+        }
         sending = [uplink for uplink, _ in targets.values() if uplink is not None]
         if not all(uplink.writable for uplink in sending):
             self._hold(now)
@@ -1186,6 +1322,30 @@ class Gateway:
             "uplinks": uplink_rows,
             "counters": dict(self.counters),
         }
+
+
+#: An active path that heard nothing for this long while another path from the same uplink to
+#: the same remote host did is superseded: the peer's NAT rebound (new port), its old mapping
+#: is likely gone. It is still probed (and used again if it answers).
+SUPERSEDED_AFTER = 0.3
+
+
+def _drop_superseded(paths: list[Path]) -> list[Path]:
+    """Leave out paths that a fresher path (same uplink, same remote host, other port)
+    superseded: after a NAT rebinding the peer speaks from a new port at once (learned path),
+    while the old one stays `active` until path_timeout; shards sent there would be lost."""
+    freshest: dict[tuple[str, str], float] = {}
+    for path in paths:
+        key = (path.uplink, path.remote[0])
+        heard = path.last_authenticated or 0.0
+        if heard > freshest.get(key, -1.0):
+            freshest[key] = heard
+    kept = [
+        p
+        for p in paths
+        if (p.last_authenticated or 0.0) >= freshest[(p.uplink, p.remote[0])] - SUPERSEDED_AFTER
+    ]
+    return kept or paths
 
 
 def install_event_loop_policy() -> str:

@@ -17,8 +17,8 @@ Address = tuple[str, int]
 PathKey = tuple[str, Address]
 """(uplink name, remote address): what identifies a path."""
 
-PathSource = Literal["map", "static", "learned"]
-PATH_SOURCES: frozenset[str] = frozenset({"map", "static", "learned"})
+PathSource = Literal["map", "static", "learned", "relay"]
+PATH_SOURCES: frozenset[str] = frozenset({"map", "static", "learned", "relay"})
 
 LOSS_WINDOW = 32
 """How many recent settled (answered or timed-out) probes the loss figure covers."""

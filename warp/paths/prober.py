@@ -121,7 +121,7 @@ PathEvent = PathAdded | PathStateChanged | PathRemoved
 ProbeToSend = tuple[str, Address, bytes]
 """(uplink name, remote address, plaintext probe frame)."""
 
-_SOURCE_RANK = {"learned": 0, "map": 1, "static": 2}
+_SOURCE_RANK = {"learned": 0, "map": 1, "static": 2, "relay": 3}
 
 
 class PathProber:
