@@ -125,6 +125,33 @@ class Setup:
             run(self.ns[side], ["ip", "addr", "add", f"{WG_ADDR[side]}/24", "dev", ifname])
             run(self.ns[side], ["ip", "link", "set", ifname, "up"])
 
+    def full_warp_pair(self) -> None:
+        """Both sides converted by `warp migrate-engarde` (full warp), keys exchanged as the
+        docs say (server first, client with --far-public-key, the client's printed key pasted
+        into the server's config), checked, and running."""
+        server_config, server_err = self.migrate("srv", "server")
+        server_key = re.search(r"public key \(give it to the client\): (\S+)", server_err)
+        assert server_key, server_err
+        client_config, client_err = self.migrate(
+            "a", "client", "--far-public-key", server_key.group(1)
+        )
+        client_key = re.search(r"public key \(give it to the server\): (\S+)", client_err)
+        assert client_key, client_err
+        text, count = re.subn(
+            r'^public_key = "[^"]+"  # PLACEHOLDER: REPLACE$',
+            f'public_key = "{client_key.group(1)}"',
+            server_config.read_text(),
+            flags=re.M,
+        )
+        assert count == 1
+        server_config.write_text(text)
+        for config in (server_config, client_config):
+            check = subprocess.run([*WARP, "check", str(config)], capture_output=True, text=True,
+                                   timeout=30, check=False)  # fmt: skip
+            assert check.returncode == 0, check.stderr
+        self.warp("srv", server_config)
+        self.warp("a", client_config)
+
     def ping(self, side: str, dest: str, count: int, interval: float) -> tuple[int, int]:
         out = self.lab.run(
             self.ns[side],
@@ -215,27 +242,7 @@ def test_engarde_wire_interop(setup: Setup, warp_side: str) -> None:
 
 def test_migrated_full_warp_configs(setup: Setup) -> None:
     s = setup
-    server_config, server_err = s.migrate("srv", "server")
-    server_key = re.search(r"public key \(give it to the client\): (\S+)", server_err)
-    assert server_key, server_err
-    client_config, client_err = s.migrate("a", "client", "--far-public-key", server_key.group(1))
-    client_key = re.search(r"public key \(give it to the server\): (\S+)", client_err)
-    assert client_key, client_err
-    # Paste the client's key into the server's far_gate.public_key (the documented step).
-    text, count = re.subn(
-        r'^public_key = "[^"]+"  # PLACEHOLDER: REPLACE$',
-        f'public_key = "{client_key.group(1)}"',
-        server_config.read_text(),
-        flags=re.M,
-    )
-    assert count == 1
-    server_config.write_text(text)
-    for config in (server_config, client_config):
-        check = subprocess.run([*WARP, "check", str(config)], capture_output=True, text=True,
-                               timeout=30, check=False)  # fmt: skip
-        assert check.returncode == 0, check.stderr
-    s.warp("srv", server_config)
-    s.warp("a", client_config)
+    s.full_warp_pair()
     s.wireguard({"a": generate_private_key(), "srv": generate_private_key()})
     first = s.ping("a", WG_ADDR["srv"], 5, 0.2)
     assert first[1] >= 4, (first, s.log("warp-a")[-3000:], s.log("warp-srv")[-3000:])

@@ -6,6 +6,9 @@ running gateways.
   netem); `warp gauge tx` 20 000 probes at 4000/s straight to `warp gauge rx` on the public
   host (a plain path, no FEC, so the measured loss is the configured one), `warp gauge report
   --json`: loss within 5 ± 1.5 %.
+* `test_gauge_through_warp_fec_residual_loss`: the same 5 % loss on both uplinks of site "a",
+  but the probes go through a warp tunnel with FEC (the full-warp configs of
+  `warp migrate-engarde`, (k, n) = (3, 5), a → public host): the residual loss is far lower.
 * `test_metrics_scrape_matches_status`: the two-site harness of test_gateway.py (map, cone
   NAT, two uplinks each), both `warp run` with `[metrics] listen = "127.0.0.1:9716"` in their
   own namespace; each endpoint is scraped from inside its namespace, parsed with
@@ -22,6 +25,7 @@ import time
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.lab.netlab import Lab
+from tests.lab.test_engarde_wire import GATE_PORT, WG_PORT, Setup, setup  # noqa: F401
 from tests.lab.test_gateway import ROOT, WARP, Net, loopback_gate, net  # noqa: F401
 
 GAUGE_PORT = 7000
@@ -69,6 +73,52 @@ def test_gauge_measures_configured_loss(lab: Lab) -> None:
           f"tx: {tx.stdout.strip()}")  # fmt: skip
     assert report["expected"] >= 19_000, report
     assert 3.5 <= report["loss_pct"] <= 6.5, report
+
+
+def _gauge(lab: Lab, tx_ns: str, rx_ns: str, dest: str, bind: str, rate: int, seconds: int
+           ) -> dict[str, float]:  # fmt: skip
+    csv = lab.workdir / "gauge.csv"
+    port = bind.rsplit(":", 1)[1]
+    rx = lab.spawn(
+        rx_ns, [*WARP, "gauge", "rx", bind, str(csv), "--duration", "30", "--idle", "2"],
+        45, stdout=(lab.workdir / "rx.log").open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not lab.run(rx_ns, ["ss", "-Hlun", "sport", "=", f":{port}"]).stdout.strip():
+            assert time.monotonic() < deadline and rx.poll() is None, "gauge rx not up"
+            time.sleep(0.05)
+        lab.run(tx_ns, [*WARP, "gauge", "tx", dest, "--rate", str(rate), "--duration",
+                        str(seconds), "--size", "200"], seconds + 25)  # fmt: skip
+        rx.wait(timeout=30)
+    finally:
+        lab.stop(rx)
+    report: dict[str, float] = json.loads(
+        subprocess.run([*WARP, "gauge", "report", str(csv), "--json"], capture_output=True,
+                       text=True, timeout=60, check=True).stdout
+    )  # fmt: skip
+    return report
+
+
+def test_gauge_through_warp_fec_residual_loss(setup: Setup) -> None:  # noqa: F811
+    s = setup
+    s.full_warp_pair()
+    deadline = time.monotonic() + 10
+    while s.status("a")["session"]["handshake_state"] != "established":
+        assert time.monotonic() < deadline, s.status("a")
+        time.sleep(0.05)
+    for up in s.lab.sites["a"].uplinks:
+        up.impair(loss_pct=5.0, direction="up")
+    report = _gauge(s.lab, s.ns["a"], s.ns["srv"], f"127.0.0.1:{GATE_PORT}",
+                    f"127.0.0.1:{WG_PORT}", 2000, 5)  # fmt: skip
+    (tunnel,) = s.status("srv")["tunnels"]
+    print(f"\ngauge through warp (3, 5) FEC, 5 % loss on both uplinks: expected "
+          f"{report['expected']}, received {report['received']}, residual loss "
+          f"{report['loss_pct']:.3f} %; server blocks rebuilt {tunnel['blocks_rebuilt']}, "
+          f"lost {tunnel['datagrams_lost']}")  # fmt: skip
+    assert report["expected"] >= 9_500, report
+    assert report["loss_pct"] < 1.0, report
+    assert tunnel["blocks_rebuilt"] > 0
 
 
 def _scrape(lab: Lab, ns: str) -> dict[str, list[tuple[dict[str, str], float]]]:
