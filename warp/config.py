@@ -1203,6 +1203,14 @@ application_to_gate = 59401
 #   mtu = 1420
 #   allowed_ips = ["10.7.0.0/24"]         # CIDRs routed through the tunnel
 
+# engarde's wire format instead of warp's, while the far end still runs engarde
+# (docs/engarde-migration.md): raw WireGuard datagrams duplicated over every uplink, no FEC,
+# no warp keys (leave out private_key and [far_gate] public_key; a loopback gate, the only
+# tunnel; client: far_gate.endpoints = engarde-server; server: listen_port).
+# [tunnels.wireguard.engarde]
+# role = "client"                         # or "server"
+# client_timeout = "30s"                  # server: answer clients heard within this long
+
 [tunnels.wireguard.transport]
 # Largest UDP payload warp puts on the wire for this tunnel.
 mtu = 1400
