@@ -79,6 +79,8 @@ def main() -> int:
     ap.add_argument("--grace", type=float, default=3.0, help="wait after sending for arrivals")
     ap.add_argument("--lifetime", type=float, default=60.0)
     ap.add_argument("--wait-file", default="", help="do not send before this file exists")
+    ap.add_argument("--gap", type=float, default=0.1,
+                    help="report silences longer than this between arrivals (s)")  # fmt: skip
     args = ap.parse_args()
 
     began = time.time()
@@ -95,6 +97,7 @@ def main() -> int:
         "first_rx": None,
         "last_rx": None,
         "latencies": [],
+        "gaps": [],
     }
     seen: set[int] = set()
     first_event = threading.Event()
@@ -137,6 +140,9 @@ def main() -> int:
                 recv["first_rx"] = now
                 recv["first_seq"] = seq
                 first_event.set()
+            last = recv["last_rx"]
+            if last is not None and now - last > args.gap and len(recv["gaps"]) < 1000:
+                recv["gaps"].append([round(last, 3), round(now - last, 3)])
             recv["last_rx"] = now
             if len(recv["latencies"]) < 200_000:
                 recv["latencies"].append(now - sent_at)
