@@ -255,3 +255,32 @@ def test_map_killed_20s_no_loss_then_reregistered(lab: Lab, nets: list[Net]) -> 
     assert set(registered) == {"a", "b"}, registered
     assert net.map_log.read_text()[offset:].count("map.registered") >= 4
     assert not relayed(a) and not relayed(b)
+
+
+def test_peer_restart_reconnects_within_2s(lab: Lab, nets: list[Net]) -> None:
+    """Gateway b (behind the symmetric NAT) restarted mid-stream (a new WireGuard session, new
+    NAT ports): datagrams a→b flow again within 2 s of b's new process being spawned."""
+    net = make_net(lab, "cone", "symmetric")
+    nets.append(net)
+    _a, b, _ = connect(net)
+    net.wait_paths("a", 2)
+    count = 10_000
+    start_at = time.time() + 0.5
+    when = ("--start-at", f"{start_at:.3f}")
+    pa = net.app("a", app_args(1, count, 1000, 0, *when, "--grace", "1"), 30)
+    # b's application sends nothing: it listens until 12 s after the start
+    pb = net.app("b", app_args(2, 0, 0, count, *when, "--grace", "12"), 30)
+    time.sleep(max(0.0, start_at + 2.0 - time.time()))
+    assert b.proc is not None
+    lab.stop(b.proc)
+    time.sleep(1.0)
+    net.start("b")
+    spawned = b.started_at
+    pa.communicate(timeout=30)
+    rb = app_result(pb, 30)
+    back = [start + length for start, length in rb["gaps"] if start < spawned < start + length]
+    assert back, rb["gaps"]
+    reconnect = back[0] - spawned
+    print(f"\nb restarted: first datagram {reconnect:.3f} s after its new process was spawned")
+    assert reconnect <= 2.0
+    assert rb["last_rx"] is not None and rb["last_rx"] > spawned + 3
