@@ -22,6 +22,7 @@ import errno
 import logging
 import re
 import socket
+import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -59,6 +60,17 @@ REBUILD_MIN_INTERVAL = 1.0
 
 # Errors about one datagram, not about the uplink: they do not count towards a rebuild.
 _DATAGRAM_ERRNOS = frozenset({errno.EMSGSIZE, errno.EAFNOSUPPORT, errno.EDESTADDRREQ})
+
+_SOL_UDP = getattr(socket, "SOL_UDP", 17)
+_UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)  # Linux >= 4.18; Python 3.11 lacks the name
+GSO_MAX_SEGMENTS = 64
+"""Segments per `send_batch` syscall (the kernel's UDP_MAX_SEGMENTS on older kernels)."""
+GSO_MAX_BYTES = 65507
+"""Payload per `send_batch` syscall: one UDP datagram's worth (65535 - IPv4 and UDP headers)."""
+# `sendmsg` with UDP_SEGMENT failing with these before GSO ever worked on the socket: no GSO
+# here (old kernel, a device without checksum offload); the uplink sends one by one from then on.
+_GSO_UNSUPPORTED_ERRNOS = frozenset({errno.EINVAL, errno.ENOPROTOOPT, errno.EIO, errno.EOPNOTSUPP})
+_GSO_SIZE = struct.Struct("=H")
 
 OnDatagram = Callable[["Uplink", bytes, Address], None]
 OnWritable = Callable[["Uplink"], None]
@@ -111,9 +123,13 @@ class Uplink:
     """One local uplink: an interface address and the UDP socket bound to it."""
 
     __slots__ = (
+        "_gso",
+        "_gso_max_segment",
+        "_gso_ok",
         "_max_failures",
         "_on_failure",
         "_protocol",
+        "_sock",
         "_transport",
         "_writable",
         "address",
@@ -164,7 +180,16 @@ class Uplink:
         self._on_failure = on_failure
         self._transport: asyncio.DatagramTransport | None = None
         self._protocol: _UplinkProtocol | None = None
+        self._sock: socket.socket | None = None
+        """The transport's own socket object (same fd, closed with it) for `send_batch`."""
         self._writable = True
+        self._gso = True
+        """False once GSO proved unsupported on this uplink (`send_batch` then sends one by
+        one); kept across rebuilds (same interface)."""
+        self._gso_ok = False
+        self._gso_max_segment = GSO_MAX_BYTES
+        """Largest segment size GSO accepted or may accept (EINVAL after GSO worked: the
+        segment is above the path MTU; such segments then go one by one)."""
 
     def __repr__(self) -> str:
         state = "open" if self._transport is not None else "closed"
@@ -206,6 +231,92 @@ class Uplink:
         self.tx_packets += 1
         self.tx_bytes += len(data)
         return True
+
+    def send_batch(self, datagrams: Sequence[bytes], addr: Address) -> int:
+        """Send `datagrams` to `addr` in order, with as few syscalls as possible; returns how
+        many were sent or queued (the others were dropped or failed, as with `send`).
+
+        Runs of equal-size datagrams (the last of a run may be shorter) go out with one
+        `sendmsg` each, carrying a UDP_SEGMENT (GSO) control message: at most
+        `GSO_MAX_SEGMENTS` segments and `GSO_MAX_BYTES` per call. The socket is written
+        directly only while the transport has nothing queued (else order would break); when
+        the socket is full (EAGAIN/ENOBUFS) the rest goes through `send` (the transport
+        queues it and pauses writing: `writable`/`on_writable` as with `send`). Counters are
+        per datagram, as with `send`."""
+        count = len(datagrams)
+        if count == 1:
+            return 1 if self.send(datagrams[0], addr) else 0
+        transport = self._transport
+        sock = self._sock
+        if (
+            count == 0
+            or transport is None
+            or sock is None
+            or not self._gso
+            or not self._writable
+            or transport.get_write_buffer_size()  # type: ignore[attr-defined]
+        ):
+            return self._send_each(datagrams, 0, count, addr)
+        sendmsg = sock.sendmsg
+        pack = _GSO_SIZE.pack
+        max_segment = self._gso_max_segment
+        sent = 0
+        i = 0
+        while i < count:
+            size = len(datagrams[i])
+            end = min(count, i + min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size if size else 1))
+            j = i + 1
+            while j < end and len(datagrams[j]) == size:
+                j += 1
+            if j < end and 0 < len(datagrams[j]) < size:
+                j += 1  # the last segment may be shorter
+            if j - i == 1 or not 0 < size <= max_segment:
+                sent += self._send_each(datagrams, i, j, addr)
+            else:
+                group = datagrams[i:j]
+                payload = b"".join(group)
+                try:
+                    sendmsg([payload], [(_SOL_UDP, _UDP_SEGMENT, pack(size))], 0, addr)
+                except (BlockingIOError, InterruptedError):
+                    return sent + self._send_each(datagrams, i, count, addr)
+                except OSError as exc:
+                    if exc.errno == errno.ENOBUFS:
+                        return sent + self._send_each(datagrams, i, count, addr)
+                    if exc.errno in _GSO_UNSUPPORTED_ERRNOS:
+                        if not self._gso_ok or exc.errno != errno.EINVAL:
+                            self._gso = False
+                            log.info("uplink.gso_unsupported uplink=%s error=%s", self.name, exc)
+                            return sent + self._send_each(datagrams, i, count, addr)
+                        max_segment = self._gso_max_segment = size - 1
+                    # Anything else (or a too large segment): one by one, each failing or
+                    # not on its own, counted as with `send`.
+                    sent += self._send_each(datagrams, i, j, addr)
+                except Exception:  # a bad address: per datagram, as `send` reports it
+                    sent += self._send_each(datagrams, i, j, addr)
+                else:
+                    self._gso_ok = True
+                    self.consecutive_failures = 0
+                    self.tx_packets += j - i
+                    self.tx_bytes += len(payload)
+                    sent += j - i
+                    i = j
+                    continue
+            i = j
+            if i < count and (
+                self._transport is not transport
+                or not self._writable
+                or transport.get_write_buffer_size()  # type: ignore[attr-defined]
+            ):
+                return sent + self._send_each(datagrams, i, count, addr)
+        return sent
+
+    def _send_each(self, datagrams: Sequence[bytes], start: int, stop: int, addr: Address) -> int:
+        send = self.send
+        sent = 0
+        for k in range(start, stop):
+            if send(datagrams[k], addr):
+                sent += 1
+        return sent
 
     def _on_error(self, exc: BaseException) -> None:
         self.errors += 1
@@ -668,6 +779,7 @@ class UplinkManager:
             raise
         uplink._transport = transport
         uplink._protocol = protocol
+        uplink._sock = sock  # the transport's socket (both loops): closed with the transport
         uplink._writable = True
         uplink.local_port = sock.getsockname()[1]
 
@@ -676,6 +788,7 @@ class UplinkManager:
         transport, protocol = uplink._transport, uplink._protocol
         uplink._transport = None
         uplink._protocol = None
+        uplink._sock = None
         if transport is None or protocol is None:
             return
         transport.abort()  # drop anything queued: this socket is going away
