@@ -130,6 +130,7 @@ class Uplink:
         "_on_failure",
         "_protocol",
         "_sock",
+        "_sock_transport",
         "_transport",
         "_writable",
         "address",
@@ -182,6 +183,8 @@ class Uplink:
         self._protocol: _UplinkProtocol | None = None
         self._sock: socket.socket | None = None
         """The transport's own socket object (same fd, closed with it) for `send_batch`."""
+        self._sock_transport: asyncio.DatagramTransport | None = None
+        """The transport `_sock` belongs to: written directly only while it is `_transport`."""
         self._writable = True
         self._gso = True
         """False once GSO proved unsupported on this uplink (`send_batch` then sends one by
@@ -252,6 +255,7 @@ class Uplink:
             count == 0
             or transport is None
             or sock is None
+            or transport is not self._sock_transport
             or not self._gso
             or not self._writable
             or transport.get_write_buffer_size()  # type: ignore[attr-defined]
@@ -780,6 +784,7 @@ class UplinkManager:
         uplink._transport = transport
         uplink._protocol = protocol
         uplink._sock = sock  # the transport's socket (both loops): closed with the transport
+        uplink._sock_transport = transport
         uplink._writable = True
         uplink.local_port = sock.getsockname()[1]
 
@@ -789,6 +794,7 @@ class UplinkManager:
         uplink._transport = None
         uplink._protocol = None
         uplink._sock = None
+        uplink._sock_transport = None
         if transport is None or protocol is None:
             return
         transport.abort()  # drop anything queued: this socket is going away
