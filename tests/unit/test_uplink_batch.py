@@ -8,6 +8,7 @@
   queue (never straight to the socket past queued data), past `WRITE_BUFFER_LIMIT` they are
   dropped and counted; when the socket drains, `on_writable` fires and everything sent
   arrives in order. ENOBUFS takes the same branch.
+- A transport swapped under the uplink (tests do): the batch goes through it, not the socket.
 - No file descriptor left behind after sends, a rebuild and close (/proc/self/fd).
 """
 
@@ -265,3 +266,28 @@ def test_send_batch_no_fd_leak(loop_name: str) -> None:
 
     before, after = _run(loop_name, main)
     assert after == before
+
+
+def test_send_batch_swapped_transport() -> None:
+    class Recorder:
+        def __init__(self) -> None:
+            self.sent: list[bytes] = []
+
+        def sendto(self, data: bytes, addr: Address) -> None:
+            self.sent.append(data)
+
+    async def main() -> None:
+        manager, uplink = await _manager()
+        real = uplink._transport
+        try:
+            spy = _spy(uplink)
+            recorder = Recorder()
+            uplink._transport = recorder  # type: ignore[assignment]
+            datagrams = [_datagram(i, 528) for i in range(20)]
+            assert uplink.send_batch(datagrams, ("127.0.0.1", 9)) == 20
+            assert recorder.sent == datagrams and spy.calls == 0
+        finally:
+            uplink._transport = real
+            await manager.close()
+
+    _run("asyncio", main)
