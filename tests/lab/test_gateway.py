@@ -456,7 +456,13 @@ def test_uplink_added_at_runtime_is_used_and_removed_cleanly(net: Net) -> None:
           "was added")  # fmt: skip
     assert used_after <= 1.0, snap
     assert socket_count(pid) == sockets_before + 1, (sockets_before, socket_count(pid))
-    assert snap["map"]["reflexive"].get(up3.name, "").startswith(up3.public_address)
+    # The path can carry shards before the map has confirmed the new uplink's registration
+    # (the peer learns it from authenticated packets): wait for the reflexive address.
+    reflexive_deadline = time.monotonic() + 3
+    while not (snap["map"]["reflexive"].get(up3.name) or "").startswith(up3.public_address):
+        assert time.monotonic() < reflexive_deadline, snap["map"]
+        time.sleep(0.05)
+        snap = a.status()
     time.sleep(1.5)
     net.a.remove_uplink(up3)
     removed_at = time.monotonic()
