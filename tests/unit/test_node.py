@@ -360,8 +360,9 @@ async def _map_restart(tmp_path: Path) -> None:
             registered_at = loop.time()
             assert rehandshake_at is not None
             # Both uplinks' registrations go out as soon as the new session is up (they were
-            # held), not on the next retry (>= 0.3 s later, sealed under the dead session).
-            assert registered_at - rehandshake_at < 0.15, registered_at - rehandshake_at
+            # held), not on the next retry (>= 0.3 s later, sealed under the dead session);
+            # 0.25 s leaves room for a loaded CI box.
+            assert registered_at - rehandshake_at < 0.25, registered_at - rehandshake_at
             # Next refresh <= 2 s, then 0.3 + 0.6 s unanswered, then the handshake.
             assert registered_at - restarted < 3.3
             pair.send("a", _payload("a", 1))
