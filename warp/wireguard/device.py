@@ -462,7 +462,12 @@ class Device:
         kp.send_counter = counter
         peer.tx_bytes += tx_bytes
         peer.tx_packets += count
-        # timers, as _encrypt once per packet (all at the same `now`)
+        self._note_sent(peer, now, data)  # as _encrypt once per packet, all at the same `now`
+        return out
+
+    def _note_sent(self, peer: Peer, now: float, data: bool) -> None:
+        """Timers after an authenticated send: persistent keepalive re-armed, passive keepalive
+        cancelled, and (for data, not keepalives) the dead-peer timer started."""
         pk = peer.persistent_keepalive
         if pk is not None:
             if peer.persistent_at is None:
@@ -473,7 +478,6 @@ class Device:
             t = now + NEW_HANDSHAKE_TIME + self._jitter()
             peer.new_handshake_at = t
             self._arm(peer, t)
-        return out
 
     def _encrypt(self, peer: Peer, kp: Keypair, plaintext: bytes, now: float) -> bytes:
         counter = kp.send_counter
@@ -495,17 +499,7 @@ class Device:
         )
         peer.tx_bytes += len(msg)
         peer.tx_packets += 1
-        # timers: any authenticated packet traversal / sent; data sent
-        pk = peer.persistent_keepalive
-        if pk is not None:
-            if peer.persistent_at is None:
-                self._arm(peer, now + pk)
-            peer.persistent_at = now + pk
-        peer.keepalive_at = None
-        if n and peer.new_handshake_at is None:
-            t = now + NEW_HANDSHAKE_TIME + self._jitter()
-            peer.new_handshake_at = t
-            self._arm(peer, t)
+        self._note_sent(peer, now, n > 0)
         # keep the key fresh (sending side)
         if counter >= REKEY_AFTER_MESSAGES or (
             kp.is_initiator and now - kp.created >= REKEY_AFTER_TIME
