@@ -468,12 +468,7 @@ class Device:
     def _note_sent(self, peer: Peer, now: float, data: bool) -> None:
         """Timers after an authenticated send: persistent keepalive re-armed, passive keepalive
         cancelled, and (for data, not keepalives) the dead-peer timer started."""
-        pk = peer.persistent_keepalive
-        if pk is not None:
-            if peer.persistent_at is None:
-                self._arm(peer, now + pk)
-            peer.persistent_at = now + pk
-        peer.keepalive_at = None
+        self._authenticated_sent(peer, now)
         if data and peer.new_handshake_at is None:
             t = now + NEW_HANDSHAKE_TIME + self._jitter()
             peer.new_handshake_at = t
@@ -592,20 +587,20 @@ class Device:
         peer.retransmit_at = t
         self._arm(peer, t)
 
-    def _authenticated_sent(self, peer: Peer, now: float) -> None:
+    def _rearm_persistent_keepalive(self, peer: Peer, now: float) -> None:
+        """Any authenticated packet, sent or received, pushes the persistent keepalive back."""
         pk = peer.persistent_keepalive
         if pk is not None:
             if peer.persistent_at is None:
                 self._arm(peer, now + pk)
             peer.persistent_at = now + pk
+
+    def _authenticated_sent(self, peer: Peer, now: float) -> None:
+        self._rearm_persistent_keepalive(peer, now)
         peer.keepalive_at = None
 
     def _authenticated_received(self, peer: Peer, now: float) -> None:
-        pk = peer.persistent_keepalive
-        if pk is not None:
-            if peer.persistent_at is None:
-                self._arm(peer, now + pk)
-            peer.persistent_at = now + pk
+        self._rearm_persistent_keepalive(peer, now)
         peer.new_handshake_at = None
 
     def _forget_handshake(self, peer: Peer) -> None:
@@ -688,6 +683,7 @@ class Device:
                     ):
                         peer.sent_last_minute_handshake = True
                         self._send_initiation(peer, now, retry=False)
+                # _authenticated_received, inlined: this runs for every shard received.
                 pk = peer.persistent_keepalive
                 if pk is not None:
                     if peer.persistent_at is None:
