@@ -29,6 +29,7 @@ from warp.config import (
     example_map_config,
     load_gateway_config,
     load_map_config,
+    secret_file_warnings,
 )
 from warp.demo import register_demo
 from warp.gauge import register_gauge
@@ -121,10 +122,16 @@ def map_summary(config: MapServerConfig) -> str:
 
 def _run_check(args: argparse.Namespace) -> int:
     try:
+        config: GatewayConfig | MapServerConfig
         if args.map:
-            print(map_summary(load_map_config(args.config)))
+            config = load_map_config(args.config)
+            summary = map_summary(config)
         else:
-            print(gateway_summary(load_gateway_config(args.config)))
+            config = load_gateway_config(args.config)
+            summary = gateway_summary(config)
+        for warning in secret_file_warnings(config, args.config):
+            print(warning, file=sys.stderr)
+        print(summary)
     except ConfigError as exc:
         print(exc.format(), file=sys.stderr)
         return EXIT_USAGE
@@ -174,34 +181,53 @@ def _run_gateway(args: argparse.Namespace) -> int:
     import signal
 
     from warp.gate.base import GateError
+    from warp.instance_lock import InstanceBusy, InstanceLockError, claim_instance
     from warp.logs import configure_logging
     from warp.metrics import MetricsError
     from warp.node import Gateway, install_event_loop_policy
     from warp.status import ControlSocketError
 
     config = load_gateway_config(args.config)
+    for warning in secret_file_warnings(config, args.config):
+        print(warning, file=sys.stderr)
     configure_logging(args.log_level or config.log.level, config.log.format)
     loop_name = install_event_loop_policy()
+    engarde = config.engarde_tunnel is not None
+    control_socket: str = args.socket or config.control.socket
 
     async def main_task() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        if config.engarde_tunnel is not None:
+        logger = logging.getLogger("warp.engarde" if engarde else "warp.node")
+
+        def request_stop(signum: signal.Signals) -> None:
+            # SIGHUP (a closed SSH session, `systemctl reload`) stops cleanly like SIGTERM
+            # until reload exists: deregister, remove the socket files, exit 0.
+            logger.info("gateway.stop_requested signal=%s", signum.name)
+            stop.set()
+
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(signum, request_stop, signum)
+        if engarde:
             from warp.migrate.engarde_wire import EngardeGateway
 
-            engarde = EngardeGateway(config, control_socket=args.socket)
-            logging.getLogger("warp.engarde").info("engarde.starting loop=%s", loop_name)
-            await engarde.run(stop)
+            engarde_gateway = EngardeGateway(config, control_socket=control_socket)
+            logger.info("engarde.starting loop=%s", loop_name)
+            await engarde_gateway.run(stop)
             return
-        gateway = Gateway(config, control_socket=args.socket)
-        logging.getLogger("warp.node").info("gateway.starting loop=%s", loop_name)
+        gateway = Gateway(config, control_socket=control_socket)
+        logger.info("gateway.starting loop=%s", loop_name)
         await gateway.run(stop)
 
     try:
-        asyncio.run(main_task())
-    except (GateError, ControlSocketError, MetricsError) as exc:
+        # Before anything touches the network: a second instance with this key or this
+        # control socket must not handshake with the far gate or deregister from the map.
+        with claim_instance(None if engarde else config.public_key, control_socket):
+            asyncio.run(main_task())
+    except InstanceBusy as exc:
+        print(f"warp: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (InstanceLockError, GateError, ControlSocketError, MetricsError) as exc:
         print(f"warp: error: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     except PermissionError as exc:
@@ -217,10 +243,11 @@ def _run_gateway(args: argparse.Namespace) -> int:
 def register_run(subparsers: SubParsers) -> None:
     parser = subparsers.add_parser(
         "run",
-        help="run a gateway until SIGINT/SIGTERM",
+        help="run a gateway until SIGINT/SIGTERM/SIGHUP",
         description="Run a gateway: carry every tunnel of CONFIG over every usable path to the "
-        "far gate. On SIGINT/SIGTERM it deregisters from warp-map, removes its socket files "
-        "and exits 0.",
+        "far gate. A second instance with the same key or control socket is refused (exit 1) "
+        "before it sends anything. On SIGINT, SIGTERM or SIGHUP it deregisters from warp-map, "
+        "removes its socket files and exits 0.",
     )
     parser.add_argument("config", metavar="CONFIG.toml", help="gateway config file")
     parser.add_argument("--socket", help="control socket path (overrides control.socket)")

@@ -40,11 +40,13 @@ from pydantic import (
     StrictBool,
     StrictInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from warp.keys import KeyFormatError, decode_key, encode_key, generate_private_key, public_key_of
+from warp.secret_files import access_warning, read_private_key_text
 
 __all__ = [
     "DEFAULT_CONTROL_SOCKET",
@@ -80,6 +82,7 @@ __all__ = [
     "parse_host_port",
     "parse_map_config",
     "parse_rate",
+    "secret_file_warnings",
     "validate_gateway_config",
     "validate_map_config",
 ]
@@ -667,10 +670,26 @@ class LogConfig(_Model):
     format: Literal["text", "json"] = "text"
 
 
+class _KeyFileProblem(str):
+    """Put in place of ``private_key_file`` when the file is unusable: the message that the
+    field's validator reports at its TOML path (with every other problem of the config)."""
+
+
+def _private_key_file(value: object) -> str:
+    if isinstance(value, _KeyFileProblem):
+        raise ValueError(str(value))
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a file name, got {_describe(value)}")
+    return value
+
+
 class GatewayConfig(_Model):
     """A whole warp gateway config (one TOML file)."""
 
     private_key: PrivateKey = Field(repr=False)
+    # The file the private key was read from (made absolute; relative names are relative to
+    # the config file's directory), None when the key is in the config.
+    private_key_file: Annotated[str, PlainValidator(_private_key_file)] | None = None
     listen_port: StrictInt = Field(default=0, ge=0, le=65535)
     interfaces: InterfacesConfig = Field(default_factory=InterfacesConfig)
     warp_map: WarpMapConfig = Field(default_factory=WarpMapConfig)
@@ -717,6 +736,37 @@ class GatewayConfig(_Model):
             for name, table in data["tunnels"].items()
         }
         return {**data, "tunnels": tunnels}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_private_key_file(cls, data: object, info: ValidationInfo) -> object:
+        """``private_key_file``: read the key (runs before `_derive_tunnel_ids`: pydantic runs
+        "before" validators last-defined first). A problem is reported at
+        ``private_key_file`` along with every other problem of the config."""
+        if not isinstance(data, dict) or "private_key_file" not in data:
+            return data
+        name = data["private_key_file"]
+        if not isinstance(name, str) or not name:
+            return data  # the field's validator says what is wrong
+        data = {**data}
+        if "private_key" in data:
+            data["private_key_file"] = _KeyFileProblem(
+                "give the key either as private_key or in private_key_file, not both"
+            )
+            return data
+        base = (info.context or {}).get("base_dir") or os.getcwd()
+        path = os.path.normpath(os.path.join(base, os.path.expanduser(name)))
+        try:
+            text = read_private_key_text(path)
+            data["private_key"] = decode_key(text)
+            data["private_key_file"] = path
+        except (ValueError, KeyFormatError) as exc:
+            data["private_key_file"] = _KeyFileProblem(
+                str(exc) if str(exc).startswith(("cannot read", path)) else f"{path}: {exc}"
+            )
+            # no second, misleading "private_key: required key is missing"
+            data["private_key"] = ENGARDE_NO_KEY
+        return data
 
     @field_validator("tunnels", mode="after")
     @classmethod
@@ -1044,8 +1094,10 @@ _ModelT = typing.TypeVar("_ModelT", bound=BaseModel)
 
 
 def _validate(model: type[_ModelT], data: Mapping[str, Any], source: str) -> _ModelT:
+    # relative file names in a config (private_key_file) are relative to the config's directory
+    base_dir = os.path.dirname(os.path.abspath(source)) if not source.startswith("<") else None
     try:
-        return model.model_validate(dict(data))
+        return model.model_validate(dict(data), context={"base_dir": base_dir})
     except ValidationError as exc:
         raise ConfigError(_problems_of(exc, model), source) from None
 
@@ -1093,6 +1145,22 @@ def parse_gateway_config(text: str, source: str = "<string>") -> GatewayConfig:
 def load_gateway_config(path: str | os.PathLike[str]) -> GatewayConfig:
     """Read and validate a gateway config file; raise ConfigError with every problem."""
     return parse_gateway_config(_read(path), os.fspath(path))
+
+
+def secret_file_warnings(
+    config: GatewayConfig | MapServerConfig, source: str | os.PathLike[str]
+) -> list[str]:
+    """Warnings (as `wg`'s) for the files holding ``config``'s private key that its group or
+    others may access: ``private_key_file`` if used, else the config file ``source`` itself
+    (an engarde-mode gateway config holds no key)."""
+    if isinstance(config, GatewayConfig) and config.private_key_file is not None:
+        path: str | os.PathLike[str] = config.private_key_file
+    elif config.private_key == ENGARDE_NO_KEY:
+        return []
+    else:
+        path = source
+    warning = access_warning(path)
+    return [warning] if warning else []
 
 
 def validate_map_config(

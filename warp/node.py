@@ -373,18 +373,11 @@ class Gateway:
         self._queue_timer = TimerSlot(loop, self._flush)
         self._map_timer = TimerSlot(loop, self._on_map_timer)
         self._relay_timer = TimerSlot(loop, self._on_relay_timer)
-        if self.config.warp_map.address is not None:
-            self.map_address = await self._resolve(self.config.warp_map.address)
-        self._static_endpoints = [
-            await self._resolve(endpoint) for endpoint in self.config.far_gate.endpoints
-        ]
-        far_peer = self.device.peer(self.far_key)
-        if far_peer is not None and self._static_endpoints:
-            far_peer.endpoint = self._static_endpoints[0]
         try:
-            # Uplinks first: the first packet from a gate (a fresh tun sends its own router
-            # solicitation at once) starts a handshake that must have an uplink to go out on.
-            await self._start_uplinks()
+            # Claim everything local first (gates, control socket, metrics port): if one is
+            # taken we stop before sending anything, so a failed start never handshakes with
+            # the far gate or registers/deregisters at the map (`warp run` also holds the
+            # key and control-socket locks before this).
             await self._start_gates()
             self.control = ControlServer(self._control_path, self.snapshot)
             await self.control.start()
@@ -394,6 +387,20 @@ class Gateway:
                 self._metrics_task = loop.create_task(
                     self.metrics.refresh_forever(), name="warp.metrics"
                 )
+            if self.config.warp_map.address is not None:
+                self.map_address = await self._resolve(self.config.warp_map.address)
+            self._static_endpoints = [
+                await self._resolve(endpoint) for endpoint in self.config.far_gate.endpoints
+            ]
+            far_peer = self.device.peer(self.far_key)
+            if far_peer is not None and self._static_endpoints:
+                far_peer.endpoint = self._static_endpoints[0]
+            await self._start_uplinks()
+            # The gates read only now: the first packet from a gate (a fresh tun sends its
+            # own router solicitation at once) starts a handshake that needs an uplink.
+            for tunnel in self.tunnels.values():
+                if tunnel.gate is not None:
+                    tunnel.gate.resume_reading()
             log.info(
                 "gateway.started public_key=%s far_gate=%s tunnels=%s uplinks=%s",
                 encode_key(self.config.public_key),
@@ -459,6 +466,7 @@ class Gateway:
             else:
                 gate = self._make_tun_gate(gate_config)
             await gate.start()
+            gate.pause_reading()  # until the uplinks are up (`run`)
             tunnel.gate = gate
             self._tunnel_of_gate[id(gate)] = tunnel
             assert self._loop is not None

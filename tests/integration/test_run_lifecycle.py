@@ -1,0 +1,175 @@
+"""`warp run` start and stop on loopback: a real warp-map process and `warp run` processes whose
+only uplink is ``lo`` (no root, no namespaces).
+
+* A second instance with the same key, or with the same control socket, exits 1 with one line
+  and sends nothing: no handshake with the map, no registration, no deregistration.
+* After ``kill -9`` the leftover socket and lock files do not block a restart.
+* SIGHUP stops like SIGTERM: deregistered at the map, control socket removed, exit 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.map_process import ROOT, MapProcess
+from warp.keys import encode_key, generate_private_key, public_key_of
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def short(private_key: bytes) -> str:
+    """The key as warp-map logs it."""
+    return encode_key(public_key_of(private_key))[:12]
+
+
+def gateway_config(tmp: Path, name: str, key: bytes, warp_map: MapProcess, socket: Path) -> Path:
+    path = tmp / f"{name}.toml"
+    path.write_text(
+        f'private_key = "{encode_key(key)}"\n'
+        "[interfaces]\n"
+        'inclusion_patterns = ["^lo$"]\n'
+        "exclusion_patterns = []\n"
+        "bind_to_device = false\n"
+        "[warp_map]\n"
+        f'address = "127.0.0.1:{warp_map.port}"\n'
+        f'public_key = "{encode_key(warp_map.public_key)}"\n'
+        "[far_gate]\n"
+        f'public_key = "{encode_key(public_key_of(generate_private_key()))}"\n'
+        "[tunnels.app.gate]\n"
+        f'path = "{tmp / (name + "-gate.sock")}"\n'
+        f'[control]\nsocket = "{socket}"\n'
+    )
+    path.chmod(0o600)
+    return path
+
+
+class Runs:
+    """`warp run` processes of one test (all stopped at the end)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.env = dict(os.environ, PYTHONPATH=str(ROOT), WARP_RUNTIME_DIR=str(tmp / "run"))
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, config: Path, *more: str, log: str) -> subprocess.Popen[bytes]:
+        with (self.tmp / log).open("ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "warp.cli", "run", str(config), *more],
+                stdout=out,
+                stderr=out,
+                env=self.env,
+                cwd=ROOT,
+            )
+        self.procs.append(proc)
+        return proc
+
+    def run(self, config: Path, *more: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "warp.cli", "run", str(config), *more],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=self.env,
+            cwd=ROOT,
+        )
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Iterator[Runs]:
+    the_runs = Runs(tmp_path)
+    try:
+        yield the_runs
+    finally:
+        the_runs.close()
+
+
+@pytest.fixture
+def warp_map(tmp_path: Path) -> Iterator[MapProcess]:
+    process = MapProcess(tmp_path)
+    process.start()
+    try:
+        yield process
+    finally:
+        process.kill()
+
+
+def wait_for(predicate: str, text: Callable[[], str], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while predicate not in text():
+        assert time.monotonic() < deadline, f"no {predicate!r} in:\n{text()}"
+        time.sleep(0.02)
+
+
+def test_second_instance_is_refused_before_it_sends_anything(
+    tmp_path: Path, runs: Runs, warp_map: MapProcess
+) -> None:
+    key_a = generate_private_key()
+    socket_a = tmp_path / "a.sock"
+    config_a = gateway_config(tmp_path, "a", key_a, warp_map, socket_a)
+    first = runs.start(config_a, log="a.log")
+    wait_for(f"map.registered client={short(key_a)}", warp_map.log_since_start)
+    handshakes = warp_map.stats()["handshakes_completed"]
+
+    # the same config with another control socket: a double start, a typo'd --socket
+    same_key = runs.run(config_a, "--socket", str(tmp_path / "typo.sock"))
+    assert same_key.returncode == 1, same_key.stderr
+    assert same_key.stderr.count("\n") == 1, same_key.stderr
+    assert same_key.stderr.startswith("warp: error: another warp is running with this key ")
+    assert f"pid {first.pid}" in same_key.stderr
+
+    # another key, the same control socket
+    key_c = generate_private_key()
+    config_c = gateway_config(tmp_path, "c", key_c, warp_map, socket_a)
+    same_socket = runs.run(config_c)
+    assert same_socket.returncode == 1, same_socket.stderr
+    assert same_socket.stderr.count("\n") == 1, same_socket.stderr
+    assert same_socket.stderr.startswith(f"warp: error: control socket {socket_a} is in use ")
+
+    # neither sent anything: no handshake, no registration, no deregistration at the map
+    assert warp_map.stats()["handshakes_completed"] == handshakes
+    log = warp_map.log_since_start()
+    assert "map.deregistered" not in log
+    assert log.count(f"map.registered client={short(key_a)}") == 1
+    assert short(key_c) not in log
+    assert first.poll() is None and socket_a.exists()
+
+    # kill -9: the stale control socket and lock files do not block the restart
+    first.send_signal(signal.SIGKILL)
+    first.wait(5)
+    assert socket_a.exists()
+    restarted = runs.start(config_a, log="a-restarted.log")
+    wait_for("gateway.started", (tmp_path / "a-restarted.log").read_text)
+    restarted.send_signal(signal.SIGTERM)
+    assert restarted.wait(10) == 0
+    assert not socket_a.exists()
+
+
+def test_sighup_deregisters_removes_the_socket_and_exits_0(
+    tmp_path: Path, runs: Runs, warp_map: MapProcess
+) -> None:
+    key = generate_private_key()
+    socket_path = tmp_path / "a.sock"
+    gateway = runs.start(gateway_config(tmp_path, "a", key, warp_map, socket_path), log="a.log")
+    wait_for(f"map.registered client={short(key)}", warp_map.log_since_start)
+    assert socket_path.exists()
+    gateway.send_signal(signal.SIGHUP)  # what a closed SSH session sends
+    assert gateway.wait(10) == 0, (tmp_path / "a.log").read_text()
+    assert not socket_path.exists()
+    assert f"map.deregistered client={short(key)}" in warp_map.log_since_start()
+    log = (tmp_path / "a.log").read_text()
+    assert "gateway.stop_requested signal=SIGHUP" in log and "gateway.stopped" in log
+    assert list((tmp_path / "run").iterdir()) == []  # the key lock file is gone too
