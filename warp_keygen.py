@@ -16,6 +16,7 @@ from warp.keys import (
     public_key_of,
     to_wireguard_base64,
 )
+from warp.secret_files import write_private_file
 
 # A vanity search is unbounded in principle; cap it so a typo'd regex cannot run forever.
 DEFAULT_VANITY_LIMIT = 10_000_000
@@ -41,6 +42,16 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--wireguard", action="store_true", help="print keys in WireGuard's base64 form"
     )
+    parser.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="write the private key to FILE (mode 0600; a config's private_key_file or "
+        "warp-map's --private-key-file) and print only the public key",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="with -o: replace FILE if it exists (mode 0600)"
+    )
     sub = parser.add_subparsers(dest="command")
     sub.add_parser(
         "pubkey",
@@ -55,8 +66,33 @@ def _format(raw: bytes, wireguard: bool) -> str:
     return to_wireguard_base64(raw) if wireguard else encode_key(raw)
 
 
+def _emit(private: bytes, args: argparse.Namespace) -> int:
+    """Print the pair, or with -o write the private key (0600) and print the public key."""
+    public = f"Public key: {_format(public_key_of(private), args.wireguard)}"
+    if args.output is None:
+        print(f"Private key: {_format(private, args.wireguard)}")
+        print(public)
+        return 0
+    try:
+        write_private_file(args.output, _format(private, args.wireguard) + "\n", force=args.force)
+    except FileExistsError:
+        print(f"warp-keygen: {args.output} exists (use --force to replace it)", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"warp-keygen: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(public)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    if args.output is not None and args.command == "pubkey":
+        print("warp-keygen: -o makes a new key; pubkey prints to standard output", file=sys.stderr)
+        return 1
+    if args.force and args.output is None:
+        print("warp-keygen: --force only applies to -o FILE", file=sys.stderr)
+        return 1
     if args.command == "pubkey":
         text = sys.stdin.read()
         try:
@@ -68,10 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.vanity is None:
-        private = generate_private_key()
-        print(f"Private key: {_format(private, args.wireguard)}")
-        print(f"Public key: {_format(public_key_of(private), args.wireguard)}")
-        return 0
+        return _emit(generate_private_key(), args)
 
     try:
         pattern = re.compile(args.vanity, re.IGNORECASE)
@@ -84,10 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         public = public_key_of(private)
         if pattern.search(_format(public, args.wireguard)):
             elapsed = time.monotonic() - started
-            print(f"Private key: {_format(private, args.wireguard)}")
-            print(f"Public key: {_format(public, args.wireguard)}")
             print(f"Tried {tries} keys in {elapsed:.1f} s.", file=sys.stderr)
-            return 0
+            return _emit(private, args)
     print(
         f"warp-keygen: no public key matched {args.vanity!r} after {args.max_tries} tries",
         file=sys.stderr,

@@ -746,9 +746,10 @@ class GatewayConfig(_Model):
         if not isinstance(data, dict) or "private_key_file" not in data:
             return data
         name = data["private_key_file"]
-        if not isinstance(name, str) or not name:
-            return data  # the field's validator says what is wrong
         data = {**data}
+        if not isinstance(name, str) or not name:
+            data.setdefault("private_key", ENGARDE_NO_KEY)  # only the file's problem is shown
+            return data  # the field's validator says what is wrong
         if "private_key" in data:
             data["private_key_file"] = _KeyFileProblem(
                 "give the key either as private_key or in private_key_file, not both"
@@ -1203,9 +1204,13 @@ _GATEWAY_EXAMPLE = """\
 # Keys are X25519, Crockford base32 (52 characters) or WireGuard base64 (44 characters).
 # Every key below except private_key and far_gate.public_key shows its default value.
 
-# This instance's private key (required). This one is fresh; keep it secret.
+# This instance's private key (required). This one is fresh; keep it secret: save this
+# file with `umask 077` (warp check and warp run warn when others may read it).
 # Its public key, to give to the far gate: {public_key}
 private_key = "{private_key}"
+# Or, instead of private_key, a file holding the key (relative to this file's directory;
+# `warp-keygen -o FILE` writes one, mode 0600):
+# private_key_file = "gateway.key"
 
 # Local UDP port of the uplink sockets; 0 = any. Set it on a peer with a public address
 # that the other side reaches through far_gate.endpoints.

@@ -128,6 +128,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"warp-map: {where}: {message}", file=sys.stderr)
         return EXIT_USAGE
 
+    from warp.secret_files import access_warning
+
+    # as `wg` does: the file holding the private key should be readable by us alone
+    key_holder = args.private_key_file or args.config
+    warning = access_warning(key_holder) if key_holder else None
+    if warning:
+        print(warning, file=sys.stderr)
     _configure_logging(args.log_level or config.log.level, config.log.format)
     from warp_map_server.server import MapServer
 

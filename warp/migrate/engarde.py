@@ -21,6 +21,7 @@ dropped). docs/engarde-migration.md is the long form.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import ipaddress
 import json
@@ -31,6 +32,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from warp.secret_files import write_private_file
 
 __all__ = [
     "CLIENT_KEYS",
@@ -774,16 +777,21 @@ def load_engarde(path: str | os.PathLike[str]) -> Any:
         raise MigrationError(f"{name}: YAML error{where}: {problem}") from None
 
 
-def _write(path: str, text: str, force: bool) -> None:
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+def _write(path: str, text: str, force: bool, source: str) -> None:
+    """Write the config 0600 (it holds a private key), also over an existing 0644 file with
+    ``force``; never over ``source``, the engarde YAML being converted."""
+    with contextlib.suppress(OSError):
+        if os.path.samefile(path, source):
+            raise MigrationError(
+                f"-o {path} is the engarde config being converted; write the warp config to "
+                "another file"
+            )
     try:
-        fd = os.open(path, flags, 0o600)  # it holds a private key
+        write_private_file(path, text, force=force)
     except FileExistsError:
         raise MigrationError(f"{path} exists (use --force to replace it)") from None
     except OSError as exc:
         raise MigrationError(f"cannot write {path}: {exc.strerror or exc}") from None
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
 
 
 def run_migrate_engarde(args: argparse.Namespace) -> int:
@@ -823,7 +831,7 @@ def run_migrate_engarde(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     else:
         try:
-            _write(out, migration.toml, args.force)
+            _write(out, migration.toml, args.force, args.engarde)
         except MigrationError as exc:
             print(f"warp migrate-engarde: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
