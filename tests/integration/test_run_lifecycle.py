@@ -30,7 +30,9 @@ def short(private_key: bytes) -> str:
     return encode_key(public_key_of(private_key))[:12]
 
 
-def gateway_config(tmp: Path, name: str, key: bytes, warp_map: MapProcess, socket: Path) -> Path:
+def gateway_config(
+    tmp: Path, name: str, key: bytes, warp_map: MapProcess, socket: Path, gate: str = ""
+) -> Path:
     path = tmp / f"{name}.toml"
     path.write_text(
         f'private_key = "{encode_key(key)}"\n'
@@ -44,7 +46,7 @@ def gateway_config(tmp: Path, name: str, key: bytes, warp_map: MapProcess, socke
         "[far_gate]\n"
         f'public_key = "{encode_key(public_key_of(generate_private_key()))}"\n'
         "[tunnels.app.gate]\n"
-        f'path = "{tmp / (name + "-gate.sock")}"\n'
+        f'path = "{tmp / ((gate or name) + "-gate.sock")}"\n'
         f'[control]\nsocket = "{socket}"\n'
     )
     path.chmod(0o600)
@@ -139,12 +141,22 @@ def test_second_instance_is_refused_before_it_sends_anything(
     assert same_socket.stderr.count("\n") == 1, same_socket.stderr
     assert same_socket.stderr.startswith(f"warp: error: control socket {socket_a} is in use ")
 
-    # neither sent anything: no handshake, no registration, no deregistration at the map
+    # another key and control socket, a's gate: the gate is claimed before the network
+    key_d = generate_private_key()
+    config_d = gateway_config(tmp_path, "d", key_d, warp_map, tmp_path / "d.sock", gate="a")
+    same_gate = runs.run(config_d)
+    assert same_gate.returncode == 2, same_gate.stderr
+    assert same_gate.stderr.splitlines()[-1].endswith(
+        "a-gate.sock is in use by another running program"
+    )
+    assert "uplink.added" not in same_gate.stderr  # (its log lines are on stderr too)
+
+    # none sent anything: no handshake, no registration, no deregistration at the map
     assert warp_map.stats()["handshakes_completed"] == handshakes
     log = warp_map.log_since_start()
     assert "map.deregistered" not in log
     assert log.count(f"map.registered client={short(key_a)}") == 1
-    assert short(key_c) not in log
+    assert short(key_c) not in log and short(key_d) not in log
     assert first.poll() is None and socket_a.exists()
 
     # kill -9: the stale control socket and lock files do not block the restart
