@@ -874,10 +874,7 @@ class Gateway:
         if signature != self._sending_signature:
             self._sending_signature = signature
             self._sending = paths
-            qualities = [
-                PathQuality(p, loss=p.loss or 0.0, rtt=p.rtt, local=p.uplink, remote=p.remote)
-                for p in sorted(paths, key=lambda p: (p.uplink, p.remote))
-            ]
+            qualities = path_qualities(paths)
             for tunnel in self.tunnels.values():
                 change = tunnel.scheduler.update(qualities, relayed=relayed)
                 if change is not None:
@@ -1353,6 +1350,15 @@ class Gateway:
             "uplinks": uplink_rows,
             "counters": dict(self.counters),
         }
+
+
+def path_qualities(paths: Sequence[Path]) -> list[PathQuality[Path]]:
+    """What the schedulers are told of the sending paths: each path's measurements, its
+    uplink (our end) and its remote address (one peer uplink: the other end)."""
+    return [
+        PathQuality(p, loss=p.loss or 0.0, rtt=p.rtt, local=p.uplink, remote=p.remote)
+        for p in sorted(paths, key=lambda p: (p.uplink, p.remote))
+    ]
 
 
 def _redundancy(scheduler: ShardScheduler[Path]) -> dict[str, Any]:
