@@ -51,6 +51,8 @@ RTT_SLACK = 0.020
 # Assignments precomputed per `update`: a multiple of every path count up to 6 and of
 # common n, so even shares repeat exactly.
 CYCLE_BLOCKS = 240
+# Partial meshes: capacities remembered per `Mesh` (one per `update`), at most this many.
+KNOWN_CAPACITIES = 4096
 # Largest code the sender adds parity up to: n' <= 2k (two uplinks a side need exactly
 # that) and the header's 8-bit shard count.
 MAX_SHARDS = 255
@@ -99,7 +101,7 @@ class Mesh:
     (0..remotes-1), one edge per path. Answers how many shards of a block fit under
     per-uplink and per-address caps (`capacity`, a max-flow)."""
 
-    __slots__ = ("edges", "full", "local_count", "neighbours", "pairs", "remote_count")
+    __slots__ = ("_known", "edges", "full", "local_count", "neighbours", "pairs", "remote_count")
 
     def __init__(
         self, edges: Sequence[tuple[int, int]], local_count: int, remote_count: int
@@ -116,6 +118,8 @@ class Mesh:
         remotes_used = [remote for _, remote in self.edges]
         single = all(len(n) == 1 for n in neighbours)
         self.pairs = single and len(remotes_used) == len(set(remotes_used))
+        # Capacities already computed: a block's placements revisit the same few cap states.
+        self._known: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
 
     def capacity(self, local_caps: Sequence[int], remote_caps: Sequence[int]) -> int:
         """Most shards placeable with these caps per local uplink and per remote address."""
@@ -124,6 +128,15 @@ class Mesh:
             return min(sum(local_caps), sum(remote_caps))
         if self.pairs:
             return sum(min(local_caps[local], remote_caps[remote]) for local, remote in self.edges)
+        key = (tuple(local_caps), tuple(remote_caps))
+        known = self._known.get(key)
+        if known is None:
+            if len(self._known) >= KNOWN_CAPACITIES:
+                self._known.clear()
+            known = self._known[key] = self._max_flow(local_caps, remote_caps)
+        return known
+
+    def _max_flow(self, local_caps: Sequence[int], remote_caps: Sequence[int]) -> int:
         # Augmenting paths (Ford-Fulkerson) on a graph of a few nodes; edges are uncapped.
         flow: dict[tuple[int, int], int] = {}
         local_left = list(local_caps)
@@ -411,40 +424,44 @@ class ShardScheduler(Generic[PathId]):
     def _next_assignment(self) -> tuple[PathId, ...]:
         """One block: place the shards one by one on the path owed the most whose uplink and
         remote have room (and, in a partial mesh, that leaves the rest placeable)."""
-        shares = self.shares
-        credit = self._credit
         order = self._order
-        ends = self._ends
+        credit = self._credit
         mesh = self._mesh
         n = self.effective_n
-        rotation = self._blocks % len(order)
-        rank = {path: (i - rotation) % len(order) for i, path in enumerate(order)}
+        # Ties go round-robin, starting one path further every block.
+        start = self._blocks % len(order)
+        ranked = order[start:] + order[:start]
+        ends = [self._ends[path] for path in ranked]
+        owed = [self.shares[path] + credit[path] for path in ranked]
+        counts = [0] * len(ranked)
         local_left = [self.local_cap] * mesh.local_count
         remote_left = [self.remote_cap] * mesh.remote_count
-        counts = dict.fromkeys(order, 0)
+        simple = mesh.full or mesh.pairs  # any path with room at both ends keeps n placeable
         for placed in range(n):
-            # Owed the most first; ties round-robin, starting one path further every block.
-            candidates = sorted(
-                (p for p in order if local_left[ends[p][0]] and remote_left[ends[p][1]]),
-                key=lambda p: (-round(shares[p] + credit[p] - counts[p], 9), rank[p]),
-            )
-            for path in candidates:
-                local, remote = ends[path]
+            refused: set[int] = set()
+            while True:
+                best = -1
+                best_owed = 0.0
+                for i, (local, remote) in enumerate(ends):
+                    if local_left[local] and remote_left[remote] and i not in refused:
+                        score = owed[i] - counts[i]
+                        if best < 0 or score > best_owed + 1e-9:
+                            best, best_owed = i, score
+                if best < 0:  # pragma: no cover - the caps were chosen so that n shards fit
+                    raise AssertionError("no path has room for a shard")
+                local, remote = ends[best]
                 local_left[local] -= 1
                 remote_left[remote] -= 1
-                if (
-                    mesh.full
-                    or mesh.pairs
-                    or mesh.capacity(local_left, remote_left) >= n - placed - 1
-                ):
-                    counts[path] += 1
+                if simple or mesh.capacity(local_left, remote_left) >= n - placed - 1:
+                    counts[best] += 1
                     break
+                # Partial mesh: this one would strand later shards; the next best.
                 local_left[local] += 1
                 remote_left[remote] += 1
-            else:  # pragma: no cover - the caps were chosen so that n shards fit
-                raise AssertionError("no path has room for a shard")
-        for path, share in shares.items():
+                refused.add(best)
+        for i, path in enumerate(ranked):
             # Clamped so a long-gone imbalance cannot starve a path for many blocks.
-            credit[path] = min(max(credit[path] + share - counts[path], -1.0), 1.0)
+            credit[path] = min(max(credit[path] + self.shares[path] - counts[i], -1.0), 1.0)
         self._blocks += 1
-        return tuple(path for path in order for _ in range(counts[path]))
+        count_of = dict(zip(ranked, counts, strict=True))
+        return tuple(path for path in order for _ in range(count_of[path]))
