@@ -67,7 +67,7 @@ from warp.paths.prober import (
     PathStateChanged,
     make_probe_reply,
 )
-from warp.paths.scheduler import PathQuality, ShardScheduler
+from warp.paths.scheduler import ParityChange, PathQuality, ShardScheduler
 from warp.paths.uplinks import Uplink, UplinkEvent, UplinkEventKind, UplinkManager
 from warp.redundancy import SendQueue, ShardDecoder, ShardEncoder, shard_tunnel_id
 from warp.status import ControlServer, gate_info
@@ -217,8 +217,8 @@ class Tunnel:
     tunnel_id: int
     encoder: ShardEncoder
     decoder: ShardDecoder
-    scheduler: ShardScheduler[str]
-    """Spreads each block over the uplinks (by name)."""
+    scheduler: ShardScheduler[Path]
+    """Spreads each block over the paths (both ends balanced) and sets its shard count."""
     gate: Gate | None = None
     timer: TimerSlot | None = None
     drops: dict[str, int] = field(default_factory=dict)
@@ -277,8 +277,7 @@ class Gateway:
         )
         # What the schedulers were last told (`_update_schedulers`): the sending paths and a
         # signature of their state and quality; None forces a recomputation.
-        self._sending: dict[str, list[Path]] = {}
-        self._rotation: dict[str, int] = {}
+        self._sending: list[Path] = []
         self._sending_signature: tuple[object, ...] | None = None
         self.send_queue = SendQueue(SEND_QUEUE_LENGTH)
         self.tunnels: dict[str, Tunnel] = {}
@@ -300,7 +299,9 @@ class Gateway:
                     ordered=transport.ordered,
                     reorder_timeout=transport.reorder_timeout,
                 ),
-                scheduler=ShardScheduler(k, n),
+                # The default spread, survive_uplink_loss: parity is added while the paths
+                # are too few for (k, n) to survive losing an uplink at either end.
+                scheduler=ShardScheduler(k, n, add_parity=True),
             )
             self.tunnels[name] = tunnel
             self._tunnels_by_id[tunnel.tunnel_id] = tunnel
@@ -865,11 +866,11 @@ class Gateway:
             return _drop_superseded(direct) if len(direct) > 1 else direct
         return relay or probing
 
-    def _update_schedulers(self) -> dict[str, list[Path]]:
-        """The sending paths by uplink. The tunnels' schedulers spread each block over the
-        *uplinks* (no uplink carries more than n - k shards when there are enough of them: a
-        whole uplink lost loses nothing); each uplink's shards then rotate over its paths (the
-        peer's addresses). The schedulers precompute a cycle of assignments, so they are
+    def _update_schedulers(self) -> list[Path]:
+        """The sending paths. The tunnels' schedulers spread each block over them, both ends
+        balanced (no uplink of ours and no peer address carries more than n - k shards when
+        the paths allow: a whole uplink lost at either end loses nothing), and add parity
+        while they do not. The schedulers precompute a cycle of assignments, so they are
         updated only when the set, state or quality of the sending paths changed."""
         paths = self._sending_paths()
         relayed = bool(paths) and paths[0].uplink == RELAY_UPLINK
@@ -880,24 +881,12 @@ class Gateway:
         )
         if signature != self._sending_signature:
             self._sending_signature = signature
-            by_uplink: dict[str, list[Path]] = {}
-            for path in sorted(paths, key=lambda p: p.remote):
-                by_uplink.setdefault(path.uplink, []).append(path)
-            self._sending = by_uplink
-            qualities = []
-            for name, group in by_uplink.items():
-                losses = [p.loss or 0.0 for p in group]
-                rtts = [p.rtt for p in group if p.rtt is not None]
-                qualities.append(
-                    PathQuality(
-                        name,
-                        alive=True,
-                        loss=sum(losses) / len(losses),
-                        rtt=sum(rtts) / len(rtts) if rtts else None,
-                    )
-                )
+            self._sending = paths
+            qualities = path_qualities(paths)
             for tunnel in self.tunnels.values():
-                tunnel.scheduler.update(qualities)
+                change = tunnel.scheduler.update(qualities, relayed=relayed)
+                if change is not None:
+                    _log_parity_change(tunnel.name, change)
         return self._sending
 
     def _on_prober_timer(self) -> None:
@@ -1143,25 +1132,24 @@ class Gateway:
                 self._ensure_session(now)
             self._queue_timer.arm(queue.next_expiry())
             return
-        by_uplink = self._update_schedulers()
+        paths = self._update_schedulers()
         uplinks = self.uplinks.uplinks if self.uplinks is not None else {}
-        if not by_uplink or not uplinks:
+        if not paths or not uplinks:
             self._release(now)
             if len(queue):
                 self.counters["no_path"] += queue.drop_expired(now)
             self._queue_timer.arm(queue.next_expiry())
             return
-        targets: dict[str, tuple[Link | None, list[Path]]] = {
-            name: (self._relay_link if name == RELAY_UPLINK else uplinks.get(name), paths)
-            for name, paths in by_uplink.items()
+        relay = self._relay_link
+        links: dict[str, Link | None] = {
+            p.uplink: relay if p.uplink == RELAY_UPLINK else uplinks.get(p.uplink) for p in paths
         }
-        sending = [uplink for uplink, _ in targets.values() if uplink is not None]
+        sending = [uplink for uplink in links.values() if uplink is not None]
         if not all(uplink.writable for uplink in sending):
             self._hold(now)
             self._queue_timer.arm(now + HOLD_RECHECK)
             return
         self._release(now)
-        rotation = self._rotation
         seal_many = self.device.seal_many
         far_key = self.far_key
         tunnels = self._tunnels_by_id
@@ -1172,19 +1160,18 @@ class Gateway:
             item = queue.pop(now)
             if item is not None:
                 tunnel = tunnels[item.tunnel_id]
-                assign = tunnel.scheduler.assign
-                for frames in tunnel.encoder.encode(item.datagram):
-                    for wire, name in zip(seal_many(far_key, frames, now), assign(), strict=True):
-                        uplink, paths = targets[name]
-                        turn = rotation.get(name, 0)
-                        rotation[name] = turn + 1
-                        path = paths[turn % len(paths)]
+                scheduler = tunnel.scheduler
+                assign = scheduler.assign
+                # The scheduler's shard count: more than n while parity is added.
+                for frames in tunnel.encoder.encode(item.datagram, scheduler.effective_n):
+                    for wire, path in zip(seal_many(far_key, frames, now), assign(), strict=True):
+                        uplink = links[path.uplink]
                         if wire is None or uplink is None:
                             send_failed += 1
                             continue
-                        batch = batches.get((name, path.remote))
+                        batch = batches.get((path.uplink, path.remote))
                         if batch is None:
-                            batches[(name, path.remote)] = (uplink, path, [wire])
+                            batches[(path.uplink, path.remote)] = (uplink, path, [wire])
                         else:
                             batch[2].append(wire)
                 items += 1
@@ -1335,6 +1322,7 @@ class Gateway:
                     "datagrams_lost": stats.blocks_expired
                     + stats.blocks_evicted
                     + stats.blocks_skipped,
+                    "redundancy": _redundancy(tunnel.scheduler),
                     "drops": drops,
                 }
             )
@@ -1370,6 +1358,37 @@ class Gateway:
             "uplinks": uplink_rows,
             "counters": dict(self.counters),
         }
+
+
+def path_qualities(paths: Sequence[Path]) -> list[PathQuality[Path]]:
+    """What the schedulers are told of the sending paths: each path's measurements, its
+    uplink (our end) and its remote address (one peer uplink: the other end)."""
+    return [
+        PathQuality(p, loss=p.loss or 0.0, rtt=p.rtt, local=p.uplink, remote=p.remote)
+        for p in sorted(paths, key=lambda p: (p.uplink, p.remote))
+    ]
+
+
+def _redundancy(scheduler: ShardScheduler[Path]) -> dict[str, Any]:
+    """A tunnel's code and whether it survives losing an uplink (`snapshot`)."""
+    return {
+        "k": scheduler.k,
+        "n": scheduler.n,
+        "effective_n": scheduler.effective_n,
+        "spread": "survive_uplink_loss",
+        "protected": scheduler.protected,
+        "protection": scheduler.protection,
+    }
+
+
+def _log_parity_change(tunnel: str, change: ParityChange) -> None:
+    fields = (tunnel, change.k, change.n, change.effective_n, change.uplinks, change.peer_addresses)
+    if change.added:
+        log.info("tunnel.parity_added tunnel=%s k=%d n=%d effective_n=%d uplinks=%d "
+                 "peer_addresses=%d", *fields)  # fmt: skip
+    else:
+        log.info("tunnel.parity_restored tunnel=%s k=%d n=%d effective_n=%d uplinks=%d "
+                 "peer_addresses=%d", *fields)  # fmt: skip
 
 
 #: An active path that heard nothing for this long while another path from the same uplink to

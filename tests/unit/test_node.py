@@ -14,6 +14,7 @@ import re
 import shutil
 import socket
 import tempfile
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,10 @@ import pytest
 from warp.config import GatewayConfig, parse_gateway_config, parse_map_config
 from warp.keys import encode_key, generate_private_key, public_key_of
 from warp.node import Gateway
+from warp.paths.path import Path as PathRecord
 from warp.paths.scheduler import ShardScheduler
+from warp.redundancy import ShardEncoder
+from warp.redundancy.shard import parse_shard_header
 from warp_map_server.server import MapServer
 
 UPLINKS = {"a": [("up1", "127.0.0.2"), ("up2", "127.0.0.3")],
@@ -220,28 +224,29 @@ async def _datagrams_both_ways(tmp_path: Path) -> None:
             assert not gateway.device.has_events
 
 
-def test_real_scheduler_per_tunnel_spreads_within_cap(tmp: Path) -> None:
+def test_real_scheduler_balances_both_ends(tmp: Path) -> None:
     asyncio.run(_real_scheduler(tmp))
 
 
 async def _real_scheduler(tmp_path: Path) -> None:
-    """(3, 5) over 2 uplinks x 2 remotes: every block within the caps (ceil(5 / 2) = 3 per
-    uplink, and each uplink's shards alternate over the peer's two addresses)."""
-    async with gateway_pair(tmp_path, k=3, n=5, initiators=("a",)) as pair:
+    """(3, 6) over 2 uplinks x 2 peer addresses: every block puts at most n - k = 3 shards on
+    each of our uplinks *and* on each of the peer's addresses (a cut uplink at either end
+    loses nothing); the gateway sends each shard on the path the scheduler chose."""
+    async with gateway_pair(tmp_path, k=3, n=6, initiators=("a",)) as pair:
         await pair.connected()
         tunnel = pair.a.tunnels["t"]
         scheduler = tunnel.scheduler
         assert isinstance(scheduler, ShardScheduler)
-        assert (scheduler.k, scheduler.n) == (3, 5)
+        assert (scheduler.k, scheduler.n, scheduler.effective_n) == (3, 6, 6)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 5
         while len(pair.a.prober.active_paths()) < 4:
             assert loop.time() < deadline, "paths did not all become active"
             await asyncio.sleep(0.02)
-        blocks: list[tuple[str, ...]] = []
+        blocks: list[tuple[PathRecord, ...]] = []
         original = scheduler.assign
 
-        def recording() -> tuple[str, ...]:
+        def recording() -> tuple[PathRecord, ...]:
             assignment = original()
             blocks.append(assignment)
             return assignment
@@ -254,11 +259,82 @@ async def _real_scheduler(tmp_path: Path) -> None:
         got = await pair.receive("b", 40)
         assert len(got) == 40
         assert len(blocks) >= 40
+        sent_by_path: Counter[tuple[str, tuple[str, int]]] = Counter()
         for assignment in blocks:
-            assert len(assignment) == 5
-            assert max(assignment.count(u) for u in set(assignment)) <= 3
+            assert len(assignment) == 6
+            uplinks = Counter(path.uplink for path in assignment)
+            remotes = Counter(path.remote for path in assignment)
+            assert max(uplinks.values()) <= 3 and len(uplinks) == 2
+            assert max(remotes.values()) <= 3 and len(remotes) == 2
+            sent_by_path.update(path.key for path in assignment)
         sent = {p.key: p.tx_packets - before[p.key] for p in pair.a.prober.paths}
-        assert all(count >= 40 for count in sent.values()), sent
+        # (tx counts the probes too)
+        assert all(sent[key] >= count > 0 for key, count in sent_by_path.items())
+        assert set(sent_by_path) == set(sent)
+        redundancy = pair.a.snapshot()["tunnels"][0]["redundancy"]
+        assert redundancy == {
+            "k": 3,
+            "n": 6,
+            "effective_n": 6,
+            "spread": "survive_uplink_loss",
+            "protected": True,
+            "protection": "protected against one uplink loss",
+        }
+
+
+def test_three_of_five_on_two_uplinks_sends_six_shards_and_says_so(
+    tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="warp.node")
+    asyncio.run(_added_parity(tmp))
+    lines = [r.getMessage() for r in caplog.records if "tunnel.parity_added" in r.getMessage()]
+    assert "tunnel.parity_added tunnel=t k=3 n=5 effective_n=6 uplinks=2 peer_addresses=2" in lines
+
+
+async def _added_parity(tmp_path: Path) -> None:
+    """(3, 5) on two uplinks a side cannot keep n - k = 2 per uplink: the sender adds a
+    parity shard per block (headers say (3, 6)), 3 shards per uplink and per peer address."""
+    async with gateway_pair(tmp_path, k=3, n=5, initiators=("a",)) as pair:
+        await pair.connected()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while len(pair.a.prober.active_paths()) < 4:
+            assert loop.time() < deadline, "paths did not all become active"
+            await asyncio.sleep(0.02)
+        tunnel = pair.a.tunnels["t"]
+        encoded: list[list[bytes]] = []
+        tunnel.encoder = _RecordingEncoder(tunnel.encoder, encoded)  # type: ignore[assignment]
+        before = {p.key: p.tx_packets for p in pair.a.prober.paths}
+        for i in range(20):
+            pair.send("a", _payload("a", i))
+            await asyncio.sleep(0.002)
+        while len(encoded) < 20:
+            assert loop.time() < deadline + 5, "datagrams were not sent"
+            await asyncio.sleep(0.01)
+        for frames in encoded:
+            assert len(frames) == 6
+            headers = [parse_shard_header(frame) for frame in frames]
+            assert all(h is not None and (h.k, h.n) == (3, 6) for h in headers)
+        sent = {p.key: p.tx_packets - before[p.key] for p in pair.a.prober.paths}
+        for uplink in ("up1", "up2"):
+            # 20 blocks x 3 shards, plus a probe or two per path
+            assert 60 <= sum(c for (u, _), c in sent.items() if u == uplink) <= 70
+        redundancy = pair.a.snapshot()["tunnels"][0]["redundancy"]
+        assert (redundancy["k"], redundancy["n"], redundancy["effective_n"]) == (3, 5, 6)
+        assert redundancy["protected"] is True
+
+
+class _RecordingEncoder:
+    """Wraps a tunnel's encoder: keeps every block's frames it produced."""
+
+    def __init__(self, inner: ShardEncoder, blocks: list[list[bytes]]) -> None:
+        self._inner = inner
+        self._blocks = blocks
+
+    def encode(self, datagram: bytes, n: int | None = None) -> list[list[bytes]]:
+        blocks = self._inner.encode(datagram, n)
+        self._blocks.extend(blocks)
+        return blocks
 
 
 class _BlackHole:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import struct
+from typing import Any, NamedTuple
 
 from warp.redundancy.codec import zfec_encoder
 from warp.redundancy.shard import (
@@ -41,11 +42,9 @@ class ShardEncoder:
     """
 
     __slots__ = (
-        "_encoder",
+        "_codes",
         "_epoch",
-        "_heads",
         "_next_seq",
-        "_parity_numbers",
         "block_capacity",
         "blocks_encoded",
         "k",
@@ -77,13 +76,8 @@ class ShardEncoder:
             raise ValueError(f"mtu {mtu} is too small for k={k}")
         self._epoch = secrets.randbits(16) if epoch is None else epoch & 0xFFFF
         self._next_seq = initial_seq % SEQUENCE_MODULUS
-        self._encoder = zfec_encoder(k, n) if n > k else None
-        self._parity_numbers = tuple(range(k, n))
-        # The first 8 header bytes of shard i never change for this encoder.
-        self._heads = [
-            SHARD_HEADER.pack(SHARD_FRAME_TYPE, tunnel_id, self._epoch, k, n, i, 0, 0, 0, 0)[:8]
-            for i in range(n)
-        ]
+        self._codes: dict[int, _Code] = {}  # by n: at most 255 entries
+        self._code(n)
         self.blocks_encoded = 0
 
     @property
@@ -94,13 +88,21 @@ class ShardEncoder:
     def next_seq(self) -> int:
         return self._next_seq
 
-    def encode(self, datagram: bytes | bytearray | memoryview) -> list[BlockFrames]:
-        """Shard frames of `datagram` (1 .. 65535 bytes), one list of n frames per block."""
+    def encode(
+        self, datagram: bytes | bytearray | memoryview, n: int | None = None
+    ) -> list[BlockFrames]:
+        """Shard frames of `datagram` (1 .. 65535 bytes), one list of n frames per block.
+
+        `n` (k <= n <= 255) overrides the configured shard count for these blocks: the
+        sender adds parity while its uplinks are too few for the configured code. Each
+        shard's header carries the block's (k, n)."""
         length = len(datagram)
         if not 0 < length <= MAX_DATAGRAM_SIZE:
             raise ValueError(f"datagram length must be 1..{MAX_DATAGRAM_SIZE}, got {length}")
+        shards = self.n if n is None else n
+        code = self._codes.get(shards) or self._code(shards)
         if length <= self.block_capacity:
-            return [self._encode_block(datagram, length, 0, 1)]
+            return [self._encode_block(code, datagram, length, 0, 1)]
         block_count = -(-length // self.block_capacity)
         # Near-equal blocks rather than full ones plus a runt: shards stay alike in size.
         base, extra = divmod(length, block_count)
@@ -111,11 +113,29 @@ class ShardEncoder:
             block_length = base + 1 if fragment_index < extra else base
             chunk = view[offset : offset + block_length]
             offset += block_length
-            blocks.append(self._encode_block(chunk, block_length, fragment_index, block_count))
+            blocks.append(
+                self._encode_block(code, chunk, block_length, fragment_index, block_count)
+            )
         return blocks
+
+    def _code(self, n: int) -> _Code:
+        """Encoder and shard headers for blocks of n shards (built once per n)."""
+        k = self.k
+        validate_geometry(k, n)
+        # The first 8 header bytes of shard i never change for this encoder and n.
+        heads = [
+            SHARD_HEADER.pack(SHARD_FRAME_TYPE, self.tunnel_id, self._epoch, k, n, i, 0, 0, 0, 0)[
+                :8
+            ]
+            for i in range(n)
+        ]
+        code = _Code(zfec_encoder(k, n) if n > k else None, tuple(range(k, n)), heads)
+        self._codes[n] = code
+        return code
 
     def _encode_block(
         self,
+        code: _Code,
         data: bytes | bytearray | memoryview,
         block_length: int,
         fragment_index: int,
@@ -135,8 +155,17 @@ class ShardEncoder:
         else:
             view = memoryview(data)
             pieces = [view[i : i + shard_size] for i in range(0, k * shard_size, shard_size)]
-        if self._encoder is not None:
-            pieces += self._encoder.encode(pieces, self._parity_numbers)
+        if code.encoder is not None:
+            pieces += code.encoder.encode(pieces, code.parity_numbers)
         # Header = per-index constant (type, tunnel, epoch, k, n, index) + per-block tail.
         tail = _BLOCK_TAIL.pack(seq, fragment_index, fragment_count, block_length)
-        return [head + tail + piece for head, piece in zip(self._heads, pieces, strict=True)]
+        return [head + tail + piece for head, piece in zip(code.heads, pieces, strict=True)]
+
+
+class _Code(NamedTuple):
+    """What encoding a block of n shards needs: zfec's encoder (None without parity), the
+    parity shard numbers and each shard index's constant header bytes."""
+
+    encoder: Any
+    parity_numbers: tuple[int, ...]
+    heads: list[bytes]
