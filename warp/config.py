@@ -592,16 +592,18 @@ WireGuard datagrams, there is no warp peer and no warp handshake."""
 class EngardeConfig(_Model):
     """``[tunnels.<name>.engarde]``: speak engarde's wire format instead of warp's.
 
-    ``client``: every datagram from the gate is sent from every uplink to each of
-    ``far_gate.endpoints`` (engarde-server's address); what any uplink receives from them goes
-    to the gate. ``server``: the uplinks listen on ``listen_port``; datagrams from engarde
-    clients go to the gate, and the gate's datagrams go to every client address heard from
-    within ``client_timeout`` (at most ``max_clients`` addresses, the oldest evicted).
+    ``client``: every datagram from the gate is sent once from every uplink, to the uplink's
+    entry in ``dst_overrides`` (engarde's dstOverrides) or else to the one
+    ``far_gate.endpoints`` address (engarde's dstAddr); what any uplink receives from them
+    goes to the gate. ``server``: the uplinks listen on ``listen_port``; datagrams from
+    engarde clients go to the gate, and the gate's datagrams go to every client address heard
+    from within ``client_timeout`` (at most ``max_clients`` addresses, the oldest evicted).
     """
 
     role: Literal["client", "server"]
     client_timeout: Duration = 30.0
     max_clients: StrictInt = Field(default=64, ge=1, le=65536)
+    dst_overrides: dict[InterfaceName, Address] = Field(default_factory=dict)
 
 
 class TunnelConfig(_Model):
@@ -814,12 +816,22 @@ class GatewayConfig(_Model):
                     "remove [warp_map]",
                 )
             )
-        if role == "client" and not self.far_gate.endpoints:
+        if role == "client" and len(self.far_gate.endpoints) != 1:
             problems.append(
                 (
                     ("far_gate", "endpoints"),
-                    "required for an engarde client: the engarde server's address, e.g. "
-                    '["203.0.113.7:59402"] (engarde\'s dstAddr)',
+                    "an engarde client needs exactly one address: the engarde server's, e.g. "
+                    '["203.0.113.7:59402"] (engarde\'s dstAddr); an uplink that sends '
+                    f"elsewhere goes in tunnels.{name}.engarde.dst_overrides (dstOverrides), "
+                    f"got {len(self.far_gate.endpoints)}",
+                )
+            )
+        if role == "server" and tunnel.engarde.dst_overrides:
+            problems.append(
+                (
+                    ("tunnels", name, "engarde", "dst_overrides"),
+                    "has no meaning for an engarde server (it answers each client where it "
+                    "was heard from); remove it",
                 )
             )
         if role == "server":
