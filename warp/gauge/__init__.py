@@ -327,7 +327,7 @@ def register_gauge(subparsers: Any) -> None:
     report = commands.add_parser(
         "report",
         help="summarize a CSV and draw plots",
-        description="Print loss %%, reorder %%, latency percentiles (p50, p90, p99, max, above "
+        description="Print loss %, reorder %, latency percentiles (p50, p90, p99, max, above "
         "the minimum latency, which removes the clock offset between hosts) of an rx CSV; with "
         "--plots, draw rate.png, latency.png, latency_histogram.png and latency_vs_rate.png.",
     )
