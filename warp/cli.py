@@ -3,7 +3,7 @@
 Each subcommand is one ``register_<name>(subparsers)`` function that adds its parser and sets
 ``handler`` (a function ``Namespace -> exit code``) as its default; add it to ``COMMANDS``.
 
-Exit codes (SPEC §2): 0 success, 1 usage or config error (one line per cause, never a
+Exit codes: 0 success, 1 usage or config error (one line per cause, never a
 traceback), 2 runtime failure.
 """
 

@@ -1,4 +1,5 @@
-"""Configuration of a warp gateway and of warp-map (SPEC §3), as frozen pydantic models.
+"""Configuration of a warp gateway and of warp-map (docs/configuration.md), as frozen pydantic
+models.
 
 Loading goes through :func:`load_gateway_config` / :func:`load_map_config` (or the ``parse_*`` and
 ``validate_*`` variants for text and already-parsed data). Every problem in a config is collected

@@ -1,4 +1,4 @@
-"""The `warp` command: check, print-example-config, help, version, exit codes (SPEC §2)."""
+"""The `warp` command: check, print-example-config, help, version, exit codes."""
 
 from __future__ import annotations
 

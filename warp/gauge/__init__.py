@@ -1,4 +1,4 @@
-"""``warp gauge``: measure the one-way quality of a link or a tunnel (SPEC §8).
+"""``warp gauge``: measure the one-way quality of a link or a tunnel (docs/gauge.md).
 
 ``warp gauge tx DEST`` sends sequence-numbered, timestamped probes at a steady rate or in a
 sawtooth; ``warp gauge rx BIND OUT.csv`` records each arrival (counter, target and achieved
