@@ -9,6 +9,7 @@ import sys
 import time
 
 from warp.keys import (
+    WIREGUARD_BASE64_LENGTH,
     KeyFormatError,
     decode_key,
     encode_key,
@@ -57,9 +58,21 @@ def _build_parser() -> argparse.ArgumentParser:
         "pubkey",
         help="read a private key on stdin, print its public key",
         description="Read a private key (Crockford base32 or WireGuard base64) on stdin "
-        "and print its public key.",
+        "and print its public key in the same form (base64 with --wireguard). The input may "
+        "be warp-keygen's own two lines: the 'Private key:' line is used.",
     )
     return parser
+
+
+def _private_key_text(text: str) -> str:
+    """The private key in ``pubkey``'s input: a bare key, or the key of a ``Private key:``
+    line (warp-keygen's own output, whose ``Public key:`` line is ignored)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        label, sep, value = line.partition(":")
+        if sep and label.strip().lower() == "private key":
+            return value.strip()
+    return text.strip()
 
 
 def _format(raw: bytes, wireguard: bool) -> str:
@@ -94,13 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         print("warp-keygen: --force only applies to -o FILE", file=sys.stderr)
         return 1
     if args.command == "pubkey":
-        text = sys.stdin.read()
+        text = _private_key_text(sys.stdin.read())
         try:
             private = decode_key(text)
         except KeyFormatError as exc:
             print(f"warp-keygen: {exc}", file=sys.stderr)
             return 1
-        print(_format(public_key_of(private), args.wireguard))
+        base64_in = len(text) == WIREGUARD_BASE64_LENGTH
+        print(_format(public_key_of(private), args.wireguard or base64_in))
         return 0
 
     if args.vanity is None:

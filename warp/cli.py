@@ -3,7 +3,7 @@
 Each subcommand is one ``register_<name>(subparsers)`` function that adds its parser and sets
 ``handler`` (a function ``Namespace -> exit code``) as its default; add it to ``COMMANDS``.
 
-Exit codes (SPEC §2): 0 success, 1 usage or config error (one line per cause, never a
+Exit codes: 0 success, 1 usage or config error (one line per cause, never a
 traceback), 2 runtime failure.
 """
 
@@ -25,16 +25,21 @@ from warp.config import (
     MapServerConfig,
     TunGate,
     UnixGate,
+    check_warnings,
     example_gateway_config,
     example_map_config,
     load_gateway_config,
-    load_map_config,
+    other_config_kind,
+    parse_gateway_config,
+    parse_map_config,
+    read_config_text,
     secret_file_warnings,
 )
 from warp.demo import register_demo
 from warp.gauge import register_gauge
 from warp.keys import encode_key
 from warp.migrate.engarde import register_migrate_engarde
+from warp.secret_files import read_private_key_text
 from warp.status import register_status
 
 EXIT_OK = 0
@@ -120,21 +125,54 @@ def map_summary(config: MapServerConfig) -> str:
     )
 
 
-def _run_check(args: argparse.Namespace) -> int:
+def _read_private_key_file(path: str) -> str:
+    """The key in a `--private-key-file`, read as warp-map reads it."""
     try:
-        config: GatewayConfig | MapServerConfig
+        return read_private_key_text(path)
+    except ValueError as exc:
+        raise UsageError(f"--private-key-file: {exc}") from None
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    if args.private_key_file is not None and not args.map:
+        raise UsageError("--private-key-file is for --map (a gateway's key is in its config)")
+    config: GatewayConfig | MapServerConfig
+    text = read_config_text(args.config)  # a ConfigError (one line) if unreadable
+    try:
         if args.map:
-            config = load_map_config(args.config)
+            overrides = {}
+            if args.private_key_file is not None:
+                overrides["private_key"] = _read_private_key_file(args.private_key_file)
+            config = parse_map_config(text, args.config, overrides=overrides)
             summary = map_summary(config)
         else:
-            config = load_gateway_config(args.config)
+            config = parse_gateway_config(text, args.config)
             summary = gateway_summary(config)
-        for warning in secret_file_warnings(config, args.config):
-            print(warning, file=sys.stderr)
-        print(summary)
     except ConfigError as exc:
-        print(exc.format(), file=sys.stderr)
+        other = other_config_kind(text, args.config, expected="map" if args.map else "gateway")
+        if other is not None:
+            print(f"warp check: {other}", file=sys.stderr)
+        else:
+            for path, message in exc.problems:
+                if args.map and path == "private_key" and "missing" in message:
+                    message = (
+                        "required key is missing (moved out of the file? give it with "
+                        "--private-key-file PATH, as to warp-map)"
+                    )
+                print(f"{path or exc.source}: {message}", file=sys.stderr)
         return EXIT_USAGE
+    warnings = check_warnings(config, text)
+    for path, message in warnings:
+        print(f"warning: {path}: {message}", file=sys.stderr)
+    if warnings and args.strict:
+        print(f"warp check: {len(warnings)} warning{'s' if len(warnings) > 1 else ''} "
+              "(--strict)", file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+    # The key's holder: the --private-key-file when given, else the config (or its key file).
+    key_holder = args.private_key_file or args.config
+    for warning in secret_file_warnings(config, key_holder):
+        print(warning, file=sys.stderr)
+    print(summary)
     return EXIT_OK
 
 
@@ -144,10 +182,20 @@ def register_check(subparsers: SubParsers) -> None:
         help="validate a config and print every problem with its TOML path",
         description="Validate a gateway config (or, with --map, a warp-map config). "
         "Prints each problem as 'path: cause' and exits 1, or prints a one-line summary "
-        "and exits 0.",
+        "and exits 0. What would load but cannot work as it stands (a value marked "
+        "PLACEHOLDER, a documentation address such as example.net or 203.0.113.0/24, an "
+        "all-zero key) is printed as 'warning: path: cause' on stderr; exit 0 unless "
+        "--strict. Given a file of another kind (wg-quick, engarde YAML, the other config "
+        "kind), says in one line what to run instead and exits 1.",
     )
     parser.add_argument("config", metavar="CONFIG", help="the TOML config file")
     parser.add_argument("--map", action="store_true", help="CONFIG is a warp-map config")
+    parser.add_argument(
+        "--private-key-file",
+        metavar="PATH",
+        help="with --map: the map's private key, as given to warp-map (overrides private_key)",
+    )
+    parser.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
     parser.set_defaults(handler=_run_check)
 
 

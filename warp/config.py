@@ -1,4 +1,5 @@
-"""Configuration of a warp gateway and of warp-map (SPEC §3), as frozen pydantic models.
+"""Configuration of a warp gateway and of warp-map (docs/configuration.md), as frozen pydantic
+models.
 
 Loading goes through :func:`load_gateway_config` / :func:`load_map_config` (or the ``parse_*`` and
 ``validate_*`` variants for text and already-parsed data). Every problem in a config is collected
@@ -51,6 +52,8 @@ from warp.secret_files import access_warning, read_private_key_text
 __all__ = [
     "DEFAULT_CONTROL_SOCKET",
     "DEFAULT_MAP_PORT",
+    "DOCUMENTATION_DOMAINS",
+    "DOCUMENTATION_NETWORKS",
     "ENGARDE_NO_KEY",
     "ConfigError",
     "ControlConfig",
@@ -72,16 +75,20 @@ __all__ = [
     "TunnelConfig",
     "UnixGate",
     "WarpMapConfig",
+    "check_warnings",
     "derive_tunnel_id",
     "example_gateway_config",
     "example_map_config",
+    "is_documentation_host",
     "load_gateway_config",
     "load_map_config",
+    "other_config_kind",
     "parse_duration",
     "parse_gateway_config",
     "parse_host_port",
     "parse_map_config",
     "parse_rate",
+    "read_config_text",
     "secret_file_warnings",
     "validate_gateway_config",
     "validate_map_config",
@@ -589,16 +596,18 @@ WireGuard datagrams, there is no warp peer and no warp handshake."""
 class EngardeConfig(_Model):
     """``[tunnels.<name>.engarde]``: speak engarde's wire format instead of warp's.
 
-    ``client``: every datagram from the gate is sent from every uplink to each of
-    ``far_gate.endpoints`` (engarde-server's address); what any uplink receives from them goes
-    to the gate. ``server``: the uplinks listen on ``listen_port``; datagrams from engarde
-    clients go to the gate, and the gate's datagrams go to every client address heard from
-    within ``client_timeout`` (at most ``max_clients`` addresses, the oldest evicted).
+    ``client``: every datagram from the gate is sent once from every uplink, to the uplink's
+    entry in ``dst_overrides`` (engarde's dstOverrides) or else to the one
+    ``far_gate.endpoints`` address (engarde's dstAddr); what any uplink receives from them
+    goes to the gate. ``server``: the uplinks listen on ``listen_port``; datagrams from
+    engarde clients go to the gate, and the gate's datagrams go to every client address heard
+    from within ``client_timeout`` (at most ``max_clients`` addresses, the oldest evicted).
     """
 
     role: Literal["client", "server"]
     client_timeout: Duration = 30.0
     max_clients: StrictInt = Field(default=64, ge=1, le=65536)
+    dst_overrides: dict[InterfaceName, Address] = Field(default_factory=dict)
 
 
 class TunnelConfig(_Model):
@@ -859,12 +868,22 @@ class GatewayConfig(_Model):
                     "remove [warp_map]",
                 )
             )
-        if role == "client" and not self.far_gate.endpoints:
+        if role == "client" and len(self.far_gate.endpoints) != 1:
             problems.append(
                 (
                     ("far_gate", "endpoints"),
-                    "required for an engarde client: the engarde server's address, e.g. "
-                    '["203.0.113.7:59402"] (engarde\'s dstAddr)',
+                    "an engarde client needs exactly one address: the engarde server's, e.g. "
+                    '["203.0.113.7:59402"] (engarde\'s dstAddr); an uplink that sends '
+                    f"elsewhere goes in tunnels.{name}.engarde.dst_overrides (dstOverrides), "
+                    f"got {len(self.far_gate.endpoints)}",
+                )
+            )
+        if role == "server" and tunnel.engarde.dst_overrides:
+            problems.append(
+                (
+                    ("tunnels", name, "engarde", "dst_overrides"),
+                    "has no meaning for an engarde server (it answers each client where it "
+                    "was heard from); remove it",
                 )
             )
         if role == "server":
@@ -1133,6 +1152,11 @@ def _read(path: str | os.PathLike[str]) -> str:
         raise ConfigError([("", f"cannot read: {exc.strerror or exc}")], source) from None
 
 
+def read_config_text(path: str | os.PathLike[str]) -> str:
+    """A config file's text; ConfigError (one whole-file problem) if it cannot be read."""
+    return _read(path)
+
+
 def validate_gateway_config(data: Mapping[str, Any], source: str = "<config>") -> GatewayConfig:
     """Validate already-parsed TOML data; raise ConfigError with every problem."""
     return _validate(GatewayConfig, data, source)
@@ -1194,6 +1218,124 @@ def load_map_config(
 
 
 # --------------------------------------------------------------------------------------------
+# `warp check`: warnings about configs that load but cannot work as they stand, and files
+# of other kinds
+
+#: RFC 5737 / RFC 3849 documentation networks: never a real peer or map
+DOCUMENTATION_NETWORKS = tuple(
+    ipaddress.ip_network(n)
+    for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32")
+)
+#: RFC 2606 documentation domains (and their subdomains)
+DOCUMENTATION_DOMAINS = ("example.com", "example.net", "example.org", "example")
+#: how generated configs mark a value to replace: `key = "…"  # PLACEHOLDER: REPLACE`
+_PLACEHOLDER_LINE = re.compile(
+    r"""^\s*([A-Za-z0-9_-]+)\s*=\s*(?:"[^"]*"|'[^']*'|[^#]*?)\s*#.*\bPLACEHOLDER\b""", re.I
+)
+_TABLE_LINE = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
+
+
+def is_documentation_host(host: str) -> bool:
+    """True for an address or name reserved for documentation (example.net, 203.0.113.7...)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        name = host.rstrip(".").lower()
+        return any(name == d or name.endswith("." + d) for d in DOCUMENTATION_DOMAINS)
+    return any(address in network for network in DOCUMENTATION_NETWORKS)
+
+
+def _placeholder_lines(text: str) -> list[str]:
+    """The TOML path of every line marked ``# PLACEHOLDER`` (the generated configs' mark on
+    a random key that stands in for the far side's real one)."""
+    found: list[str] = []
+    table = ""
+    for line in text.splitlines():
+        header = _TABLE_LINE.match(line)
+        if header:
+            table = header.group(1).replace(" ", "")
+            continue
+        marked = _PLACEHOLDER_LINE.match(line)
+        if marked:
+            found.append(f"{table}.{marked.group(1)}" if table else marked.group(1))
+    return found
+
+
+def check_warnings(config: GatewayConfig | MapServerConfig, text: str) -> list[tuple[str, str]]:
+    """``(toml_path, message)`` for what `warp check` warns about in a valid config: values
+    marked as placeholders, documentation hosts (example.net, 192.0.2.0/24...) and unset
+    (all-zero) keys. ``text`` is the config file's TOML."""
+    warnings = [
+        (path, "marked PLACEHOLDER: a stand-in; put the real value here (and drop the mark)")
+        for path in _placeholder_lines(text)
+    ]
+    zero = bytes(32)
+    if isinstance(config, MapServerConfig):
+        if config.private_key == zero:
+            warnings.append(("private_key", "all zeros: unset (make one with `warp-keygen`)"))
+        return warnings
+    if config.engarde_tunnel is None:
+        for path, key in (
+            ("private_key", config.private_key),
+            ("far_gate.public_key", config.far_gate.public_key),
+            ("warp_map.public_key", config.warp_map.public_key),
+            ("far_gate.preshared_key", config.far_gate.preshared_key),
+        ):
+            if key == zero:
+                warnings.append((path, "all zeros: unset (make a key pair with `warp-keygen`)"))
+    hosts: list[tuple[str, HostPort]] = []
+    if config.warp_map.address is not None:
+        hosts.append(("warp_map.address", config.warp_map.address))
+    hosts += [(f"far_gate.endpoints[{i}]", e) for i, e in enumerate(config.far_gate.endpoints)]
+    for path, endpoint in hosts:
+        if is_documentation_host(endpoint.host):
+            warnings.append(
+                (path, f"{endpoint} is a documentation address (example only): put the real one")
+            )
+    return warnings
+
+
+_WG_QUICK_SECTION = re.compile(r"^\s*\[(Interface|Peer)\]\s*$", re.M | re.I)
+_WG_QUICK_KEY = re.compile(
+    r"^\s*(PrivateKey|PublicKey|Endpoint|AllowedIPs|ListenPort)\s*=", re.M | re.I
+)
+_ENGARDE_SECTION = re.compile(r"^(client|server)\s*:\s*(#.*)?$", re.M)
+_ENGARDE_KEY = re.compile(r"^\s+(listenAddr|dstAddr)\s*:", re.M)
+_MAP_ONLY_KEYS = frozenset(
+    {"bind", "registration_ttl", "lookup_policy", "allowed_keys", "relay", "limits"}
+)
+_GATEWAY_ONLY_KEYS = frozenset(
+    {"far_gate", "tunnels", "warp_map", "interfaces", "listen_port", "control"}
+)
+
+
+def other_config_kind(text: str, path: str, *, expected: Literal["gateway", "map"]) -> str | None:
+    """For a file that is not the config `warp check` expected: one line saying what it is
+    and what to run instead; None if it looks like no other kind."""
+    if _WG_QUICK_SECTION.search(text) and _WG_QUICK_KEY.search(text):
+        return (
+            f"{path} is a WireGuard (wg-quick) config, not a warp config: it runs with "
+            f"`wg-quick up`; to carry WireGuard over warp, point its peer's Endpoint at a warp "
+            "gate (docs/wireguard-over-warp.md) and write the warp config with "
+            "`warp print-example-config`"
+        )
+    if _ENGARDE_SECTION.search(text) and _ENGARDE_KEY.search(text):
+        return (
+            f"{path} is an engarde config, not a warp config: convert it with "
+            f"`warp migrate-engarde {path}` and check what that writes"
+        )
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return None
+    if expected == "gateway" and set(data) & _MAP_ONLY_KEYS and not set(data) & _GATEWAY_ONLY_KEYS:
+        return f"{path} is a warp-map config: check it with `warp check --map {path}`"
+    if expected == "map" and set(data) & _GATEWAY_ONLY_KEYS and not set(data) & _MAP_ONLY_KEYS:
+        return f"{path} is a gateway config: check it with `warp check {path}` (without --map)"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
 # Examples
 
 _GATEWAY_EXAMPLE = """\
@@ -1202,7 +1344,7 @@ _GATEWAY_EXAMPLE = """\
 # Check it with `warp check FILE`, run it with `warp run FILE`.
 # Durations are a number of seconds or a string with a unit: "250ms", "10s", "2m", "1h".
 # Keys are X25519, Crockford base32 (52 characters) or WireGuard base64 (44 characters).
-# Every key below except private_key and far_gate.public_key shows its default value.
+# Every value below is the default, except the keys, warp_map.address and the redundancy.
 
 # This instance's private key (required). This one is fresh; keep it secret: save this
 # file with `umask 077` (warp check and warp run warn when others may read it).
@@ -1237,12 +1379,14 @@ max_consecutive_failures = 10
 # The rendezvous server, host:port ([IPv6]:port). Leave out the whole table when the far
 # gate is reached through far_gate.endpoints only.
 address = "warp-map.example.net:13116"
-# The map's public key (required with address). REPLACE: this is a random placeholder key.
-public_key = "{map_key}"
+# The map's public key (required with address; warp-map logs it at start). The one below
+# is a random key standing in for it: `warp check` warns until it is replaced.
+public_key = "{map_key}"  # PLACEHOLDER: REPLACE
 
 [far_gate]
-# The peer's public key (required). REPLACE: this is a random placeholder key.
-public_key = "{far_key}"
+# The peer's public key (required; `warp-keygen` on the peer prints it). The one below is
+# a random key standing in for it: `warp check` warns until it is replaced.
+public_key = "{far_key}"  # PLACEHOLDER: REPLACE
 # Static peer addresses (host:port), for a peer with a public address; may be used
 # without a map.
 endpoints = []
@@ -1297,9 +1441,15 @@ priority = 0
 
 [tunnels.wireguard.transport.redundancy]
 # Each datagram block is sent as num_shards shards; any required_shards rebuild it.
-# 1 <= required_shards <= num_shards <= 255; 1 and 1 = no FEC.
-num_shards = 5
-required_shards = 3
+# 1 <= required_shards <= num_shards <= 255; 1 and 1 = no FEC. Default without this
+# table: 5 and 3.
+# (2, 4) keeps "one uplink may die and nothing is lost" on two uplinks: no uplink carries
+# more than num_shards - required_shards shards of a block, so (2, 4) puts 2 + 2 on two
+# uplinks, while (3, 5) needs three (2 + 2 + 1). When the uplinks are too few for the
+# code, warp adds parity shards (and status says so). Bandwidth: num_shards /
+# required_shards = 2x the data.
+num_shards = 4
+required_shards = 2
 
 [control]
 # Control socket for `warp status`.

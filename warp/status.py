@@ -10,8 +10,10 @@ A running gateway serves its state on a Unix stream socket (``control.socket``, 
 
 `ControlServer` is the gateway side: it takes a ``snapshot()`` callable from the gateway and
 calls it once per request, on the event loop. `query_status` is the client side, and
-`run_status` the ``warp status`` command: ``--json`` prints the snapshot as JSON, otherwise
-it is rendered as ``rich`` tables (`render_status`); ``--watch`` refreshes every second.
+`run_status` the ``warp status`` command: ``--json`` prints the snapshot as JSON; on a
+terminal it is rendered as ``rich`` tables fitted to the terminal's width (`render_status`),
+otherwise (piped, or ``--plain``) as stable plain text, one line per far gate, map, uplink,
+path and tunnel (`render_plain`); ``--watch`` refreshes every second.
 """
 
 from __future__ import annotations
@@ -28,8 +30,17 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NotRequired, TypeAlias, TypedDict
 
-from rich.console import Console, Group, JustifyMethod, RenderableType
+from rich import box
+from rich.console import (
+    Console,
+    ConsoleOptions,
+    Group,
+    JustifyMethod,
+    RenderableType,
+    RenderResult,
+)
 from rich.live import Live
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -51,6 +62,7 @@ __all__ = [
     "gate_info",
     "query_status",
     "register_status",
+    "render_plain",
     "render_status",
     "run_status",
     "status_main",
@@ -344,9 +356,16 @@ def query_status(path: str, *, timeout: float = 3.0) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # Rendering
+#
+# On a terminal: rich tables fitted to its width. A table whose columns do not fit drops or
+# shortens its least important columns first (`_Column.forms`), so a cell is never cut to
+# `Upli…`. Piped (or --plain): `render_plain`, one line per far gate, uplink, path and tunnel,
+# stable for scripts (docs/operations.md, "Reading the status").
 
 _STATE_STYLE = {"active": "bold green", "probing": "bold yellow", "dead": "bold red"}
 _HANDSHAKE_STYLE = {"established": "green", "initiating": "yellow", "none": "red", "expired": "red"}
+#: a column form with this priority is never dropped
+_ALWAYS = 100
 
 
 def _bytes(n: Any) -> str:
@@ -396,172 +415,414 @@ def _state(state: Any) -> Text:
     return Text(name, style=_STATE_STYLE.get(name, "magenta"))
 
 
-def _paths_table(paths: Sequence[Mapping[str, Any]]) -> Table:
-    table = Table(title="Paths", title_justify="left", expand=False)
-    columns: tuple[tuple[str, JustifyMethod], ...] = (
-        ("Uplink", "left"),
-        ("Local", "left"),
-        ("Remote", "left"),
-        ("Via", "left"),
-        ("State", "left"),
-        ("RTT ms", "right"),
-        ("Loss %", "right"),
-        ("Last rx", "right"),
-        ("TX", "right"),
-        ("RX", "right"),
-    )
-    for col, justify in columns:
-        table.add_column(col, justify=justify)
-    for p in sorted(paths, key=lambda p: (str(p.get("uplink")), str(p.get("remote_address")))):
-        state = p.get("state")
-        table.add_row(
-            Text(str(p.get("uplink", "?")), style="bold red" if state == "dead" else "bold"),
-            str(p.get("local_address", "")),
-            str(p.get("remote_address", "")),
-            str(p.get("source", "")),
-            _state(state),
-            _graded(p.get("rtt_ms"), "{:.1f}", 80, 250),
-            _graded(p.get("loss_pct"), "{:.1f}", 1, 10),
-            _graded(p.get("last_rx_age_s"), "{:.1f}s", 1.5, 3),
-            f"{_bytes(p.get('tx_bytes'))} / {_count(p.get('tx_packets'))}",
-            f"{_bytes(p.get('rx_bytes'))} / {_count(p.get('rx_packets'))}",
-        )
-    if not paths:
-        table.add_row(Text("no paths yet", style="yellow"), *[""] * 9)
-    return table
+def _redundancy(tunnel: Mapping[str, Any]) -> Mapping[str, Any]:
+    value = tunnel.get("redundancy")
+    return value if isinstance(value, Mapping) else {}
 
 
-def _uplinks_table(
-    uplinks: Sequence[Mapping[str, Any]], paths: Sequence[Mapping[str, Any]]
+def _code(redundancy: Mapping[str, Any]) -> str:
+    """``(k, n)``, and ``→m`` when the sender uses m shards now (parity added)."""
+    k, n = redundancy.get("k"), redundancy.get("n")
+    if not isinstance(k, int) or not isinstance(n, int):
+        return "—"
+    effective = redundancy.get("effective_n")
+    more = f"→{effective}" if isinstance(effective, int) and effective != n else ""
+    return f"({k}, {n}){more}"
+
+
+class _Column:
+    """A table column in one or more forms, widest first. ``forms``: (priority, header,
+    cells); when the table is too wide, the form with the lowest priority gives way to the
+    column's next form, or the column is dropped after its last form (unless that form's
+    priority is `_ALWAYS`)."""
+
+    def __init__(
+        self,
+        justify: JustifyMethod,
+        forms: Sequence[tuple[int, str, Sequence[RenderableType]]],
+    ) -> None:
+        self.justify = justify
+        self.forms = list(forms)
+        self.form = 0
+
+    @property
+    def priority(self) -> int:
+        return self.forms[self.form][0]
+
+
+def _fitted_table(
+    title: str,
+    columns: Sequence[_Column],
+    rows: int,
+    console: Console,
+    options: ConsoleOptions,
+    empty: str | None = None,
 ) -> Table:
-    """Per uplink (modem): how many of its paths are up, its worst loss, best RTT."""
-    table = Table(title="Uplinks", title_justify="left")
-    for col in ("Uplink", "Address", "State", "Paths up", "Loss %", "RTT ms", "Send errors"):
-        table.add_column(col)
+    """The table with the most columns (in their widest forms) that fits ``options.max_width``."""
+    kept = list(columns)
+    for column in kept:
+        column.form = 0
+
+    def build() -> Table:
+        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        for column in kept:
+            _, header, _ = column.forms[column.form]
+            table.add_column(header, justify=column.justify, no_wrap=True, overflow="fold")
+        for row in range(rows):
+            table.add_row(*[column.forms[column.form][2][row] for column in kept])
+        if not rows and empty is not None:
+            table.add_row(Text(empty, style="yellow"), *[""] * (len(kept) - 1))
+        return table
+
+    while True:
+        table = build()
+        # measured unconstrained: rich would squeeze the columns into any width
+        natural = Measurement.get(console, options.update_width(1 << 16), table).maximum
+        if natural <= options.max_width:
+            return table
+        shrinkable = [c for c in kept if c.form + 1 < len(c.forms) or c.priority < _ALWAYS]
+        if not shrinkable:
+            return table  # narrower than the essential columns: rich folds them
+        column = min(shrinkable, key=lambda c: (c.priority, -kept.index(c)))
+        if column.form + 1 < len(column.forms):
+            column.form += 1
+        else:
+            kept.remove(column)
+
+
+def _paths_columns(paths: Sequence[Mapping[str, Any]]) -> list[_Column]:
+    rows = sorted(paths, key=lambda p: (str(p.get("uplink")), str(p.get("remote_address"))))
+    dead = [p.get("state") == "dead" for p in rows]
+    # A dead path shows when it was last heard, not a loss figure (there is none to show).
+    heard = [
+        _graded(p.get("last_rx_age_s"), "{:.1f}s", 1.5, 3)
+        if not is_dead
+        else Text(_age(p.get("last_rx_age_s")) + " ago"
+                  if isinstance(p.get("last_rx_age_s"), int | float) else "never",
+                  style="bold red")
+        for p, is_dead in zip(rows, dead, strict=True)
+    ]  # fmt: skip
+    tx = [_bytes(p.get("tx_bytes")) for p in rows]
+    rx = [_bytes(p.get("rx_bytes")) for p in rows]
+    tx_packets = [f"{b} / {_count(p.get('tx_packets'))}" for b, p in zip(tx, rows, strict=True)]
+    rx_packets = [f"{b} / {_count(p.get('rx_packets'))}" for b, p in zip(rx, rows, strict=True)]
+    uplinks = [
+        Text(str(p.get("uplink", "?")), style="bold red" if d else "bold")
+        for p, d in zip(rows, dead, strict=True)
+    ]
+    rtts = [
+        Text("—", style="dim") if d else _graded(p.get("rtt_ms"), "{:.1f}", 80, 250)
+        for p, d in zip(rows, dead, strict=True)
+    ]
+    losses = [
+        Text("—", style="dim") if d else _graded(p.get("loss_pct"), "{:.1f}", 1, 10)
+        for p, d in zip(rows, dead, strict=True)
+    ]
+    return [
+        _Column("left", [(_ALWAYS, "Uplink", uplinks)]),
+        _Column("left", [(10, "Local", [str(p.get("local_address", "")) for p in rows])]),
+        _Column("left", [(_ALWAYS, "Remote", [str(p.get("remote_address", "")) for p in rows])]),
+        _Column("left", [(30, "Via", [str(p.get("source", "")) for p in rows])]),
+        _Column("left", [(_ALWAYS, "State", [_state(p.get("state")) for p in rows])]),
+        _Column("right", [(80, "RTT ms", rtts)]),
+        _Column("right", [(70, "Loss %", losses)]),
+        _Column("right", [(75, "Heard", heard)]),
+        _Column("right", [(20, "TX", tx_packets), (45, "TX", tx)]),
+        _Column("right", [(20, "RX", rx_packets), (40, "RX", rx)]),
+    ]
+
+
+def _uplinks_columns(
+    uplinks: Sequence[Mapping[str, Any]], paths: Sequence[Mapping[str, Any]]
+) -> tuple[list[_Column], int]:
+    """Per uplink (modem): how many of its paths are up, its best loss and RTT."""
     names = [str(u.get("name")) for u in uplinks]
     names += sorted({str(p.get("uplink")) for p in paths} - set(names))
     by_name = {str(u.get("name")): u for u in uplinks}
+    cells: list[list[RenderableType]] = [[] for _ in range(7)]
     for name in names:
         u = by_name.get(name, {})
         mine = [p for p in paths if str(p.get("uplink")) == name]
         active = [p for p in mine if p.get("state") == "active"]
-        # the best of its working paths; with none working, the best of what it has
-        measured = active or mine
-        losses = [p["loss_pct"] for p in measured if isinstance(p.get("loss_pct"), int | float)]
-        rtts = [p["rtt_ms"] for p in measured if isinstance(p.get("rtt_ms"), int | float)]
-        up_style = "green" if active else "bold red"
+        # the best of its working paths; with none working, no figure (dead paths have none)
+        losses = [p["loss_pct"] for p in active if isinstance(p.get("loss_pct"), int | float)]
+        rtts = [p["rtt_ms"] for p in active if isinstance(p.get("rtt_ms"), int | float)]
         state = u.get("state", "—")
-        table.add_row(
+        row: list[RenderableType] = [
             Text(name, style="bold" if active else "bold red"),
             str(u.get("local_address", "")),
             Text(str(state), style="green" if state == "up" else "bold red"),
-            Text(f"{len(active)}/{len(mine)}", style=up_style),
+            Text(f"{len(active)}/{len(mine)}", style="green" if active else "bold red"),
             _graded(min(losses) if losses else None, "{:.1f}", 1, 10),
             _graded(min(rtts) if rtts else None, "{:.1f}", 80, 250),
             _graded(u.get("send_errors"), "{}", 1, 10),
-        )
-    return table
+        ]
+        for column, cell in zip(cells, row, strict=True):
+            column.append(cell)
+    columns = [
+        _Column("left", [(_ALWAYS, "Uplink", cells[0])]),
+        _Column("left", [(20, "Address", cells[1])]),
+        _Column("left", [(_ALWAYS, "State", cells[2])]),
+        _Column("right", [(_ALWAYS, "Paths up", cells[3])]),
+        _Column("right", [(70, "Loss %", cells[4])]),
+        _Column("right", [(80, "RTT ms", cells[5])]),
+        _Column("right", [(50, "Send errors", cells[6])]),
+    ]
+    return columns, len(names)
 
 
-def _tunnels_table(tunnels: Sequence[Mapping[str, Any]]) -> Table:
-    table = Table(title="Tunnels", title_justify="left")
-    columns: tuple[tuple[str, JustifyMethod], ...] = (
-        ("Tunnel", "left"),
-        ("ID", "right"),
-        ("Gate", "left"),
-        ("In", "right"),
-        ("Out", "right"),
-        ("Rebuilt", "right"),
-        ("Lost", "right"),
-        ("Drops", "left"),
-    )
-    for col, justify in columns:
-        table.add_column(col, justify=justify)
+def _tunnels_columns(tunnels: Sequence[Mapping[str, Any]]) -> list[_Column]:
+    def drops(t: Mapping[str, Any]) -> Text:
+        text = ", ".join(f"{k}={v}" for k, v in sorted((t.get("drops") or {}).items()) if v)
+        return Text(text or "—", style="yellow" if text else "dim")
+
+    def protected(t: Mapping[str, Any]) -> Text:
+        value = _redundancy(t).get("protected")
+        if not isinstance(value, bool):
+            return Text("—", style="dim")
+        return Text("yes", style="green") if value else Text("NO", style="bold red")
+
+    def lost(t: Mapping[str, Any]) -> Text:
+        value = t.get("datagrams_lost", 0)
+        return Text(_count(value), style="bold red" if value else "green")
+
+    def gate(t: Mapping[str, Any]) -> str:
+        info = t.get("gate") or {}
+        return f"{info.get('kind', '?')} {info.get('address', '')}"
+
+    names = [Text(str(t.get("name", "?")), style="bold") for t in tunnels]
+    inputs = [_count(t.get("datagrams_in")) for t in tunnels]
+    outputs = [_count(t.get("datagrams_out")) for t in tunnels]
+    in_bytes = [f"{n} / {_bytes(t.get('bytes_in'))}" for n, t in zip(inputs, tunnels, strict=True)]
+    out_bytes = [
+        f"{n} / {_bytes(t.get('bytes_out'))}" for n, t in zip(outputs, tunnels, strict=True)
+    ]
+    return [
+        _Column("left", [(_ALWAYS, "Tunnel", names)]),
+        _Column("right", [(15, "ID", [str(t.get("tunnel_id", "")) for t in tunnels])]),
+        _Column("left", [(25, "Gate", [gate(t) for t in tunnels])]),
+        _Column("left", [(_ALWAYS, "(k, n)", [_code(_redundancy(t)) for t in tunnels])]),
+        _Column("left", [(_ALWAYS, "Protected", [protected(t) for t in tunnels])]),
+        _Column("right", [(35, "In", in_bytes), (55, "In", inputs)]),
+        _Column("right", [(35, "Out", out_bytes), (55, "Out", outputs)]),
+        _Column("right", [(65, "Rebuilt", [_count(t.get("blocks_rebuilt")) for t in tunnels])]),
+        _Column("right", [(_ALWAYS, "Lost", [lost(t) for t in tunnels])]),
+        _Column("left", [(30, "Drops", [drops(t) for t in tunnels])]),
+    ]
+
+
+def _protection_lines(tunnels: Sequence[Mapping[str, Any]]) -> list[Text]:
+    """Per tunnel, what protects it (wraps at any width instead of a cut table cell)."""
+    lines = []
     for t in tunnels:
-        gate = t.get("gate") or {}
-        drops = t.get("drops") or {}
-        drop_text = ", ".join(f"{k}={v}" for k, v in sorted(drops.items()) if v) or "—"
-        lost = t.get("datagrams_lost", 0)
-        table.add_row(
-            Text(str(t.get("name", "?")), style="bold"),
-            str(t.get("tunnel_id", "")),
-            f"{gate.get('kind', '?')} {gate.get('address', '')}",
-            f"{_count(t.get('datagrams_in'))} / {_bytes(t.get('bytes_in'))}",
-            f"{_count(t.get('datagrams_out'))} / {_bytes(t.get('bytes_out'))}",
-            _count(t.get("blocks_rebuilt")),
-            Text(_count(lost), style="bold red" if lost else "green"),
-            Text(drop_text, style="yellow" if drop_text != "—" else "dim"),
+        r = _redundancy(t)
+        if not r:
+            continue
+        protected = r.get("protected")
+        text = r.get("protection") or "—"
+        style = "green" if protected is True else "bold red" if protected is False else "dim"
+        lines.append(
+            Text.assemble(
+                (f"{t.get('name', '?')}: ", "bold"),
+                f"(k, n) = {_code(r)}, spread {r.get('spread') or '—'}: ",
+                (str(text), style),
+            )
         )
-    return table
+    return lines
 
 
-def _map_table(m: Mapping[str, Any] | None) -> RenderableType:
-    if m is None:
-        return Text("Map: none configured (static endpoints)", style="dim")
+def _map_columns(m: Mapping[str, Any]) -> tuple[list[_Column], int]:
     registered = bool(m.get("registered"))
-    table = Table(title="Map", title_justify="left", show_header=True)
-    table.add_column("Map")
-    table.add_column("Registered")
-    table.add_column("Last registration", justify="right")
-    table.add_column("Uplink")
-    table.add_column("Reflexive address")
     reflexive: Mapping[str, Any] = m.get("reflexive") or {}
+    rows = sorted(reflexive.items()) or [("—", None)]
+    age = m.get("last_registration_age_s")
     first: list[RenderableType] = [
         str(m.get("address", "?")),
         Text("yes" if registered else "NO", style="green" if registered else "bold red"),
-        _age(m.get("last_registration_age_s")) + " ago"
-        if m.get("last_registration_age_s") is not None
-        else "never",
+        _age(age) + " ago" if age is not None else "never",
     ]
-    rows = sorted(reflexive.items()) or [("—", None)]
+    cells: list[list[RenderableType]] = [[] for _ in range(5)]
     for i, (uplink, addr) in enumerate(rows):
-        cells: list[RenderableType] = first if i == 0 else ["", "", ""]
-        cells.append(str(uplink))
-        cells.append(Text(str(addr), style="cyan") if addr else Text("unknown", style="yellow"))
-        table.add_row(*cells)
-    return table
+        row = [*(first if i == 0 else ["", "", ""]), str(uplink)]
+        row.append(Text(str(addr), style="cyan") if addr else Text("unknown", style="yellow"))
+        for column, cell in zip(cells, row, strict=True):
+            column.append(cell)
+    columns = [
+        _Column("left", [(_ALWAYS, "Map", cells[0])]),
+        _Column("left", [(60, "Registered", cells[1]), (_ALWAYS, "Reg", cells[1])]),
+        _Column("right", [(50, "Last registration", cells[2])]),
+        _Column("left", [(40, "Uplink", cells[3])]),
+        _Column("left", [(55, "Reflexive address", cells[4]), (40, "Reflexive", cells[4])]),
+    ]
+    return columns, len(rows)
 
 
-def _session_table(s: Mapping[str, Any] | None) -> RenderableType:
-    if not s:
-        return Text("Session: unknown", style="dim")
-    table = Table(title="Session", title_justify="left")
-    for col in ("Far gate", "Handshake", "Last handshake", "Rekeys"):
-        table.add_column(col)
+def _session_columns(s: Mapping[str, Any]) -> list[_Column]:
+    key = str(s.get("far_gate", "?"))
     state = str(s.get("handshake_state", "?"))
     age = s.get("last_handshake_age_s")
-    table.add_row(
-        str(s.get("far_gate", "?")),
-        Text(state, style=_HANDSHAKE_STYLE.get(state, "yellow")),
-        _age(age) + " ago" if age is not None else "never",
-        str(s.get("rekeys", 0)),
-    )
-    return table
+    handshake = Text(state, style=_HANDSHAKE_STYLE.get(state, "yellow"))
+    last = _age(age) + " ago" if age is not None else "never"
+    return [
+        _Column("left", [(40, "Far gate", [key]), (_ALWAYS, "Far gate", [key[:12] + "…"])]),
+        _Column("left", [(_ALWAYS, "Handshake", [handshake])]),
+        _Column("right", [(60, "Last handshake", [last])]),
+        _Column("right", [(30, "Rekeys", [str(s.get("rekeys", 0))])]),
+    ]
+
+
+class StatusView:
+    """The ``warp status`` screen for one snapshot, laid out for the width it is drawn at
+    (tolerates missing fields)."""
+
+    def __init__(self, snapshot: Mapping[str, Any]) -> None:
+        self.snapshot = snapshot
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        snapshot = self.snapshot
+        paths: list[Mapping[str, Any]] = list(snapshot.get("paths") or [])
+        tunnels: list[Mapping[str, Any]] = list(snapshot.get("tunnels") or [])
+        active = sum(1 for p in paths if p.get("state") == "active")
+        yield Text.assemble(
+            ("warp ", "bold"),
+            (str(snapshot.get("version", "?")), "bold"),
+            f"  up {_age(snapshot.get('uptime_s'))}",
+            f"  key {snapshot['public_key']}" if snapshot.get("public_key") else "",
+            "  paths ",
+            (
+                f"{active}/{len(paths)} active",
+                "green" if active and active == len(paths) else "yellow" if active else "bold red",
+            ),
+        )
+        yield _fitted_table(
+            "Paths", _paths_columns(paths), len(paths), console, options, empty="no paths yet"
+        )
+        columns, rows = _uplinks_columns(list(snapshot.get("uplinks") or []), paths)
+        yield _fitted_table("Uplinks", columns, rows, console, options)
+        yield _fitted_table("Tunnels", _tunnels_columns(tunnels), len(tunnels), console, options)
+        yield from _protection_lines(tunnels)
+        m = snapshot.get("map")
+        if m is None:
+            yield Text("Map: none configured (static endpoints)", style="dim")
+        else:
+            columns, rows = _map_columns(m)
+            yield _fitted_table("Map", columns, rows, console, options)
+        s = snapshot.get("session")
+        if not s:
+            yield Text("Session: unknown", style="dim")
+        else:
+            yield _fitted_table("Session", _session_columns(s), 1, console, options)
 
 
 def render_status(snapshot: Mapping[str, Any]) -> RenderableType:
-    """The ``warp status`` screen for one snapshot (tolerates missing fields)."""
+    """The ``warp status`` screen (rich) for one snapshot."""
+    return StatusView(snapshot)
+
+
+# Plain text: one record per line, `kind identity key=value ...`; a missing value is `-`, a
+# value with spaces is double-quoted (JSON string). Documented in docs/operations.md.
+
+
+def _plain_value(value: Any) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3f}".rstrip("0").rstrip(".")
+    text = str(value)
+    if any(ch.isspace() for ch in text) or '"' in text:
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def _plain_line(kind: str, identity: Sequence[Any], fields: Sequence[tuple[str, Any]]) -> str:
+    parts = [kind, *(_plain_value(v) for v in identity)]
+    parts += [f"{key}={_plain_value(value)}" for key, value in fields]
+    return " ".join(parts)
+
+
+def render_plain(snapshot: Mapping[str, Any]) -> str:
+    """``warp status`` for scripts and pipes (like ``wg show``): one line per far gate, map,
+    uplink, path and tunnel, in a fixed order, raw numbers (seconds, bytes, packets)."""
+    lines = [
+        _plain_line("warp", [snapshot.get("version")], [
+            ("uptime_s", snapshot.get("uptime_s")),
+            ("public_key", snapshot.get("public_key")),
+        ])
+    ]  # fmt: skip
+    s = snapshot.get("session")
+    if s:
+        lines.append(
+            _plain_line("far_gate", [s.get("far_gate")], [
+                ("handshake", s.get("handshake_state")),
+                ("last_handshake_age_s", s.get("last_handshake_age_s")),
+                ("rekeys", s.get("rekeys")),
+            ])
+        )  # fmt: skip
+    m = snapshot.get("map")
+    if m:
+        reflexive: Mapping[str, Any] = m.get("reflexive") or {}
+        lines.append(
+            _plain_line("map", [m.get("address")], [
+                ("registered", m.get("registered")),
+                ("last_registration_age_s", m.get("last_registration_age_s")),
+                ("reflexive", ",".join(f"{u}@{a or '-'}" for u, a in sorted(reflexive.items()))),
+            ])
+        )  # fmt: skip
     paths: list[Mapping[str, Any]] = list(snapshot.get("paths") or [])
-    active = sum(1 for p in paths if p.get("state") == "active")
-    header = Text.assemble(
-        ("warp ", "bold"),
-        (str(snapshot.get("version", "?")), "bold"),
-        f"  up {_age(snapshot.get('uptime_s'))}",
-        f"  key {snapshot['public_key']}" if snapshot.get("public_key") else "",
-        "  paths ",
-        (
-            f"{active}/{len(paths)} active",
-            "green" if active and active == len(paths) else "yellow" if active else "bold red",
-        ),
-    )
-    return Group(
-        header,
-        _paths_table(paths),
-        _uplinks_table(list(snapshot.get("uplinks") or []), paths),
-        _tunnels_table(list(snapshot.get("tunnels") or [])),
-        _map_table(snapshot.get("map")),
-        _session_table(snapshot.get("session")),
-    )
+    for u in snapshot.get("uplinks") or []:
+        name = u.get("name")
+        mine = [p for p in paths if p.get("uplink") == name]
+        lines.append(
+            _plain_line("uplink", [name], [
+                ("address", u.get("local_address")),
+                ("state", u.get("state")),
+                ("paths_active", sum(1 for p in mine if p.get("state") == "active")),
+                ("paths", len(mine)),
+                ("send_errors", u.get("send_errors")),
+            ])
+        )  # fmt: skip
+    for p in sorted(paths, key=lambda p: (str(p.get("uplink")), str(p.get("remote_address")))):
+        dead = p.get("state") == "dead"
+        lines.append(
+            _plain_line("path", [p.get("uplink"), p.get("remote_address")], [
+                ("state", p.get("state")),
+                ("source", p.get("source")),
+                ("local", p.get("local_address")),
+                ("rtt_ms", None if dead else p.get("rtt_ms")),
+                ("loss_pct", None if dead else p.get("loss_pct")),
+                ("last_rx_age_s", p.get("last_rx_age_s")),
+                ("tx_bytes", p.get("tx_bytes")),
+                ("tx_packets", p.get("tx_packets")),
+                ("rx_bytes", p.get("rx_bytes")),
+                ("rx_packets", p.get("rx_packets")),
+            ])
+        )  # fmt: skip
+    for t in snapshot.get("tunnels") or []:
+        r = _redundancy(t)
+        gate = t.get("gate") or {}
+        drops = t.get("drops") or {}
+        lines.append(
+            _plain_line("tunnel", [t.get("name")], [
+                ("id", t.get("tunnel_id")),
+                ("gate", f"{gate.get('kind', '?')}:{gate.get('address', '?')}"),
+                ("k", r.get("k")),
+                ("n", r.get("n")),
+                ("effective_n", r.get("effective_n")),
+                ("spread", r.get("spread")),
+                ("protected", r.get("protected")),
+                ("datagrams_in", t.get("datagrams_in")),
+                ("datagrams_out", t.get("datagrams_out")),
+                ("bytes_in", t.get("bytes_in")),
+                ("bytes_out", t.get("bytes_out")),
+                ("blocks_rebuilt", t.get("blocks_rebuilt")),
+                ("datagrams_lost", t.get("datagrams_lost")),
+                ("drops", ",".join(f"{k}:{v}" for k, v in sorted(drops.items()) if v)),
+                ("protection", r.get("protection")),
+            ])
+        )  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -574,13 +835,15 @@ def watch_status(
     *,
     interval: float = 1.0,
     json_lines: bool = False,
+    plain: bool = False,
     max_refreshes: int | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> int:
     """Refresh every ``interval`` until Ctrl-C (exit 0) or ``max_refreshes`` fetches (tests).
 
-    The first fetch failing exits 2; later failures (a gateway restarting) are shown and the
-    watch goes on.
+    ``json_lines``: one JSON line per refresh; ``plain``: one `render_plain` block per
+    refresh, blocks separated by an empty line; else a live rich screen. The first fetch
+    failing exits 2; later failures (a gateway restarting) are shown and the watch goes on.
     """
     fetches = 0
     try:
@@ -590,9 +853,12 @@ def watch_status(
             _fail(exc)
             return EXIT_RUNTIME
         fetches += 1
-        if json_lines:
+        if json_lines or plain:
             while True:
-                console.file.write(json.dumps(snapshot, separators=(",", ":")) + "\n")
+                if json_lines:
+                    console.file.write(json.dumps(snapshot, separators=(",", ":")) + "\n")
+                else:
+                    console.file.write(render_plain(snapshot) + "\n")
                 console.file.flush()
                 if max_refreshes is not None and fetches >= max_refreshes:
                     return EXIT_OK
@@ -635,8 +901,9 @@ def run_status(
     socket_path_from_config: Callable[[str], str] | None = None,
     console: Console | None = None,
 ) -> int:
-    """``warp status``. ``args``: ``config``, ``socket``, ``json``, ``watch``, ``interval``,
-    ``timeout`` (as added by `register_status`)."""
+    """``warp status``. ``args``: ``config``, ``socket``, ``json``, ``plain``, ``watch``,
+    ``interval``, ``timeout`` (as added by `register_status`). On a terminal: tables fitted
+    to its width; otherwise (or with ``plain``) `render_plain`."""
     path: str | None = getattr(args, "socket", None)
     config: str | None = getattr(args, "config", None)
     if path is None and config is not None:
@@ -654,12 +921,14 @@ def run_status(
     interval = float(getattr(args, "interval", 1.0))
     as_json = bool(getattr(args, "json", False))
     console = console or Console()
+    # piped or redirected: the stable plain text, not a screen drawn for a terminal
+    plain = bool(getattr(args, "plain", False)) or not console.is_terminal
 
     def fetch() -> dict[str, Any]:
         return query_status(path, timeout=timeout)
 
     if getattr(args, "watch", False):
-        return watch_status(fetch, console, interval=interval, json_lines=as_json)
+        return watch_status(fetch, console, interval=interval, json_lines=as_json, plain=plain)
     try:
         snapshot = fetch()
     except StatusError as exc:
@@ -667,6 +936,9 @@ def run_status(
         return EXIT_RUNTIME
     if as_json:
         console.file.write(json.dumps(snapshot, indent=2) + "\n")
+        console.file.flush()
+    elif plain:
+        console.file.write(render_plain(snapshot))
         console.file.flush()
     else:
         console.print(render_status(snapshot))
@@ -697,6 +969,12 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"the gateway's control socket (default {DEFAULT_CONTROL_SOCKET})",
     )
     parser.add_argument("--json", action="store_true", help="print the raw JSON status")
+    parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="one line per far gate, map, uplink, path and tunnel (the default when stdout is "
+        "not a terminal; format in docs/operations.md)",
+    )
     parser.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
     parser.add_argument(
         "--interval",
@@ -716,7 +994,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 _DESCRIPTION = (
     "Ask a running gateway, over its control socket, for its state: paths (state, RTT, "
-    "loss, bytes), uplinks, tunnels with counters, map registration and session."
+    "loss, last heard, bytes), uplinks, tunnels with counters, (k, n) and protection, map "
+    "registration and session. On a terminal: tables fitted to its width; piped: one plain "
+    "line per far gate, map, uplink, path and tunnel (like `wg show`)."
 )
 _EPILOG = "Exit codes: 0 success, 1 usage or config error, 2 gateway not reachable."
 

@@ -14,8 +14,9 @@ import signal
 import sys
 import traceback
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
+
+from warp.secret_files import read_private_key_text
 
 EXIT_OK = 0
 EXIT_USAGE = 1
@@ -60,19 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _read_key_file(path: str) -> str:
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise _UsageError(f"cannot read --private-key-file {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise _UsageError(f"--private-key-file {path} is not a text key") from None
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    # accept a bare key, or warp-keygen's output ("Private key: ...")
-    for line in lines:
-        if line.lower().startswith("private key:"):
-            return line.split(":", 1)[1].strip()
-    if len(lines) != 1:
-        raise _UsageError(f"--private-key-file {path} must hold one private key")
-    return lines[0]
+        return read_private_key_text(path)
+    except ValueError as exc:
+        raise _UsageError(f"--private-key-file: {exc}") from None
 
 
 class _UsageError(Exception):

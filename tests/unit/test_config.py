@@ -1,4 +1,4 @@
-"""Config schema (SPEC §3): defaults, parsing, and every error naming its TOML path."""
+"""Config schema: defaults, parsing, and every error naming its TOML path."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ PRIVATE = generate_private_key()
 PEER = public_key_of(generate_private_key())
 MAP = public_key_of(generate_private_key())
 
-# The config block of SPEC §3, verbatim.
+# The config block of the product spec, verbatim.
 SPEC_EXAMPLE = """\
 private_key = "<run warp-keygen to generate>"
 

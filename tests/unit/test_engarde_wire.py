@@ -4,6 +4,7 @@ and a client + server `EngardeGateway` pair on loopback (static uplinks, no root
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from pathlib import Path
 
@@ -191,3 +192,108 @@ def test_migrate_one_side_writes_engarde_mode_configs() -> None:
     assert server.listen_port == 5555
     with pytest.raises(MigrationError, match="no meaning with --one-side"):
         migrate(ENGARDE_YML, role="client", one_side=True, far_public_key="x")
+
+
+def test_client_sends_one_copy_per_uplink_to_its_own_destination(tmp_path: Path) -> None:
+    """engarde's dstOverrides: 3 uplinks, 2 destinations → 3 copies (each uplink to its
+    override, else to dstAddr), not 3 × 2."""
+    asyncio.run(_overrides(tmp_path))
+
+
+async def _overrides(tmp_path: Path) -> None:
+    loop = asyncio.get_running_loop()
+    servers = {}
+    for name, host in (("default", "127.0.0.9"), ("override", "127.0.0.10")):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((host, 0))
+        sock.settimeout(2.0)
+        servers[name] = sock
+    default, override = (servers[n].getsockname() for n in ("default", "override"))
+    gate_port = _free_port()
+    wg = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    wg.bind(("127.0.0.1", 0))
+    wg.settimeout(2.0)
+    config = parse_gateway_config(
+        f'[far_gate]\nendpoints = ["{default[0]}:{default[1]}"]\n[tunnels.wg.gate]\n'
+        f'application_to_gate = {gate_port}\n[tunnels.wg.engarde]\nrole = "client"\n'
+        f'dst_overrides = {{ up3 = "{override[0]}:{override[1]}" }}\n'
+    )
+    client = EngardeGateway(
+        config,
+        static_uplinks=[("up1", "127.0.0.1"), ("up2", "127.0.0.2"), ("up3", "127.0.0.3")],
+        control_socket=str(tmp_path / "c.sock"),
+    )
+    stop = asyncio.Event()
+    task = loop.create_task(client.run(stop))
+    try:
+        for _ in range(200):
+            if client.gate is not None:
+                break
+            await asyncio.sleep(0.01)
+        await loop.run_in_executor(None, wg.sendto, b"initiation", ("127.0.0.1", gate_port))
+
+        def receive(sock: socket.socket) -> list[str]:
+            sources = []
+            sock.settimeout(0.3)
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    data, source = sock.recvfrom(2048)
+                    assert data == b"initiation"
+                    sources.append(source[0])
+            return sorted(sources)
+
+        got = {name: await loop.run_in_executor(None, receive, s) for name, s in servers.items()}
+        assert got == {"default": ["127.0.0.1", "127.0.0.2"], "override": ["127.0.0.3"]}
+        assert client.snapshot()["counters"]["copies_sent"] == 3
+        # the override's server answers on up3: accepted and handed to WireGuard
+        up3 = client.snapshot()["uplinks"][2]["local_address"].rsplit(":", 1)
+        servers["override"].sendto(b"response", (up3[0], int(up3[1])))
+        data, _ = await loop.run_in_executor(None, wg.recvfrom, 2048)
+        assert data == b"response"
+        assert client.snapshot()["engarde"]["dst_overrides"] == {
+            "up3": f"{override[0]}:{override[1]}"
+        }
+    finally:
+        stop.set()
+        await task
+        wg.close()
+        for sock in servers.values():
+            sock.close()
+
+
+def test_engarde_client_takes_one_server_address() -> None:
+    problems = _problems(CLIENT.replace('"198.51.100.10:5555"', '"198.51.100.10:5555", "[::1]:5"'))
+    assert "exactly one address" in problems["far_gate.endpoints"]
+    assert "dst_overrides" in problems["far_gate.endpoints"]
+    problems = _problems(
+        "listen_port = 5555\n[tunnels.w.gate]\napplication_to_gate = 59401\n"
+        '[tunnels.w.engarde]\nrole = "server"\ndst_overrides = { up1 = "192.0.2.1:5" }\n'
+    )
+    assert "no meaning for an engarde server" in problems["tunnels.w.engarde.dst_overrides"]
+
+
+def test_migrate_one_side_keeps_dst_overrides_per_interface() -> None:
+    from warp.migrate.engarde import migrate
+
+    data = {
+        "client": {
+            **ENGARDE_YML["client"],
+            "dstOverrides": [
+                {"ifName": "starlink0", "dstAddr": "192.0.2.20:5555"},
+                {"ifName": "wwan1", "dstAddr": "198.51.100.10:5555"},
+                {"ifName": "starlink0", "dstAddr": "192.0.2.99:5555"},
+            ],
+        }
+    }
+    migration = migrate(data, role="client", one_side=True)
+    config = parse_gateway_config(migration.toml)
+    found = config.engarde_tunnel
+    assert found is not None and found[1].engarde is not None
+    assert [str(e) for e in config.far_gate.endpoints] == ["198.51.100.10:5555"]
+    assert {k: str(v) for k, v in found[1].engarde.dst_overrides.items()} == {
+        "starlink0": "192.0.2.20:5555",  # engarde takes the first entry for an interface
+        "wwan1": "198.51.100.10:5555",
+    }
+    # no promise of path probing (this mode has none)
+    assert not any("keeps the paths that work" in w for w in migration.warnings)
+    assert any("second override for 'starlink0'" in w for w in migration.warnings)

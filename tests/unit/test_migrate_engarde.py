@@ -116,7 +116,8 @@ def test_both_sections_with_role_make_a_matching_pair(tmp_path: Path) -> None:
     assert client.tunnels["wireguard"].tunnel_id == server.tunnels["wireguard"].tunnel_id
     for side in (client, server):
         redundancy = side.tunnels["wireguard"].transport.redundancy
-        assert (redundancy.required_shards, redundancy.num_shards) == (3, 5)
+        # one of two uplinks may die: no uplink carries more than n - k = 2 of the 4 shards
+        assert (redundancy.required_shards, redundancy.num_shards) == (2, 4)
     # the server's placeholder is what the user must replace with the client's key
     assert "far_gate.public_key is a random PLACEHOLDER" in server_err
     assert encode_key(client.public_key) in client_err

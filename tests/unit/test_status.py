@@ -26,6 +26,7 @@ from warp.status import (
     StatusSnapshot,
     query_status,
     register_status,
+    render_plain,
     render_status,
     run_status,
     status_main,
@@ -208,9 +209,13 @@ def test_status_main_json_to_stdout(sockdir: str, capsys: pytest.CaptureFixture[
     assert json.loads(capsys.readouterr().out) == SNAPSHOT
 
 
+def terminal_console(width: int = 200) -> Console:
+    return Console(file=io.StringIO(), record=True, width=width, force_terminal=True)
+
+
 def test_rich_rendering_shows_every_path_and_table(sockdir: str) -> None:
     path = os.path.join(sockdir, "warp.sock")
-    console = recording_console()
+    console = terminal_console()
     with serve(path):
         assert run_status(args(socket=path), console=console) == 0
     text = console.export_text()
@@ -221,7 +226,9 @@ def test_rich_rendering_shows_every_path_and_table(sockdir: str) -> None:
     (wwan0,) = [r for r in rows if "wwan0" in r]
     assert "active" in wwan0 and "48.2" in wwan0 and "0.4" in wwan0 and "0.3s" in wwan0
     (wwan1,) = [r for r in rows if "wwan1" in r]
-    assert "dead" in wwan1 and "100.0" in wwan1 and "17.0s" in wwan1 and "learned" in wwan1
+    # a dead path: when it was last heard, no loss figure (even from an older gateway)
+    assert "dead" in wwan1 and "17s ago" in wwan1 and "learned" in wwan1
+    assert "100.0" not in wwan1
     (wlan0,) = [line for line in text.splitlines() if "203.0.113.9:13116" in line]
     assert "probing" in wlan0 and "relay" in wlan0 and "25.0" in wlan0
     assert "117.7 MiB / 98.8k" in wwan0  # tx bytes / packets
@@ -239,11 +246,11 @@ def test_rendering_colours_path_state() -> None:
     assert "\x1b[1;32mactive" in out  # bold green
     assert "\x1b[1;33mprobing" in out  # bold yellow
     assert "\x1b[1;31mwwan1" in out  # the dead modem's name is red too
-    assert "\x1b[1;31m 100.0" in out  # and its loss
+    assert "\x1b[1;31m17s ago" in out  # and when it was last heard
 
 
 def test_rendering_tolerates_a_sparse_snapshot() -> None:
-    console = recording_console()
+    console = terminal_console()
     console.print(render_status({"version": "9.9", "map": None}))
     text = console.export_text()
     assert "warp 9.9" in text and "no paths yet" in text and "none configured" in text
@@ -477,3 +484,136 @@ def test_watch_json_lines() -> None:
     )
     lines = console.file.getvalue().splitlines()  # type: ignore[attr-defined]
     assert [json.loads(line) for line in lines] == [SNAPSHOT, SNAPSHOT]
+
+
+# ---------------------------------------------------------------------------------------
+# terminal width, plain text, redundancy
+
+PROTECTED = {
+    "k": 2,
+    "n": 4,
+    "effective_n": 4,
+    "spread": "survive_uplink_loss",
+    "protected": True,
+    "protection": "protected against one uplink loss",
+}
+
+
+def with_redundancy(redundancy: Mapping[str, Any] | None) -> dict[str, Any]:
+    snapshot = json.loads(json.dumps(SNAPSHOT))
+    if redundancy is not None:
+        snapshot["tunnels"][0]["redundancy"] = dict(redundancy)
+    return snapshot  # type: ignore[no-any-return]
+
+
+def screen(snapshot: Mapping[str, Any], width: int) -> str:
+    console = terminal_console(width)
+    console.print(render_status(snapshot))
+    return console.export_text()
+
+
+def test_80_columns_drop_minor_columns_instead_of_cutting_cells() -> None:
+    text = screen(with_redundancy(PROTECTED), 80)
+    assert max(len(line) for line in text.splitlines()) <= 80
+    # every cell shown is whole: the only "…" is the far gate's key, shortened on purpose
+    assert text.count("…") == 1 and "AB12CD34EF56…" in text
+    for whole in (
+        "Uplink", "wwan0", "wlan0", "198.51.100.7:40002", "203.0.113.9:13116", "active",
+        "probing", "dead", "48.2", "17s ago", "wireguard", "(2, 4)", "yes",
+        "warp-map.example.net:13116", "established",
+    ):  # fmt: skip
+        assert whole in text, whole
+    # the least important went first: local addresses and per-path packet counts
+    assert "10.64.1.2:40001" not in text and "98.8k" not in text
+    wide = screen(with_redundancy(PROTECTED), 200)
+    assert "10.64.1.2:40001" in wide and "117.7 MiB / 98.8k" in wide and "…" not in wide
+
+
+def test_narrow_terminal_keeps_the_essential_columns_whole() -> None:
+    text = screen(with_redundancy(PROTECTED), 60)
+    assert max(len(line) for line in text.splitlines()) <= 60
+    rows = [line.split() for line in text.splitlines() if "198.51.100.7:40002" in line]
+    assert sorted(row[:3] for row in rows) == [
+        ["wwan0", "198.51.100.7:40002", "active"],
+        ["wwan1", "198.51.100.7:40002", "dead"],
+    ]
+
+
+def test_tunnel_shows_code_effective_n_spread_and_protection() -> None:
+    unprotected = {
+        **PROTECTED,
+        "effective_n": 6,
+        "protected": False,
+        "protection": "not protected: only one uplink up",
+    }
+    text = screen(with_redundancy(unprotected), 80)
+    (row,) = [line for line in text.splitlines() if line.startswith(" wireguard ")]
+    assert "(2, 4)→6" in row and "NO" in row.split()
+    flat = " ".join(text.split())
+    assert (
+        "wireguard: (k, n) = (2, 4)→6, spread survive_uplink_loss: "
+        "not protected: only one uplink up" in flat
+    )
+    # a gateway that does not report redundancy yet: dashes, no crash
+    text = screen(with_redundancy(None), 80)
+    (row,) = [line for line in text.splitlines() if line.startswith(" wireguard ")]
+    assert row.split()[1:3] == ["—", "—"]
+    assert "wireguard: (k, n)" not in text
+
+
+PLAIN = """\
+warp 0.1.0 uptime_s=3725.5 public_key=7ZQ3K8W1N2P4R6T8V0X2Z4B6D8F0H2J4L6N8Q0S2U4W6Y8A0C2E4
+far_gate AB12CD34EF56GH78JK90MN12PQ34RS56TV78WX90YZ12AB34CD56 handshake=established \
+last_handshake_age_s=61 rekeys=3
+map warp-map.example.net:13116 registered=yes last_registration_age_s=4.2 \
+reflexive=wwan0@100.64.9.1:61000,wwan1@-
+uplink wwan0 address=10.64.1.2 state=up paths_active=1 paths=1 send_errors=0
+uplink wwan1 address=10.80.3.9 state=up paths_active=0 paths=1 send_errors=12
+uplink wlan0 address=192.168.8.20 state=up paths_active=0 paths=1 send_errors=0
+path wlan0 203.0.113.9:13116 state=probing source=relay local=192.168.8.20:40001 rtt_ms=310 \
+loss_pct=25 last_rx_age_s=- tx_bytes=0 tx_packets=0 rx_bytes=0 rx_packets=0
+path wwan0 198.51.100.7:40002 state=active source=map local=10.64.1.2:40001 rtt_ms=48.25 \
+loss_pct=0.4 last_rx_age_s=0.3 tx_bytes=123456789 tx_packets=98765 rx_bytes=2345678 \
+rx_packets=4321
+path wwan1 198.51.100.7:40002 state=dead source=learned local=10.80.3.9:40001 rtt_ms=- \
+loss_pct=- last_rx_age_s=17 tx_bytes=1000 tx_packets=10 rx_bytes=0 rx_packets=0
+tunnel wireguard id=7 gate=loopback:127.0.0.1:59401 k=2 n=4 effective_n=4 \
+spread=survive_uplink_loss protected=yes datagrams_in=1000 datagrams_out=990 bytes_in=1400000 \
+bytes_out=1386000 blocks_rebuilt=42 datagrams_lost=3 drops=no_application:2,send_deadline:5 \
+protection="protected against one uplink loss"
+"""
+
+
+def test_plain_text_is_one_stable_line_per_record() -> None:
+    assert render_plain(with_redundancy(PROTECTED)) == PLAIN
+
+
+def test_plain_text_without_redundancy_or_map_prints_dashes() -> None:
+    snapshot = with_redundancy(None)
+    snapshot["map"] = None
+    out = render_plain(snapshot)
+    assert "None" not in out and "\nmap " not in out
+    (tunnel,) = [line for line in out.splitlines() if line.startswith("tunnel ")]
+    assert " k=- n=- effective_n=- spread=- protected=- " in tunnel
+    assert tunnel.endswith(" protection=-")
+
+
+def test_piped_status_is_plain_text(sockdir: str, capsys: pytest.CaptureFixture[str]) -> None:
+    path = os.path.join(sockdir, "warp.sock")
+    snapshot = with_redundancy(PROTECTED)
+    with serve(path, lambda: snapshot):
+        assert status_main(["--socket", path]) == 0  # pytest's stdout is not a terminal
+        assert capsys.readouterr().out == PLAIN
+        console = terminal_console()
+        assert run_status(args(socket=path, plain=True), console=console) == 0
+    assert console.file.getvalue() == PLAIN  # type: ignore[attr-defined]
+
+
+def test_watch_plain_prints_a_block_per_refresh() -> None:
+    console = recording_console()
+    snapshot = with_redundancy(PROTECTED)
+    code = watch_status(
+        lambda: snapshot, console, plain=True, max_refreshes=2, sleep=lambda _: None
+    )
+    assert code == 0
+    assert console.file.getvalue() == PLAIN + "\n" + PLAIN + "\n"  # type: ignore[attr-defined]

@@ -1,4 +1,4 @@
-"""``warp gauge``: measure the one-way quality of a link or a tunnel (SPEC §8).
+"""``warp gauge``: measure the one-way quality of a link or a tunnel (docs/gauge.md).
 
 ``warp gauge tx DEST`` sends sequence-numbered, timestamped probes at a steady rate or in a
 sawtooth; ``warp gauge rx BIND OUT.csv`` records each arrival (counter, target and achieved
@@ -327,7 +327,7 @@ def register_gauge(subparsers: Any) -> None:
     report = commands.add_parser(
         "report",
         help="summarize a CSV and draw plots",
-        description="Print loss %%, reorder %%, latency percentiles (p50, p90, p99, max, above "
+        description="Print loss %, reorder %, latency percentiles (p50, p90, p99, max, above "
         "the minimum latency, which removes the clock offset between hosts) of an rx CSV; with "
         "--plots, draw rate.png, latency.png, latency_histogram.png and latency_vs_rate.png.",
     )

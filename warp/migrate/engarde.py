@@ -405,7 +405,7 @@ def migrate(
     # ----------------------------------------------------------------------- role specifics
     gate: list[str]
     if role == "client":
-        interfaces, endpoints, gate, wg_note = _client(section, listen, dst, warnings)
+        interfaces, endpoints, gate, wg_note, _ = _client(section, listen, dst, warnings)
         if endpoints:
             endpoint_block = [
                 "# engarde dstAddr (and dstOverrides): the server keeps its public address, so",
@@ -462,10 +462,13 @@ def migrate(
         "",
         f"[tunnels.{TUNNEL}.transport.redundancy]",
         "# engarde sent every packet once per uplink (N uplinks: N× the bandwidth). warp sends",
-        "# num_shards shards of which any required_shards rebuild the packet, spread so that a",
-        "# lost uplink loses nothing: 5/3 = 1.67× the bandwidth. Use the same on both sides.",
-        "num_shards = 5",
-        "required_shards = 3",
+        "# num_shards shards of which any required_shards rebuild the packet, spread so that",
+        "# no uplink carries more than num_shards - required_shards of them: a lost uplink",
+        "# loses nothing. (2, 4) keeps that on two uplinks (2 + 2; (3, 5) needs three: 2 + 2 + 1)",
+        "# for 4/2 = 2× the bandwidth; when the uplinks are too few for the code, warp adds",
+        "# parity. Use the same on both sides.",
+        "num_shards = 4",
+        "required_shards = 2",
         "",
         "[control]",
         "# `warp status -c FILE` finds the gateway here (one socket per instance).",
@@ -552,16 +555,26 @@ def _one_side(
     out.append("# No private_key / far_gate.public_key: engarde has no keys.")
     todo: list[str] = []
     if role == "client":
-        interfaces, endpoints, gate, wg_note = _client(section, listen, dst, warnings)
+        interfaces, endpoints, gate, wg_note, per_uplink = _client(
+            section, listen, dst, warnings, one_side=True
+        )
         out += ["", "[interfaces]", *interfaces]
         out += [
             "",
             "[far_gate]",
-            "# engarde dstAddr (and dstOverrides): every WireGuard datagram is sent from every",
-            "# uplink to each of these.",
+            "# engarde dstAddr: every WireGuard datagram is sent once from every uplink, to",
+            "# this address (an uplink listed in engarde.dst_overrides sends to its own).",
             "endpoints = [" + ", ".join(_toml_string(e) for e in endpoints) + "]",
         ]
         engarde = ['role = "client"']
+        if per_uplink:
+            engarde += [
+                "# engarde dstOverrides: these uplinks send to their own destination instead",
+                "# (one copy per uplink, as engarde).",
+                "dst_overrides = { "
+                + ", ".join(f"{_toml_string(n)} = {_toml_string(a)}" for n, a in per_uplink.items())
+                + " }",
+            ]
     else:
         timeout = _client_timeout(section)
         interfaces, gate, wg_note = _server(section, listen, dst, warnings, server_gate_port)
@@ -612,8 +625,15 @@ def _one_side(
 
 
 def _client(
-    section: Mapping[str, Any], listen: _Addr, dst: _Addr, warnings: list[str]
-) -> tuple[list[str], list[str], list[str], str]:
+    section: Mapping[str, Any],
+    listen: _Addr,
+    dst: _Addr,
+    warnings: list[str],
+    one_side: bool = False,
+) -> tuple[list[str], list[str], list[str], str, dict[str, str]]:
+    """[interfaces] lines, far_gate.endpoints, gate lines, the WireGuard note, and (one-side
+    mode) engarde's dstOverrides as {interface: address}: there each uplink keeps its own
+    destination, as in engarde; in full warp they are more endpoints for every uplink."""
     excluded = _string_list(section.get("excludedInterfaces"), "client.excludedInterfaces")
     patterns = ["^lo$"]
     for name in excluded:
@@ -646,6 +666,7 @@ def _client(
         )
 
     endpoints = [str(dst)]
+    per_uplink: dict[str, str] = {}
     overrides = section.get("dstOverrides")
     if overrides is not None:
         if not isinstance(overrides, list):
@@ -656,6 +677,20 @@ def _client(
                 raise MigrationError(f"{where}: expected {{ifName, dstAddr}}, got {entry!r}")
             _unknown_keys(entry, OVERRIDE_KEYS, where, warnings)
             addr = _address(entry.get("dstAddr"), f"{where}.dstAddr")
+            if one_side:
+                ifname = entry.get("ifName")
+                if not isinstance(ifname, str) or not ifname.strip():
+                    raise MigrationError(
+                        f"{where}.ifName: expected an interface name, got {ifname!r}"
+                    )
+                if ifname in per_uplink:  # engarde's getDstByIfname takes the first match
+                    warnings.append(
+                        f"{where}: a second override for {ifname!r}; engarde used the first "
+                        f"({per_uplink[ifname]}), so does warp"
+                    )
+                    continue
+                per_uplink[ifname] = str(addr)
+                continue
             added = str(addr) not in endpoints
             if added:
                 endpoints.append(str(addr))
@@ -665,12 +700,12 @@ def _client(
                 f"uplink (not only {entry.get('ifName')!r}) tries it and warp keeps the paths "
                 "that work"
             )
-        if overrides:
+        if overrides and not one_side:
             interfaces.append("# engarde dstOverrides (per interface): see far_gate.endpoints.")
             for entry in overrides:
                 interfaces.append(f"#   {entry.get('ifName')} -> {entry.get('dstAddr')}")
 
-    for endpoint in endpoints:
+    for endpoint in [*endpoints, *per_uplink.values()]:
         host = endpoint.rsplit(":", 1)[0].strip("[]")
         if _is_wildcard(host) or _is_loopback(host):
             raise MigrationError(
@@ -706,7 +741,7 @@ def _client(
             f"client.listenAddr {listen} is not a loopback address: if WireGuard runs on another "
             f"machine, this does not convert (run warp there); WireGuard's Endpoint must be {shown}"
         )
-    return interfaces, endpoints, gate, wg_note
+    return interfaces, endpoints, gate, wg_note, per_uplink
 
 
 def _server(

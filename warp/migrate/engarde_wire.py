@@ -2,8 +2,10 @@
 
 engarde (github.com/porech/engarde) carries raw WireGuard datagrams, no header of its own:
 
-* **client**: every datagram from the local WireGuard is sent once from every uplink to the
-  engarde server; whatever any uplink receives from the server goes back to WireGuard;
+* **client**: every datagram from the local WireGuard is sent once from every uplink, each
+  uplink to its own destination: its ``dstOverrides`` entry, else the server's ``dstAddr``
+  (3 uplinks: 3 copies, whatever the number of distinct destinations); whatever any uplink
+  receives from those addresses goes back to WireGuard;
 * **server**: one UDP port; each datagram from a client address goes to the local WireGuard,
   and each datagram from WireGuard is sent to *every* client address heard from within
   ``clientTimeout`` (30 s by default).
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from warp import __version__
-from warp.config import EngardeConfig, GatewayConfig, LoopbackGate, TunnelConfig
+from warp.config import EngardeConfig, GatewayConfig, HostPort, LoopbackGate, TunnelConfig
 from warp.gate.base import Gate
 from warp.gate.loopback import LoopbackGate as LoopbackGateRuntime
 from warp.metrics import MetricsExporter, start_gateway_metrics
@@ -40,7 +42,7 @@ from warp.paths.path import Address
 from warp.paths.uplinks import Uplink, UplinkEvent, UplinkEventKind, UplinkManager
 from warp.status import ControlServer, gate_info
 
-__all__ = ["ClientTable", "EngardeGateway", "PathCounters"]
+__all__ = ["ClientDestinations", "ClientTable", "EngardeGateway", "PathCounters"]
 
 log = logging.getLogger("warp.engarde")
 
@@ -103,6 +105,24 @@ class ClientTable:
             del self._seen[key]
 
 
+class ClientDestinations:
+    """An engarde client's destination per uplink: its ``dst_overrides`` entry, else the
+    server's address (engarde's ``getDstByIfname``). One copy per uplink, never one per
+    uplink × address."""
+
+    def __init__(self, default: Address, overrides: dict[str, Address]) -> None:
+        self.default = default
+        self.overrides = overrides
+        self.addresses = frozenset([default, *overrides.values()])
+
+    def of(self, uplink: str) -> Address:
+        return self.overrides.get(uplink, self.default)
+
+    def targets(self, uplinks: Sequence[str]) -> list[tuple[str, Address]]:
+        """(uplink, destination) for one datagram sent from each of ``uplinks``."""
+        return [(name, self.of(name)) for name in uplinks]
+
+
 class EngardeGateway:
     """A gateway that speaks engarde's wire format (``[tunnels.<name>.engarde]``).
 
@@ -130,6 +150,7 @@ class EngardeGateway:
         self._control_path = control_socket or config.control.socket
         self.clients = ClientTable(self.engarde.client_timeout, self.engarde.max_clients)
         self.endpoints: list[Address] = []
+        self.destinations: ClientDestinations | None = None
         self.paths: dict[tuple[str, Address], PathCounters] = {}
         self.gate: LoopbackGateRuntime | None = None
         self.uplinks: UplinkManager | None = None
@@ -142,7 +163,7 @@ class EngardeGateway:
             "no_client": 0,  # server: a gate datagram found no client heard within the timeout
             "send_failed": 0,  # one copy could not be sent on one uplink
             "unknown_source": 0,  # client: a datagram from an address not in far_gate.endpoints
-            "copies_sent": 0,  # datagrams put on the wire (one per uplink × remote)
+            "copies_sent": 0,  # datagrams put on the wire (client: one per open uplink)
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -150,10 +171,20 @@ class EngardeGateway:
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then close everything (socket files removed)."""
         loop = asyncio.get_running_loop()
-        for endpoint in self.config.far_gate.endpoints:
+
+        async def resolve(endpoint: HostPort) -> Address:
             infos = await loop.getaddrinfo(endpoint.host, endpoint.port, type=2)  # SOCK_DGRAM
             address = infos[0][4]
-            self.endpoints.append((str(address[0]), int(address[1])))
+            return (str(address[0]), int(address[1]))
+
+        for endpoint in self.config.far_gate.endpoints:
+            self.endpoints.append(await resolve(endpoint))
+        if self.role == "client":
+            overrides = {
+                name: await resolve(endpoint)
+                for name, endpoint in self.engarde.dst_overrides.items()
+            }
+            self.destinations = ClientDestinations(self.endpoints[0], overrides)
         try:
             await self._start_uplinks()
             gate_config = self.tunnel.gate
@@ -178,8 +209,11 @@ class EngardeGateway:
                 self.tunnel_name,
                 self.gate.address,
                 "server" if self.role == "client" else "listen_port",
-                ",".join(f"{h}:{p}" for h, p in self.endpoints)
-                if self.role == "client"
+                ",".join(
+                    [f"{h}:{p}" for h, p in self.endpoints]
+                    + [f"{n}>{h}:{p}" for n, (h, p) in sorted(self.destinations.overrides.items())]
+                )
+                if self.destinations is not None
                 else self.config.listen_port,
                 ",".join(self.uplinks.uplinks) if self.uplinks else "",
             )
@@ -238,8 +272,8 @@ class EngardeGateway:
 
     def _on_uplink_datagram(self, uplink: Uplink, data: bytes, source: Address) -> None:
         now = time.monotonic()
-        if self.role == "client":
-            if source not in self.endpoints:
+        if self.destinations is not None:
+            if source not in self.destinations.addresses:
                 self.counters["unknown_source"] += 1
                 return
         elif self.clients.heard(uplink.name, source, now):
@@ -259,12 +293,11 @@ class EngardeGateway:
         uplinks = self.uplinks
         if uplinks is None:
             return
-        if self.role == "client":
+        if self.destinations is not None:
+            open_uplinks = {n: u for n, u in uplinks.uplinks.items() if not u.closed}
             targets = [
-                (uplink, remote)
-                for uplink in uplinks.uplinks.values()
-                if not uplink.closed
-                for remote in self.endpoints
+                (open_uplinks[name], remote)
+                for name, remote in self.destinations.targets(list(open_uplinks))
             ]
             if not targets:
                 self.counters["no_uplink"] += 1
@@ -372,6 +405,12 @@ class EngardeGateway:
                 "role": self.role,
                 "client_timeout_s": self.engarde.client_timeout,
                 "server": [f"{h}:{p}" for h, p in self.endpoints],
+                "dst_overrides": {
+                    name: f"{h}:{p}"
+                    for name, (h, p) in (
+                        self.destinations.overrides if self.destinations else {}
+                    ).items()
+                },
                 "listen_port": self.config.listen_port,
                 "clients": len(self.clients),
                 "clients_expired": self.clients.expired,

@@ -1,6 +1,6 @@
 """Uplinks: discovery of the local interfaces to use, and one UDP socket per uplink.
 
-This is a thin asyncio shell (SPEC §5): it owns the sockets and one supervisory task, and
+This is a thin asyncio shell: it owns the sockets and one supervisory task, and
 nothing else. Discovery goes through netlink (warp/paths/netlink.py): a full dump every
 `scan_interval` as a safety net, and an immediate rescan whenever the kernel reports a link
 or address change (RTM_NEWLINK/DELLINK/NEWADDR/DELADDR on a netlink socket watched with
