@@ -611,6 +611,11 @@ def start_metrics_server(
         loop.run_until_complete(server.serve())
         started.set()
         loop.run_forever()
+        # connections were aborted: their handlers end on their own (cancelling one makes
+        # asyncio log a traceback for it)
+        pending = asyncio.all_tasks(loop)
+        if pending:
+            loop.run_until_complete(asyncio.wait(pending, timeout=1.0))
         loop.close()
 
     server._loop = loop

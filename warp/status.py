@@ -251,7 +251,9 @@ class ControlServer:
         self._max_connections = max_connections
         self._server: asyncio.AbstractServer | None = None
         self._inode: tuple[int, int] | None = None
-        self._connections: set[asyncio.Task[Any]] = set()
+        #: connection handler -> its writer (close aborts the transports; cancelling a handler
+        #: would make asyncio log a traceback for it)
+        self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
         self._closed = False
         #: requests refused, by reason (too_long, too_deep, invalid, timeout, busy)
         self.rejected: Counter[str] = Counter()
@@ -294,11 +296,14 @@ class ControlServer:
         server, self._server = self._server, None
         if server is not None:
             server.close()
-        connections = list(self._connections)
-        for task in connections:
-            task.cancel()
+        connections = list(self._connections.items())
+        for _, writer in connections:
+            writer.transport.abort()
         if connections:
-            await asyncio.gather(*connections, return_exceptions=True)
+            tasks = [task for task, _ in connections]
+            _, stuck = await asyncio.wait(tasks, timeout=self._timeout)
+            for task in stuck:
+                task.cancel()
         if server is not None:
             await server.wait_closed()
         remove_socket_path(self.path, self._inode)
@@ -314,7 +319,7 @@ class ControlServer:
                 writer.write(_error_line(f"busy: {self._max_connections} connections open"))
                 return
             if task is not None:
-                self._connections.add(task)
+                self._connections[task] = writer
             while True:
                 try:
                     line = await asyncio.wait_for(reader.readline(), self._timeout)
@@ -344,7 +349,7 @@ class ControlServer:
             pass
         finally:
             if task is not None:
-                self._connections.discard(task)
+                self._connections.pop(task, None)
             if writer.transport.get_write_buffer_size():
                 writer.transport.abort()  # a client that stopped reading must not hold the close
             else:
