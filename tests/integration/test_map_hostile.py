@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import os
 import random
 import select
 import socket
@@ -25,6 +26,8 @@ import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from warp.keys import generate_private_key, public_key_of
 from warp.map_client.client import UplinkExpired, UplinkRegistered
@@ -387,6 +390,12 @@ def received_bytes(s: socket.socket, wait: float) -> int:
     return total
 
 
+needs_raw_socket = pytest.mark.skipif(
+    os.geteuid() != 0, reason="forging source ports takes a raw socket (root)"
+)
+
+
+@needs_raw_socket
 def test_spoofed_endpoints_get_nothing_but_bounded_answers(tmp_path: Path) -> None:
     """Two colluding authenticated clients try to make the map send to bystanders: one
     registers a bystander's address as its endpoint (spoofed source), the other then makes the
@@ -444,6 +453,7 @@ def test_spoofed_endpoints_get_nothing_but_bounded_answers(tmp_path: Path) -> No
             s.close()
 
 
+@needs_raw_socket
 def test_map_sends_an_unvalidated_address_no_more_than_it_received(tmp_path: Path) -> None:
     """Every kind of request, spoofed from one bystander address 300 times (lookups of a client
     with 8 endpoints among them: answers longer than the question): the bytes that reach the
