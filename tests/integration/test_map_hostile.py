@@ -429,7 +429,12 @@ def test_spoofed_endpoints_get_nothing_but_bounded_answers(tmp_path: Path) -> No
         # ...and `two` relays 50 payloads of 1 000 bytes to `one`
         for _ in range(50):
             two.send(encode(Relay(one.public, bytes(1000))))
-        assert received_bytes(victim_of_register, 0.5) == 0
+        pushed_and_relayed = received_bytes(victim_of_register, 0.5)
+        print(
+            f"\nreflection: spoofed register {spoofed} B, answered {answered} B; then pushes "
+            f"and 50 relays of 1000 B towards it delivered {pushed_and_relayed} B"
+        )
+        assert pushed_and_relayed == 0
 
         # 3) `one` looks `two` up (8 endpoints: a long answer) with the other bystander as source
         spoofed_lookups = sum(
