@@ -530,11 +530,19 @@ class LoopbackGate(_Model):
 
 
 class UnixGate(_Model):
-    """A datagram Unix socket at ``path``; replies go to ``application_path`` or the last sender."""
+    """A datagram Unix socket at ``path``; replies go to ``application_path`` or the last sender.
+
+    The socket is 0600, or 0660 for ``group`` (a name or gid); with ``allowed_uids`` /
+    ``allowed_gids`` only datagrams from those senders are taken. A directory that other users
+    may write to (not sticky) is refused unless ``allow_shared_directory``."""
 
     type: Literal["unix"] = "unix"
     path: SocketPath
     application_path: SocketPath | None = None
+    group: Annotated[str, Field(min_length=1)] | Annotated[StrictInt, Field(ge=0)] | None = None
+    allowed_uids: tuple[Annotated[StrictInt, Field(ge=0)], ...] = ()
+    allowed_gids: tuple[Annotated[StrictInt, Field(ge=0)], ...] = ()
+    allow_shared_directory: StrictBool = False
 
 
 class TunGate(_Model):
@@ -1412,8 +1420,12 @@ application_to_gate = 59401
 # gate_to_application = 51820
 #
 # unix gate instead:
-#   path = "/run/warp/app.sock"           # the datagram socket warp binds
+#   path = "/run/warp/app.sock"           # the datagram socket warp binds (mode 0600)
 #   application_path = "/run/app.sock"    # optional; default: the last sender
+#   group = "warp-apps"                   # optional: socket 0660 for this group
+#   allowed_uids = [1000]                 # optional: only datagrams from these senders
+#   allowed_gids = [1000]                 #   (uid or gid, checked per datagram)
+#   allow_shared_directory = false        # true: allow a directory others may write to
 # tun gate instead:
 #   name = "warp0"                        # interface name
 #   address = "10.7.0.1/24"               # interface address(es), CIDR

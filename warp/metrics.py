@@ -2,12 +2,14 @@
 
 Nothing here keeps its own counters: a custom collector (`SnapshotCollector`) turns the
 gateway's `StatusSnapshot` (warp/status.py, the same dict ``warp status --json`` prints)
-into metric families at scrape time. The HTTP server is ``prometheus_client``'s, on a
-private `CollectorRegistry`, in a daemon thread.
+into metric families at scrape time, and ``prometheus_client``'s ``generate_latest`` renders
+them. The HTTP server (`MetricsServer`) is a small asyncio server on the gateway's event loop,
+with timeouts and a connection cap: no thread per connection.
 
-Thread safety: the HTTP thread must not call into the event loop's objects. The gateway
-therefore keeps a `SnapshotCache` that it refreshes on its own loop (once a second) and the
-collector only reads the cached copy. `start_gateway_metrics` wires that up:
+The gateway keeps a `SnapshotCache` that it refreshes on its loop (once a second) and the
+collector only reads the cached copy (scrapes never touch the data path, and
+`start_metrics_server` can serve the same cache from a thread of its own). `start_gateway_metrics`
+wires that up:
 
     exporter = start_gateway_metrics(config.metrics.listen, self.snapshot)   # on the loop
     tg.create_task(exporter.refresh_forever())                                # in the TaskGroup
@@ -22,15 +24,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import ipaddress
+import logging
 import socket
 import threading
 import time
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeAlias
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
 __all__ = [
@@ -47,6 +51,16 @@ __all__ = [
 
 #: a function returning the current snapshot (a `StatusSnapshot` mapping), or None if none yet
 SnapshotSource: TypeAlias = Callable[[], Mapping[str, Any] | None]
+
+log = logging.getLogger("warp.metrics")
+
+#: HTTP serving bounds (see `MetricsServer`)
+MAX_CONNECTIONS = 32
+HEADER_TIMEOUT = 5.0
+WRITE_TIMEOUT = 10.0
+MAX_HEAD = 8 * 1024
+BACKLOG = 128
+REJECT_LOG_INTERVAL = 10.0
 
 PATH_STATES = ("probing", "active", "dead")
 HANDSHAKE_STATES = ("none", "initiating", "established", "expired")
@@ -353,42 +367,221 @@ class SnapshotCache:
 
 
 class MetricsServer:
-    """A running ``/metrics`` endpoint (`start_metrics_server`). `close` is idempotent."""
+    """A ``/metrics`` endpoint served by an asyncio server on an event loop.
 
-    def __init__(self, httpd: WSGIServer, thread: threading.Thread, registry: CollectorRegistry):
-        self._httpd = httpd
-        self._thread = thread
+    Plain HTTP/1.1, one request per connection (``Connection: close``), ``GET``/``HEAD`` of
+    ``/metrics`` (or ``/``); the body is ``prometheus_client``'s ``generate_latest`` of a
+    private registry. Bounds, so that slow or hostile clients cost nothing lasting:
+
+    * the request head must arrive within ``header_timeout`` and fit in `MAX_HEAD` bytes,
+      the reply must be taken within ``write_timeout`` (else the connection is dropped);
+    * at most ``max_connections`` at once: one more closes the oldest connection that has
+      not sent its request yet (so idle sockets cannot lock a scraper out), or is answered
+      ``503`` when every slot is busy replying.
+
+    Refusals are counted in ``rejected`` by reason and logged (``metrics.rejected``, at most
+    once per reason per 10 s). `close` is idempotent and ends every connection.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        registry: CollectorRegistry,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        header_timeout: float = HEADER_TIMEOUT,
+        write_timeout: float = WRITE_TIMEOUT,
+    ) -> None:
+        self._sock = sock
         self.registry = registry
-        address = httpd.server_address
+        address = sock.getsockname()
         self.host = str(address[0])
         self.port = int(address[1])
+        self.max_connections = max_connections
+        self.header_timeout = header_timeout
+        self.write_timeout = write_timeout
+        self.rejected: Counter[str] = Counter()
+        self._last_reject_log: dict[str, float] = {}
+        self._server: asyncio.AbstractServer | None = None
+        #: open connections -> whether its request head has arrived, oldest first
+        self._connections: OrderedDict[asyncio.StreamWriter, bool] = OrderedDict()
         self._closed = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/metrics"
 
+    async def serve(self) -> None:
+        """Start serving on the running loop (idempotent)."""
+        if self._server is not None or self._closed:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._server = await asyncio.start_server(self._handle, sock=self._sock, limit=MAX_HEAD)
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5)
+        loop, thread = self._loop, self._thread
+        if thread is not None and loop is not None:
+            loop.call_soon_threadsafe(self._stop)
+            thread.join(timeout=5)
+        elif loop is not None and not loop.is_closed():
+            self._stop()
+        else:
+            self._sock.close()
+
+    def _stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        else:
+            self._sock.close()
+        for writer in list(self._connections):
+            writer.transport.abort()
+        self._connections.clear()
+        if self._thread is not None and self._loop is not None:
+            self._loop.stop()
+
+    # ------------------------------------------------------------------------------ serving
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self._admit(writer):
+            return
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.header_timeout)
+            except TimeoutError:
+                self._reject("header_timeout")
+                return
+            except asyncio.LimitOverrunError:
+                self._reject("head_too_long")
+                await self._reply(writer, 431, b"request head too long\n", {})
+                return
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            self._connections[writer] = True
+            status, body, headers = self._respond(head)
+            await self._reply(writer, status, body, headers)
+        finally:
+            self._connections.pop(writer, None)
+            if writer.transport.get_write_buffer_size():
+                writer.transport.abort()  # a client that stopped reading must not hold it open
+            else:
+                writer.close()
+
+    def _admit(self, writer: asyncio.StreamWriter) -> bool:
+        if len(self._connections) >= self.max_connections:
+            idle = next((w for w, busy in self._connections.items() if not busy), None)
+            if idle is None:
+                self._reject("busy")
+                writer.write(_http(503, b"busy\n", {}))
+                writer.close()
+                return False
+            self._reject("evicted_idle")
+            del self._connections[idle]
+            idle.transport.abort()
+        self._connections[writer] = False
+        return True
+
+    def _respond(self, head: bytes) -> tuple[int, bytes, dict[str, str]]:
+        request_line = head.split(b"\r\n", 1)[0]
+        parts = request_line.split()
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+            self._reject("bad_request")
+            return 400, b"bad request\n", {}
+        method, target = parts[0], parts[1].split(b"?", 1)[0]
+        if method not in (b"GET", b"HEAD"):
+            self._reject("bad_method")
+            return 405, b"only GET and HEAD\n", {"Allow": "GET, HEAD"}
+        if target not in (b"/metrics", b"/"):
+            return 404, b"not found: try /metrics\n", {}
+        body = generate_latest(self.registry)
+        headers = {"Content-Type": CONTENT_TYPE_LATEST}
+        if method == b"HEAD":
+            headers["Content-Length"] = str(len(body))
+            return 200, b"", headers
+        return 200, body, headers
+
+    async def _reply(
+        self, writer: asyncio.StreamWriter, status: int, body: bytes, headers: dict[str, str]
+    ) -> None:
+        writer.write(_http(status, body, headers))
+        try:
+            await asyncio.wait_for(writer.drain(), self.write_timeout)
+        except TimeoutError:
+            self._reject("write_timeout")
+        except ConnectionError:
+            pass
+
+    def _reject(self, reason: str) -> None:
+        self.rejected[reason] += 1
+        now = time.monotonic()
+        last = self._last_reject_log.get(reason)
+        if last is None or now - last >= REJECT_LOG_INTERVAL:
+            self._last_reject_log[reason] = now
+            log.warning(
+                "metrics.rejected reason=%s total=%d address=%s",
+                reason,
+                self.rejected[reason],
+                self.url,
+            )
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+}
 
 
-class _Server(ThreadingWSGIServer):
-    address_family = socket.AF_INET
+def _http(status: int, body: bytes, headers: dict[str, str]) -> bytes:
+    lines = [f"HTTP/1.1 {status} {_REASONS[status]}", "Connection: close"]
+    headers = {"Content-Type": "text/plain; charset=utf-8", **headers}
+    headers.setdefault("Content-Length", str(len(body)))
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-class _Server6(ThreadingWSGIServer):
-    address_family = socket.AF_INET6
+def _bind(host: str, port: int) -> socket.socket:
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise MetricsError(f"cannot serve metrics on {shown}: {exc.strerror or exc}") from None
+    if not _is_loopback(host):
+        log.warning(
+            "metrics.not_loopback address=%s (the endpoint has no authentication and shows "
+            "peer addresses, public keys and traffic counters to whoever reaches it)",
+            shown,
+        )
+    return sock
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _registry(
+    snapshot: SnapshotSource, age: Callable[[], float | None] | None
+) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(snapshot, age))
+    return registry
 
 
 def start_metrics_server(
@@ -397,35 +590,39 @@ def start_metrics_server(
     snapshot: SnapshotSource,
     *,
     age: Callable[[], float | None] | None = None,
-    poll_interval: float = 0.05,
+    max_connections: int = MAX_CONNECTIONS,
+    header_timeout: float = HEADER_TIMEOUT,
 ) -> MetricsServer:
-    """Serve ``snapshot()`` as Prometheus metrics on ``http://host:port/metrics`` (port 0: any).
-
-    ``snapshot`` is called from the server's thread at each scrape. Raises `MetricsError`
-    (one line) when the address cannot be bound.
-
-    This is ``prometheus_client.start_http_server`` (its WSGI app and threading server on a
-    private registry), except that the serving thread polls for shutdown every
-    ``poll_interval`` instead of 0.5 s, so `MetricsServer.close` does not stall the caller.
-    """
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(SnapshotCollector(snapshot, age))
-    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    try:
-        server_class = _Server6 if ":" in host else _Server
-        httpd = make_server(
-            host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler
-        )
-    except OSError as exc:
-        raise MetricsError(f"cannot serve metrics on {shown}: {exc.strerror or exc}") from None
-    thread = threading.Thread(
-        target=httpd.serve_forever,
-        kwargs={"poll_interval": poll_interval},
-        name=f"warp-metrics-{httpd.server_address[1]}",
-        daemon=True,
+    """Serve ``snapshot()`` as Prometheus metrics on ``http://host:port/metrics`` (port 0: any),
+    on an event loop of its own in one thread (for callers without a loop; the gateway serves
+    on its own loop, see `start_gateway_metrics`). Raises `MetricsError` (one line) when the
+    address cannot be bound."""
+    server = MetricsServer(
+        _bind(host, port),
+        _registry(snapshot, age),
+        max_connections=max_connections,
+        header_timeout=header_timeout,
     )
-    thread.start()
-    return MetricsServer(httpd, thread, registry)
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(server.serve())
+        started.set()
+        loop.run_forever()
+        # connections were aborted: their handlers end on their own (cancelling one makes
+        # asyncio log a traceback for it)
+        pending = asyncio.all_tasks(loop)
+        if pending:
+            loop.run_until_complete(asyncio.wait(pending, timeout=1.0))
+        loop.close()
+
+    server._loop = loop
+    server._thread = threading.Thread(target=run, name=f"warp-metrics-{server.port}", daemon=True)
+    server._thread.start()
+    started.wait(5)
+    return server
 
 
 class MetricsExporter:
@@ -445,11 +642,13 @@ class MetricsExporter:
         self.cache.update(self._snapshot())
 
     async def refresh_forever(self) -> None:
-        """Refresh the cache every ``interval`` seconds until cancelled (run in the TaskGroup).
+        """Serve the endpoint on this loop and refresh the cache every ``interval`` seconds
+        until cancelled (run in the TaskGroup).
 
         A failing ``snapshot()`` keeps the previous copy (its age grows in
         ``warp_metrics_snapshot_age_seconds``); it never ends the task.
         """
+        await self.server.serve()
         while True:
             await asyncio.sleep(self.interval)
             with contextlib.suppress(Exception):
@@ -465,10 +664,11 @@ def start_gateway_metrics(
     """Start the endpoint of ``[metrics] listen`` (a `HostPort`, or ``(host, port)``).
 
     Call on the event loop: it takes the first snapshot at once (so the first scrape has
-    data), then binds. Raises `MetricsError` (one line) if the address is taken.
+    data), then binds; connections are served on this loop once `refresh_forever` runs.
+    Raises `MetricsError` (one line) if the address is taken.
     """
     host, port = address[0], int(address[1])
     cache = SnapshotCache()
     cache.update(snapshot())
-    server = start_metrics_server(str(host), port, cache, age=cache.age)
+    server = MetricsServer(_bind(str(host), port), _registry(cache, cache.age))
     return MetricsExporter(snapshot, server, cache, interval)

@@ -463,6 +463,10 @@ class Gateway:
                     self._on_gate_datagram,
                     path=gate_config.path,
                     application_path=gate_config.application_path,
+                    group=gate_config.group,
+                    allowed_uids=gate_config.allowed_uids,
+                    allowed_gids=gate_config.allowed_gids,
+                    allow_shared_directory=gate_config.allow_shared_directory,
                 )
             else:
                 gate = self._make_tun_gate(gate_config)

@@ -9,7 +9,11 @@ A running gateway serves its state on a Unix stream socket (``control.socket``, 
     ← {"error": "unknown command 'x'; known: status"}                  (on a bad request)
 
 `ControlServer` is the gateway side: it takes a ``snapshot()`` callable from the gateway and
-calls it once per request, on the event loop. `query_status` is the client side, and
+calls it once per request, on the event loop. Requests are bounded (`MAX_REQUEST` bytes,
+`MAX_REQUEST_DEPTH` levels of nesting, `request_timeout` seconds to arrive and to be read back,
+`max_connections` at once): beyond any bound the client gets an error line and is closed, and
+the gateway logs one ``control.rejected`` line (at most one per reason per 10 s) and counts it.
+`parse_request` is the one parsing boundary. `query_status` is the client side, and
 `run_status` the ``warp status`` command: ``--json`` prints the snapshot as JSON; on a
 terminal it is rendered as ``rich`` tables fitted to the terminal's width (`render_status`),
 otherwise (piped, or ``--plain``) as stable plain text, one line per far gate, map, uplink,
@@ -27,6 +31,7 @@ import os
 import socket
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NotRequired, TypeAlias, TypedDict
 
@@ -48,6 +53,7 @@ from warp.gate.base import Gate, GateError, claim_socket_path, remove_socket_pat
 
 __all__ = [
     "DEFAULT_CONTROL_SOCKET",
+    "ControlRequestError",
     "ControlServer",
     "ControlSocketError",
     "GateInfo",
@@ -60,6 +66,7 @@ __all__ = [
     "UplinkStatus",
     "add_status_command",
     "gate_info",
+    "parse_request",
     "query_status",
     "register_status",
     "render_plain",
@@ -75,6 +82,11 @@ DEFAULT_CONTROL_SOCKET = "/run/warp/warp.sock"
 #: longest request line the server reads, longest reply the client reads
 MAX_REQUEST = 64 * 1024
 MAX_REPLY = 64 * 1024 * 1024
+#: deepest nesting of arrays/objects in a request ({"cmd": "status"} is 1)
+MAX_REQUEST_DEPTH = 8
+#: connections served at once; more are answered with an error and closed
+MAX_CONNECTIONS = 16
+REJECT_LOG_INTERVAL = 10.0
 
 EXIT_OK = 0
 EXIT_USAGE = 1
@@ -169,6 +181,63 @@ class ControlSocketError(Exception):
     """The control socket cannot be set up. The message is one line for users."""
 
 
+class ControlRequestError(ValueError):
+    """A request line the control socket refuses; the message is the error sent back,
+    ``reason`` the counter it goes to."""
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _nesting_depth(text: str, limit: int) -> int:
+    """How deep arrays/objects nest in JSON ``text`` (brackets inside strings do not count);
+    stops counting past ``limit`` (json.loads would recurse once per level)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    break
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def parse_request(line: bytes) -> dict[str, Any]:
+    """One request line as a JSON object; :class:`ControlRequestError` (with the message for
+    the client) for anything else. Never raises anything else, whatever the bytes."""
+    if len(line) > MAX_REQUEST:
+        raise ControlRequestError(f"request too long (at most {MAX_REQUEST} bytes)", "too_long")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ControlRequestError("request is not a JSON line") from None
+    if _nesting_depth(text, MAX_REQUEST_DEPTH) > MAX_REQUEST_DEPTH:
+        raise ControlRequestError(
+            f"request nested deeper than {MAX_REQUEST_DEPTH} levels", "too_deep"
+        )
+    try:
+        request = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ControlRequestError("request is not a JSON line") from None
+    if not isinstance(request, dict):
+        raise ControlRequestError('request must be a JSON object such as {"cmd": "status"}')
+    return request
+
+
 class ControlServer:
     """Serves ``snapshot()`` on a Unix stream socket.
 
@@ -185,15 +254,22 @@ class ControlServer:
         *,
         mode: int = 0o660,
         request_timeout: float = 10.0,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.path = path
         self._snapshot = snapshot
         self._mode = mode
         self._timeout = request_timeout
+        self._max_connections = max_connections
         self._server: asyncio.AbstractServer | None = None
         self._inode: tuple[int, int] | None = None
-        self._connections: set[asyncio.Task[Any]] = set()
+        #: connection handler -> its writer (close aborts the transports; cancelling a handler
+        #: would make asyncio log a traceback for it)
+        self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
         self._closed = False
+        #: requests refused, by reason (too_long, too_deep, invalid, timeout, busy)
+        self.rejected: Counter[str] = Counter()
+        self._last_reject_log: dict[str, float] = {}
 
     async def start(self) -> None:
         if self._server is not None:
@@ -232,11 +308,14 @@ class ControlServer:
         server, self._server = self._server, None
         if server is not None:
             server.close()
-        connections = list(self._connections)
-        for task in connections:
-            task.cancel()
+        connections = list(self._connections.items())
+        for _, writer in connections:
+            writer.transport.abort()
         if connections:
-            await asyncio.gather(*connections, return_exceptions=True)
+            tasks = [task for task, _ in connections]
+            _, stuck = await asyncio.wait(tasks, timeout=self._timeout)
+            for task in stuck:
+                task.cancel()
         if server is not None:
             await server.wait_closed()
         remove_socket_path(self.path, self._inode)
@@ -246,37 +325,65 @@ class ControlServer:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         task = asyncio.current_task()
-        if task is not None:
-            self._connections.add(task)
         try:
+            if len(self._connections) >= self._max_connections:
+                self._reject("busy")
+                writer.write(_error_line(f"busy: {self._max_connections} connections open"))
+                return
+            if task is not None:
+                self._connections[task] = writer
             while True:
                 try:
                     line = await asyncio.wait_for(reader.readline(), self._timeout)
                 except ValueError:  # longer than MAX_REQUEST
-                    writer.write(_error_line("request too long"))
-                    await asyncio.wait_for(writer.drain(), self._timeout)
+                    self._reject("too_long")
+                    writer.write(_error_line(f"request too long (at most {MAX_REQUEST} bytes)"))
+                    return
+                except TimeoutError:
+                    self._reject("timeout")
+                    writer.write(_error_line(f"no request line within {self._timeout:g} s"))
                     return
                 if not line:
                     return
-                writer.write(self.respond(line))
+                try:
+                    request = parse_request(line)
+                except ControlRequestError as exc:
+                    self._reject(exc.reason)
+                    writer.write(_error_line(str(exc)))
+                    if exc.reason != "invalid":
+                        return  # built to hurt, not a typo: close
+                    continue
+                writer.write(self.respond(request))
                 await asyncio.wait_for(writer.drain(), self._timeout)
-        except (TimeoutError, ConnectionError):
+        except TimeoutError:
+            self._reject("slow_reader")  # did not read its reply in time
+        except ConnectionError:
             pass
         finally:
             if task is not None:
-                self._connections.discard(task)
-            writer.close()
+                self._connections.pop(task, None)
+            if writer.transport.get_write_buffer_size():
+                writer.transport.abort()  # a client that stopped reading must not hold the close
+            else:
+                writer.close()
             with contextlib.suppress(Exception):
-                await writer.wait_closed()
+                await asyncio.wait_for(writer.wait_closed(), self._timeout)
 
-    def respond(self, line: bytes) -> bytes:
-        """The response line (with its newline) for one request line. Never raises."""
-        try:
-            request = json.loads(line)
-        except ValueError:
-            return _error_line("request is not a JSON line")
-        if not isinstance(request, dict):
-            return _error_line('request must be a JSON object such as {"cmd": "status"}')
+    def _reject(self, reason: str) -> None:
+        self.rejected[reason] += 1
+        now = time.monotonic()
+        last = self._last_reject_log.get(reason)
+        if last is None or now - last >= REJECT_LOG_INTERVAL:
+            self._last_reject_log[reason] = now
+            log.warning(
+                "control.rejected reason=%s total=%d path=%s",
+                reason,
+                self.rejected[reason],
+                self.path,
+            )
+
+    def respond(self, request: Mapping[str, Any]) -> bytes:
+        """The response line (with its newline) for one parsed request. Never raises."""
         cmd = request.get("cmd")
         if cmd != "status":
             return _error_line(f"unknown command {cmd!r}; known: status")

@@ -21,6 +21,10 @@ Rules:
   bucket of ``relay_rate`` bits per second.
 * Requests (register, lookup, deregister, invalid frames) pass a per-source-IP token bucket of
   ``requests_per_second``; over it they are dropped and counted.
+* With an :class:`~warp_map_server.validation.AddressValidator`: a Registered for an address not
+  validated for the client carries a challenge, and a Register echoing it validates the address.
+  Which :class:`Deliver` may go out is the validator's decision: to an unvalidated address only
+  the one carrying its challenge.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from warp.map_client.messages import (
     encode,
 )
 from warp_map_server.ratelimit import TokenBucketTable
+from warp_map_server.validation import AddressValidator
 
 LookupPolicy = Literal["mutual", "any"]
 
@@ -93,6 +98,8 @@ class Deliver:
     peer: bytes
     plaintext: bytes
     destination: Endpoint
+    #: carries a challenge for ``destination`` (the only frame an unvalidated address gets)
+    challenge: bool = False
 
 
 @dataclass(slots=True)
@@ -140,6 +147,7 @@ class Registry:
         max_registrations: int = 16,
         requests_per_second: float = 20,
         boot_id: int = 0,
+        validator: AddressValidator | None = None,
         log: logging.Logger = logger,
     ) -> None:
         if registration_ttl <= 0:
@@ -150,6 +158,7 @@ class Registry:
         self.max_clients = max_clients
         self.max_registrations = max_registrations
         self.boot_id = boot_id
+        self.validator = validator
         self.log = log
         self.counters: Counter[str] = Counter()
         self.clients: dict[bytes, Client] = {}
@@ -278,6 +287,8 @@ class Registry:
 
     def _register(self, key: bytes, message: Register, source: Endpoint, now: float) -> None:
         self.counters["requests.register"] += 1
+        if self.validator is not None and message.challenge is not None:
+            self.validator.confirm(key, source, message.challenge, now)
         client = self.clients.get(key)
         if client is None:
             if len(self.clients) >= self.max_clients:
@@ -361,10 +372,12 @@ class Registry:
             self.counters["registrations.refreshed"] += 1
         heapq.heappush(self._expiry, (now + self.ttl, key, message.uplink))
         self._compact_expiry()
-        self._reply(
-            key,
-            source,
-            Registered(message.request_id, message.uplink, source, self.ttl, self.boot_id),
+        challenge = None if self.validator is None else self.validator.challenge(key, source, now)
+        registered = Registered(
+            message.request_id, message.uplink, source, self.ttl, self.boot_id, challenge
+        )
+        self._outbox.append(
+            Deliver(key, encode(registered), source, challenge=challenge is not None)
         )
         set_after = frozenset(client.endpoints(now))
         if set_after != set_before or grew:

@@ -9,6 +9,10 @@ per second) and rate-limits handshakes per source IP. Only authenticated transpo
 reach the registry. Replies are sealed for the client and sent to the *source* of the request
 (the uplink that asked); pushes go to each registered endpoint of the client pushed to.
 
+Every send for a client passes its :class:`~warp_map_server.validation.AddressValidator`: an
+address that has not proven it receives (handshake response confirmed, or challenge echoed) gets
+nothing but its challenge (within what came from it): no answers, pushes or relayed payloads.
+
 Peers (sessions) are bounded by ``limits.max_clients``: when the table is full, a new client
 evicts the least recently active peer that holds no registration, or is refused.
 """
@@ -31,11 +35,13 @@ from warp.wireguard import (
     Device,
     HandshakeComplete,
     KeysZeroed,
+    MessageKind,
     Outgoing,
     UnknownPeerAccepted,
 )
 from warp.wireguard.constants import REJECT_AFTER_TIME
 from warp_map_server.registry import Registry, log_event, normalize, short
+from warp_map_server.validation import AddressValidator
 
 log = logging.getLogger("warp_map_server")
 
@@ -85,6 +91,7 @@ class MapServer:
         self.allowed_keys = (
             frozenset(config.allowed_keys) if config.allowed_keys is not None else None
         )
+        self.validation = AddressValidator(rng(32))
         self.registry = Registry(
             registration_ttl=config.registration_ttl,
             lookup_policy=config.lookup_policy,
@@ -94,6 +101,7 @@ class MapServer:
             max_registrations=limits.max_registrations,
             requests_per_second=limits.requests_per_second,
             boot_id=int.from_bytes(rng(8), "big"),
+            validator=self.validation,
         )
         self.stats_interval = stats_interval
         #: peer key -> time of its last authenticated packet, least recent first
@@ -186,13 +194,17 @@ class MapServer:
             activity = self._activity
             activity[peer] = now
             activity.move_to_end(peer)
+            source = normalize(received.source)
+            self.validation.received(peer, source, len(data))
+            # a key confirmation in this very packet validates the handshake's address first
+            self._device_events()
             plaintext = received.plaintext
             if plaintext and is_map_frame(plaintext):
-                self.registry.handle(peer, plaintext, normalize(received.source), now)
+                self.registry.handle(peer, plaintext, source, now)
             elif plaintext:
                 self.counters["plaintext.unexpected"] += 1
             else:
-                self.registry.heard(peer, normalize(received.source), now)
+                self.registry.heard(peer, source, now)
             self._flush(now)
         self._rearm()
 
@@ -218,12 +230,24 @@ class MapServer:
         self._device_events()
 
     def _send_device_output(self, outgoing: list[Outgoing], limit: int | None = None) -> None:
+        """``limit``: answers to one unauthenticated datagram of that size (handshake responses,
+        cookie replies); else what the device sends in sessions (keepalives), which are held
+        to the client's validated addresses or its credit at the destination."""
         if limit is not None and sum(len(o.data) for o in outgoing) > limit:
             self.counters["amplification.blocked"] += 1
             return
         for out in outgoing:
-            if out.destination is not None:
-                self._send(out.data, out.destination)
+            if out.destination is None:
+                continue
+            if out.peer is not None:
+                destination = normalize(out.destination)
+                if out.kind is MessageKind.RESPONSE:
+                    self.validation.responded(out.peer, destination)
+                elif limit is None and not self.validation.may_send(
+                    out.peer, destination, len(out.data), challenge=True
+                ):
+                    continue
+            self._send(out.data, out.destination)
 
     def _flush(self, now: float) -> None:
         self._flush_device()
@@ -232,7 +256,10 @@ class MapServer:
             if sealed is None:
                 self.counters["seal.no_session"] += 1
                 continue
-            self._send(sealed, deliver.destination)
+            if self.validation.may_send(
+                deliver.peer, deliver.destination, len(sealed), challenge=deliver.challenge
+            ):
+                self._send(sealed, deliver.destination)
         self._flush_device()
 
     def _device_events(self) -> None:
@@ -250,6 +277,8 @@ class MapServer:
                 )
             elif isinstance(event, HandshakeComplete):
                 self.counters["handshakes.completed"] += 1
+                if not event.initiator:
+                    self.validation.handshake_confirmed(event.peer)
             elif isinstance(event, KeysZeroed):
                 self._drop_peer(event.peer, self._now, reason="keys_zeroed")
 
@@ -279,6 +308,7 @@ class MapServer:
     def _drop_peer(self, key: bytes, now: float, *, reason: str) -> None:
         self._activity.pop(key, None)
         self.registry.forget(key, now)
+        self.validation.forget(key)
         self.device.remove_peer(key)
         log_event(log, "map.session_dropped", logging.DEBUG, client=short(key), reason=reason)
 
@@ -337,6 +367,8 @@ class MapServer:
         now = self._loop.time() if self._loop is not None else 0.0
         out: dict[str, int] = dict(self.counters)
         out.update({f"registry.{k}": v for k, v in self.registry.summary(now).items()})
+        out.update(self.validation.counters)
+        out["validation.addresses"] = len(self.validation)
         out["sessions"] = len(self.device.peers)
         out["under_load"] = int(self.device.under_load(now))
         out.update({f"wireguard.{k}": v for k, v in self.device.counters.items()})

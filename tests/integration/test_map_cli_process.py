@@ -21,6 +21,7 @@ def key_file(tmp_path: Path) -> tuple[Path, bytes]:
     private = generate_private_key()
     path = tmp_path / "map.key"
     path.write_text(encode_key(private) + "\n")
+    path.chmod(0o600)  # as warp-keygen -o writes it (a readable key file gets a warning line)
     return path, private
 
 

@@ -3,7 +3,9 @@
 * 100 000 random datagrams of random sizes (a quarter of them shaped like WireGuard messages);
 * every truncation of a real handshake initiation, and the real one replayed from 1 000 ports;
 * 10 000 valid-looking initiations (correct mac1, random content) from 10 000 source ports;
-* 200 real handshakes from fresh keys, four times ``limits.max_clients``.
+* 200 real handshakes from fresh keys, four times ``limits.max_clients``;
+* authenticated clients forging their source address (a raw socket) to make the map send to a
+  bystander: registering it, having it pushed to and relayed to, spoofed lookups.
 
 Throughout: the legitimate client's requests are answered, no unauthenticated source receives
 more bytes than it sent (checked per reply and per socket), and the map's memory stays bounded
@@ -15,17 +17,22 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import os
 import random
 import select
 import socket
 import statistics
+import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from warp.keys import generate_private_key, public_key_of
 from warp.map_client.client import UplinkExpired, UplinkRegistered
 from warp.map_client.driver import MapClientDriver
+from warp.map_client.messages import Deregister, Lookup, Register, Relay, encode
 from warp.wireguard import Device
 
 from .map_process import MapProcess
@@ -317,3 +324,178 @@ def test_hostile_input_keeps_serving_bounds_memory_and_never_amplifies(tmp_path:
     assert stats["registry_clients"] == 0  # the legit client deregistered; nobody else could
     assert len(probe_latencies) >= 10
     assert report["rss_after"] - report["rss_before"] < 32 * 1024
+
+
+# ------------------------------------------------------------------ reflection (spoofed sources)
+
+
+class Attacker:
+    """An authenticated client of the map (its own key, a real session from a real socket)
+    that can also send its sealed requests with a forged UDP source port (raw socket)."""
+
+    def __init__(self, map_process: MapProcess) -> None:
+        self.map_public = map_process.public_key
+        self.map_address = map_process.address
+        self.private = generate_private_key()
+        self.public = public_key_of(self.private)
+        self.device = Device(self.private)
+        self.device.add_peer(self.map_public, endpoint=self.map_address)
+        self.socket = udp_socket()
+        self.socket.setblocking(True)
+        self.socket.settimeout(2.0)
+        self.raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+        self.raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # never read
+        self.request_id = 0
+        self.device.initiate_handshake(self.map_public, time.monotonic())
+        self._flush()
+        response, _ = self.socket.recvfrom(2048)
+        assert self.device.receive(response, self.map_address, time.monotonic()) is None
+        self.send(b"")  # key confirmation, from the real socket
+
+    def _flush(self) -> None:
+        for out in self.device.drain_outgoing():
+            self.socket.sendto(out.data, self.map_address)
+
+    def sealed(self, frame: bytes) -> bytes:
+        data = self.device.seal(self.map_public, frame, time.monotonic())
+        assert data is not None
+        return data
+
+    def send(self, frame: bytes) -> None:
+        self.socket.sendto(self.sealed(frame), self.map_address)
+
+    def spoof(self, frame: bytes, source_port: int) -> int:
+        """Send ``frame`` sealed, as if from 127.0.0.1:``source_port``; return its size."""
+        data = self.sealed(frame)
+        header = struct.pack("!HHHH", source_port, self.map_address[1], 8 + len(data), 0)
+        self.raw.sendto(header + data, (self.map_address[0], 0))
+        return len(data)
+
+    def next_id(self) -> int:
+        self.request_id += 1
+        return self.request_id
+
+    def close(self) -> None:
+        self.socket.close()
+        self.raw.close()
+
+
+def received_bytes(s: socket.socket, wait: float) -> int:
+    total = 0
+    deadline = time.monotonic() + wait
+    while (remaining := deadline - time.monotonic()) > 0:
+        readable, _, _ = select.select([s], [], [], remaining)
+        if readable:
+            total += len(s.recv(65535))
+    return total
+
+
+needs_raw_socket = pytest.mark.skipif(
+    os.geteuid() != 0, reason="forging source ports takes a raw socket (root)"
+)
+
+
+@needs_raw_socket
+def test_spoofed_endpoints_get_nothing_but_bounded_answers(tmp_path: Path) -> None:
+    """Two colluding authenticated clients try to make the map send to bystanders: one
+    registers a bystander's address as its endpoint (spoofed source), the other then makes the
+    map push to it (its own endpoint set changing) and relay to it; a spoofed lookup asks for a
+    long answer to be sent to another bystander. The bystanders never sent anything."""
+    map_process = MapProcess(tmp_path, extra_config="[limits]\nrequests_per_second = 1000\n")
+    map_process.start()
+    victim_of_register, victim_of_lookup = udp_socket(), udp_socket()
+    register_port = victim_of_register.getsockname()[1]
+    lookup_port = victim_of_lookup.getsockname()[1]
+    one, two = Attacker(map_process), Attacker(map_process)
+    uplinks = [udp_socket() for _ in range(8)]
+    try:
+        # 1) `one` registers the bystander as its endpoint (far gate: `two`, so `two` may see it)
+        spoofed = one.spoof(
+            encode(Register(one.next_id(), 1, two.public, 7)), source_port=register_port
+        )
+        answered = received_bytes(victim_of_register, 0.3)
+        assert answered <= spoofed  # at most an answer no larger than the request
+
+        # 2) `two` registers from 8 real sockets, then leaves and comes back 10 times: every
+        # change of its endpoint set is pushed to whoever names it as far gate (`one`)...
+        for i, s in enumerate(uplinks):
+            s.sendto(two.sealed(encode(Register(two.next_id(), i, one.public, 9))), one.map_address)
+        for _ in range(10):
+            two.send(encode(Deregister(two.next_id(), 0)))
+            time.sleep(0.01)
+            uplinks[0].sendto(
+                two.sealed(encode(Register(two.next_id(), 0, one.public, 9))), one.map_address
+            )
+        # ...and `two` relays 50 payloads of 1 000 bytes to `one`
+        for _ in range(50):
+            two.send(encode(Relay(one.public, bytes(1000))))
+        pushed_and_relayed = received_bytes(victim_of_register, 0.5)
+        print(
+            f"\nreflection: spoofed register {spoofed} B, answered {answered} B; then pushes "
+            f"and 50 relays of 1000 B towards it delivered {pushed_and_relayed} B"
+        )
+        assert pushed_and_relayed == 0
+
+        # 3) `one` looks `two` up (8 endpoints: a long answer) with the other bystander as source
+        spoofed_lookups = sum(
+            one.spoof(encode(Lookup(one.next_id(), two.public)), source_port=lookup_port)
+            for _ in range(20)
+        )
+        assert spoofed_lookups < 20 * 100
+        assert received_bytes(victim_of_lookup, 0.3) == 0
+
+        # the map did all it was asked on the real addresses and counted what it refused
+        stats = map_process.stats()
+        assert stats["registry_relay_forwarded"] == 50
+        assert (
+            stats["validation_unvalidated_dropped"] >= 80
+        )  # 50 relays, the pushes, 20 lookup answers
+    finally:
+        map_process.kill()
+        one.close()
+        two.close()
+        for s in (victim_of_register, victim_of_lookup, *uplinks):
+            s.close()
+
+
+@needs_raw_socket
+def test_map_sends_an_unvalidated_address_no_more_than_it_received(tmp_path: Path) -> None:
+    """Every kind of request, spoofed from one bystander address 300 times (lookups of a client
+    with 8 endpoints among them: answers longer than the question): the bytes that reach the
+    bystander never exceed the bytes sent in its name (measured on its socket)."""
+    map_process = MapProcess(tmp_path, extra_config="[limits]\nrequests_per_second = 1000\n")
+    map_process.start()
+    bystander = udp_socket()
+    port = bystander.getsockname()[1]
+    attacker, far = Attacker(map_process), Attacker(map_process)
+    far_uplinks = [udp_socket() for _ in range(8)]
+    try:
+        for i, s in enumerate(far_uplinks):
+            s.sendto(
+                far.sealed(encode(Register(far.next_id(), i, attacker.public, 1))), far.map_address
+            )
+        rng = random.Random(7)
+        spoofed = 0
+        for i in range(300):
+            frame = rng.choice(
+                [
+                    encode(Register(attacker.next_id(), i % 4, far.public, 3)),
+                    encode(Lookup(attacker.next_id(), far.public)),
+                    encode(Lookup(attacker.next_id(), attacker.public)),
+                    encode(Deregister(attacker.next_id(), None)),
+                    encode(Relay(far.public, bytes(64))),
+                    bytes([0x10, 0, 1, 0xC0]),  # invalid: answered with an error
+                ]
+            )
+            spoofed += attacker.spoof(frame, source_port=port)
+            if i % 50 == 49:
+                time.sleep(0.02)
+        received = received_bytes(bystander, 0.5)
+        print(f"\nreflection: spoofed {spoofed} B from one address, it received {received} B")
+        assert 0 < received <= spoofed
+    finally:
+        map_process.kill()
+        attacker.close()
+        far.close()
+        for s in (bystander, *far_uplinks):
+            s.close()

@@ -537,7 +537,7 @@ def test_unix_refuses_a_live_socket(sockdir: str) -> None:
 def test_unix_close_leaves_a_replaced_file_alone(sockdir: str) -> None:
     async def main() -> None:
         path = os.path.join(sockdir, "gate.sock")
-        gate = UnixGate(Sink(), path=path, mode=0o660)
+        gate = UnixGate(Sink(), path=path, group=os.getgid())
         await gate.start()
         assert os.stat(path).st_mode & 0o777 == 0o660
         os.unlink(path)
@@ -556,3 +556,135 @@ def test_unix_missing_directory_is_a_gate_error(sockdir: str) -> None:
             await gate.start()
 
     run("asyncio", main)
+
+
+# ---------------------------------------------------------------------------------------
+# Unix gate: who may replace the socket, who may write to it
+
+
+NOBODY = 65534  # uid and gid of "nobody" / "nogroup" on Debian-like systems
+
+
+def send_as(uid: int, gid: int, path: str, payload: bytes, reply_to: str | None = None) -> int:
+    """Send ``payload`` to ``path`` from a forked child running as ``uid``/``gid``; its exit
+    status (0: sent)."""
+    pid = os.fork()
+    if pid == 0:  # the child: drop privileges, send one datagram, leave without cleanup
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                if reply_to is not None:
+                    s.bind(reply_to)
+                s.sendto(payload, path)
+            os._exit(0)
+        except BaseException as exc:
+            os.write(2, repr(exc).encode())
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
+
+
+@needs_root
+def test_unix_gate_refuses_a_directory_where_others_could_replace_its_socket(
+    sockdir: str,
+) -> None:
+    async def main() -> None:
+        shared = os.path.join(sockdir, "shared")
+        os.mkdir(shared)
+        os.chmod(shared, 0o777)  # like a world-writable spool directory without the sticky bit
+        path = os.path.join(shared, "gate.sock")
+        with pytest.raises(GateError, match="writable by other users"):
+            await UnixGate(Sink(), path=path).start()
+        assert not os.path.exists(path)
+        os.chown(shared, NOBODY, NOBODY)
+        os.chmod(shared, 0o755)  # not writable by us, but its owner may swap the socket
+        with pytest.raises(GateError, match="owned by uid 65534"):
+            await UnixGate(Sink(), path=path).start()
+        os.chown(shared, 0, 0)
+        os.chmod(shared, 0o1777)  # sticky, as /tmp: only the socket's owner may remove it
+        sticky = UnixGate(Sink(), path=path)
+        await sticky.start()
+        await sticky.close()
+        os.chmod(shared, 0o777)
+        opted_in = UnixGate(Sink(), path=path, allow_shared_directory=True)
+        await opted_in.start()
+        await opted_in.close()
+
+    run("asyncio", main)
+
+
+def test_unix_gate_socket_is_owner_only_or_for_its_group(sockdir: str) -> None:
+    async def main() -> None:
+        old_umask = os.umask(0)  # the gate must not depend on a careful umask
+        try:
+            private = UnixGate(Sink(), path=os.path.join(sockdir, "private.sock"))
+            await private.start()
+            grouped = UnixGate(Sink(), path=os.path.join(sockdir, "grouped.sock"), group=NOBODY)
+            await grouped.start()
+        finally:
+            os.umask(old_umask)
+        assert os.stat(private.path).st_mode & 0o777 == 0o600
+        st = os.stat(grouped.path)
+        assert (st.st_mode & 0o777, st.st_gid) == (0o660, NOBODY)
+        await private.close()
+        await grouped.close()
+        with pytest.raises(GateError, match="no group named"):
+            await UnixGate(Sink(), path=private.path, group="no-such-group-here").start()
+
+    run("asyncio", main)
+
+
+@needs_root
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_unix_gate_drops_datagrams_from_senders_not_allowed(
+    sockdir: str, loop_kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The gate's group lets nobody write to it, but only uid 0 is allowed: nobody's datagrams
+    are dropped and counted, never delivered, and never become where replies go."""
+    os.chmod(sockdir, 0o711)  # nobody may reach the socket inside
+
+    async def main() -> None:
+        sink = Sink()
+        path = os.path.join(sockdir, "gate.sock")
+        gate = UnixGate(sink, path=path, group=NOBODY, allowed_uids=(0,))
+        await gate.start()
+        try:
+            loop = asyncio.get_running_loop()
+            home = os.path.join(sockdir, "nobody")
+            os.mkdir(home, 0o700)
+            os.chown(home, NOBODY, NOBODY)
+            for i in range(3):
+                status = await loop.run_in_executor(
+                    None,
+                    send_as,
+                    NOBODY,
+                    NOBODY,
+                    path,
+                    b"intruder %d" % i,
+                    f"{home}/{i}.sock" if i else None,
+                )
+                assert (
+                    status == 0
+                )  # the kernel let it through (bound or not): the gate must drop it
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as app:
+                app.bind(os.path.join(sockdir, "app.sock"))
+                app.sendto(b"application", path)
+                await until(lambda: sink.got == [b"application"])
+                await until(lambda: gate.counters.drops.get("sender_not_allowed") == 3)
+                assert gate.deliver(b"reply")
+                app.settimeout(2)
+                assert app.recv(100) == b"reply"  # to the allowed sender, not the intruder
+        finally:
+            await gate.close()
+        assert DropReason.SENDER_NOT_ALLOWED == "sender_not_allowed"
+        refused = [
+            r.getMessage() for r in caplog.records if "gate.sender_refused" in r.getMessage()
+        ]
+        assert len(refused) == 1 and f"uid={NOBODY}" in refused[0]  # one line, not one per drop
+
+    run(loop_kind, main)

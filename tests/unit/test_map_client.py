@@ -34,6 +34,7 @@ from warp.map_client.messages import (
     encode,
 )
 from warp_map_server.registry import Registry
+from warp_map_server.validation import AddressValidator
 
 A = b"A" * 32
 B = b"B" * 32
@@ -62,6 +63,7 @@ class Net:
         self.nodes: dict[bytes, Node] = {}
         self.map_down = False
         self.sent: list[tuple[bytes, str, object]] = []  # (client, uplink, decoded request)
+        self.refused: list[Any] = []  # Delivers the map's address validation held back
 
     def add(self, key: bytes, far: bytes, uplinks: dict[str, Endpoint], seed: int = 1) -> Node:
         client = MapClient[str](far, refresh_interval=R, response_timeout=T, rng=rng(seed))
@@ -88,9 +90,22 @@ class Net:
                     self.sent.append((node.key, send.uplink, decode(send.frame)))
                     if self.map_down or node.stale:
                         continue
-                    self.registry.handle(node.key, send.frame, node.addresses[send.uplink], now)
+                    source = node.addresses[send.uplink]
+                    validator = self.registry.validator
+                    if validator is not None:  # as the map's server: 32 B of WireGuard around it
+                        validator.received(node.key, source, len(send.frame) + 32)
+                    self.registry.handle(node.key, send.frame, source, now)
             for deliver in self.registry.drain():
                 moved = True
+                validator = self.registry.validator
+                if validator is not None and not validator.may_send(
+                    deliver.peer,
+                    deliver.destination,
+                    len(deliver.plaintext) + 32,
+                    challenge=deliver.challenge,
+                ):
+                    self.refused.append(deliver)
+                    continue
                 for node in self.nodes.values():
                     if node.key != deliver.peer:
                         continue
@@ -150,6 +165,28 @@ def test_each_uplink_registers_with_its_own_packet_and_learns_its_reflexive_addr
     assert all(e.changed for e in registered)
     assert a.client.reflexive_addresses(0.0) == a.addresses
     assert a.client.all_registered(0.0)
+
+
+def test_each_uplink_proves_its_address_to_the_map_at_once_then_gets_pushes() -> None:
+    net, a, b = two_site_net(validator=AddressValidator(bytes(32)))
+    start(net, a, 0.0)
+    start(net, b, 0.0)
+    validator = net.registry.validator
+    assert validator is not None
+    for node in (a, b):
+        for address in node.addresses.values():
+            assert validator.is_validated(node.key, address)
+    registers = [(k, u, m) for k, u, m in net.sent if isinstance(m, Register)]
+    assert len(registers) == 8  # each uplink: its register, then the echo of its challenge
+    assert sum(1 for _, _, m in registers if m.challenge is not None) == 4
+    # what was held back went to addresses not yet proven, and nothing since
+    net.refused.clear()
+    b.addresses["b-lte"] = ("203.0.113.22", 2001)  # b's NAT moved one mapping
+    b.client.uplink_changed("b-lte", 0.5)
+    net.run(0.5, 1.0)
+    assert a.client.peer_endpoints[0] == ("203.0.113.22", 2001)
+    assert validator.is_validated(B, ("203.0.113.22", 2001))
+    assert all(d.destination == ("203.0.113.22", 2001) for d in net.refused)
 
 
 def test_refresh_every_interval_and_at_once_on_change() -> None:

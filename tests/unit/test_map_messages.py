@@ -36,6 +36,8 @@ EXAMPLES: list[MapMessage] = [
     Register(1, 0xDEADBEEF, KEY_B, 2**64 - 1),
     Registered(7, 3, ("203.0.113.9", 40000), 60.0, 12345),
     Registered(8, 4, ("2001:db8::1", 1), 0.25, 0),
+    Register(2, 1, KEY_B, 3, b"\x01" * 8),
+    Registered(9, 3, ("203.0.113.9", 40000), 60.0, 12345, b"\xff" * 8),
     Lookup(9, KEY_B),
     PeerEndpoints(10, KEY_B, (("198.51.100.1", 5), ("2001:db8::2", 65535)), 3, 99),
     PeerEndpoints(11, KEY_B, (), 0, 99),
@@ -110,6 +112,22 @@ def test_invalid_frames_raise_message_error(frame: bytes) -> None:
 def test_unknown_keys_are_ignored() -> None:
     frame = _raw(FrameType.MAP_LOOKUP, {"q": 1, "k": KEY_B, "future": [1, 2, 3]})
     assert decode(frame) == Lookup(1, KEY_B)
+
+
+def test_a_challenge_answer_is_never_larger_than_the_register_it_answers() -> None:
+    """The map may send an unvalidated address no more than it received from it: the
+    Registered carrying the challenge must fit in what the smallest Register brings (it is
+    padded), for the widest fields and an IPv6 reflexive address (sealed: padded to 16, plus
+    32), or the challenge could not be delivered."""
+
+    def sealed(frame: bytes) -> int:
+        return 32 + len(frame) + (-len(frame) % 16)
+
+    smallest_register = sealed(encode(Register(0, 0, KEY_B, 0)))
+    largest_answer = sealed(
+        encode(Registered(2**32 - 1, 2**32 - 1, ("ffff::ffff", 65535), 4e6, 2**64 - 1, bytes(8)))
+    )
+    assert largest_answer <= smallest_register
 
 
 def test_encode_refuses_what_decode_would_refuse() -> None:

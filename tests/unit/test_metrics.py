@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import socket
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -271,3 +272,49 @@ def test_gateway_exporter_refreshes_on_the_loop() -> None:
     first, later = asyncio.run(main())
     assert first >= 1
     assert later > first
+
+
+def http_exchange(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        received = b""
+        while chunk := s.recv(65536):
+            received += chunk
+        return received
+
+
+def test_bad_requests_get_an_http_error_and_the_endpoint_keeps_serving() -> None:
+    cache = SnapshotCache()
+    cache.update(SNAPSHOT)
+    server = start_metrics_server("127.0.0.1", 0, cache)
+    try:
+        for request, status in (
+            (b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n", b"405"),
+            (b"GET /admin HTTP/1.1\r\n\r\n", b"404"),
+            (b"\x16\x03\x01 not http\r\n\r\n", b"400"),
+            (b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n", b"431"),
+        ):
+            assert http_exchange(server.port, request).split(b" ", 2)[1] == status
+        head = http_exchange(server.port, b"HEAD /metrics HTTP/1.1\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"\r\n\r\n")
+        assert value(scrape(server.url)["warp_up"], "warp_up") == 1
+        assert server.rejected["bad_method"] == 1 and server.rejected["head_too_long"] == 1
+    finally:
+        server.close()
+
+
+def test_idle_connections_cannot_lock_a_scraper_out() -> None:
+    cache = SnapshotCache()
+    cache.update(SNAPSHOT)
+    server = start_metrics_server("127.0.0.1", 0, cache, max_connections=4, header_timeout=30)
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(4)]
+    try:
+        for _ in range(3):  # the first takes the slot of the oldest idle connection
+            assert value(scrape(server.url)["warp_up"], "warp_up") == 1
+        assert server.rejected["evicted_idle"] == 1
+        idle[0].settimeout(5)
+        assert idle[0].recv(10) == b""  # the oldest was closed to make room
+    finally:
+        for s in idle:
+            s.close()
+        server.close()

@@ -13,6 +13,7 @@ import socket
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -313,6 +314,89 @@ def test_server_errors_are_replies_not_crashes(sockdir: str) -> None:
         assert replies[2] == {"error": "unknown command 'nope'; known: status"}
         assert replies[3] == SNAPSHOT  # several requests on one connection
         assert query_status(path) == SNAPSHOT
+
+
+def exchange(path: str, request: bytes, *, timeout: float = 5.0) -> tuple[bytes, bool]:
+    """Send ``request`` (from a thread: the server may stop reading) and read everything until
+    the server closes; (what came back, whether the server closed within ``timeout``)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.settimeout(timeout)
+        c.connect(path)
+
+        def send() -> None:
+            with contextlib.suppress(OSError):
+                c.sendall(request)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        received = b""
+        closed = False
+        with contextlib.suppress(TimeoutError):
+            try:
+                while chunk := c.recv(1 << 16):
+                    received += chunk
+            except ConnectionResetError:
+                pass  # closed with our request unread: a close all the same
+            closed = True
+        with contextlib.suppress(OSError):
+            c.shutdown(socket.SHUT_RDWR)
+        sender.join(timeout)
+        return received, closed
+
+
+def test_hostile_requests_get_an_error_line_and_are_closed_without_a_traceback(
+    sockdir: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = os.path.join(sockdir, "warp.sock")
+    deep = b"[" * 10_000 + b"]" * 10_000 + b"\n"
+    deep_object = b'{"a":' * 10_000 + b"1" + b"}" * 10_000 + b"\n"
+    huge = b'{"cmd": "' + b"x" * (16 << 20) + b'"}\n'
+    with serve(path):
+        for request, expected in (
+            (deep, "nested deeper"),
+            (deep_object, "nested deeper"),
+            (huge, "too long"),
+        ):
+            received, closed = exchange(path, request)
+            assert closed  # the connection does not stay open for more
+            (line,) = received.splitlines()
+            assert expected in json.loads(line)["error"]
+        assert query_status(path) == SNAPSHOT  # and the gateway keeps serving
+    assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
+    rejected = [r.getMessage() for r in caplog.records if "control.rejected" in r.getMessage()]
+    assert any("reason=too_deep" in m for m in rejected)
+    assert any("reason=too_long" in m for m in rejected)
+
+
+def test_a_slow_client_gets_an_error_and_is_closed(sockdir: str) -> None:
+    path = os.path.join(sockdir, "warp.sock")
+    with ServerThread(ControlServer(path, lambda: SNAPSHOT, request_timeout=0.3)):
+        t0 = time.monotonic()
+        received, closed = exchange(path, b'{"cmd": "sta')  # and nothing more, ever
+        assert closed and time.monotonic() - t0 < 2.0
+        assert "no request line within 0.3 s" in json.loads(received)["error"]
+
+
+def test_connections_beyond_the_cap_are_refused_with_an_error(sockdir: str) -> None:
+    path = os.path.join(sockdir, "warp.sock")
+    with ServerThread(ControlServer(path, lambda: SNAPSHOT, max_connections=4)) as thread:
+        idle = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(4)]
+        for c in idle:
+            c.connect(path)
+        deadline = time.monotonic() + 5
+        while len(thread.server._connections) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        received, closed = exchange(path, b'{"cmd": "status"}\n')
+        assert closed
+        assert json.loads(received) == {"error": "busy: 4 connections open"}
+        idle.pop().close()
+        deadline = time.monotonic() + 5
+        while len(thread.server._connections) > 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert query_status(path) == SNAPSHOT
+        assert thread.server.rejected["busy"] == 1
+        for c in idle:
+            c.close()
 
 
 def test_server_socket_file_dir_modes_and_cleanup(sockdir: str) -> None:

@@ -30,7 +30,7 @@ import socket
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "READ_BATCH",
@@ -70,6 +70,8 @@ class DropReason:
     CALLBACK_ERROR = "callback_error"
     #: deliver() called on a gate that is not started or already closed
     CLOSED = "closed"
+    #: a Unix gate datagram whose sender's uid/gid is not in allowed_uids/allowed_gids
+    SENDER_NOT_ALLOWED = "sender_not_allowed"
 
 
 @dataclass(slots=True)
@@ -239,6 +241,10 @@ class DatagramSocketGate:
     def _cleanup(self) -> None:
         """Called once on close, after the socket is closed."""
 
+    def _receiver(self, sock: socket.socket) -> Callable[[int], tuple[bytes, Any]]:
+        """What reads one datagram: ``recvfrom`` unless a gate filters its senders."""
+        return sock.recvfrom
+
     @property
     def address(self) -> str:
         raise NotImplementedError
@@ -294,7 +300,7 @@ class DatagramSocketGate:
         sock = self._sock
         if sock is None:
             return
-        recvfrom = sock.recvfrom
+        recvfrom = self._receiver(sock)
         size = self._recv_size
         limit = self._max_datagram
         counters = self.counters

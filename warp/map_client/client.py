@@ -18,6 +18,8 @@ Behaviour:
   quarter of the refresh interval) and re-registers every
   uplink at once: this is how it recovers from a map restart, which loses all sessions;
 * a map whose boot id changed (it restarted) gets every uplink re-registered at once;
+* a Registered carrying a challenge (the map has not validated that uplink's address yet) gets
+  the uplink registered again at once with the challenge echoed (once per challenge);
 * ``stop`` deregisters everything and reports :class:`Stopped` when the map confirmed or the
   attempts ran out.
 """
@@ -168,6 +170,7 @@ class _Uplink(Generic[U]):
     next_register: float = 0.0
     register_request: int | None = None
     last_reply: float | None = None
+    echoed_challenge: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -451,6 +454,14 @@ class MapClient(Generic[U]):
         state.next_register = now + self._refresh_period()
         self._events.append(UplinkRegistered(state.id, message.reflexive, message.ttl, changed))
         self._note_boot(message.boot, now)
+        if message.challenge is None:
+            state.echoed_challenge = None  # validated
+        elif message.challenge != state.echoed_challenge and state.register_request is None:
+            # Prove to the map that this uplink receives at its address (return routability):
+            # until then the map sends it no pushes and no relayed payloads. A challenge that
+            # comes back after being echoed is not echoed again (no loop with a confused map).
+            state.echoed_challenge = message.challenge
+            self._register(state, now, challenge=message.challenge)
 
     def _on_peer_endpoints(self, message: PeerEndpoints, now: float) -> None:
         pending = self._pending.get(message.request_id)
@@ -520,10 +531,10 @@ class MapClient(Generic[U]):
             return self.refresh_interval
         return min(self.refresh_interval, self._ttl / 2)
 
-    def _register(self, state: _Uplink[U], now: float) -> None:
+    def _register(self, state: _Uplink[U], now: float, challenge: bytes | None = None) -> None:
         request_id = self._new_request_id()
         state.register_request = request_id
-        message = Register(request_id, state.tag, self.far_gate, self.instance)
+        message = Register(request_id, state.tag, self.far_gate, self.instance, challenge)
         self._request("register", request_id, message, state.id, now)
 
     def _request(

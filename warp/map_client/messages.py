@@ -20,8 +20,11 @@ by the client and echoed in the answer.
 =========================  =====  ==============================================================
 message                    type   body
 =========================  =====  ==============================================================
-Register                   0x10   q, u (uplink tag u32), f (far-gate key), i (instance id u64)
-Registered                 0x11   q, u, a (reflexive endpoint), t (TTL, milliseconds), b
+Register                   0x10   q, u (uplink tag u32), f (far-gate key), i (instance id u64),
+                                  c (optional: the challenge of a Registered, echoed),
+                                  x (optional: zero padding to REGISTER_MIN_FRAME bytes)
+Registered                 0x11   q, u, a (reflexive endpoint), t (TTL, milliseconds), b,
+                                  c (optional: 8-byte challenge, see below)
 Lookup                     0x12   q, k (key looked up)
 PeerEndpoints              0x13   q, k, e (array of endpoints), v (version u64), b (map boot id)
 Push                       0x14   k, e, v, b (unsolicited PeerEndpoints)
@@ -34,6 +37,14 @@ Error                      0x18   q (optional), c (:class:`ErrorCode`), m (text,
 
 ``v`` is the version of a client's endpoint set at the map: it grows by one at every change.
 ``b`` is a random id the map draws at start; versions compare only under the same ``b``.
+
+``c`` is the map's return-routability check: a Registered answering a Register from an address
+the map has not validated for that client carries a challenge; the client proves it receives at
+that address by registering that uplink again at once with ``c`` echoed. Until then the map sends
+that address nothing but answers no larger than what it received from it (no pushes, no relayed
+payloads), so a client cannot point the map at a bystander by spoofing its source address.
+A Register is padded (``x``) to ``REGISTER_MIN_FRAME`` bytes so that the answer carrying the
+challenge always fits in it (as QUIC pads its Initial), whatever the field values and address.
 
 :func:`decode` is the one parsing boundary: whatever the bytes, it returns a message or raises
 :class:`MessageError`, never anything else.
@@ -61,6 +72,9 @@ MAX_BODY = 0xFFFF
 MAX_ENDPOINTS = 64
 MAX_RELAY_PAYLOAD = 9216
 MAX_ERROR_TEXT = 200
+CHALLENGE_LENGTH = 8
+#: the largest Registered with a challenge (IPv6, every integer at its widest) is 72 bytes
+REGISTER_MIN_FRAME = 80
 U32 = 0xFFFF_FFFF
 U64 = 0xFFFF_FFFF_FFFF_FFFF
 
@@ -98,6 +112,7 @@ class Register:
     uplink: int
     far_gate: bytes
     instance: int
+    challenge: bytes | None = None  # echoed from a Registered
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +122,7 @@ class Registered:
     reflexive: Endpoint
     ttl: float  # seconds (milliseconds on the wire)
     boot: int
+    challenge: bytes | None = None  # the address is not validated yet: echo this
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,22 +200,24 @@ def _endpoints_out(endpoints: tuple[Endpoint, ...]) -> list[Any]:
 
 
 def _body(message: MapMessage) -> tuple[FrameType, dict[str, Any]]:
+    body: dict[str, Any]
     match message:
-        case Register(request_id, uplink, far_gate, instance):
-            return FrameType.MAP_REGISTER, {
-                "q": request_id,
-                "u": uplink,
-                "f": far_gate,
-                "i": instance,
-            }
-        case Registered(request_id, uplink, reflexive, ttl, boot):
-            return FrameType.MAP_REGISTERED, {
+        case Register(request_id, uplink, far_gate, instance, challenge):
+            body = {"q": request_id, "u": uplink, "f": far_gate, "i": instance}
+            if challenge is not None:
+                body["c"] = challenge
+            return FrameType.MAP_REGISTER, body
+        case Registered(request_id, uplink, reflexive, ttl, boot, challenge):
+            body = {
                 "q": request_id,
                 "u": uplink,
                 "a": _endpoint_out(reflexive),
                 "t": round(ttl * 1000),
                 "b": boot,
             }
+            if challenge is not None:
+                body["c"] = challenge
+            return FrameType.MAP_REGISTERED, body
         case Lookup(request_id, key):
             return FrameType.MAP_LOOKUP, {"q": request_id, "k": key}
         case PeerEndpoints(request_id, key, endpoints, version, boot):
@@ -218,7 +236,7 @@ def _body(message: MapMessage) -> tuple[FrameType, dict[str, Any]]:
                 "b": boot,
             }
         case Deregister(request_id, uplink):
-            body: dict[str, Any] = {"q": request_id}
+            body = {"q": request_id}
             if uplink is not None:
                 body["u"] = uplink
             return FrameType.MAP_DEREGISTER, body
@@ -238,6 +256,10 @@ def encode(message: MapMessage) -> bytes:
     """The frame (type, length, msgpack body) for ``message``; validates what it writes."""
     frame_type, body = _body(message)
     packed = msgpack.packb(body, use_bin_type=True)
+    if frame_type == FrameType.MAP_REGISTER and HEADER_SIZE + len(packed) < REGISTER_MIN_FRAME:
+        # "x" and a bin8 header add 4 bytes to the body
+        body["x"] = bytes(max(0, REGISTER_MIN_FRAME - HEADER_SIZE - len(packed) - 4))
+        packed = msgpack.packb(body, use_bin_type=True)
     if len(packed) > MAX_BODY:
         raise MessageError(f"body of {len(packed)} bytes is over {MAX_BODY}")
     frame = HEADER.pack(int(frame_type), len(packed)) + packed
@@ -260,6 +282,15 @@ def _key(body: Mapping[str, Any], name: str) -> bytes:
     value = body.get(name)
     if type(value) is not bytes or len(value) != KEY_LENGTH:
         raise MessageError(f"field {name!r} must be a {KEY_LENGTH}-byte key")
+    return value
+
+
+def _challenge(body: Mapping[str, Any]) -> bytes | None:
+    if "c" not in body:
+        return None
+    value = body["c"]
+    if type(value) is not bytes or len(value) != CHALLENGE_LENGTH:
+        raise MessageError(f"field 'c' must be {CHALLENGE_LENGTH} bytes")
     return value
 
 
@@ -321,7 +352,11 @@ def decode(frame: bytes) -> MapMessage:
     frame_type, body = _unpack(frame)
     if frame_type == FrameType.MAP_REGISTER:
         return Register(
-            _int(body, "q", U32), _int(body, "u", U32), _key(body, "f"), _int(body, "i", U64)
+            _int(body, "q", U32),
+            _int(body, "u", U32),
+            _key(body, "f"),
+            _int(body, "i", U64),
+            _challenge(body),
         )
     if frame_type == FrameType.MAP_REGISTERED:
         return Registered(
@@ -330,6 +365,7 @@ def decode(frame: bytes) -> MapMessage:
             _endpoint_in(body.get("a")),
             _int(body, "t", U32) / 1000,
             _int(body, "b", U64),
+            _challenge(body),
         )
     if frame_type == FrameType.MAP_LOOKUP:
         return Lookup(_int(body, "q", U32), _key(body, "k"))
