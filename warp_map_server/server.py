@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from warp.config import MapServerConfig
@@ -35,6 +35,7 @@ from warp.wireguard import (
     UnknownPeerAccepted,
 )
 from warp.wireguard.constants import REJECT_AFTER_TIME
+from warp_map_server.cluster import ClusterInput, ClusterLink, RelayIn
 from warp_map_server.registry import Registry, log_event, normalize, short
 
 log = logging.getLogger("warp_map_server")
@@ -94,6 +95,13 @@ class MapServer:
             max_registrations=limits.max_registrations,
             requests_per_second=limits.requests_per_second,
             boot_id=int.from_bytes(rng(8), "big"),
+            clustered=config.cluster is not None,
+        )
+        #: shared state with the other instances of a map cluster (``[cluster]``), else None
+        self.cluster: ClusterLink | None = (
+            ClusterLink(config.cluster, self.registry.boot_id, self._from_cluster, self._cluster_up)
+            if config.cluster is not None
+            else None
         )
         self.stats_interval = stats_interval
         #: peer key -> time of its last authenticated packet, least recent first
@@ -143,6 +151,8 @@ class MapServer:
             relay=self.config.relay.enabled,
             rcvbuf=receive_buffer,
         )
+        if self.cluster is not None:
+            self.cluster.start()
         self._rearm()
         return self.address
 
@@ -155,6 +165,8 @@ class MapServer:
             self.close()
 
     def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.close()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -234,6 +246,32 @@ class MapServer:
                 continue
             self._send(sealed, deliver.destination)
         self._flush_device()
+        if self.cluster is not None:
+            self.cluster.submit(self.registry.drain_cluster())
+
+    # ------------------------------------------------------------------------ cluster
+
+    def _from_cluster(self, items: Sequence[ClusterInput]) -> None:
+        """Records and relays from the other instances (through Valkey)."""
+        if self._loop is None:
+            return
+        now = self._now = self._loop.time()
+        for item in items:
+            if isinstance(item, RelayIn):
+                self.registry.relay_from_cluster(item.sender, item.target, item.payload, now)
+            else:
+                self.registry.remote_update(item, now)
+        self._flush(now)
+        self._rearm()
+
+    def _cluster_up(self) -> None:
+        """Valkey is (back) up: what we hold may be missing there; announce it again."""
+        if self._loop is None:
+            return
+        now = self._now = self._loop.time()
+        self.registry.announce_all(now)
+        self._flush(now)
+        self._rearm()
 
     def _device_events(self) -> None:
         for event in self.device.drain_events():
@@ -341,6 +379,8 @@ class MapServer:
         out["under_load"] = int(self.device.under_load(now))
         out.update({f"wireguard.{k}": v for k, v in self.device.counters.items()})
         out.update({f"wireguard.rejected.{k}": v for k, v in self.device.rejected.items()})
+        if self.cluster is not None:
+            out.update(self.cluster.stats())
         return out
 
     def log_stats(self) -> None:
