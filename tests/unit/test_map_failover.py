@@ -1,0 +1,183 @@
+"""Map cluster, sans-I/O in virtual time: two Registry instances joined as the Valkey link joins
+them (announces to the other's mirror, forwards to the owner), MapClients that fail over.
+
+The WireGuard layer is left out (as in test_map_client): a MapSend reaches the registry of the
+instance the client currently uses, as if authenticated, from that uplink's address, unless
+that instance is down.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from warp.config import validate_gateway_config
+from warp.keys import encode_key, generate_private_key, public_key_of
+from warp.map_client.client import MapClient, MapSwitched, UplinkRegistered
+from warp.map_client.messages import Endpoint, Relay, encode
+from warp_map_server.registry import Announce, Forward, Registry
+
+A, B, C = b"A" * 32, b"B" * 32, b"C" * 32
+R = 10.0  # refresh interval: failover must not wait for it
+T = 0.3  # response timeout (the gateway's)
+STEP = 0.01
+
+
+def rng(seed: int) -> Any:
+    return random.Random(seed).randbytes
+
+
+class Cluster:
+    """Instances 0..n-1, the clients attached to them, a virtual clock."""
+
+    def __init__(self, instances: int = 2) -> None:
+        self.maps = [
+            Registry(registration_ttl=30.0, boot_id=100 + i, clustered=True)
+            for i in range(instances)
+        ]
+        self.down: set[int] = set()
+        self.clients: dict[bytes, tuple[MapClient[str], Endpoint, list[object]]] = {}
+        self.now = 0.0
+
+    def add(self, key: bytes, far: bytes, address: Endpoint, start_at: int) -> MapClient[str]:
+        client = MapClient[str](
+            far, refresh_interval=R, response_timeout=T, map_count=len(self.maps), rng=rng(7)
+        )
+        client.map_index = start_at
+        self.clients[key] = (client, address, [])
+        client.add_uplink("u", self.now)
+        self.pump()
+        return client
+
+    def pump(self) -> None:
+        for _ in range(20):
+            moved = False
+            for key, (client, address, events) in self.clients.items():
+                events.extend(client.drain_events())
+                for send in client.drain_outgoing():
+                    moved = True
+                    if client.map_index not in self.down:
+                        self.maps[client.map_index].handle(key, send.frame, address, self.now)
+            for index, registry in enumerate(self.maps):
+                for output in registry.drain_cluster():
+                    moved = True
+                    if index in self.down:
+                        continue
+                    for other_index, other in enumerate(self.maps):
+                        if other_index == index or other_index in self.down:
+                            continue
+                        if isinstance(output, Announce):
+                            other.remote_update(output.record, self.now)
+                        elif isinstance(output, Forward) and output.owner == other.boot_id:
+                            other.relay_from_cluster(
+                                output.sender, output.target, output.payload, self.now
+                            )
+                for deliver in registry.drain():
+                    moved = True
+                    if index in self.down:
+                        continue
+                    for key, (client, address, _) in self.clients.items():
+                        if key == deliver.peer and address == deliver.destination:
+                            client.receive(deliver.plaintext, "u", self.now)
+            if not moved:
+                return
+
+    def run_until(self, until: float) -> None:
+        while self.now < until:
+            self.now = round(self.now + STEP, 6)
+            for client, _, _ in self.clients.values():
+                client.tick(self.now)
+            for index, registry in enumerate(self.maps):
+                if index not in self.down:
+                    registry.tick(self.now)
+            self.pump()
+
+    def events(self, key: bytes) -> list[object]:
+        return self.clients[key][2]
+
+
+def test_clients_on_two_instances_see_each_other_at_once() -> None:
+    cluster = Cluster()
+    a = cluster.add(A, B, ("198.51.100.1", 4000), start_at=0)
+    b = cluster.add(B, A, ("203.0.113.2", 5000), start_at=1)
+    cluster.run_until(0.05)
+    assert a.peer_endpoints == (("203.0.113.2", 5000),)
+    assert b.peer_endpoints == (("198.51.100.1", 4000),)
+    # each holds its own client and mirrors the other's
+    assert set(cluster.maps[0].clients) == {A} and set(cluster.maps[0].remote) == {B}
+    assert set(cluster.maps[1].clients) == {B} and set(cluster.maps[1].remote) == {A}
+
+
+def test_instance_killed_client_re_registers_on_the_next_within_two_seconds() -> None:
+    cluster = Cluster()
+    a = cluster.add(A, B, ("198.51.100.1", 4000), start_at=0)
+    b = cluster.add(B, A, ("203.0.113.2", 5000), start_at=1)
+    cluster.run_until(3.0)
+    killed_at = cluster.now
+    cluster.down.add(0)
+    cluster.maps[0] = Registry(boot_id=999, clustered=True)  # whatever it held is gone
+    registered_on_1 = None
+    while cluster.now < killed_at + 5.0 and registered_on_1 is None:
+        cluster.run_until(cluster.now + STEP)
+        if A in cluster.maps[1].clients:
+            registered_on_1 = cluster.now
+    assert registered_on_1 is not None and registered_on_1 - killed_at <= 2.0
+    switches = [e for e in cluster.events(A) if isinstance(e, MapSwitched)]
+    assert [(s.previous, s.index) for s in switches] == [(0, 1)]
+    assert isinstance(cluster.events(A)[-1], UplinkRegistered)
+    assert a.map_index == 1
+    # the far gate's view never went empty: A's record moved, it did not lapse
+    assert b.peer_endpoints == (("198.51.100.1", 4000),)
+    cluster.run_until(cluster.now + 3.0)
+    assert a.peer_endpoints == (("203.0.113.2", 5000),)
+    assert a.stats.failovers == 1  # it stays on the instance that answers
+
+
+def test_one_instance_does_not_fail_over_or_probe_often() -> None:
+    cluster = Cluster(instances=1)
+    a = cluster.add(A, B, ("198.51.100.1", 4000), start_at=0)
+    cluster.run_until(5.0)
+    # a single map: lookups at the refresh interval only (no 0.5 s liveness lookups)
+    assert cluster.maps[0].counters["requests.lookup"] == 1
+    cluster.down.add(0)
+    cluster.run_until(8.0)
+    assert not any(isinstance(e, MapSwitched) for e in cluster.events(A))
+    assert a.map_index == 0
+
+
+def test_relay_across_instances_respects_policy_and_rate() -> None:
+    cluster = Cluster()
+    cluster.add(A, B, ("198.51.100.1", 4000), start_at=0)
+    cluster.add(B, A, ("203.0.113.2", 5000), start_at=1)
+    cluster.add(C, C, ("192.0.2.3", 6000), start_at=1)  # names nobody: unreachable by A
+    cluster.run_until(0.1)
+    a_client = cluster.clients[A][0]
+    for i in range(5):
+        assert a_client.relay(b"\x7fpayload" + bytes([i]), cluster.now)
+    # a relay to C by hand (A's client only relays to its far gate)
+    cluster.maps[0].handle(A, encode(Relay(C, b"\x7fjunk")), ("198.51.100.1", 4000), cluster.now)
+    cluster.pump()
+    relayed_b = [e for e in cluster.events(B) if type(e).__name__ == "RelayReceived"]
+    relayed_c = [e for e in cluster.events(C) if type(e).__name__ == "RelayReceived"]
+    assert [e.payload for e in relayed_b] == [b"\x7fpayload" + bytes([i]) for i in range(5)]
+    assert relayed_c == []
+    assert cluster.maps[0].counters["relay.refused"] == 1
+    # a forward naming a target the other instance does not hold is dropped and counted there
+    cluster.maps[1].relay_from_cluster(A, b"Z" * 32, b"\x7fx", cluster.now)
+    assert cluster.maps[1].counters["cluster.relay_no_target"] == 1
+
+
+def test_map_address_accepts_a_list() -> None:
+    map_key, peer = (encode_key(public_key_of(generate_private_key())) for _ in range(2))
+    data = {
+        "private_key": encode_key(generate_private_key()),
+        "warp_map": {"address": ["map1.example.net:13116", "[2001:db8::1]:13116"]},
+        "far_gate": {"public_key": peer},
+        "tunnels": {"t": {"gate": {"application_to_gate": 59401}}},
+    }
+    data["warp_map"]["public_key"] = map_key  # type: ignore[index]
+    config = validate_gateway_config(data)
+    assert [str(a) for a in config.warp_map.addresses] == [
+        "map1.example.net:13116",
+        "[2001:db8::1]:13116",
+    ]
