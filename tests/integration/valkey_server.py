@@ -116,8 +116,9 @@ class ValkeyServer:
                 [*self.prefix, cli, "-h", self.host, "-p", str(self.port), *args],
                 capture_output=True,
                 timeout=5,
-                check=True,
             )
+            if out.returncode != 0:
+                raise RuntimeError(out.stderr.decode() or out.stdout.decode())
             return out.stdout.decode().strip()
         with socket.create_connection((self.host, self.port), timeout=2) as conn:
             request = f"*{len(args)}\r\n" + "".join(f"${len(a)}\r\n{a}\r\n" for a in args)
