@@ -156,14 +156,16 @@ class ClusterLink:
 
     ``deliver`` gets what other instances sent (records, relays); ``on_up`` is called each time
     the link (re)connects, after the records were loaded, so that the map announces its own
-    clients again."""
+    clients again; ``on_down`` when it is lost (or cannot be made at start)."""
 
     def __init__(
         self,
         config: ClusterConfig,
         instance: int,
         deliver: Callable[[Sequence[ClusterInput]], None],
+        *,
         on_up: Callable[[], None],
+        on_down: Callable[[], None],
     ) -> None:
         self.url = redis_url(config.url)
         self.prefix = config.key_prefix
@@ -172,6 +174,7 @@ class ClusterLink:
         self.own_channel = self.channel_of(instance)
         self._deliver = deliver
         self._on_up = on_up
+        self._on_down = on_down
         self.up = False
         self.counters: Counter[str] = Counter()
         self._pending: deque[ClusterOutput] = deque()
@@ -248,6 +251,8 @@ class ClusterLink:
                     group.create_task(self._write(client))
             except Exception as exc:  # connection errors arrive in several types and in groups
                 error = _describe(exc)
+                if self.up or self.counters["cluster.failures"] == 0:
+                    self._on_down()
                 if self.up or error != self._last_error:
                     log_event(
                         log,

@@ -237,6 +237,9 @@ class Registry:
         self.remote: dict[bytes, RemoteClient] = {}
         self._remote_expiry: list[tuple[float, bytes]] = []
         self._cluster_outbox: list[ClusterOutput] = []
+        #: the cluster store is unreachable: mirrored clients are kept, not expired (their
+        #: instances cannot refresh them meanwhile)
+        self.cluster_down = False
 
     # ---------------------------------------------------------------------------- outputs
 
@@ -250,7 +253,9 @@ class Registry:
         return out
 
     def next_deadline(self) -> float | None:
-        candidates = [heap[0][0] for heap in (self._expiry, self._remote_expiry) if heap]
+        candidates = [self._expiry[0][0]] if self._expiry else []
+        if self._remote_expiry:
+            candidates.append(self._remote_expiry[0][0])
         return min(candidates) if candidates else None
 
     @property
@@ -349,7 +354,7 @@ class Registry:
             self._changed(client, now, grew=False)
             if not client.registrations:
                 self._remove_client(key)
-        while self._remote_expiry and self._remote_expiry[0][0] <= now:
+        while self._remote_expiry and self._remote_expiry[0][0] <= now and not self.cluster_down:
             expires_at, key = heapq.heappop(self._remote_expiry)
             remote = self.remote.get(key)
             if remote is None or remote.expires_at != expires_at:
@@ -659,8 +664,19 @@ class Registry:
         ):
             self._push_to_watchers(record.key, endpoints, record.version, now)
 
-    def announce_all(self, now: float) -> None:
-        """Announce every local client again (the cluster store came back, maybe empty)."""
+    def cluster_lost(self) -> None:
+        """The cluster store is unreachable: serve what we hold, mirrored clients included."""
+        self.cluster_down = True
+
+    def cluster_back(self, now: float) -> None:
+        """The cluster store is back (maybe empty, after its restart): announce every local
+        client again, and give every mirrored one a full TTL to be announced by its instance
+        (one that died meanwhile is forgotten then)."""
+        self.cluster_down = False
+        for remote in self.remote.values():
+            remote.expires_at = max(remote.expires_at, now + self.ttl)
+        self._remote_expiry = [(r.expires_at, r.key) for r in self.remote.values()]
+        heapq.heapify(self._remote_expiry)
         for client in self.clients.values():
             if client.registrations:
                 self._announce(client, now)

@@ -99,7 +99,13 @@ class MapServer:
         )
         #: shared state with the other instances of a map cluster (``[cluster]``), else None
         self.cluster: ClusterLink | None = (
-            ClusterLink(config.cluster, self.registry.boot_id, self._from_cluster, self._cluster_up)
+            ClusterLink(
+                config.cluster,
+                self.registry.boot_id,
+                self._from_cluster,
+                on_up=self._cluster_up,
+                on_down=self.registry.cluster_lost,
+            )
             if config.cluster is not None
             else None
         )
@@ -269,7 +275,7 @@ class MapServer:
         if self._loop is None:
             return
         now = self._now = self._loop.time()
-        self.registry.announce_all(now)
+        self.registry.cluster_back(now)
         self._flush(now)
         self._rearm()
 

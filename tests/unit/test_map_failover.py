@@ -36,6 +36,7 @@ class Cluster:
             for i in range(instances)
         ]
         self.down: set[int] = set()
+        self.store_down = False  # Valkey unreachable: announces and forwards are lost
         self.clients: dict[bytes, tuple[MapClient[str], Endpoint, list[object]]] = {}
         self.now = 0.0
 
@@ -61,7 +62,7 @@ class Cluster:
             for index, registry in enumerate(self.maps):
                 for output in registry.drain_cluster():
                     moved = True
-                    if index in self.down:
+                    if index in self.down or self.store_down:
                         continue
                     for other_index, other in enumerate(self.maps):
                         if other_index == index or other_index in self.down:
@@ -181,3 +182,31 @@ def test_map_address_accepts_a_list() -> None:
         "map1.example.net:13116",
         "[2001:db8::1]:13116",
     ]
+
+
+def test_cluster_store_down_keeps_mirrored_clients_then_forgets_the_dead() -> None:
+    """Valkey down for longer than the TTL: each instance keeps serving the other's clients
+    (their instances cannot refresh them meanwhile); back up, a client whose instance is gone
+    lapses after one TTL, one whose instance re-announces stays."""
+    cluster = Cluster(instances=3)
+    ttl = cluster.maps[0].ttl
+    cluster.add(A, B, ("198.51.100.1", 4000), start_at=0)
+    b = cluster.add(B, A, ("203.0.113.2", 5000), start_at=1)
+    cluster.add(C, C, ("192.0.2.3", 6000), start_at=2)
+    cluster.run_until(0.1)
+    cluster.store_down = True
+    for registry in cluster.maps:
+        registry.cluster_lost()
+    cluster.run_until(ttl * 1.5)
+    assert set(cluster.maps[1].remote) == {A, C}
+    assert b.peer_endpoints == (("198.51.100.1", 4000),)
+    # the store is back; instance 2 (C's) died meanwhile
+    cluster.store_down = False
+    cluster.down.add(2)
+    del cluster.clients[C]
+    for index in (0, 1):
+        cluster.maps[index].cluster_back(cluster.now)
+    cluster.pump()
+    cluster.run_until(cluster.now + ttl + 1.0)
+    assert set(cluster.maps[1].remote) == {A}
+    assert b.peer_endpoints == (("198.51.100.1", 4000),)
