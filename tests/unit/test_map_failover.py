@@ -210,3 +210,12 @@ def test_cluster_store_down_keeps_mirrored_clients_then_forgets_the_dead() -> No
     cluster.run_until(cluster.now + ttl + 1.0)
     assert set(cluster.maps[1].remote) == {A}
     assert b.peer_endpoints == (("198.51.100.1", 4000),)
+
+
+def test_cluster_example_config_loads() -> None:
+    from pathlib import Path
+
+    from warp.config import load_map_config
+
+    config = load_map_config(Path(__file__).parents[2] / "configs" / "warp-map-cluster.toml")
+    assert config.cluster is not None and config.cluster.url.startswith("valkey://")
