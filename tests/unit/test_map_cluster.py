@@ -8,14 +8,26 @@ that instance is down.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
 
 from warp.config import validate_gateway_config
 from warp.keys import encode_key, generate_private_key, public_key_of
 from warp.map_client.client import MapClient, MapSwitched, UplinkRegistered
 from warp.map_client.messages import Endpoint, Relay, encode
-from warp_map_server.registry import Announce, Forward, Registry
+from warp_map_server.cluster import (
+    ClusterMessageError,
+    RelayIn,
+    decode,
+    encode_forward,
+    encode_record,
+    redis_url,
+)
+from warp_map_server.registry import Announce, ClientRecord, Forward, Registry
 
 A, B, C = b"A" * 32, b"B" * 32, b"C" * 32
 R = 10.0  # refresh interval: failover must not wait for it
@@ -219,3 +231,37 @@ def test_cluster_example_config_loads() -> None:
 
     config = load_map_config(Path(__file__).parents[2] / "configs" / "warp-map-cluster.toml")
     assert config.cluster is not None and config.cluster.url.startswith("valkey://")
+
+
+def test_cluster_codec_round_trip() -> None:
+    record = ClientRecord(A, B, (("198.51.100.1", 4000), ("2001:db8::7", 5)), 42, 9, 12.5)
+    assert decode(encode_record(record)) == record
+    forward = Forward(9, A, B, b"\x04sealed")
+    assert decode(encode_forward(forward)) == RelayIn(A, B, b"\x04sealed")
+    assert redis_url("valkey://h:6379/0") == "redis://h:6379/0"
+    assert redis_url("valkeys://u:p@h/1") == "rediss://u:p@h/1"
+
+
+@given(st.binary(max_size=300))
+def test_cluster_decode_of_garbage_raises_only_its_own_error(data: bytes) -> None:
+    with contextlib.suppress(ClusterMessageError):
+        decode(data)
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.text(max_size=3),
+            st.binary(max_size=40),
+            st.integers(min_value=-(2**63), max_value=2**64 - 1),
+            st.lists(st.one_of(st.binary(max_size=17), st.integers(0, 70000)), max_size=3),
+        ),
+        max_size=8,
+    )
+)
+def test_cluster_decode_of_wrong_shapes_raises_only_its_own_error(items: list[object]) -> None:
+    import msgpack
+
+    for head in ("r", "f"):
+        with contextlib.suppress(ClusterMessageError):
+            decode(msgpack.packb([head, *items]))
