@@ -8,6 +8,9 @@ forwards in. What lives in Valkey (``prefix`` = ``cluster.key_prefix``):
 * ``{prefix}c:{client key hex}``: the client's :class:`ClientRecord` (msgpack), expiring with
   its registrations (``PX``): far gate, endpoints, version, owning instance. Public keys and
   addresses only; no secrets.
+* ``{prefix}index``: a sorted set of those keys by expiry time, so that a record is written
+  only while the cluster holds fewer than ``max_clients`` (checked and written in one script,
+  atomically): however many instances race, Valkey never holds more than the cap.
 * channel ``{prefix}events``: every announce, for the other instances' mirrors and pushes.
 * channel ``{prefix}i:{instance id hex}``: relayed payloads for the clients of that instance.
 
@@ -45,6 +48,23 @@ COMMAND_TIMEOUT = 2.0
 RETRY_MIN, RETRY_MAX = 0.2, 5.0
 SCAN_COUNT = 1000
 MAX_MESSAGE = MAX_RELAY_PAYLOAD + 1024
+
+
+#: Write a record unless the cluster is full: KEYS = record key, index; ARGV = data, TTL ms,
+#: cap, events channel. Returns 1 when written (and published), 0 when refused.
+ANNOUNCE_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if not redis.call('ZSCORE', KEYS[2], KEYS[1]) and
+        redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then
+    return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), KEYS[1])
+redis.call('PUBLISH', ARGV[4], ARGV[1])
+return 1
+"""
 
 
 class ClusterMessageError(ValueError):
@@ -164,11 +184,14 @@ class ClusterLink:
         instance: int,
         deliver: Callable[[Sequence[ClusterInput]], None],
         *,
+        max_clients: int,
         on_up: Callable[[], None],
         on_down: Callable[[], None],
     ) -> None:
         self.url = redis_url(config.url)
         self.prefix = config.key_prefix
+        self.max_clients = max_clients
+        self.index_key = f"{self.prefix}index"
         self.instance = instance
         self.events_channel = f"{self.prefix}events"
         self.own_channel = self.channel_of(instance)
@@ -317,6 +340,7 @@ class ClusterLink:
             self._deliver([item])
 
     async def _write(self, client: Any) -> None:
+        announce = client.register_script(ANNOUNCE_SCRIPT)
         while True:
             if not self._pending:
                 self._wake.clear()
@@ -326,24 +350,46 @@ class ClusterLink:
                     await client.ping()  # a silent Valkey is found out within a second or two
                     continue
             pipe = client.pipeline(transaction=False)
-            batch = 0
-            while self._pending and batch < PIPELINE_BATCH:
+            written: list[bool] = []  # per command: is it a capped announce?
+            while self._pending and len(written) < PIPELINE_BATCH:
                 output = self._pending.popleft()
-                batch += 1
                 if isinstance(output, Announce):
                     record = output.record
                     data = encode_record(record)
-                    ttl_ms = max(1, round(record.ttl * 1000))
+                    key = self.record_key(record.key)
                     if record.endpoints:
-                        pipe.set(self.record_key(record.key), data, px=ttl_ms)
+                        ttl_ms = max(1, round(record.ttl * 1000))
+                        args = [data, ttl_ms, self.max_clients, self.events_channel]
+                        await announce(keys=[key, self.index_key], args=args, client=pipe)
+                        written.append(True)
                     else:
-                        pipe.delete(self.record_key(record.key))
-                    pipe.publish(self.events_channel, data)
+                        pipe.delete(key)
+                        pipe.zrem(self.index_key, key)
+                        pipe.publish(self.events_channel, data)
+                        written += [False, False, False]
                     self.counters["cluster.announces"] += 1
                 else:
                     pipe.publish(self.channel_of(output.owner), encode_forward(output))
+                    written.append(False)
                     self.counters["cluster.relay_out"] += 1
-            await pipe.execute()
+            answers = await pipe.execute()
+            refused = sum(1 for capped, answer in zip(written, answers, strict=True)
+                          if capped and answer == 0)  # fmt: skip
+            if refused:
+                self._refused(refused)
+
+    def _refused(self, count: int) -> None:
+        """Records Valkey would not take: the cluster holds max_clients already. Those clients
+        are served by their own instance, unseen by the others."""
+        total = self.counters["cluster.refused_cap"] = self.counters["cluster.refused_cap"] + count
+        if total == count or total // 1000 != (total - count) // 1000:
+            log_event(
+                log,
+                "map.cluster.full",
+                logging.WARNING,
+                max_clients=self.max_clients,
+                refused=total,
+            )
 
     def _parse(self, data: bytes) -> ClusterInput | None:
         try:

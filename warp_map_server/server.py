@@ -103,6 +103,7 @@ class MapServer:
                 config.cluster,
                 self.registry.boot_id,
                 self._from_cluster,
+                max_clients=limits.max_clients,
                 on_up=self._cluster_up,
                 on_down=self.registry.cluster_lost,
             )

@@ -250,8 +250,8 @@ def test_valkey_down_keeps_serving_and_catches_up(
 
 def test_registration_burst_keeps_valkey_within_caps(tmp_path: Path) -> None:
     """10 000 registrations (as from allowed keys: straight into the registry, after the
-    handshake that the map would have checked) into two instances capped at 500 clients:
-    Valkey holds at most the cap, and its memory stays small."""
+    handshake that the map would have checked) into two instances capped at 500 clients at
+    once: Valkey holds at most the cap, however the two race, and its memory stays small."""
     valkey = ValkeyServer(tmp_path / "valkey")
     valkey.start()
     cap = 500
@@ -289,8 +289,9 @@ def test_registration_burst_keeps_valkey_within_caps(tmp_path: Path) -> None:
         await asyncio.sleep(1.0)
         grown = valkey.used_memory() - baseline
         print(f"\nValkey: {valkey.dbsize()} records, +{grown / 1024:.0f} KiB after the burst")
-        assert valkey.dbsize() <= 2 * cap  # at most each instance's cap in a simultaneous race
-        assert grown < 2 * cap * 1024  # well under 1 KiB per record
+        # the records (and their index), never more than the cap, however the instances race
+        assert valkey.dbsize() <= cap + 1
+        assert grown < 2 * cap * 1024  # ~0.5 KiB per record and its index entry, measured
         for server in servers:
             held = len(server.registry.clients) + len(server.registry.remote)
             assert held <= cap
