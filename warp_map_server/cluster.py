@@ -249,16 +249,23 @@ class ClusterLink:
 
     async def _run(self) -> None:
         import redis.asyncio as redis_asyncio
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
+        # No silent reconnection inside the client: a lost connection must come back through
+        # this loop, which reloads the records and announces ours again (Valkey may be empty).
+        no_retry = Retry(NoBackoff(), 0)
         retry = RETRY_MIN
         while True:
             client: Any = redis_asyncio.from_url(
                 self.url,
                 socket_connect_timeout=COMMAND_TIMEOUT,
                 socket_timeout=COMMAND_TIMEOUT,
-                health_check_interval=0,
+                retry=no_retry,
             )
-            listener: Any = redis_asyncio.from_url(self.url, socket_connect_timeout=COMMAND_TIMEOUT)
+            listener: Any = redis_asyncio.from_url(
+                self.url, socket_connect_timeout=COMMAND_TIMEOUT, retry=no_retry
+            )
             pubsub = listener.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.events_channel, self.own_channel)

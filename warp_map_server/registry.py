@@ -390,8 +390,9 @@ class Registry:
         self.counters["requests.register"] += 1
         client = self.clients.get(key)
         if client is None:
-            # Mirrored clients count too: max_clients caps what the whole cluster holds.
-            if len(self.clients) + len(self.remote) >= self.max_clients:
+            # Mirrored clients count too: max_clients caps what the whole cluster holds (a
+            # client moving over from another instance is already counted).
+            if key not in self.remote and len(self.clients) + len(self.remote) >= self.max_clients:
                 self.counters["clients.refused"] += 1
                 self._log_suppressed(
                     "map.clients_full", now, clients=len(self.clients), remote=len(self.remote)

@@ -42,9 +42,11 @@ def rng(seed: int) -> Any:
 class Cluster:
     """Instances 0..n-1, the clients attached to them, a virtual clock."""
 
-    def __init__(self, instances: int = 2) -> None:
+    def __init__(self, instances: int = 2, max_clients: int = 10_000) -> None:
         self.maps = [
-            Registry(registration_ttl=30.0, boot_id=100 + i, clustered=True)
+            Registry(
+                registration_ttl=30.0, boot_id=100 + i, clustered=True, max_clients=max_clients
+            )
             for i in range(instances)
         ]
         self.down: set[int] = set()
@@ -144,6 +146,20 @@ def test_instance_killed_client_re_registers_on_the_next_within_two_seconds() ->
     cluster.run_until(cluster.now + 3.0)
     assert a.peer_endpoints == (("203.0.113.2", 5000),)
     assert a.stats.failovers == 1  # it stays on the instance that answers
+
+
+def test_full_cluster_still_takes_a_client_failing_over_and_refuses_a_new_one() -> None:
+    cluster = Cluster(max_clients=2)
+    a = cluster.add(A, B, ("198.51.100.1", 4000), start_at=0)
+    cluster.add(B, A, ("203.0.113.2", 5000), start_at=1)
+    cluster.run_until(1.0)
+    cluster.add(C, A, ("192.0.2.3", 6000), start_at=1)  # a third key: the cluster is full
+    cluster.run_until(1.5)
+    assert C not in cluster.maps[1].clients
+    assert cluster.maps[1].counters["clients.refused"] >= 1
+    cluster.down.add(0)
+    cluster.run_until(5.0)
+    assert a.map_index == 1 and A in cluster.maps[1].clients
 
 
 def test_one_instance_does_not_fail_over_or_probe_often() -> None:
