@@ -43,6 +43,7 @@ log = logging.getLogger("warp_map_server")
 #: grow the map's memory)
 MAX_PENDING = 65_536
 PIPELINE_BATCH = 512
+READ_BATCH = 256
 HEALTH_INTERVAL = 1.0
 COMMAND_TIMEOUT = 2.0
 RETRY_MIN, RETRY_MAX = 0.2, 5.0
@@ -333,18 +334,30 @@ class ClusterLink:
 
     async def _read(self, pubsub: Any) -> None:
         while True:
+            # Wait for one message, then take what else is already buffered: one delivery
+            # (one flush, one timer re-arm in the map) per batch, not per relayed shard.
             message = await pubsub.get_message(timeout=None)
-            if message is None or message.get("type") != "message":
-                continue
-            data = message.get("data")
-            item = self._parse(data) if isinstance(data, bytes) else None
-            if item is None:
-                continue
-            if isinstance(item, RelayIn):
-                self.counters["cluster.relay_in"] += 1
-            else:
-                self.counters["cluster.records_in"] += 1
-            self._deliver([item])
+            batch: list[ClusterInput] = []
+            while message is not None:
+                item = self._item(message)
+                if item is not None:
+                    batch.append(item)
+                if len(batch) >= READ_BATCH:
+                    break
+                message = await pubsub.get_message(timeout=0)
+            if batch:
+                self._deliver(batch)
+
+    def _item(self, message: Any) -> ClusterInput | None:
+        if not isinstance(message, dict) or message.get("type") != "message":
+            return None
+        data = message.get("data")
+        item = self._parse(data) if isinstance(data, bytes) else None
+        if isinstance(item, RelayIn):
+            self.counters["cluster.relay_in"] += 1
+        elif item is not None:
+            self.counters["cluster.records_in"] += 1
+        return item
 
     async def _write(self, client: Any) -> None:
         announce = client.register_script(ANNOUNCE_SCRIPT)
