@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from warp.config import validate_gateway_config
 from warp.keys import encode_key, generate_private_key, public_key_of
 from warp.map_client.client import MapClient, MapSwitched, UplinkRegistered
-from warp.map_client.messages import Endpoint, Relay, encode
+from warp.map_client.messages import Endpoint, Register, Relay, encode
 from warp_map_server.cluster import (
     ClusterMessageError,
     RelayIn,
@@ -160,6 +160,26 @@ def test_full_cluster_still_takes_a_client_failing_over_and_refuses_a_new_one() 
     cluster.down.add(0)
     cluster.run_until(5.0)
     assert a.map_index == 1 and A in cluster.maps[1].clients
+
+
+def test_mutual_policy_across_instances_revokes_and_ignores_stale_records() -> None:
+    """X (instance 1) stops naming W (instance 0) as its far gate: W is told X is gone, as on
+    one map; an older record arriving late changes nothing."""
+    cluster = Cluster()
+    w = cluster.add(A, B, ("198.51.100.1", 4000), start_at=0)
+    x = cluster.add(B, A, ("203.0.113.2", 5000), start_at=1)
+    cluster.run_until(0.1)
+    assert w.peer_endpoints == (("203.0.113.2", 5000),)
+    old_record = cluster.maps[0].remote[B]
+    frame = encode(Register(99, 1, C, x.instance))  # X now names C
+    cluster.maps[1].handle(B, frame, ("203.0.113.2", 5000), cluster.now)
+    cluster.pump()
+    assert w.peer_endpoints == ()
+    assert cluster.maps[0].remote[B].far_gate == C
+    assert not cluster.maps[0].may_see(A, B)
+    stale = ClientRecord(B, A, old_record.endpoints, old_record.version, old_record.owner, 30.0)
+    cluster.maps[0].remote_update(stale, cluster.now)
+    assert cluster.maps[0].remote[B].far_gate == C and not cluster.maps[0].may_see(A, B)
 
 
 def test_one_instance_does_not_fail_over_or_probe_often() -> None:
