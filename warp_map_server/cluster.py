@@ -203,6 +203,7 @@ class ClusterLink:
         self.counters: Counter[str] = Counter()
         self._pending: deque[ClusterOutput] = deque()
         self._wake = asyncio.Event()
+        self._connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_error: str | None = None
 
@@ -218,9 +219,9 @@ class ClusterLink:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="warp-map.cluster")
 
     async def wait_up(self, timeout: float) -> bool:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while not self.up and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.01)
+        """Wait until the link is up (records loaded); False after ``timeout``."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._connected.wait(), timeout)
         return self.up
 
     def close(self) -> None:
@@ -273,6 +274,7 @@ class ClusterLink:
                 await self._catch_up(client)
                 self._pending.clear()
                 self.up = True
+                self._connected.set()
                 retry = RETRY_MIN
                 self.counters["cluster.connects"] += 1
                 log_event(log, "map.cluster.up", url=_redact(self.url), instance=self._hex())
@@ -297,6 +299,7 @@ class ClusterLink:
                 self.counters["cluster.failures"] += 1
             finally:
                 self.up = False
+                self._connected.clear()
                 self._pending.clear()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
