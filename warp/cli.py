@@ -104,7 +104,7 @@ def gateway_summary(config: GatewayConfig) -> str:
     if config.far_gate.endpoints:
         far += " at " + ", ".join(str(e) for e in config.far_gate.endpoints)
     if config.warp_map.address is not None:
-        reach = f"map {config.warp_map.address}"
+        reach = "map " + ", ".join(str(a) for a in config.warp_map.addresses)
     elif config.far_gate.endpoints:
         reach = "no map"
     else:

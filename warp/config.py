@@ -482,10 +482,32 @@ class InterfacesConfig(_Model):
 
 
 class WarpMapConfig(_Model):
-    """``[warp_map]``: the rendezvous server. Unset address: no map (static endpoints)."""
+    """``[warp_map]``: the rendezvous server. Unset address: no map (static endpoints).
 
-    address: Address | None = None
+    ``address`` is one ``host:port`` or a list of them (instances of one map cluster, sharing
+    the map's key): the gateway registers with one and fails over to the next.
+    """
+
+    address: Address | tuple[Address, ...] | None = None
     public_key: MapPublicKey | None = None
+
+    @field_validator("address", mode="before")
+    @classmethod
+    def _address_list(cls, value: object) -> object:
+        if isinstance(value, list | tuple):
+            if not value:
+                raise ValueError("give at least one map address (or leave address out)")
+            return tuple(parse_host_port(item) for item in value)
+        return value
+
+    @property
+    def addresses(self) -> tuple[HostPort, ...]:
+        """Every configured map address, in order of preference."""
+        if self.address is None:
+            return ()
+        if isinstance(self.address, HostPort):
+            return (self.address,)
+        return self.address
 
     @model_validator(mode="after")
     def _key_with_address(self) -> WarpMapConfig:
@@ -980,6 +1002,28 @@ class MapLimitsConfig(_Model):
     handshake_load_threshold: StrictInt = Field(default=500, ge=1)
 
 
+CLUSTER_SCHEMES = ("valkey", "valkeys", "redis", "rediss", "unix")
+
+
+class ClusterConfig(_Model):
+    """``[cluster]``: share the map's state through a Valkey (or Redis) server, so that several
+    warp-map instances (same private key) act as one map."""
+
+    url: str
+    key_prefix: str = Field(default="warp-map:", min_length=1, max_length=64)
+
+    @field_validator("url")
+    @classmethod
+    def _url_scheme(cls, value: str) -> str:
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme.lower() not in CLUSTER_SCHEMES or not rest:
+            raise ValueError(
+                f'expected "valkey://host:6379/0" (or {", ".join(CLUSTER_SCHEMES[1:])}://...), '
+                f"got {value!r}"
+            )
+        return value
+
+
 class MapServerConfig(_Model):
     """A warp-map config (one TOML file)."""
 
@@ -990,6 +1034,7 @@ class MapServerConfig(_Model):
     allowed_keys: tuple[ClientPublicKey, ...] | None = None
     relay: RelayConfig = Field(default_factory=RelayConfig)
     limits: MapLimitsConfig = Field(default_factory=MapLimitsConfig)
+    cluster: ClusterConfig | None = None
     log: LogConfig = Field(default_factory=LogConfig)
 
     @property
@@ -1292,8 +1337,11 @@ def check_warnings(config: GatewayConfig | MapServerConfig, text: str) -> list[t
             if key == zero:
                 warnings.append((path, "all zeros: unset (make a key pair with `warp-keygen`)"))
     hosts: list[tuple[str, HostPort]] = []
-    if config.warp_map.address is not None:
-        hosts.append(("warp_map.address", config.warp_map.address))
+    map_addresses = config.warp_map.addresses
+    if len(map_addresses) == 1:
+        hosts.append(("warp_map.address", map_addresses[0]))
+    else:
+        hosts += [(f"warp_map.address[{i}]", a) for i, a in enumerate(map_addresses)]
     hosts += [(f"far_gate.endpoints[{i}]", e) for i, e in enumerate(config.far_gate.endpoints)]
     for path, endpoint in hosts:
         if is_documentation_host(endpoint.host):
@@ -1385,7 +1433,9 @@ max_consecutive_failures = 10
 
 [warp_map]
 # The rendezvous server, host:port ([IPv6]:port). Leave out the whole table when the far
-# gate is reached through far_gate.endpoints only.
+# gate is reached through far_gate.endpoints only. A map cluster: a list of instances, e.g.
+# ["map1.example.net:13116", "map2.example.net:13116"] (a name with several addresses also
+# counts as several); the gateway registers with one and fails over to the next.
 address = "warp-map.example.net:13116"
 # The map's public key (required with address; warp-map logs it at start). The one below
 # is a random key standing in for it: `warp check` warns until it is replaced.
@@ -1513,6 +1563,13 @@ requests_per_second = 20
 # Handshake initiations per second above which the map answers with cookie replies
 # (WireGuard's under-load mode).
 handshake_load_threshold = 500
+
+# A map cluster: several warp-map instances with this same private key share their state
+# (registrations, lookup policy data, relay routing, pushes) through one Valkey or Redis
+# server. Without [cluster] the map keeps everything in memory (a single instance).
+# [cluster]
+# url = "valkey://127.0.0.1:6379/0"       # or valkeys://, redis://, rediss://, unix://
+# key_prefix = "warp-map:"                # lets several map clusters share one Valkey
 
 [log]
 level = "info"

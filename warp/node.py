@@ -51,6 +51,7 @@ from warp.map_client.client import (
     LookupRefused,
     MapClient,
     MapErrorReceived,
+    MapSwitched,
     PeerEndpointsChanged,
     RehandshakeNeeded,
     RelayReceived,
@@ -253,6 +254,8 @@ class Gateway:
         self.far_key = config.far_gate.public_key
         self.map_key = config.warp_map.public_key if config.warp_map.address else None
         self.map_address: Address | None = None
+        #: every map instance (``warp_map.address`` list, each name's addresses), in order
+        self.map_addresses: list[Address] = []
         # Multi-path: the far gate's "endpoint" flips with every packet from another path, so
         # the core's roaming events would be noise; paths are the prober's business.
         self.device = Device(config.private_key, roaming_events=False)
@@ -389,7 +392,13 @@ class Gateway:
                     self.metrics.refresh_forever(), name="warp.metrics"
                 )
             if self.config.warp_map.address is not None:
-                self.map_address = await self._resolve(self.config.warp_map.address)
+                for host_port in self.config.warp_map.addresses:
+                    for address in await self._resolve_all(host_port):
+                        if address not in self.map_addresses:
+                            self.map_addresses.append(address)
+                self.map_address = self.map_addresses[0]
+                if self.map_client is not None:
+                    self.map_client.map_count = len(self.map_addresses)
             self._static_endpoints = [
                 await self._resolve(endpoint) for endpoint in self.config.far_gate.endpoints
             ]
@@ -441,11 +450,13 @@ class Gateway:
         self._after_device(now)
 
     async def _resolve(self, host_port: Any) -> Address:
+        return (await self._resolve_all(host_port))[0]
+
+    async def _resolve_all(self, host_port: Any) -> list[Address]:
         host, port = host_port.host, host_port.port
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(host, port, type=2)  # SOCK_DGRAM
-        address = infos[0][4]
-        return (str(address[0]), int(address[1]))
+        return [(str(info[4][0]), int(info[4][1])) for info in infos]
 
     async def _start_gates(self) -> None:
         for tunnel in self.tunnels.values():
@@ -1035,6 +1046,17 @@ class Gateway:
                     log.info("map.rehandshake unanswered=%d", event.unanswered)
                     self.device.initiate_handshake(self.map_key, now, force=True)
                     self._after_device(now)
+            elif isinstance(event, MapSwitched):
+                if self.map_key is not None and self.map_addresses:
+                    # Another instance of the map cluster (same key): a fresh session there;
+                    # map frames wait for it (`_map_pending`). Paths to the far gate stay.
+                    old = self.map_address
+                    self.map_address = self.map_addresses[event.index % len(self.map_addresses)]
+                    log.warning("map.failover from=%s to=%s unanswered=%d", _host_port(old),
+                                _host_port(self.map_address), event.unanswered)  # fmt: skip
+                    self._map_rehandshake = True
+                    self.device.initiate_handshake(self.map_key, now, force=True)
+                    self._after_device(now)
             elif isinstance(event, MapErrorReceived):
                 log.warning("map.error code=%s %s", event.code, event.message)
             elif isinstance(event, RelayReceived):
@@ -1334,7 +1356,9 @@ class Gateway:
         if self.config.warp_map.address is not None:
             client = self.map_client
             map_status = {
-                "address": str(self.config.warp_map.address),
+                "address": _host_port(self.map_address)
+                if self.map_address is not None
+                else str(self.config.warp_map.addresses[0]),
                 "registered": bool(client and client.all_registered(now) and client.uplinks),
                 "reflexive": dict(self._map_reflexive),
                 "last_registration_age_s": None

@@ -25,6 +25,17 @@ Rules:
   validated for the client carries a challenge, and a Register echoing it validates the address.
   Which :class:`Deliver` may go out is the validator's decision: to an unvalidated address only
   the one carrying its challenge.
+
+Cluster (``clustered=True``, several map instances on one Valkey): every change of a local
+client's endpoint set (and, at most every quarter TTL, its refresh) becomes an :class:`Announce`
+of its :class:`ClientRecord`, which the cluster shell stores in Valkey and publishes to the other
+instances. What they announce comes back through :meth:`Registry.remote_update` into a mirror of
+remote clients, used for lookups, policy and pushes to local watchers exactly as local clients
+are. Relaying to a client held by another instance becomes a :class:`Forward` to that instance,
+which checks policy and its own per-sender rate limit again (:meth:`Registry.relay_from_cluster`).
+Versions are a Lamport clock over the cluster (never below any version seen), so a gateway's
+view never goes backwards when its far gate moves between instances. ``max_clients`` counts
+local and mirrored clients: it caps the whole cluster's state.
 """
 
 from __future__ import annotations
@@ -102,6 +113,56 @@ class Deliver:
     challenge: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class ClientRecord:
+    """What the cluster knows of one client: held (registered) at instance ``owner``.
+
+    ``endpoints`` empty: the client is gone. ``ttl``: seconds until the record lapses unless
+    announced again (relative, so instances need no common clock)."""
+
+    key: bytes
+    far_gate: bytes
+    endpoints: tuple[Endpoint, ...]
+    version: int
+    owner: int
+    ttl: float
+
+
+@dataclass(frozen=True, slots=True)
+class Announce:
+    """Store ``record`` in the cluster (delete it when it has no endpoints) and tell the others."""
+
+    record: ClientRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Relay ``payload`` from ``sender`` to ``target``, held by instance ``owner``."""
+
+    owner: int
+    sender: bytes
+    target: bytes
+    payload: bytes
+
+
+ClusterOutput = Announce | Forward
+
+
+@dataclass(slots=True)
+class RemoteClient:
+    """A client held by another instance, as last announced."""
+
+    key: bytes
+    far_gate: bytes
+    endpoints: tuple[Endpoint, ...]
+    version: int
+    owner: int
+    expires_at: float
+
+    def freshest(self, now: float) -> Endpoint | None:
+        return self.endpoints[0] if self.endpoints and self.expires_at > now else None
+
+
 @dataclass(slots=True)
 class Registration:
     uplink: int
@@ -118,6 +179,8 @@ class Client:
     instance: int
     registrations: dict[int, Registration] = field(default_factory=dict)
     version: int = 0
+    #: when the cluster's copy of this client lapses (last announce + TTL)
+    announced_until: float = 0.0
 
     def endpoints(self, now: float) -> tuple[Endpoint, ...]:
         live = [r for r in self.registrations.values() if r.expires_at > now]
@@ -148,6 +211,7 @@ class Registry:
         requests_per_second: float = 20,
         boot_id: int = 0,
         validator: AddressValidator | None = None,
+        clustered: bool = False,
         log: logging.Logger = logger,
     ) -> None:
         if registration_ttl <= 0:
@@ -177,6 +241,14 @@ class Registry:
             relay_rate or 1.0, relay_burst, max(max_clients, 1) * 2
         )
         self._last_log: dict[str, float] = {}
+        self.clustered = clustered
+        #: clients held by other instances of the cluster (key -> last announce)
+        self.remote: dict[bytes, RemoteClient] = {}
+        self._remote_expiry: list[tuple[float, bytes]] = []
+        self._cluster_outbox: list[ClusterOutput] = []
+        #: the cluster store is unreachable: mirrored clients are kept, not expired (their
+        #: instances cannot refresh them meanwhile)
+        self.cluster_down = False
 
     # ---------------------------------------------------------------------------- outputs
 
@@ -184,8 +256,16 @@ class Registry:
         out, self._outbox = self._outbox, []
         return out
 
+    def drain_cluster(self) -> list[ClusterOutput]:
+        """What to store in / publish to the cluster (empty unless ``clustered``)."""
+        out, self._cluster_outbox = self._cluster_outbox, []
+        return out
+
     def next_deadline(self) -> float | None:
-        return self._expiry[0][0] if self._expiry else None
+        candidates = [self._expiry[0][0]] if self._expiry else []
+        if self._remote_expiry:
+            candidates.append(self._remote_expiry[0][0])
+        return min(candidates) if candidates else None
 
     @property
     def registration_count(self) -> int:
@@ -197,7 +277,27 @@ class Registry:
 
     def endpoints_of(self, key: bytes, now: float) -> tuple[Endpoint, ...]:
         client = self.clients.get(key)
-        return () if client is None else client.endpoints(now)
+        if client is not None:
+            return client.endpoints(now)
+        remote = self.remote.get(key)
+        return remote.endpoints if remote is not None and remote.expires_at > now else ()
+
+    def _far_gate_of(self, key: bytes) -> bytes | None:
+        client = self.clients.get(key)
+        if client is not None:
+            return client.far_gate
+        remote = self.remote.get(key)
+        return None if remote is None else remote.far_gate
+
+    def _view_of(self, key: bytes, now: float) -> tuple[tuple[Endpoint, ...], int]:
+        """(endpoints, version) of a local or mirrored client; ((), 0) if unknown."""
+        client = self.clients.get(key)
+        if client is not None:
+            return client.endpoints(now), client.version
+        remote = self.remote.get(key)
+        if remote is not None and remote.expires_at > now:
+            return remote.endpoints, remote.version
+        return (), 0
 
     # ---------------------------------------------------------------------------- inputs
 
@@ -263,6 +363,17 @@ class Registry:
             self._changed(client, now, grew=False)
             if not client.registrations:
                 self._remove_client(key)
+        while self._remote_expiry and self._remote_expiry[0][0] <= now and not self.cluster_down:
+            expires_at, key = heapq.heappop(self._remote_expiry)
+            remote = self.remote.get(key)
+            if remote is None or remote.expires_at != expires_at:
+                continue
+            # Its instance stopped announcing it (that instance died, or Valkey is down and
+            # the client re-registers elsewhere): as a local expiry, watchers hear it is gone.
+            self.counters["cluster.remote_expired"] += 1
+            self._version += 1
+            self._push_to_watchers(key, (), self._version, now)  # (policy still knows it)
+            del self.remote[key]
 
     def forget(self, key: bytes, now: float) -> None:
         """Drop everything about ``key`` (its session is gone for good)."""
@@ -280,8 +391,7 @@ class Registry:
     def may_see(self, asker: bytes, target: bytes) -> bool:
         if asker == target or self.policy == "any":
             return True
-        client = self.clients.get(target)
-        return client is not None and client.far_gate == asker
+        return self._far_gate_of(target) == asker
 
     # ---------------------------------------------------------------------------- requests
 
@@ -291,9 +401,13 @@ class Registry:
             self.validator.confirm(key, source, message.challenge, now)
         client = self.clients.get(key)
         if client is None:
-            if len(self.clients) >= self.max_clients:
+            # Mirrored clients count too: max_clients caps what the whole cluster holds (a
+            # client moving over from another instance is already counted).
+            if key not in self.remote and len(self.clients) + len(self.remote) >= self.max_clients:
                 self.counters["clients.refused"] += 1
-                self._log_suppressed("map.clients_full", now, clients=len(self.clients))
+                self._log_suppressed(
+                    "map.clients_full", now, clients=len(self.clients), remote=len(self.remote)
+                )
                 self._reply(
                     key,
                     source,
@@ -303,6 +417,11 @@ class Registry:
             client = Client(key, message.far_gate, message.instance)
             self.clients[key] = client
             self._watchers.setdefault(message.far_gate, set()).add(key)
+            moved = self.remote.pop(key, None)
+            if moved is not None:
+                # The client came over from another instance: our versions must follow its.
+                client.version = moved.version
+                self.counters["cluster.moved_here"] += 1
         grew = False
         set_before = frozenset(client.endpoints(now))
         if message.instance != client.instance:
@@ -382,6 +501,8 @@ class Registry:
         set_after = frozenset(client.endpoints(now))
         if set_after != set_before or grew:
             self._changed(client, now, grew=grew or not set_after <= set_before)
+        elif self.clustered and now + self.ttl - client.announced_until >= self.ttl / 4:
+            self._announce(client, now)  # keep the cluster's copy from lapsing
 
     def _lookup(self, key: bytes, message: Lookup, source: Endpoint, now: float) -> None:
         self.counters["requests.lookup"] += 1
@@ -400,9 +521,7 @@ class Registry:
                 Error(message.request_id, ErrorCode.NOT_PERMITTED, "lookup not permitted"),
             )
             return
-        target = self.clients.get(message.key)
-        endpoints = () if target is None else target.endpoints(now)
-        version = 0 if target is None else target.version
+        endpoints, version = self._view_of(message.key, now)
         self._reply(
             key,
             source,
@@ -453,27 +572,157 @@ class Registry:
             )
             return
         target = self.clients.get(message.key)
-        destination = None if target is None else target.freshest(now)
+        if target is None:
+            remote = self.remote.get(message.key)
+            if remote is None or remote.freshest(now) is None:
+                self.counters["relay.no_target"] += 1
+                return
+            if not self._relay_allowed(key, len(message.payload), now):
+                return
+            self.counters["relay.forwarded_cluster"] += 1
+            self.counters["relay.bytes"] += len(message.payload)
+            self._cluster_outbox.append(Forward(remote.owner, key, message.key, message.payload))
+            return
+        destination = target.freshest(now)
         if destination is None:
             self.counters["relay.no_target"] += 1
             return
-        bits = len(message.payload) * 8
-        if self.relay_rate is not None and not self._relay.allow(key, now, bits):
-            self.counters["relay.dropped"] += 1
-            self.counters["relay.dropped_bytes"] += len(message.payload)
-            self._log_suppressed(
-                "map.relay.dropped",
-                now,
-                client=short(key),
-                reason="rate_limit",
-                total=self.counters["relay.dropped"],
-            )
+        if not self._relay_allowed(key, len(message.payload), now):
             return
         self.counters["relay.forwarded"] += 1
         self.counters["relay.bytes"] += len(message.payload)
         self._outbox.append(
             Deliver(message.key, encode(Relayed(key, message.payload)), destination)
         )
+
+    def _relay_allowed(self, sender: bytes, size: int, now: float) -> bool:
+        """``sender``'s token bucket (relay_rate bits/s) holds ``size`` bytes more."""
+        if self.relay_rate is None or self._relay.allow(sender, now, size * 8):
+            return True
+        self.counters["relay.dropped"] += 1
+        self.counters["relay.dropped_bytes"] += size
+        self._log_suppressed(
+            "map.relay.dropped",
+            now,
+            client=short(sender),
+            reason="rate_limit",
+            total=self.counters["relay.dropped"],
+        )
+        return False
+
+    # ---------------------------------------------------------------------------- cluster
+
+    def relay_from_cluster(self, sender: bytes, target: bytes, payload: bytes, now: float) -> None:
+        """Another instance relays ``payload`` from its client ``sender`` to our ``target``.
+
+        Checked again here, against what this instance holds: the target must be ours, the
+        policy must let the sender reach it, and the sender's rate limit holds per instance."""
+        client = self.clients.get(target)
+        destination = None if client is None else client.freshest(now)
+        if destination is None:
+            self.counters["cluster.relay_no_target"] += 1
+            return
+        if not self.may_see(sender, target):
+            self.counters["cluster.relay_refused"] += 1
+            return
+        if len(payload) > MAX_RELAY_PAYLOAD or not self._relay_allowed(sender, len(payload), now):
+            return
+        self.counters["cluster.relay_delivered"] += 1
+        self._outbox.append(Deliver(target, encode(Relayed(sender, payload)), destination))
+
+    def remote_update(self, record: ClientRecord, now: float) -> None:
+        """Another instance announced ``record``: mirror it, push it to local watchers."""
+        if record.owner == self.boot_id:
+            return  # our own announce, back from the channel
+        self._version = max(self._version, record.version)  # Lamport: ours stay newer
+        local = self.clients.get(record.key)
+        if local is not None:
+            if record.version <= local.version:
+                return  # older than what we hold
+            # The client now registers with another instance: what we hold is stale.
+            self.counters["cluster.moved_away"] += 1
+            local.registrations.clear()
+            self._remove_client(record.key)
+        previous = self.remote.get(record.key)
+        if previous is not None and record.version < previous.version:
+            return
+        endpoints = record.endpoints[:MAX_ENDPOINTS]
+        if not endpoints:
+            if previous is not None:
+                self._push_to_watchers(record.key, (), record.version, now)
+                del self.remote[record.key]
+            return
+        if previous is None and len(self.clients) + len(self.remote) >= self.max_clients:
+            self.counters["cluster.remote_refused"] += 1  # a cluster over its cap
+            return
+        expires_at = now + min(max(record.ttl, 0.0), self.ttl)
+        self.remote[record.key] = RemoteClient(
+            record.key, record.far_gate, endpoints, record.version, record.owner, expires_at
+        )
+        heapq.heappush(self._remote_expiry, (expires_at, record.key))
+        self._compact_remote_expiry()
+        if previous is not None and previous.far_gate != record.far_gate:
+            # Under mutual, the old far gate may not see the client any more: tell it so.
+            old_watcher = self.clients.get(previous.far_gate)
+            if (
+                self.policy == "mutual"
+                and old_watcher is not None
+                and old_watcher.far_gate == record.key
+            ):
+                frame = encode(Push(record.key, (), record.version, self.boot_id))
+                self._push(old_watcher, frame, now, about=record.key)
+        if (
+            previous is None
+            or previous.endpoints != endpoints
+            or previous.far_gate != (record.far_gate)
+        ):
+            self._push_to_watchers(record.key, endpoints, record.version, now)
+
+    def cluster_lost(self) -> None:
+        """The cluster store is unreachable: serve what we hold, mirrored clients included."""
+        self.cluster_down = True
+
+    def cluster_back(self, now: float) -> None:
+        """The cluster store is back (maybe empty, after its restart): announce every local
+        client again, and give every mirrored one a full TTL to be announced by its instance
+        (one that died meanwhile is forgotten then)."""
+        self.cluster_down = False
+        for remote in self.remote.values():
+            remote.expires_at = max(remote.expires_at, now + self.ttl)
+        self._remote_expiry = [(r.expires_at, r.key) for r in self.remote.values()]
+        heapq.heapify(self._remote_expiry)
+        for client in self.clients.values():
+            if client.registrations:
+                self._announce(client, now)
+
+    def _announce(self, client: Client, now: float) -> None:
+        if not self.clustered:
+            return
+        endpoints = client.endpoints(now)
+        until = max((r.expires_at for r in client.registrations.values()), default=now)
+        client.announced_until = until
+        record = ClientRecord(
+            client.key, client.far_gate, endpoints, client.version, self.boot_id, until - now
+        )
+        self._cluster_outbox.append(Announce(record))
+
+    def _push_to_watchers(
+        self, key: bytes, endpoints: tuple[Endpoint, ...], version: int, now: float
+    ) -> None:
+        """Push ``key``'s endpoint set to each local client watching it that may see it."""
+        frame = encode(Push(key, endpoints, version, self.boot_id))
+        for watcher_key in sorted(self._watchers.get(key, ())):
+            if watcher_key == key or not self.may_see(watcher_key, key):
+                continue
+            watcher = self.clients.get(watcher_key)
+            if watcher is not None:
+                self._push(watcher, frame, now, about=key)
+
+    def _compact_remote_expiry(self) -> None:
+        if len(self._remote_expiry) <= max(1024, 4 * len(self.remote)):
+            return
+        self._remote_expiry = [(r.expires_at, r.key) for r in self.remote.values()]
+        heapq.heapify(self._remote_expiry)
 
     # ---------------------------------------------------------------------------- helpers
 
@@ -492,20 +741,14 @@ class Registry:
         self._version += 1
         client.version = self._version
         endpoints = client.endpoints(now)
-        frame = encode(Push(client.key, endpoints, client.version, self.boot_id))
-        for watcher_key in sorted(self._watchers.get(client.key, ())):
-            if watcher_key == client.key or not self.may_see(watcher_key, client.key):
-                continue
-            watcher = self.clients.get(watcher_key)
-            if watcher is not None:
-                self._push(watcher, frame, now, about=client.key)
-        if grew and endpoints:
-            far = self.clients.get(client.far_gate)
-            if far is not None and far.key != client.key and self.may_see(client.key, far.key):
-                far_endpoints = far.endpoints(now)
-                if far_endpoints:
-                    reverse = encode(Push(far.key, far_endpoints, far.version, self.boot_id))
-                    self._push(client, reverse, now, about=far.key)
+        self._push_to_watchers(client.key, endpoints, client.version, now)
+        self._announce(client, now)
+        far_key = client.far_gate
+        if grew and endpoints and far_key != client.key and self.may_see(client.key, far_key):
+            far_endpoints, far_version = self._view_of(far_key, now)
+            if far_endpoints:
+                reverse = encode(Push(far_key, far_endpoints, far_version, self.boot_id))
+                self._push(client, reverse, now, about=far_key)
 
     def _revoke(self, client: Client, old_far: bytes, now: float) -> None:
         """``client`` no longer names ``old_far`` as its far gate: under ``mutual``, the old far
@@ -573,6 +816,8 @@ class Registry:
         out = dict(self.counters)
         out["clients"] = len(self.clients)
         out["registrations"] = self.registration_count
+        if self.clustered:
+            out["remote_clients"] = len(self.remote)
         out["rate_table"] = len(self._requests)
         return out
 

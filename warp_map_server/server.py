@@ -25,7 +25,7 @@ import logging
 import os
 import socket
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from warp.config import MapServerConfig
@@ -40,6 +40,7 @@ from warp.wireguard import (
     UnknownPeerAccepted,
 )
 from warp.wireguard.constants import REJECT_AFTER_TIME
+from warp_map_server.cluster import ClusterInput, ClusterLink, RelayIn
 from warp_map_server.registry import Registry, log_event, normalize, short
 from warp_map_server.validation import AddressValidator
 
@@ -102,6 +103,20 @@ class MapServer:
             requests_per_second=limits.requests_per_second,
             boot_id=int.from_bytes(rng(8), "big"),
             validator=self.validation,
+            clustered=config.cluster is not None,
+        )
+        #: shared state with the other instances of a map cluster (``[cluster]``), else None
+        self.cluster: ClusterLink | None = (
+            ClusterLink(
+                config.cluster,
+                self.registry.boot_id,
+                self._from_cluster,
+                max_clients=limits.max_clients,
+                on_up=self._cluster_up,
+                on_down=self.registry.cluster_lost,
+            )
+            if config.cluster is not None
+            else None
         )
         self.stats_interval = stats_interval
         #: peer key -> time of its last authenticated packet, least recent first
@@ -151,6 +166,8 @@ class MapServer:
             relay=self.config.relay.enabled,
             rcvbuf=receive_buffer,
         )
+        if self.cluster is not None:
+            self.cluster.start()
         self._rearm()
         return self.address
 
@@ -163,6 +180,8 @@ class MapServer:
             self.close()
 
     def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.close()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -261,6 +280,32 @@ class MapServer:
             ):
                 self._send(sealed, deliver.destination)
         self._flush_device()
+        if self.cluster is not None:
+            self.cluster.submit(self.registry.drain_cluster())
+
+    # ------------------------------------------------------------------------ cluster
+
+    def _from_cluster(self, items: Sequence[ClusterInput]) -> None:
+        """Records and relays from the other instances (through Valkey)."""
+        if self._loop is None:
+            return
+        now = self._now = self._loop.time()
+        for item in items:
+            if isinstance(item, RelayIn):
+                self.registry.relay_from_cluster(item.sender, item.target, item.payload, now)
+            else:
+                self.registry.remote_update(item, now)
+        self._flush(now)
+        self._rearm()
+
+    def _cluster_up(self) -> None:
+        """Valkey is (back) up: what we hold may be missing there; announce it again."""
+        if self._loop is None:
+            return
+        now = self._now = self._loop.time()
+        self.registry.cluster_back(now)
+        self._flush(now)
+        self._rearm()
 
     def _device_events(self) -> None:
         for event in self.device.drain_events():
@@ -373,6 +418,8 @@ class MapServer:
         out["under_load"] = int(self.device.under_load(now))
         out.update({f"wireguard.{k}": v for k, v in self.device.counters.items()})
         out.update({f"wireguard.rejected.{k}": v for k, v in self.device.rejected.items()})
+        if self.cluster is not None:
+            out.update(self.cluster.stats())
         return out
 
     def log_stats(self) -> None:

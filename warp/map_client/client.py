@@ -20,6 +20,11 @@ Behaviour:
 * a map whose boot id changed (it restarted) gets every uplink re-registered at once;
 * a Registered carrying a challenge (the map has not validated that uplink's address yet) gets
   the uplink registered again at once with the challenge echoed (once per challenge);
+* with several map instances (``map_count`` > 1, a map cluster), the far gate is looked up
+  every ``liveness_interval`` at least, so that a dead instance is noticed within about a
+  second; after ``FAILOVER_AFTER`` unanswered requests in a row the client moves to the next
+  instance (:class:`MapSwitched`: the driver points the map session there and starts a fresh
+  handshake) and registers every uplink there at once. Paths to the far gate are not touched;
 * ``stop`` deregisters everything and reports :class:`Stopped` when the map confirmed or the
   attempts ran out.
 """
@@ -54,6 +59,8 @@ from warp.map_client.messages import (
 U = TypeVar("U", bound=Hashable)
 
 STOP_ATTEMPTS = 3
+#: unanswered requests in a row after which the client moves to the next map instance
+FAILOVER_AFTER = 2
 
 
 # ------------------------------------------------------------------------------------ outputs
@@ -127,6 +134,16 @@ class RehandshakeNeeded:
 
 
 @dataclass(frozen=True, slots=True)
+class MapSwitched:
+    """The map instance in use stopped answering: use instance ``index`` (of ``map_count``)
+    from now on, with a fresh WireGuard handshake. Frames already handed out may be re-sent."""
+
+    index: int
+    previous: int
+    unanswered: int
+
+
+@dataclass(frozen=True, slots=True)
 class Stopped:
     """``stop`` finished: ``acknowledged`` says whether the map confirmed the deregistration."""
 
@@ -141,6 +158,7 @@ MapEvent: TypeAlias = (
     | RelayReceived
     | MapErrorReceived
     | RehandshakeNeeded
+    | MapSwitched
     | Stopped
 )
 
@@ -183,6 +201,7 @@ class MapClientStats:
     relayed_out: int = 0
     invalid: int = 0
     rehandshakes: int = 0
+    failovers: int = 0
     errors: dict[int, int] = field(default_factory=dict)
 
 
@@ -202,6 +221,8 @@ class MapClient(Generic[U]):
         response_timeout: float = 1.0,
         max_retry_interval: float | None = None,
         rehandshake_interval: float | None = None,
+        map_count: int = 1,
+        liveness_interval: float = 0.5,
         rng: Callable[[int], bytes] = os.urandom,
     ) -> None:
         if len(far_gate) != 32:
@@ -222,6 +243,13 @@ class MapClient(Generic[U]):
             if rehandshake_interval is not None
             else min(5.0, max(response_timeout, refresh_interval / 4))
         )
+        if liveness_interval <= 0:
+            raise ValueError("liveness_interval must be positive")
+        #: map instances to fail over between (``warp_map.address`` list); settable once the
+        #: addresses are resolved
+        self.map_count = map_count
+        self.map_index = 0
+        self.liveness_interval = liveness_interval
         self._rng = rng
         self.instance = int.from_bytes(rng(8), "big")
         self._next_request = int.from_bytes(rng(4), "big")
@@ -472,7 +500,7 @@ class MapClient(Generic[U]):
         self._note_boot(message.boot, now)
         if pending.kind == "lookup":
             self._lookup_request = None
-            self._next_lookup = now + self.refresh_interval
+            self._next_lookup = now + self._lookup_period()
             if message.key == self.far_gate:
                 self._lookup_refused = False
                 self._apply_peer(message.endpoints, message.boot, message.version, pushed=False)
@@ -486,7 +514,7 @@ class MapClient(Generic[U]):
         )
         if pending is not None and pending.kind == "lookup":
             self._lookup_request = None
-            self._next_lookup = now + self.refresh_interval
+            self._next_lookup = now + self._lookup_period()
             if not self._lookup_refused:
                 self._lookup_refused = True
                 self._events.append(LookupRefused(self.far_gate, message.code, message.message))
@@ -526,6 +554,13 @@ class MapClient(Generic[U]):
             return
         self._map_boot = boot
 
+    def _lookup_period(self) -> float:
+        """Lookups double as the liveness check of the map instance when there are others to
+        fail over to."""
+        if self.map_count > 1:
+            return min(self.refresh_interval, self.liveness_interval)
+        return self.refresh_interval
+
     def _refresh_period(self) -> float:
         if self._ttl is None:
             return self.refresh_interval
@@ -563,7 +598,9 @@ class MapClient(Generic[U]):
             if pending.kind == "stop":
                 self._finish_stop(acknowledged=False)
             return
-        if self._unanswered >= 2 and (
+        if self.map_count > 1 and self._unanswered >= FAILOVER_AFTER and not self._stopping:
+            self._fail_over(pending, now)
+        elif self._unanswered >= 2 and (
             self._last_rehandshake is None
             or now - self._last_rehandshake >= self.rehandshake_interval
         ):
@@ -586,6 +623,26 @@ class MapClient(Generic[U]):
         self.stats.retries += 1
         backoff = self.response_timeout * (2**pending.attempt)
         pending.deadline = now + min(backoff, self.max_retry_interval)
+
+    def _fail_over(self, timed_out: _Pending[U], now: float) -> None:
+        """Move to the next map instance; reported before the retries are handed out (as
+        RehandshakeNeeded), so they go to the new instance under its new session."""
+        previous = self.map_index
+        self.map_index = (self.map_index + 1) % self.map_count
+        self._events.append(MapSwitched(self.map_index, previous, self._unanswered))
+        self._unanswered = 0
+        self._map_boot = None  # the next instance has its own boot id
+        self.stats.failovers += 1
+        self._last_rehandshake = now
+        for state in self._uplinks.values():
+            if state.register_request is None:
+                state.next_register = now
+        # Everything else still waiting goes to the new instance at once, without counting as
+        # unanswered there (``timed_out`` is re-sent by the caller).
+        for pending in self._pending.values():
+            if pending is not timed_out and pending.kind != "stop":
+                self._send(pending)
+                pending.deadline = now + self.response_timeout
 
     def _cancel(self, request_id: int | None) -> None:
         if request_id is None:
