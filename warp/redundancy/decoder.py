@@ -201,7 +201,8 @@ class ShardDecoder:
         self._valid_heads: dict[int, tuple[int, int, _Geometry, int]] = {}
         # Epochs we followed before, with the highest sequence number seen in each.
         self._retired_epochs: OrderedDict[int, int] = OrderedDict()
-        self._last_block_opened = -float("inf")
+        # The stream is silent from this time on: block_timeout after it last began a block.
+        self._silent_from = -float("inf")
         self._reset_streams()
 
     def _reset_streams(self) -> None:
@@ -279,9 +280,7 @@ class ShardDecoder:
         if block is None:
             decided = self._decided[seq & self._ring_mask]
             if decided == seq:
-                if now - self._last_block_opened >= self.block_timeout and self._restarted(
-                    frame, seq, index
-                ):
+                if now >= self._silent_from and self._restarted(frame, seq, index):
                     return self._restart(frame, now)
                 self.stats.surplus_shards += 1
                 unconfirmed = self._unconfirmed
@@ -294,9 +293,7 @@ class ShardDecoder:
                             unconfirmed[seq] = missing ^ bit
                 return []
             if decided == seq | _ABANDONED:
-                if now - self._last_block_opened >= self.block_timeout and self._restarted(
-                    frame, seq, index
-                ):
+                if now >= self._silent_from and self._restarted(frame, seq, index):
                     return self._restart(frame, now)
                 self.stats.late_shards += 1
                 return []
@@ -365,7 +362,7 @@ class ShardDecoder:
             if floor is not None:
                 self._highest_raw = self._highest_extended = self._floor = floor
                 # Just switched: the floor holds, this is no restart of the fail-back stream.
-                self._last_block_opened = now
+                self._silent_from = now + self.block_timeout
             self._epoch = epoch
             self._valid_heads = {}
         self._learn_geometry(frame, k, n)
@@ -391,7 +388,7 @@ class ShardDecoder:
 
     def _stream_silent(self, now: float) -> bool:
         """Whether the stream we follow has begun no block for `block_timeout`."""
-        return now - self._last_block_opened >= self.block_timeout
+        return now >= self._silent_from
 
     def _restarted(self, frame: bytes | bytearray | memoryview, seq: int, index: int) -> bool:
         """Whether a shard of a decided block, arriving while the stream is silent, comes
@@ -496,7 +493,7 @@ class ShardDecoder:
         if type(payload) is not bytes:
             payload = bytes(payload)
         block = pending[seq] = [shape, end, extended, now, bit, geometry, index, payload]
-        self._last_block_opened = now
+        self._silent_from = now + self.block_timeout
         if self._first_extended is None:
             self._first_extended = extended
             self._fingerprint_until = extended + _FINGERPRINTED_BLOCKS
