@@ -476,19 +476,11 @@ class ShardDecoder:
                     return self._restart(frame, now)
                 return self._reject(RejectReason.STALE)
         # Reserve what the block may hold before it is rebuilt: k - 1 shards.
-        reserve = geometry.k_minus_1 * shard_size
         pending = self._pending
-        budget = self.store_budget - reserve
-        while pending and (
-            len(pending) >= self.max_blocks_in_flight or self._pending_bytes > budget
-        ):
-            old_seq, old_block = pending.popitem(last=False)
-            self._pending_bytes -= old_block[_GEOMETRY].k_minus_1 * (
-                old_block[_END] - SHARD_HEADER_SIZE
-            )
-            self._abandon(old_seq, old_block)
-            self.stats.blocks_evicted += 1
-        self._pending_bytes += reserve
+        reserved = self._pending_bytes + geometry.k_minus_1 * shard_size
+        if reserved > self.store_budget or len(pending) >= self.max_blocks_in_flight:
+            reserved = self._evict_for(reserved)
+        self._pending_bytes = reserved
         payload = frame[SHARD_HEADER_SIZE:end]
         if type(payload) is not bytes:
             payload = bytes(payload)
@@ -500,6 +492,19 @@ class ShardDecoder:
         if geometry.k_minus_1 == 0:
             return self._rebuild(seq, block, now)
         return []
+
+    def _evict_for(self, reserved: int) -> int:
+        """Abandon the oldest incomplete blocks until one more fits; returns the bytes
+        reserved with it. A single block larger than the whole budget still gets in."""
+        pending = self._pending
+        while pending and (
+            reserved > self.store_budget or len(pending) >= self.max_blocks_in_flight
+        ):
+            seq, block = pending.popitem(last=False)
+            reserved -= block[_GEOMETRY].k_minus_1 * (block[_END] - SHARD_HEADER_SIZE)
+            self._abandon(seq, block)
+            self.stats.blocks_evicted += 1
+        return reserved
 
     def _mark_decided(self, seq: int, extended: int, flag: int = 0) -> None:
         # A block that fell out of the window must not overwrite the slot of a newer one
