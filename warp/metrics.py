@@ -221,17 +221,35 @@ def snapshot_metrics(snapshot: Mapping[str, Any], *, age_s: float | None = None)
                 data_bytes.add_metric([name, direction], size)
         rebuilt = _number(tunnel.get("blocks_rebuilt"))
         family = f.counter(
-            "warp_tunnel_blocks_rebuilt", "FEC blocks that needed parity to decode", ["tunnel"]
+            "warp_tunnel_blocks_rebuilt",
+            "FEC repairs: received blocks rebuilt with parity because a data shard never "
+            "arrived (0 on a clean link)",
+            ["tunnel"],
         )
         if rebuilt is not None:
             family.add_metric([name], rebuilt)
+        surplus = _number(tunnel.get("surplus_shards"))
+        family = f.counter(
+            "warp_tunnel_surplus_shards",
+            "Shards received after their block was already rebuilt: parity the link did not "
+            "need (normal, not a drop)",
+            ["tunnel"],
+        )
+        if surplus is not None:
+            family.add_metric([name], surplus)
         lost = _number(tunnel.get("datagrams_lost"))
         family = f.counter(
-            "warp_tunnel_datagrams_lost", "Blocks that could not be rebuilt in time", ["tunnel"]
+            "warp_tunnel_datagrams_lost",
+            "Datagrams from the far gate that the application did not get, each counted once",
+            ["tunnel"],
         )
         if lost is not None:
             family.add_metric([name], lost)
-        drops = f.counter("warp_tunnel_drops", "Drops by reason", ["tunnel", "reason"])
+        drops = f.counter(
+            "warp_tunnel_drops",
+            "Real drops by reason (surplus shards are not drops)",
+            ["tunnel", "reason"],
+        )
         raw_drops = tunnel.get("drops")
         if isinstance(raw_drops, Mapping):
             for reason, count in sorted(raw_drops.items()):

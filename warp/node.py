@@ -70,7 +70,14 @@ from warp.paths.prober import (
 )
 from warp.paths.scheduler import ParityChange, PathQuality, ShardScheduler
 from warp.paths.uplinks import Uplink, UplinkEvent, UplinkEventKind, UplinkManager
-from warp.redundancy import SendQueue, ShardDecoder, ShardEncoder, shard_tunnel_id
+from warp.redundancy import (
+    RejectReason,
+    SendQueue,
+    ShardDecoder,
+    ShardEncoder,
+    max_shard_payload,
+    shard_tunnel_id,
+)
 from warp.status import ControlServer, gate_info
 from warp.wireguard import (
     Device,
@@ -96,6 +103,8 @@ SEND_QUEUE_PAUSE = 1024
 #: While held by full uplinks, `_flush` also re-checks this often (an uplink rebuilt or removed
 #: under the hold calls no `on_writable`).
 HOLD_RECHECK = 0.050
+# `shard.rejected` is logged at most this often per tunnel (with the count since the last).
+REJECT_LOG_INTERVAL = 10.0
 #: `_flush` seals this many queued datagrams, collecting their shards per (uplink, remote),
 #: before it sends each collection (`_send_batches`) and re-checks that every sending uplink is
 #: still writable: 16 × (3, 5) shards of 1400 B ≈ 42 KiB, well inside
@@ -223,6 +232,9 @@ class Tunnel:
     gate: Gate | None = None
     timer: TimerSlot | None = None
     drops: dict[str, int] = field(default_factory=dict)
+    # `shard.rejected` log rate limit: when it was last logged, rejections since.
+    reject_logged_at: float = -math.inf
+    rejects_unlogged: int = 0
 
     def drop(self, reason: str, count: int = 1) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + count
@@ -295,17 +307,21 @@ class Gateway:
                 config=tunnel_config,
                 tunnel_id=tunnel_config.tunnel_id,
                 encoder=ShardEncoder(tunnel_config.tunnel_id, k, n, transport.mtu),
+                # Whatever (k, n) the peer's shards carry is decoded; the memory bound
+                # comes from our configured (k, n) and mtu (docs/operations.md, Counters).
                 decoder=ShardDecoder(
                     tunnel_config.tunnel_id,
                     k,
                     n,
                     ordered=transport.ordered,
                     reorder_timeout=transport.reorder_timeout,
+                    max_shard_size=max_shard_payload(transport.mtu),
                 ),
                 # The default spread, survive_uplink_loss: parity is added while the paths
                 # are too few for (k, n) to survive losing an uplink at either end.
                 scheduler=ShardScheduler(k, n, add_parity=True),
             )
+            tunnel.decoder.on_reject = functools.partial(self._on_shard_rejected, tunnel)
             self.tunnels[name] = tunnel
             self._tunnels_by_id[tunnel.tunnel_id] = tunnel
         self._tun_tunnel = next(
@@ -339,10 +355,8 @@ class Gateway:
         self._started_at = time.monotonic()
         self._flush_scheduled = False
         self._paused_gates: set[Gate] = set()
-        # Back-pressure (`_hold`): datagrams taken before the hold, as (tunnel id, datagram,
-        # seconds left of their send deadline).
+        # Back-pressure (`_hold`): the send queue is parked (its deadline clock stopped).
         self._held = False
-        self._parked: list[tuple[int, bytes, float]] = []
         self.holds = 0
         self._last_initiation: bytes | None = None
         # Simultaneous initiation (both sides initiate at once, e.g. on the same map push):
@@ -677,6 +691,19 @@ class Gateway:
                     gate.deliver(datagram)
         if tunnel.timer is not None:
             tunnel.timer.arm(tunnel.decoder.next_deadline())
+
+    def _on_shard_rejected(self, tunnel: Tunnel, reason: RejectReason) -> None:
+        tunnel.rejects_unlogged += 1
+        now = self._now() if self._loop is not None else time.monotonic()
+        if now - tunnel.reject_logged_at >= REJECT_LOG_INTERVAL:
+            log.warning(
+                "shard.rejected tunnel=%s reason=%s count=%d",
+                tunnel.name,
+                reason,
+                tunnel.rejects_unlogged,
+            )
+            tunnel.reject_logged_at = now
+            tunnel.rejects_unlogged = 0
 
     def _on_decoder_timer(self, tunnel: Tunnel) -> None:
         delivered = tunnel.decoder.tick(self._now())
@@ -1128,7 +1155,9 @@ class Gateway:
         transport = tunnel.config.transport
         if self._held:
             # Taken with the gate already asked to pause: parked, the gate stops now.
-            self._parked.append((tunnel.tunnel_id, payload, transport.send_deadline))
+            self.send_queue.push(
+                tunnel.tunnel_id, payload, now, transport.send_deadline, transport.priority
+            )
             self._paused_gates.add(gate)
             return False
         self.send_queue.push(
@@ -1249,10 +1278,7 @@ class Gateway:
         if not self._held:
             self._held = True
             self.holds += 1
-        queue = self.send_queue
-        parked = self._parked
-        while (item := queue.pop(now)) is not None:
-            parked.append((item.tunnel_id, item.datagram, item.expires_at - now))
+        self.send_queue.park(now)
         for tunnel in self.tunnels.values():
             gate = tunnel.gate
             if gate is not None and gate not in self._paused_gates:
@@ -1264,12 +1290,7 @@ class Gateway:
         if not self._held:
             return
         self._held = False
-        parked, self._parked = self._parked, []
-        queue = self.send_queue
-        tunnels = self._tunnels_by_id
-        for tunnel_id, datagram, remaining in parked:
-            priority = tunnels[tunnel_id].config.transport.priority
-            queue.push(tunnel_id, datagram, now, remaining, priority)
+        self.send_queue.restore(now)
 
     def _rearm(self) -> None:
         self._device_timer.arm(self.device.next_deadline())
@@ -1324,11 +1345,13 @@ class Gateway:
             stats = tunnel.decoder.stats
             drops: dict[str, int] = dict(gate.counters.drops) if gate is not None else {}
             tid = tunnel.tunnel_id
+            # Real drops only: surplus shards (parity a clean link did not need) are not.
             for reason, count in (
                 ("send_deadline", queue_stats.dropped_stale_by_tunnel.get(tid, 0)),
                 ("send_queue_full", queue_stats.dropped_overflow_by_tunnel.get(tid, 0)),
                 ("blocks_expired", stats.blocks_expired),
                 ("blocks_evicted", stats.blocks_evicted),
+                ("late_shards", stats.late_shards),
                 ("duplicate_shards", stats.duplicates),
             ):
                 if count:
@@ -1345,9 +1368,8 @@ class Gateway:
                     "bytes_in": gate.counters.bytes_in if gate else 0,
                     "bytes_out": gate.counters.bytes_out if gate else 0,
                     "blocks_rebuilt": stats.blocks_rebuilt,
-                    "datagrams_lost": stats.blocks_expired
-                    + stats.blocks_evicted
-                    + stats.blocks_skipped,
+                    "surplus_shards": stats.surplus_shards,
+                    "datagrams_lost": stats.datagrams_lost,
                     "redundancy": _redundancy(tunnel.scheduler),
                     "drops": drops,
                 }

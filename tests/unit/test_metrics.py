@@ -64,6 +64,7 @@ SNAPSHOT: dict[str, Any] = {
             "bytes_in": 140000,
             "bytes_out": 126000,
             "blocks_rebuilt": 7,
+            "surplus_shards": 40,
             "datagrams_lost": 2,
             "drops": {"send_deadline": 3, "duplicate_shards": 11},
         },
@@ -158,6 +159,12 @@ def test_tunnels_and_drops(served: str) -> None:
     assert value(rebuilt, "warp_tunnel_blocks_rebuilt_total", tunnel="wireguard") == 7
     lost = families["warp_tunnel_datagrams_lost"]
     assert value(lost, "warp_tunnel_datagrams_lost_total", tunnel="wireguard") == 2
+    surplus = families["warp_tunnel_surplus_shards"]
+    assert value(surplus, "warp_tunnel_surplus_shards_total", tunnel="wireguard") == 40
+    with urllib.request.urlopen(served, timeout=5) as reply:
+        text = reply.read().decode()
+    assert "# HELP warp_tunnel_surplus_shards_total Shards received after their block" in text
+    assert "a data shard never arrived (0 on a clean link)" in text
     drops = families["warp_tunnel_drops"]
     assert value(drops, "warp_tunnel_drops_total", tunnel="wireguard", reason="send_deadline") == 3
     assert {s.labels["tunnel"] for s in families["warp_tunnel_info"]} == {"wireguard", "video"}

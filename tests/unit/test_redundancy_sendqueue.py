@@ -41,10 +41,51 @@ def test_datagrams_past_their_deadline_are_dropped_and_counted_never_sent() -> N
     assert queue.pop(0.12) is None
 
 
-def test_a_datagram_exactly_at_its_deadline_still_goes() -> None:
+def test_a_datagram_is_stale_at_its_deadline() -> None:
     queue = SendQueue()
     queue.push(1, b"x", 0.0, 0.25)
-    assert queue.pop(0.25) is not None
+    queue.push(1, b"y", 0.0, 0.25)
+    assert queue.pop(0.2499) is not None
+    assert queue.pop(0.25) is None
+    assert queue.stats.dropped_stale == 1
+
+
+def test_next_expiry_is_when_drop_expired_drops_it() -> None:
+    # A timer armed at next_expiry() must find something to drop, not re-arm at once.
+    queue = SendQueue()
+    for i in range(5):
+        queue.push(1, b"x", i * 0.1, 0.3)
+    while (expiry := queue.next_expiry()) is not None:
+        assert queue.drop_expired(expiry) >= 1
+        after = queue.next_expiry()
+        assert after is None or after > expiry
+    assert queue.stats.dropped_stale == 5
+
+
+def test_parked_datagrams_keep_their_deadline_budget_and_count_once() -> None:
+    queue = SendQueue()
+    queue.push(1, b"a", 0.0, 0.5)
+    queue.push(2, b"b", 0.1, 0.5, priority=3)
+    queue.park(0.2)  # a: 0.3 left, b: 0.4 left
+    assert queue.parked and len(queue) == 2
+    queue.push(1, b"c", 0.3, 0.5)  # taken while parked: its whole 0.5 is left
+    assert queue.pop(0.3) is None
+    assert queue.drop_expired(10.0) == 0
+    assert queue.next_expiry() is None
+    queue.restore(10.0)
+    assert not queue.parked
+    assert queue.next_expiry() == pytest.approx(10.3)
+    assert drain(queue, 10.35) == [b"b", b"c"]  # a's budget ran out at 10.3
+    assert (queue.stats.enqueued, queue.stats.sent, queue.stats.dropped_stale) == (3, 2, 1)
+
+
+def test_parking_is_bounded() -> None:
+    queue = SendQueue(max_length=2)
+    queue.push(1, b"a", 0.0, 1.0)
+    queue.park(0.0)
+    assert queue.push(1, b"b", 0.0, 1.0)
+    assert not queue.push(1, b"c", 0.0, 1.0)
+    assert queue.stats.dropped_overflow == 1 and len(queue) == 2
 
 
 def test_drop_expired_purges_without_sending() -> None:

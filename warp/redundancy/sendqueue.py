@@ -1,8 +1,13 @@
 """Send queue: datagrams wait here for the uplinks, highest priority first.
 
-A datagram not handed to the wire by its deadline is dropped, never sent late: for the
-traffic WARP carries (teleoperation, control loops, WireGuard inside) a late packet is
-worse than a lost one, and sending it would only delay the fresh ones behind it.
+A datagram not handed to the wire before its deadline is dropped, never sent late (it is
+stale at `expires_at`): for the traffic WARP carries (teleoperation, control loops,
+WireGuard inside) a late packet is worse than a lost one, and sending it would only delay
+the fresh ones behind it.
+
+Back-pressure: `park` stops the deadline clock of everything queued (the uplinks cannot
+take more, through no fault of the datagrams) and `restore` starts it again; a datagram
+parked and restored is counted once in `enqueued` and once in `sent`.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ class QueuedDatagram(NamedTuple):
 
 @dataclass(slots=True)
 class SendQueueStats:
-    enqueued: int = 0
+    enqueued: int = 0  # offered to push()
     sent: int = 0  # handed out by pop()
     dropped_stale: int = 0  # past their send deadline
     dropped_overflow: int = 0  # queue full
@@ -46,9 +51,54 @@ class SendQueue:
         self._queues: dict[int, deque[QueuedDatagram]] = {}
         self._priorities: list[int] = []  # ascending; served from the end
         self._length = 0
+        # While parked: (tunnel id, datagram, enqueued at, seconds of deadline left,
+        # priority), in the order they will be restored; None when not parked.
+        self._parked: list[tuple[int, bytes, float, float, int]] | None = None
 
     def __len__(self) -> int:
+        """Datagrams waiting, parked ones included."""
+        if self._parked is not None:
+            return self._length + len(self._parked)
         return self._length
+
+    @property
+    def parked(self) -> bool:
+        return self._parked is not None
+
+    def park(self, now: float) -> None:
+        """Stop the deadline clock: nothing is popped or expires until `restore`; what is
+        pushed meanwhile waits with its whole deadline."""
+        if self._parked is None:
+            self._parked = []
+        parked = self._parked
+        stats = self.stats
+        for priority in reversed(self._priorities):
+            queue = self._queues[priority]
+            for item in queue:
+                if item.expires_at <= now:
+                    stats.dropped_stale += 1
+                    self._count_drop(stats.dropped_stale_by_tunnel, item.tunnel_id)
+                else:
+                    parked.append(
+                        (
+                            item.tunnel_id,
+                            item.datagram,
+                            item.enqueued_at,
+                            item.expires_at - now,
+                            priority,
+                        )
+                    )
+            queue.clear()
+        self._length = 0
+
+    def restore(self, now: float) -> None:
+        """Start the deadline clock again: parked datagrams are queued with what was left of
+        their deadline, in their order."""
+        parked, self._parked = self._parked, None
+        for tunnel_id, datagram, enqueued_at, remaining, priority in parked or ():
+            self._append(
+                QueuedDatagram(tunnel_id, datagram, enqueued_at, now + remaining), priority
+            )
 
     def push(
         self,
@@ -65,27 +115,41 @@ class SendQueue:
         """
         stats = self.stats
         stats.enqueued += 1
+        parked = self._parked
+        if parked is not None:
+            if len(parked) >= self.max_length:
+                self._count_drop(stats.dropped_overflow_by_tunnel, tunnel_id)
+                stats.dropped_overflow += 1
+                return False
+            parked.append((tunnel_id, datagram, now, send_deadline, priority))
+            return True
         if self._length >= self.max_length and not self._make_room(priority):
             self._count_drop(stats.dropped_overflow_by_tunnel, tunnel_id)
             stats.dropped_overflow += 1
             return False
+        self._append(QueuedDatagram(tunnel_id, datagram, now, now + send_deadline), priority)
+        return True
+
+    def _append(self, item: QueuedDatagram, priority: int) -> None:
         queue = self._queues.get(priority)
         if queue is None:
             queue = self._queues[priority] = deque()
             bisect.insort(self._priorities, priority)
-        queue.append(QueuedDatagram(tunnel_id, datagram, now, now + send_deadline))
+        queue.append(item)
         self._length += 1
-        return True
 
     def pop(self, now: float) -> QueuedDatagram | None:
-        """The next datagram to send, dropping (and counting) those past their deadline."""
+        """The next datagram to send, dropping (and counting) those past their deadline;
+        None while parked."""
+        if self._parked is not None:
+            return None
         stats = self.stats
         for priority in reversed(self._priorities):
             queue = self._queues[priority]
             while queue:
                 item = queue.popleft()
                 self._length -= 1
-                if item.expires_at < now:
+                if item.expires_at <= now:
                     stats.dropped_stale += 1
                     self._count_drop(stats.dropped_stale_by_tunnel, item.tunnel_id)
                     continue
@@ -95,13 +159,15 @@ class SendQueue:
 
     def drop_expired(self, now: float) -> int:
         """Drop every datagram past its deadline (e.g. while no uplink can send)."""
+        if self._parked is not None:
+            return 0
         dropped = 0
         stats = self.stats
         for queue in self._queues.values():
             # Deadlines can differ between tunnels of one priority, so scan the whole FIFO.
-            kept = deque(item for item in queue if item.expires_at >= now)
+            kept = deque(item for item in queue if item.expires_at > now)
             for item in queue:
-                if item.expires_at < now:
+                if item.expires_at <= now:
                     self._count_drop(stats.dropped_stale_by_tunnel, item.tunnel_id)
             dropped += len(queue) - len(kept)
             queue.clear()
@@ -111,7 +177,10 @@ class SendQueue:
         return dropped
 
     def next_expiry(self) -> float | None:
-        """Earliest deadline among the queued datagrams, or None when empty."""
+        """Earliest deadline among the queued datagrams (when `drop_expired` drops it), or
+        None when empty or parked."""
+        if self._parked is not None:
+            return None
         expiries = [item.expires_at for queue in self._queues.values() for item in queue]
         return min(expiries) if expiries else None
 

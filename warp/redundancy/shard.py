@@ -96,8 +96,9 @@ def shard_tunnel_id(frame: bytes | bytearray | memoryview) -> int | None:
 def parse_shard_header(frame: bytes | bytearray | memoryview) -> ShardHeader | None:
     """Parse and structurally validate a shard header; None if it is not a valid shard.
 
-    Checks only what a header alone can tell (type, indexes, fragment numbering, that the
-    payload is present); whether k and n match the tunnel is the decoder's business.
+    Checks only what a header alone can tell (type, geometry 1 <= k <= n, indexes, fragment
+    numbering, that the payload is present). Any such (k, n) is valid: the decoder follows
+    each block's own geometry, and checks that a block's shards agree.
     """
     if len(frame) < SHARD_HEADER_SIZE:
         return None

@@ -12,7 +12,7 @@ class RejectReason(StrEnum):
     SHORT = "short"  # shorter than a shard header
     NOT_SHARD = "not_shard"  # first byte is not FrameType.SHARD
     TUNNEL = "tunnel"  # another tunnel's id: routed to the wrong decoder
-    GEOMETRY = "geometry"  # k or n differ from this tunnel's configuration
+    GEOMETRY = "geometry"  # not 1 <= k <= n
     INDEX = "index"  # shard index >= n
     FRAGMENT = "fragment"  # fragment index >= fragment count
     LENGTH = "length"  # block length 0, payload truncated or larger than allowed
@@ -23,12 +23,18 @@ class RejectReason(StrEnum):
 
 @dataclass(slots=True)
 class DecoderStats:
-    duplicates: int = 0  # shards of an already rebuilt/abandoned block, or a repeated index
+    surplus_shards: int = 0  # shards of an already rebuilt block: parity the link did not need
+    late_shards: int = 0  # shards of a block already given up (expired, evicted, unseen)
+    duplicates: int = 0  # a shard index repeated within an incomplete block
+    blocks_decoded: int = 0  # every block rebuilt, from data shards or with parity
+    # Blocks that needed parity: a data shard missing at decode time that had not turned
+    # up block_timeout later (counted then; data shards often arrive just after parity).
     blocks_rebuilt: int = 0
-    decode_calls: int = 0  # rebuilds that needed parity (the others just joined data shards)
+    decode_calls: int = 0  # zfec decodes (a data shard missing when the block was decoded)
     blocks_expired: int = 0  # incomplete after block_timeout
-    blocks_evicted: int = 0  # incomplete, pushed out by max_blocks_in_flight
+    blocks_evicted: int = 0  # incomplete, pushed out by max_blocks_in_flight or the budget
     datagrams_delivered: int = 0
+    datagrams_lost: int = 0  # datagrams the application did not get, each once
     datagrams_incomplete: int = 0  # multi-block datagrams abandoned with some blocks rebuilt
     blocks_skipped: int = 0  # ordered mode: sequence numbers given up after reorder_timeout
     datagrams_late: int = 0  # ordered mode: rebuilt after their place was skipped; dropped
