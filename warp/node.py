@@ -130,6 +130,11 @@ def _host_port(address: Address | None) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _ms(seconds: float | None) -> str:
+    """Milliseconds for logs, ``-`` when unknown (never ``None``)."""
+    return "-" if seconds is None else f"{seconds * 1000:.2f}"
+
+
 def _ip_destination(packet: bytes) -> bytes:
     """The destination address of an IPv4/IPv6 packet (empty if it is neither)."""
     version = packet[0] >> 4
@@ -558,8 +563,7 @@ class Gateway:
     def _on_uplink_change(self, event: UplinkEvent) -> None:
         uplink = event.uplink
         now = self._now()
-        log.info("%s uplink=%s address=%s %s", event.name, uplink.name, uplink.address,
-                 event.reason)  # fmt: skip
+        # (UplinkManager logs uplink.added/removed/rebuilt itself: one line per event.)
         if event.kind is UplinkEventKind.REMOVED:
             self.prober.remove_uplink(uplink.name)
             self._map_reflexive.pop(uplink.name, None)
@@ -782,8 +786,11 @@ class Gateway:
                     if self._handshake_state == "established":
                         self._rekeys += 1
                     self._handshake_state = "established"
-                    if uplink is not None and not self.plain_wireguard:
-                        # (plain WireGuard: no paths, no probes: it would reject them)
+                    if uplink is not None and not self.plain_wireguard and event.initiator:
+                        # The handshake response is an authenticated packet on this path.
+                        # (Responder: completion comes with the first transport packet, which
+                        # `_on_uplink_datagram` counts; counting it here too counted it twice.
+                        # Plain WireGuard: no paths, no probes: it would reject them.)
                         self.prober.on_authenticated(uplink.name, event.source, now)
                     log.info("handshake.complete peer=far_gate initiator=%s source=%s",
                              event.initiator, _host_port(event.source))  # fmt: skip
@@ -916,14 +923,13 @@ class Gateway:
             if isinstance(event, PathStateChanged):
                 path = event.path
                 level = logging.WARNING if event.new is PathState.DEAD else logging.INFO
-                log.log(level, "%s uplink=%s remote=%s:%d rtt_ms=%s", event.name, path.uplink,
-                        path.remote[0], path.remote[1],
-                        None if path.rtt is None else round(path.rtt * 1000, 2))  # fmt: skip
+                log.log(level, "%s uplink=%s remote=%s rtt_ms=%s", event.name, path.uplink,
+                        _host_port(path.remote), _ms(path.rtt))  # fmt: skip
                 if event.new is PathState.ACTIVE:
                     self._schedule_flush()
             elif isinstance(event, PathAdded | PathRemoved):
-                log.info("%s uplink=%s remote=%s:%d", event.name, event.path.uplink,
-                         event.path.remote[0], event.path.remote[1])  # fmt: skip
+                log.info("%s uplink=%s remote=%s", event.name, event.path.uplink,
+                         _host_port(event.path.remote))  # fmt: skip
         if self._loop is not None:
             self._check_relay(self._now())
             self._prober_timer.arm(self.prober.next_deadline())
@@ -973,7 +979,7 @@ class Gateway:
             since, self._relay_since = self._relay_since, None
             paths = [p for p in self.prober.active_paths() if p.uplink != RELAY_UPLINK]
             log.info("relay.direct_restored relayed_s=%s paths=%d",
-                     None if since is None else round(now - since, 3), len(paths))  # fmt: skip
+                     "-" if since is None else round(now - since, 3), len(paths))  # fmt: skip
 
     def _relay_send(self, data: bytes) -> bool:
         """Hand a sealed WireGuard message for the far gate to the map's relay."""

@@ -369,3 +369,35 @@ async def _map_restart(tmp_path: Path) -> None:
             assert await pair.receive("b", 1, timeout=2.0) == [_payload("a", 1)]
     finally:
         server.close()
+
+
+def test_logs_say_each_uplink_once_and_never_none(
+    tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`uplink.added` once per uplink (the manager logs it; the gateway used to repeat it),
+    and no log field prints `None` (a path without RTT yet says `rtt_ms=-`)."""
+    caplog.set_level(logging.INFO, logger="warp")
+    asyncio.run(_connect_only(tmp))
+    messages = [r.getMessage() for r in caplog.records]
+    added = [m for m in messages if m.startswith("uplink.added")]
+    # Two gateways with two uplinks each.
+    assert len(added) == 4, added
+    assert not [m for m in messages if "None" in m]
+    assert any(re.search(r"^path\.\w+ .*rtt_ms=(-|[\d.]+)$", m) for m in messages)
+
+
+def test_responder_counts_each_received_packet_once(tmp: Path) -> None:
+    asyncio.run(_responder_rx_count(tmp))
+
+
+async def _responder_rx_count(tmp_path: Path) -> None:
+    """b only answers (a initiates): its paths' rx_packets add up to exactly the transport
+    packets its WireGuard core received from a, the session's first one included."""
+    async with gateway_pair(tmp_path, initiators=("a",)) as pair:
+        await pair.connected()
+        for i in range(5):
+            pair.send("a", _payload("a", i))
+        assert len(await pair.receive("b", 5)) == 5
+        peer = pair.b.device.peer(pair.b.far_key)
+        assert peer is not None
+        assert sum(p.rx_packets for p in pair.b.prober.paths) == peer.rx_packets
