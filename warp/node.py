@@ -15,7 +15,8 @@ Each sans-I/O object has one timer (`TimerSlot`), re-armed only when its deadlin
 
 Back-pressure: `_flush` takes nothing from the send queue while an uplink its shards would go
 to is unwritable (its socket's send buffer is full: the link is saturated). It *holds*: the
-gates are paused first (a Unix gate's blocking sender then waits in `send()`), and the few
+Unix gates are paused first (their blocking sender then waits in `send()`; loopback and TUN
+gates are never paused, `_has_back_pressure`), and the few
 datagrams warp had already taken are parked with their deadline clock stopped, so a held
 application sees no `send_deadline` drops: the deadline bounds warp's own queueing, not the
 time the link makes the application wait. When every sending uplink is writable again
@@ -92,6 +93,12 @@ _PROBE_REPLY = int(FrameType.PROBE_REPLY)
 SEND_QUEUE_LENGTH = 4096
 #: Gates pause (back-pressure) while this many datagrams wait to be sent.
 SEND_QUEUE_PAUSE = 1024
+#: While the tunnel cannot send (no session, no path, held), expired datagrams are swept from the
+#: queue at their deadline but at most this often: each sweep is O(queue), so a gate's steady
+#: stream costs O(1) per datagram, not O(queue). (`SendQueue.pop` drops anything past its
+#: deadline anyway: the sweep bounds memory and makes room, it is not what keeps stale data off
+#: the wire.)
+STALLED_SWEEP = 0.1
 #: While held by full uplinks, `_flush` also re-checks this often (an uplink rebuilt or removed
 #: under the hold calls no `on_writable`).
 HOLD_RECHECK = 0.050
@@ -133,6 +140,17 @@ def _host_port(address: Address | None) -> str:
 def _ms(seconds: float | None) -> str:
     """Milliseconds for logs, ``-`` when unknown (never ``None``)."""
     return "-" if seconds is None else f"{seconds * 1000:.2f}"
+
+
+def _has_back_pressure(gate: Gate) -> bool:
+    """Whether pausing the gate makes its application wait rather than queue.
+
+    A Unix datagram socket's sender blocks in `send()` (or gets EAGAIN) while warp does not
+    read: real back-pressure. A UDP (loopback) or TUN sender never waits: its packets pile up
+    in a kernel queue and would be read later, stale, with a fresh `send_deadline`. Those
+    gates are therefore never paused: their datagrams are queued with the deadline running and
+    dropped at the queue (past `send_deadline`, or on overflow)."""
+    return gate.kind == "unix"
 
 
 def _ip_destination(packet: bytes) -> bytes:
@@ -373,10 +391,14 @@ class Gateway:
         self._started_at = time.monotonic()
         self._flush_scheduled = False
         self._paused_gates: set[Gate] = set()
-        # Back-pressure (`_hold`): datagrams taken before the hold, as (tunnel id, datagram,
-        # seconds left of their send deadline).
+        # Back-pressure (`_hold`): datagrams taken before the hold.
         self._held = False
-        self._parked: list[tuple[int, bytes, float]] = []
+        self._held_since = 0.0
+        # (tunnel id, datagram, seconds left of its send deadline, deadline clock stopped).
+        self._parked: list[tuple[int, bytes, float, bool]] = []
+        # Stalled queue (`_sweep_stale`): no sweep before this time (None: sweep now).
+        self._sweep_at: float | None = None
+        self._last_sweep = -math.inf
         self.holds = 0
         self._last_initiation: bytes | None = None
         # Simultaneous initiation (both sides initiate at once, e.g. on the same map push):
@@ -1142,16 +1164,20 @@ class Gateway:
             self._after_device(now)
             return None
         transport = tunnel.config.transport
-        if self._held:
+        back_pressure = _has_back_pressure(gate)
+        if self._held and back_pressure:
             # Taken with the gate already asked to pause: parked, the gate stops now.
-            self._parked.append((tunnel.tunnel_id, payload, transport.send_deadline))
+            self._parked.append((tunnel.tunnel_id, payload, transport.send_deadline, True))
             self._paused_gates.add(gate)
             return False
-        self.send_queue.push(
-            tunnel.tunnel_id, payload, now, transport.send_deadline, transport.priority
-        )
+        deadline = transport.send_deadline
+        self.send_queue.push(tunnel.tunnel_id, payload, now, deadline, transport.priority)
+        sweep_at = self._sweep_at
+        if sweep_at is not None and now + deadline < sweep_at:
+            # (Only a tunnel with a shorter send_deadline can move the next sweep earlier.)
+            self._sweep_at = max(now + deadline, self._last_sweep + STALLED_SWEEP)
         self._schedule_flush()
-        if len(self.send_queue) >= SEND_QUEUE_PAUSE:
+        if back_pressure and len(self.send_queue) >= SEND_QUEUE_PAUSE:
             self._paused_gates.add(gate)
             return False
         return None
@@ -1170,17 +1196,19 @@ class Gateway:
         if peer is None or not peer.has_session:
             self._release(now)
             if len(queue):
-                self.counters["no_session"] += queue.drop_expired(now)
+                self.counters["no_session"] += self._sweep_stale(now)
                 self._ensure_session(now)
-            self._queue_timer.arm(queue.next_expiry())
+            self._resume_gates()
+            self._queue_timer.arm(self._sweep_at if len(queue) else None)
             return
         by_uplink = self._update_schedulers()
         uplinks = self.uplinks.uplinks if self.uplinks is not None else {}
         if not by_uplink or not uplinks:
             self._release(now)
             if len(queue):
-                self.counters["no_path"] += queue.drop_expired(now)
-            self._queue_timer.arm(queue.next_expiry())
+                self.counters["no_path"] += self._sweep_stale(now)
+            self._resume_gates()
+            self._queue_timer.arm(self._sweep_at if len(queue) else None)
             return
         targets: dict[str, tuple[Link | None, list[Path]]] = {
             name: (self._relay_link if name == RELAY_UPLINK else uplinks.get(name), paths)
@@ -1189,9 +1217,13 @@ class Gateway:
         sending = [uplink for uplink, _ in targets.values() if uplink is not None]
         if not all(uplink.writable for uplink in sending):
             self._hold(now)
+            if len(queue):
+                # Datagrams of gates without back-pressure, queued during the hold.
+                self._sweep_stale(now)
             self._queue_timer.arm(now + HOLD_RECHECK)
             return
         self._release(now)
+        self._sweep_at = None
         rotation = self._rotation
         seal_many = self.device.seal_many
         far_key = self.far_key
@@ -1234,11 +1266,30 @@ class Gateway:
         if self._held:
             self._queue_timer.arm(now + HOLD_RECHECK)
             return
-        if self._paused_gates and len(queue) < SEND_QUEUE_PAUSE:
+        self._resume_gates()
+        self._queue_timer.arm(queue.next_expiry())
+
+    def _resume_gates(self) -> None:
+        """The one place paused gates resume, at the end of every `_flush`: as soon as the
+        reasons for a pause are gone (no hold, the queue below SEND_QUEUE_PAUSE), whichever
+        way the flush went (sent, no session, no path)."""
+        if self._paused_gates and not self._held and len(self.send_queue) < SEND_QUEUE_PAUSE:
             paused, self._paused_gates = self._paused_gates, set()
             for gate in paused:
                 gate.resume_reading()
-        self._queue_timer.arm(queue.next_expiry())
+
+    def _sweep_stale(self, now: float) -> int:
+        """While the queue cannot drain: drop what is past its deadline, at the next expiry
+        but at most every STALLED_SWEEP (O(queue) per sweep, not per gate datagram). Returns
+        how many were dropped; `_sweep_at` is when to sweep next (the queue timer)."""
+        queue = self.send_queue
+        if self._sweep_at is not None and now < self._sweep_at:
+            return 0
+        dropped = queue.drop_expired(now)
+        self._last_sweep = now
+        expiry = queue.next_expiry()
+        self._sweep_at = None if expiry is None else max(expiry, now + STALLED_SWEEP)
+        return dropped
 
     @staticmethod
     def _send_batches(batches: dict[tuple[str, Address], tuple[Link, Path, list[bytes]]]) -> int:
@@ -1263,17 +1314,24 @@ class Gateway:
         return failed
 
     def _hold(self, now: float) -> None:
-        """Back-pressure on: pause every gate, park what is queued (deadline clock stopped)."""
-        if not self._held:
-            self._held = True
-            self.holds += 1
+        """Back-pressure on: pause the gates with back-pressure and park what is queued (their
+        datagrams' deadline clock stopped: the application waits, not warp). Datagrams of
+        gates without back-pressure keep their deadline running, parked or queued."""
+        if self._held:
+            return
+        self._held = True
+        self._held_since = now
+        self.holds += 1
         queue = self.send_queue
         parked = self._parked
+        tunnels = self._tunnels_by_id
         while (item := queue.pop(now)) is not None:
-            parked.append((item.tunnel_id, item.datagram, item.expires_at - now))
+            gate = tunnels[item.tunnel_id].gate
+            stopped = gate is not None and _has_back_pressure(gate)
+            parked.append((item.tunnel_id, item.datagram, item.expires_at - now, stopped))
         for tunnel in self.tunnels.values():
             gate = tunnel.gate
-            if gate is not None and gate not in self._paused_gates:
+            if gate is not None and _has_back_pressure(gate) and gate not in self._paused_gates:
                 gate.pause_reading()
                 self._paused_gates.add(gate)
 
@@ -1285,9 +1343,13 @@ class Gateway:
         parked, self._parked = self._parked, []
         queue = self.send_queue
         tunnels = self._tunnels_by_id
-        for tunnel_id, datagram, remaining in parked:
+        held_for = now - self._held_since
+        for tunnel_id, datagram, remaining, stopped in parked:
             priority = tunnels[tunnel_id].config.transport.priority
-            queue.push(tunnel_id, datagram, now, remaining, priority)
+            # A running clock past its deadline: `pop` drops it (counted as send_deadline).
+            left = remaining if stopped else remaining - held_for
+            queue.push(tunnel_id, datagram, now, left, priority)
+        self._sweep_at = None
 
     def _rearm(self) -> None:
         self._device_timer.arm(self.device.next_deadline())

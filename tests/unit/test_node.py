@@ -57,6 +57,8 @@ def _config(
     n: int,
     static: bool,
     map_section: str = "",
+    gate_section: str = "",
+    send_deadline: float = 2.0,
 ) -> GatewayConfig:
     other = "b" if side == "a" else "a"
     endpoints = ", ".join(f'"{address}:{port}"' for _, address in UPLINKS[other] if static)
@@ -71,11 +73,9 @@ path_timeout = 1.5
 [far_gate]
 public_key = "{encode_key(public_key_of(keys[other]))}"
 endpoints = [{endpoints}]
-[tunnels.t.gate]
-path = "{tmp / f"{side}.gate"}"
-application_path = "{tmp / f"{side}.app"}"
+{gate_section or _unix_gate(tmp, side)}
 [tunnels.t.transport]
-send_deadline = "2s"
+send_deadline = "{send_deadline}s"
 [tunnels.t.transport.redundancy]
 num_shards = {n}
 required_shards = {k}
@@ -83,6 +83,13 @@ required_shards = {k}
 socket = "{tmp / f"{side}.ctl"}"
 """
     return parse_gateway_config(text)
+
+
+def _unix_gate(tmp: Path, side: str) -> str:
+    return f"""[tunnels.t.gate]
+path = "{tmp / f"{side}.gate"}"
+application_path = "{tmp / f"{side}.app"}"
+"""
 
 
 @dataclass
@@ -128,13 +135,28 @@ async def gateway_pair(
     before_start: Callable[[Gateway, Gateway], None] | None = None,
     initiators: tuple[str, ...] = ("a", "b"),
     map_section: str = "",
+    gate_sections: dict[str, str] | None = None,
+    send_deadline: float = 2.0,
 ) -> AsyncIterator[Pair]:
-    """``initiators``: the sides that get the other's addresses (static endpoints)."""
+    """``initiators``: the sides that get the other's addresses (static endpoints);
+    ``gate_sections``: a side's `[tunnels.t.gate]` instead of the unix gate (then no app
+    socket for that side)."""
     keys = {"a": generate_private_key(), "b": generate_private_key()}
     port = _free_port()
     gateways = {
         side: Gateway(
-            _config(tmp, side, keys, port, k, n, side in initiators, map_section),
+            _config(
+                tmp,
+                side,
+                keys,
+                port,
+                k,
+                n,
+                side in initiators,
+                map_section,
+                (gate_sections or {}).get(side, ""),
+                send_deadline,
+            ),
             static_uplinks=UPLINKS[side],
         )
         for side in ("a", "b")
@@ -147,10 +169,14 @@ async def gateway_pair(
     try:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 5
-        while not all((tmp / f"{s}.gate").exists() for s in gateways):
+        unix_sides = [s for s in gateways if s not in (gate_sections or {})]
+        while not all(
+            (tmp / f"{s}.gate").exists() if s in unix_sides else gateways[s].tunnels["t"].gate
+            for s in gateways
+        ):
             assert loop.time() < deadline, "gates did not start"
             await asyncio.sleep(0.005)
-        for side in gateways:
+        for side in unix_sides:
             app = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             app.bind(str(tmp / f"{side}.app"))
             app.connect(str(tmp / f"{side}.gate"))
@@ -401,3 +427,163 @@ async def _responder_rx_count(tmp_path: Path) -> None:
         peer = pair.b.device.peer(pair.b.far_key)
         assert peer is not None
         assert sum(p.rx_packets for p in pair.b.prober.paths) == peer.rx_packets
+
+
+def _silence(gateway: Gateway) -> Callable[[], None]:
+    """Everything `gateway` sends vanishes (its peer's paths die) until the returned function
+    gives its uplinks their transports back."""
+    assert gateway.uplinks is not None
+    saved = {}
+    for uplink in gateway.uplinks.uplinks.values():
+        saved[uplink] = uplink._transport
+        uplink._transport = _BlackHole()  # type: ignore[assignment]
+
+    def restore() -> None:
+        for uplink, transport in saved.items():
+            uplink._transport = transport
+
+    return restore
+
+
+async def _until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, what
+        await asyncio.sleep(0.01)
+
+
+def _stamped(i: int, at: float, size: int = 120) -> bytes:
+    head = f"{i}:{at!r}:".encode()
+    return head + bytes(size - len(head))
+
+
+def _stamp(payload: bytes) -> tuple[int, float]:
+    index, at, _ = payload.split(b":", 2)
+    return int(index), float(at)
+
+
+def test_paused_unix_gate_resumes_when_a_path_returns(tmp: Path) -> None:
+    asyncio.run(_paused_unix_gate(tmp))
+
+
+async def _paused_unix_gate(tmp_path: Path) -> None:
+    """No path (b's replies vanish): the application fills warp's queue and the unix gate
+    pauses (the application's `send()` would block). Datagrams past `send_deadline` are
+    dropped and never sent; once a path is back, the application can send again and its new
+    datagrams arrive. (The gate used to stay paused for good: only a successful flush
+    resumed it.)"""
+    deadline = 0.5
+    async with gateway_pair(tmp_path, initiators=("a",), send_deadline=deadline) as pair:
+        await pair.connected()
+        await _until(lambda: len(pair.a.prober.active_paths()) == 4, 5, "paths not active")
+        restore = _silence(pair.b)
+        await _until(lambda: not pair.a.prober.active_paths(), 5, "a's paths did not die")
+        loop = asyncio.get_running_loop()
+        stalled = 0
+        blocked_since: float | None = None
+        while stalled < 5000:
+            try:
+                pair.send("a", _stamped(stalled, loop.time()))
+            except BlockingIOError:
+                # The socket is full: the gate reads it, unless paused.
+                now = loop.time()
+                blocked_since = blocked_since or now
+                if now - blocked_since > 0.2:
+                    break
+                await asyncio.sleep(0.001)
+                continue
+            blocked_since = None
+            stalled += 1
+        assert stalled < 5000, "the gate never pushed back"
+        assert pair.a._paused_gates, "the gate did not pause"
+        # Twice the deadline: what warp took, and what waited in the socket, is stale by now.
+        await asyncio.sleep(2 * deadline + 0.3)
+        restore()
+        await _until(lambda: bool(pair.a.prober.active_paths()), 3, "no path came back")
+        fresh = []
+        for i in range(stalled, stalled + 50):
+            payload = _stamped(i, loop.time())
+            pair.send("a", payload)  # raises BlockingIOError if the gate never resumed
+            fresh.append(payload)
+            await asyncio.sleep(0.002)
+        got = await pair.receive("b", 50, timeout=3.0)
+        await asyncio.sleep(0.2)
+        got += await pair.receive("b", 10_000, timeout=0.1)
+        assert set(fresh) <= set(got)
+        # Nothing that waited past send_deadline went on the wire.
+        stale = [i for i, _ in map(_stamp, got) if i < stalled]
+        assert not stale, f"{len(stale)} stale datagrams delivered"
+        assert pair.a.counters["no_path"] > 0
+
+
+def test_loopback_gate_never_sends_what_waited_past_send_deadline(tmp: Path) -> None:
+    asyncio.run(_loopback_gate(tmp))
+
+
+async def _loopback_gate(tmp_path: Path) -> None:
+    """A loopback (UDP) gate: its application never waits, so the gate is never paused (its
+    datagrams would wait in the kernel and be read later with a fresh deadline). While there
+    is no path the datagrams expire in warp's queue; after the path returns every datagram
+    delivered is younger than `send_deadline`, and the new ones arrive."""
+    deadline = 0.5
+    ports = {side: _free_port() for side in ("in", "out")}
+    gates = {
+        "a": f'[tunnels.t.gate]\ntype = "loopback"\napplication_to_gate = {ports["in"]}\n',
+        "b": f'[tunnels.t.gate]\ntype = "loopback"\napplication_to_gate = {_free_port()}\n'
+        f"gate_to_application = {ports['out']}\n",
+    }
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", ports["out"]))
+    sink.setblocking(False)
+    source = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    source.setblocking(False)
+    loop = asyncio.get_running_loop()
+
+    def receive_all() -> list[tuple[float, bytes]]:
+        out = []
+        while True:
+            try:
+                out.append((loop.time(), sink.recv(2048)))
+            except BlockingIOError:
+                return out
+
+    try:
+        async with gateway_pair(
+            tmp_path, initiators=("a",), gate_sections=gates, send_deadline=deadline
+        ) as pair:
+            source.connect(("127.0.0.1", ports["in"]))
+            source.send(b"hello")  # starts the handshake
+            await pair.connected()
+            await _until(lambda: len(pair.a.prober.active_paths()) == 4, 5, "paths not active")
+            restore = _silence(pair.b)
+            await _until(lambda: not pair.a.prober.active_paths(), 5, "a's paths did not die")
+            stalled = 0
+            for i in range(3000):
+                with contextlib.suppress(BlockingIOError):
+                    source.send(_stamped(i, loop.time()))
+                    stalled += 1
+                if i % 100 == 0:
+                    await asyncio.sleep(0.001)
+            await asyncio.sleep(deadline / 2)
+            restore()
+            await _until(lambda: bool(pair.a.prober.active_paths()), 3, "no path came back")
+            received: list[tuple[float, bytes]] = []
+            for i in range(3000, 3050):
+                source.send(_stamped(i, loop.time()))
+                await asyncio.sleep(0.002)
+                received += receive_all()
+            await asyncio.sleep(0.3)
+            received += receive_all()
+        got = {
+            _stamp(payload)[0]: at - _stamp(payload)[1]
+            for at, payload in received
+            if payload != b"hello"
+        }
+        assert set(range(3000, 3050)) <= set(got), "new datagrams did not arrive"
+        ages = sorted(got.values())
+        assert ages[-1] <= deadline + 0.1, ages[-5:]
+        assert not pair.a._paused_gates
+    finally:
+        sink.close()
+        source.close()
