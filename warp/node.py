@@ -66,6 +66,7 @@ from warp.paths.prober import (
     PathProber,
     PathRemoved,
     PathStateChanged,
+    drop_superseded,
     make_probe_reply,
 )
 from warp.paths.scheduler import PathQuality, ShardScheduler
@@ -899,10 +900,10 @@ class Gateway:
 
     # ------------------------------------------------------------------ paths
 
-    def _sending_paths(self) -> list[Path]:
+    def _sending_paths(self, now: float | None = None) -> list[Path]:
         """Paths to put shards on: the active direct ones, else the relay if it is active, else
         (nothing proven yet) the probing direct ones. Of several active paths from one uplink
-        to one remote host, one superseded by a fresher one (`_drop_superseded`) is left out."""
+        to one remote host, one a NAT rebinding replaced (`drop_superseded`) is left out."""
         direct: list[Path] = []
         relay: list[Path] = []
         probing: list[Path] = []
@@ -916,7 +917,11 @@ class Gateway:
             elif state is PathState.PROBING:
                 probing.append(path)
         if direct:
-            return _drop_superseded(direct) if len(direct) > 1 else direct
+            if len(direct) == 1:
+                return direct
+            if now is None:
+                now = self._now() if self._loop is not None else time.monotonic()
+            return drop_superseded(direct, now)
         return relay or probing
 
     def _update_schedulers(self) -> dict[str, list[Path]]:
@@ -1463,30 +1468,6 @@ class Gateway:
             "uplinks": uplink_rows,
             "counters": dict(self.counters),
         }
-
-
-#: An active path that heard nothing for this long while another path from the same uplink to
-#: the same remote host did is superseded: the peer's NAT rebound (new port), its old mapping
-#: is likely gone. It is still probed (and used again if it answers).
-SUPERSEDED_AFTER = 0.3
-
-
-def _drop_superseded(paths: list[Path]) -> list[Path]:
-    """Leave out paths that a fresher path (same uplink, same remote host, other port)
-    superseded: after a NAT rebinding the peer speaks from a new port at once (learned path),
-    while the old one stays `active` until path_timeout; shards sent there would be lost."""
-    freshest: dict[tuple[str, str], float] = {}
-    for path in paths:
-        key = (path.uplink, path.remote[0])
-        heard = path.last_authenticated or 0.0
-        if heard > freshest.get(key, -1.0):
-            freshest[key] = heard
-    kept = [
-        p
-        for p in paths
-        if (p.last_authenticated or 0.0) >= freshest[(p.uplink, p.remote[0])] - SUPERSEDED_AFTER
-    ]
-    return kept or paths
 
 
 def install_event_loop_policy() -> str:

@@ -23,6 +23,7 @@ import pytest
 from warp.config import GatewayConfig, parse_gateway_config, parse_map_config
 from warp.keys import encode_key, generate_private_key, public_key_of
 from warp.node import Gateway
+from warp.paths.prober import PathProber, make_probe_reply
 from warp.paths.scheduler import ShardScheduler
 from warp_map_server.server import MapServer
 
@@ -587,3 +588,30 @@ async def _loopback_gate(tmp_path: Path) -> None:
     finally:
         sink.close()
         source.close()
+
+
+def test_two_live_paths_behind_one_public_ip_both_carry_shards(tmp: Path) -> None:
+    """The far gate's two uplinks behind one NAT: two paths from our uplink to one public IP,
+    idle (each heard only by its own probes, half a second apart). Both are sending paths
+    (the old rule left out whichever was heard > 0.3 s before the other)."""
+    keys = {"a": generate_private_key(), "b": generate_private_key()}
+    gateway = Gateway(_config(tmp, "a", keys, 51820, 2, 4, False), static_uplinks=UPLINKS["a"])
+    # The defaults (probe every 1 s, path_timeout 3 s), so the probe phases can differ by 0.5 s.
+    prober = gateway.prober = PathProber(1.0, 3.0)
+    remotes = [("198.51.100.7", 40001), ("198.51.100.7", 40002)]
+    for offset, remote in zip((0.0, 0.5), remotes, strict=True):
+        prober.add_candidate("up1", remote, "map", offset)
+    now = 0.0
+    seen: set[tuple[str, int]] = set()
+    while now < 6.0:
+        for uplink, remote, frame in prober.tick(now):
+            reply = make_probe_reply(frame)
+            assert reply is not None
+            prober.on_authenticated(uplink, remote, now + 0.01)
+            prober.on_probe_reply(reply, uplink, remote, now + 0.01)
+        sending = gateway._sending_paths(now)
+        if now > 2.0:
+            assert sorted(p.remote for p in sending) == remotes, now
+        seen.update(p.remote for p in sending)
+        now = round(now + 0.05, 3)
+    assert seen == set(remotes)

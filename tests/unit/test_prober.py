@@ -17,6 +17,7 @@ from warp.paths.prober import (
     PathProber,
     PathRemoved,
     PathStateChanged,
+    drop_superseded,
     encode_probe,
     make_probe_reply,
     parse_probe,
@@ -363,3 +364,52 @@ def test_cached_next_deadline_matches_a_full_recompute(
             prober.remove_path(uplink, remote)
         cached = prober.next_deadline()
         assert cached == _uncached_deadline(prober)
+
+
+# --- NAT rebinding vs two uplinks behind one public IP -----------------------------------
+
+P1: Address = ("198.51.100.7", 40001)
+P2: Address = ("198.51.100.7", 40002)  # same public IP (one NAT), another port
+
+
+def _two_ports_one_ip(stop_p1_at: float | None = None) -> tuple[Harness, list[list[Address]]]:
+    """Two paths from one uplink to one public IP, probed half a second apart (idle traffic:
+    each is heard only through its own probes, every second). Returns the harness and, every
+    50 ms from t = 5 to 15, the remotes `drop_superseded` keeps for sending."""
+    prober = PathProber(1.0, 3.0, random.Random(1))
+    h = Harness(prober)
+
+    def reply(_uplink: str, remote: Address, _frame: bytes, t: float) -> float | None:
+        if stop_p1_at is not None and remote == P1 and t >= stop_p1_at:
+            return None  # the peer's NAT rebound: P1's mapping is gone
+        return t + 0.02
+
+    prober.add_candidate("up1", P1, "map", 0.0)
+    h.run_until(0.5, reply)
+    prober.add_candidate("up1", P2, "map", 0.5)
+    kept: list[list[Address]] = []
+    t = 5.0
+    while t < 15.0:
+        h.run_until(t, reply)
+        kept.append([p.remote for p in drop_superseded(prober.active_paths(), t)])
+        t = round(t + 0.05, 3)
+    return h, kept
+
+
+def test_two_live_paths_behind_one_ip_are_both_kept() -> None:
+    h, kept = _two_ports_one_ip()
+    assert {p.state for p in h.prober.paths} == {PathState.ACTIVE}
+    # At some of these instants P1 was last heard > 0.3 s before P2 (the old rule dropped it).
+    assert all(sorted(remotes) == [P1, P2] for remotes in kept), kept
+
+
+def test_path_replaced_by_nat_rebinding_is_left_out_within_a_probe_interval() -> None:
+    _, kept = _two_ports_one_ip(stop_p1_at=8.0)
+    instants = [round(5.0 + 0.05 * i, 3) for i in range(len(kept))]
+    by_time = dict(zip(instants, kept, strict=True))
+    assert all(sorted(r) == [P1, P2] for t, r in by_time.items() if t < 8.0)
+    # P1's first unanswered probe goes out at 8.0 (its probes run on whole seconds): left out
+    # 0.3 s + 2 RTT later, for good (until P1 dies at path_timeout, or answers again).
+    left_out = [t for t, r in by_time.items() if r == [P2]]
+    assert left_out and left_out[0] <= 8.0 + 0.3 + 0.04 + 0.05
+    assert all(by_time[t] == [P2] for t in instants if left_out[0] <= t < 11.0)

@@ -443,6 +443,59 @@ class PathProber:
         return encode_probe(probe_id, now)
 
 
+SUPERSEDED_AFTER = 0.3
+"""How much later than a path another path from the same uplink to the same remote host must
+have been heard, and (plus 2 × RTT) how long a probe of the first must have gone unanswered,
+for the first to count as replaced by a NAT rebinding (`drop_superseded`)."""
+
+
+def drop_superseded(paths: list[Path], now: float) -> list[Path]:
+    """The paths minus those a NAT rebinding replaced, for sending (they stay in the table,
+    probed, and are used again as soon as they answer).
+
+    After a rebinding the peer speaks from a new port at once (a learned path) while the old
+    path stays `active` until `path_timeout`: shards sent there are lost. A path is replaced
+    when another path from the same uplink to the same remote host (another port) was heard
+    more than SUPERSEDED_AFTER after it, *and* it went silent itself: a probe sent on it after
+    its last packet has been unanswered for more than SUPERSEDED_AFTER + 2 × its RTT. So it
+    is left out at most one probe interval (`holepunch_keep_alive_interval`) plus that after
+    the rebinding. Two live paths behind one public IP (the peer's two uplinks behind one NAT)
+    both answer their probes: neither is left out, however their probe phases differ (with
+    idle traffic each is heard only through its own probes, up to a probe interval apart)."""
+    freshest: dict[tuple[str, str], float] = {}
+    for path in paths:
+        key = (path.uplink, path.remote[0])
+        heard = path.last_authenticated
+        if heard is not None and heard > freshest.get(key, -1.0):
+            freshest[key] = heard
+    kept = []
+    for path in paths:
+        heard = path.last_authenticated
+        fresher = freshest.get((path.uplink, path.remote[0]))
+        if (
+            heard is not None
+            and fresher is not None
+            and fresher - heard > SUPERSEDED_AFTER
+            and _went_silent(path, heard, now)
+        ):
+            continue
+        kept.append(path)
+    return kept or paths
+
+
+def _went_silent(path: Path, heard: float, now: float) -> bool:
+    """A probe sent after the path's last authenticated packet is overdue (any reply would
+    have moved `last_authenticated` past it)."""
+    oldest: float | None = None
+    for record in reversed(path.probes):
+        if record.sent_at <= heard:
+            break
+        oldest = record.sent_at
+    if oldest is None:
+        return False
+    return now - oldest > SUPERSEDED_AFTER + 2 * (path.rtt or 0.0)
+
+
 def _norm(remote: Address) -> Address:
     if len(remote) != 2:  # an IPv6 sockaddr (host, port, flowinfo, scope_id)
         return (remote[0], remote[1])
