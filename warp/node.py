@@ -1383,7 +1383,10 @@ class Gateway:
                     }
                 )
         for path in self.prober.paths:
-            loss = path.loss
+            # A dead path shows its state and how long since it was heard, no stale figures.
+            dead = path.state is PathState.DEAD
+            loss = None if dead else path.loss
+            rtt = None if dead else path.rtt
             paths.append(
                 {
                     "uplink": path.uplink,
@@ -1391,7 +1394,7 @@ class Gateway:
                     "remote_address": f"{path.remote[0]}:{path.remote[1]}",
                     "source": path.source,
                     "state": str(path.state),
-                    "rtt_ms": None if path.rtt is None else round(path.rtt * 1000, 3),
+                    "rtt_ms": None if rtt is None else round(rtt * 1000, 3),
                     "loss_pct": None if loss is None else round(loss * 100, 1),
                     "last_rx_age_s": None
                     if path.last_authenticated is None

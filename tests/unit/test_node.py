@@ -14,6 +14,7 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -615,3 +616,28 @@ def test_two_live_paths_behind_one_public_ip_both_carry_shards(tmp: Path) -> Non
         seen.update(p.remote for p in sending)
         now = round(now + 0.05, 3)
     assert seen == set(remotes)
+
+
+def test_status_of_a_dead_path_shows_no_stale_figures(tmp: Path) -> None:
+    """`warp status` / metrics rows: a dead path has its state and how long since it was
+    last heard, no loss or RTT figure (it used to show 3-10 % and its old RTT)."""
+    keys = {"a": generate_private_key(), "b": generate_private_key()}
+    gateway = Gateway(_config(tmp, "a", keys, 51820, 2, 4, False), static_uplinks=UPLINKS["a"])
+    prober = gateway.prober  # probe every 0.5 s, path_timeout 1.5 s
+    start = time.monotonic() - 20.0  # the snapshot's clock (no running loop): monotonic
+    remote = ("198.51.100.7", 40001)
+    prober.add_candidate("up1", remote, "map", start)
+    t = start
+    while t < start + 10.0:
+        for uplink, where, frame in prober.tick(t):
+            if t < start + 5.0:  # answered for 5 s, then silence
+                reply = make_probe_reply(frame)
+                assert reply is not None
+                prober.on_authenticated(uplink, where, t + 0.02)
+                prober.on_probe_reply(reply, uplink, where, t + 0.02)
+        t += 0.1
+    (row,) = gateway.snapshot()["paths"]
+    assert row["state"] == "dead"
+    assert row["loss_pct"] is None
+    assert row["rtt_ms"] is None
+    assert row["last_rx_age_s"] == pytest.approx(15.5, abs=0.6)

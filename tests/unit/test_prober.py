@@ -413,3 +413,28 @@ def test_path_replaced_by_nat_rebinding_is_left_out_within_a_probe_interval() ->
     left_out = [t for t, r in by_time.items() if r == [P2]]
     assert left_out and left_out[0] <= 8.0 + 0.3 + 0.04 + 0.05
     assert all(by_time[t] == [P2] for t in instants if left_out[0] <= t < 11.0)
+
+
+def test_loss_window_and_rtt_restart_when_a_dead_path_returns() -> None:
+    """Dead for 20 s (20 probes unanswered), then back with another RTT: right after it
+    returns it shows no loss figure yet (not the outage's 87.5 %) and the new RTT (not the old
+    one); then the loss of what it does now."""
+    prober = PathProber(1.0, 3.0, random.Random(2))
+    h = Harness(prober)
+
+    def reply(_u: str, _r: Address, _f: bytes, t: float) -> float | None:
+        if 10.0 <= t < 30.0:
+            return None
+        return t + (0.02 if t < 10.0 else 0.2)
+
+    prober.add_candidate("up1", A, "map", 0.0)
+    h.run_until(29.9, reply)
+    path = prober.get("up1", A)
+    assert path is not None and path.state is PathState.DEAD
+    assert path.snapshot()["loss"] is None and path.snapshot()["rtt_ms"] is None
+    h.run_until(30.5, reply)
+    assert path.state is PathState.ACTIVE
+    assert path.loss is None  # a fresh window: nothing settled since it came back
+    assert path.rtt == pytest.approx(0.2)
+    h.run_until(40.0, reply)
+    assert path.loss == 0.0

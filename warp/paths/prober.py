@@ -373,6 +373,8 @@ class PathProber:
         old = path.state
         if old is new:
             return
+        if old is PathState.DEAD:
+            path.restart_measurements()
         path.state = new
         path.state_since = now
         self._deadline_valid = False
