@@ -1085,6 +1085,9 @@ class Gateway:
             elif isinstance(event, PeerEndpointsChanged):
                 endpoints = ",".join(f"{h}:{p}" for h, p in event.endpoints)
                 log.info("map.peer_endpoints endpoints=%s pushed=%s", endpoints, event.pushed)
+                # Remotes the map no longer lists (a restarted peer's old NAT ports) are
+                # forgotten once dead (`PathProber.forget_after`).
+                self.prober.map_endpoints_changed(event.endpoints)
                 if self.uplinks is not None:
                     for name in self.uplinks.uplinks:
                         for endpoint in event.endpoints:

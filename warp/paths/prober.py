@@ -154,7 +154,12 @@ class PathProber:
         self.forget_after = (
             float(forget_after) if forget_after is not None else 10 * self.path_timeout
         )
-        """A dead *learned* path is dropped after this long (map/static ones stay)."""
+        """A dead path that nothing offers any more is dropped after this long: a *learned*
+        one (heard from, or listed by the map earlier, `map_endpoints_changed`). Paths the map
+        lists now, `far_gate.endpoints` (static) and the relay stay. So a path no longer
+        offered is gone at most `path_timeout + forget_after` after its last authenticated
+        packet (33 s with the defaults), and the table holds, per uplink, the offered remotes
+        plus those heard within that time (never more than `max_paths`)."""
         self._rng = rng if rng is not None else random.Random()
         self._next_id = self._rng.getrandbits(32)
         self._paths: dict[PathKey, Path] = {}
@@ -317,6 +322,17 @@ class PathProber:
             del self._paths[path.key]
             self._events.append(PathRemoved(path, "uplink removed", None))
         return gone
+
+    def map_endpoints_changed(self, endpoints: Iterable[Address]) -> None:
+        """The far gate's endpoints as the map lists them now. A path to a remote the map
+        no longer lists (a restarted peer's old NAT port) counts as learned from then on:
+        still used while it is alive, forgotten `forget_after` after it died (see
+        `forget_after`)."""
+        offered = {_norm(endpoint) for endpoint in endpoints}
+        for path in self._paths.values():
+            if path.source == "map" and path.remote not in offered:
+                path.source = "learned"
+                self._deadline_valid = False
 
     def remove_remote(self, remote: Address) -> list[Path]:
         """Forget every path to a remote address (e.g. the map no longer lists it)."""
