@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import random
-import re
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -548,15 +547,16 @@ class Gateway:
                 max_consecutive_failures=interfaces.max_consecutive_failures,
             )
         else:
-            # Never carry the tunnel over itself: our own tun gates are never uplinks.
-            own_tuns = [
-                f"^{re.escape(t.config.gate.name)}$"
-                for t in self.tunnels.values()
-                if isinstance(t.config.gate, TunGate)
+            # Never carry the tunnel over itself: our own tun gates, any WireGuard/TUN link and
+            # any interface addressed inside a tun gate's allowed_ips are never uplinks.
+            tun_gates = [
+                t.config.gate for t in self.tunnels.values() if isinstance(t.config.gate, TunGate)
             ]
             self.uplinks = UplinkManager(
                 inclusion_patterns=[p.pattern for p in interfaces.inclusion_patterns],
-                exclusion_patterns=[p.pattern for p in interfaces.exclusion_patterns] + own_tuns,
+                exclusion_patterns=[p.pattern for p in interfaces.exclusion_patterns],
+                own_tuns=[gate.name for gate in tun_gates],
+                tunnel_networks=[net for gate in tun_gates for net in gate.allowed_ips],
                 bind_to_device=interfaces.bind_to_device,
                 listen_port=self.config.listen_port,
                 scan_interval=interfaces.interface_scan_interval,
