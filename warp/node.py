@@ -72,6 +72,7 @@ from warp.paths.scheduler import PathQuality, ShardScheduler
 from warp.paths.uplinks import Uplink, UplinkEvent, UplinkEventKind, UplinkManager
 from warp.redundancy import SendQueue, ShardDecoder, ShardEncoder, shard_tunnel_id
 from warp.status import ControlServer, gate_info
+from warp.unanswered import Unanswered
 from warp.wireguard import (
     Device,
     HandshakeComplete,
@@ -127,6 +128,15 @@ RELAY_UPLINK = "relay"
 #: direct path died): fall back to the map's relay for the data path (direct paths keep
 #: being probed in the background; traffic moves back as soon as one is active).
 RELAY_FALLBACK_AFTER = 2.5
+#: A handshake (map or far gate) unanswered for this many initiations, the first at least
+#: UNANSWERED_AFTER seconds ago, is logged as a WARNING naming the likely cause, once per
+#: episode (WireGuard retries every 5 s: about 10 s after the first try).
+UNANSWERED_TRIES = 3
+UNANSWERED_AFTER = 10.0
+#: The map still refuses to say where the far gate is this long after the first refusal (the
+#: map retries every interface_scan_interval): a WARNING, where a refusal at start (the far
+#: gate not up yet) is normal.
+LOOKUP_REFUSED_WARN_AFTER = 20.0
 
 
 def _host_port(address: Address | None) -> str:
@@ -410,6 +420,10 @@ class Gateway:
         self._reinitiate: asyncio.TimerHandle | None = None
         self.collisions = 0
         self._handshake_state = "none"
+        # Loud misconfiguration: handshakes / lookups that keep getting no answer.
+        self._far_unanswered = Unanswered(UNANSWERED_TRIES, UNANSWERED_AFTER)
+        self._map_unanswered = Unanswered(UNANSWERED_TRIES, UNANSWERED_AFTER)
+        self._lookup_refused = Unanswered(1, LOOKUP_REFUSED_WARN_AFTER)
         self._rekeys = 0
         self._handshakes = 0
         self._stopping = False
@@ -786,6 +800,30 @@ class Gateway:
         self.device.initiate_handshake(self.far_key, now, force=True)
         self._after_device(now)
 
+    def _initiation_sent(self, peer: bytes, now: float) -> None:
+        """One more handshake try: a WARNING once per episode when they keep going unanswered,
+        naming the likely causes (cleared by `_handshake_answered`)."""
+        if peer == self.far_key:
+            far = self._far_unanswered
+            far.tried(now)
+            if far.due(now) and far.since is not None:
+                log.warning("far_gate.unanswered handshakes=%d for_s=%.1f paths=%d likely: far "
+                            "gate not running/not registered, or wrong far_gate.public_key",
+                            far.count, now - far.since, len(self.prober))  # fmt: skip
+        elif peer == self.map_key:
+            watch = self._map_unanswered
+            watch.tried(now)
+            if watch.due(now) and watch.since is not None:
+                log.warning("map.unreachable handshakes=%d for_s=%.1f address=%s likely: map down, "
+                            "wrong map address or wrong warp_map.public_key", watch.count,
+                            now - watch.since, _host_port(self.map_address))  # fmt: skip
+
+    def _handshake_answered(self, peer: bytes) -> None:
+        if peer == self.far_key and self._far_unanswered.answered():
+            log.info("far_gate.answered")
+        elif peer == self.map_key and self._map_unanswered.answered():
+            log.info("map.reachable")
+
     def _send_initiation(self, out: Outgoing) -> None:
         if out.peer == self.far_key:
             self._initiating = True
@@ -802,6 +840,8 @@ class Gateway:
         if not targets and out.destination is not None and self.uplinks:
             targets = [(name, out.destination) for name in self.uplinks.uplinks]
         self._send_on(targets, out.data)
+        if targets and out.peer is not None and self._loop is not None:
+            self._initiation_sent(out.peer, self._now())
 
     def _send_to_peer(self, out: Outgoing) -> None:
         """A transport/keepalive the core emitted by itself (staged flush, keepalive timer)."""
@@ -836,6 +876,7 @@ class Gateway:
     def _handle_device_events(self, uplink: Link | None, now: float) -> None:
         for event in self.device.drain_events():
             if isinstance(event, HandshakeComplete):
+                self._handshake_answered(event.peer)
                 if event.peer == self.far_key:
                     self._initiating = False
                     self._handshakes += 1
@@ -1085,6 +1126,8 @@ class Gateway:
             elif isinstance(event, PeerEndpointsChanged):
                 endpoints = ",".join(f"{h}:{p}" for h, p in event.endpoints)
                 log.info("map.peer_endpoints endpoints=%s pushed=%s", endpoints, event.pushed)
+                if event.endpoints and self._lookup_refused.answered():
+                    log.info("far_gate.found endpoints=%s", endpoints)
                 # Remotes the map no longer lists (a restarted peer's old NAT ports) are
                 # forgotten once dead (`PathProber.forget_after`).
                 self.prober.map_endpoints_changed(event.endpoints)
@@ -1095,7 +1138,10 @@ class Gateway:
                 self._ensure_session(now)
                 self._after_prober()
             elif isinstance(event, LookupRefused):
+                # Normal at start (the far gate is not up yet): a WARNING only if it lasts.
                 log.info("map.lookup_refused code=%s %s", event.code, event.message)
+                if self._lookup_refused.since is None:
+                    self._lookup_refused.tried(now)
             elif isinstance(event, RehandshakeNeeded):
                 if self.map_key is not None:
                     # Hold map frames (`_map_pending`) until this handshake completes.
@@ -1109,6 +1155,11 @@ class Gateway:
                 self._on_relayed(event.sender, event.payload, now)
             elif isinstance(event, Stopped):
                 log.info("map.deregistered acknowledged=%s", event.acknowledged)
+        refused = self._lookup_refused
+        if refused.due(now) and refused.since is not None:
+            log.warning("far_gate.unanswered map_lookup=refused for_s=%.1f likely: far gate not "
+                        "running/not registered, or wrong far_gate.public_key",
+                        now - refused.since)  # fmt: skip
         for action in client.drain_outgoing():
             self._send_map_frame(action.uplink, action.frame, now)
         self._map_timer.arm(client.next_deadline())
