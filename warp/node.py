@@ -1028,9 +1028,12 @@ class Gateway:
                         _host_port(path.remote), _ms(path.rtt))  # fmt: skip
                 if event.new is PathState.ACTIVE:
                     self._schedule_flush()
-            elif isinstance(event, PathAdded | PathRemoved):
-                log.info("%s uplink=%s remote=%s", event.name, event.path.uplink,
-                         _host_port(event.path.remote))  # fmt: skip
+            elif isinstance(event, PathAdded):
+                log.info("%s uplink=%s remote=%s source=%s", event.name, event.path.uplink,
+                         _host_port(event.path.remote), event.path.source)  # fmt: skip
+            elif isinstance(event, PathRemoved):
+                log.info("%s uplink=%s remote=%s reason=%s", event.name, event.path.uplink,
+                         _host_port(event.path.remote), event.reason)  # fmt: skip
         if self._loop is not None:
             self._check_relay(self._now())
             self._prober_timer.arm(self.prober.next_deadline())

@@ -109,6 +109,8 @@ class PathStateChanged:
 class PathRemoved:
     path: Path
     reason: str
+    """One log word: `uplink_removed`, `remote_removed`, `forgotten` (dead and no longer
+    offered, `PathProber.forget_after`), `table_full` (evicted for a new path)."""
     at: float | None
 
     @property
@@ -320,7 +322,7 @@ class PathProber:
         self._deadline_valid = False
         for path in gone:
             del self._paths[path.key]
-            self._events.append(PathRemoved(path, "uplink removed", None))
+            self._events.append(PathRemoved(path, "uplink_removed", None))
         return gone
 
     def map_endpoints_changed(self, endpoints: Iterable[Address]) -> None:
@@ -341,7 +343,7 @@ class PathProber:
         self._deadline_valid = False
         for path in gone:
             del self._paths[path.key]
-            self._events.append(PathRemoved(path, "remote removed", None))
+            self._events.append(PathRemoved(path, "remote_removed", None))
         return gone
 
     # --- time ---------------------------------------------------------------------------
@@ -356,7 +358,7 @@ class PathProber:
                     self._set_state(path, PathState.DEAD, now)
             elif path.source == "learned" and now - path.state_since >= self.forget_after:
                 del self._paths[path.key]
-                self._events.append(PathRemoved(path, "dead learned path expired", now))
+                self._events.append(PathRemoved(path, "forgotten", now))
                 continue
             for record in path.probes:
                 if (
@@ -428,7 +430,7 @@ class PathProber:
         )
         del self._paths[victim.key]
         self._deadline_valid = False
-        self._events.append(PathRemoved(victim, "evicted: path table full", now))
+        self._events.append(PathRemoved(victim, "table_full", now))
         return True
 
     def _start_burst(self, path: Path, now: float) -> None:
