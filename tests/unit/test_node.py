@@ -641,3 +641,52 @@ def test_status_of_a_dead_path_shows_no_stale_figures(tmp: Path) -> None:
     assert row["loss_pct"] is None
     assert row["rtt_ms"] is None
     assert row["last_rx_age_s"] == pytest.approx(15.5, abs=0.6)
+
+
+def test_no_session_costs_no_queue_scan_per_datagram(tmp: Path) -> None:
+    asyncio.run(_no_session_queue_work(tmp))
+
+
+async def _no_session_queue_work(tmp_path: Path) -> None:
+    """No session (the far gate never answers): each datagram from the gate used to make the
+    flush scan the whole queue twice (drop_expired, next_expiry). Now the queue is swept at
+    its next expiry, at most every 0.1 s: the items scanned per datagram stay a small
+    constant, not the queue's length."""
+    keys = {"a": generate_private_key(), "b": generate_private_key()}
+    config = _config(tmp_path, "a", keys, _free_port(), 2, 4, True, send_deadline=0.5)
+    gateway = Gateway(config, static_uplinks=UPLINKS["a"])
+    queue = gateway.send_queue
+    scanned = 0
+
+    def counted(method: Callable[..., object]) -> Callable[..., object]:
+        def wrapper(*args: object) -> object:
+            nonlocal scanned
+            scanned += len(queue)
+            return method(*args)
+
+        return wrapper
+
+    queue.drop_expired = counted(queue.drop_expired)  # type: ignore[method-assign]
+    queue.next_expiry = counted(queue.next_expiry)  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    task = asyncio.create_task(gateway.run(stop))
+    try:
+        loop = asyncio.get_running_loop()
+        await _until(lambda: (tmp_path / "a.gate").exists(), 5, "gate did not start")
+        app = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        app.bind(str(tmp_path / "a.app"))
+        app.connect(str(tmp_path / "a.gate"))
+        sent = 0
+        start = loop.time()
+        while loop.time() - start < 1.5:  # 3 x send_deadline, ~600 datagrams in the queue
+            app.send(_payload("a", sent))
+            sent += 1
+            await asyncio.sleep(0.001)
+        app.close()
+        peer = gateway.device.peer(gateway.far_key)
+        assert peer is not None and not peer.has_session
+        assert gateway.counters["no_session"] > 0  # expired datagrams were swept
+        assert scanned / sent < 20, (scanned, sent)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
