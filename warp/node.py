@@ -65,7 +65,6 @@ from warp.paths.prober import (
     PathProber,
     PathRemoved,
     PathStateChanged,
-    drop_superseded,
     make_probe_reply,
 )
 from warp.paths.scheduler import PathQuality, ShardScheduler
@@ -944,7 +943,8 @@ class Gateway:
     def _sending_paths(self, now: float | None = None) -> list[Path]:
         """Paths to put shards on: the active direct ones, else the relay if it is active, else
         (nothing proven yet) the probing direct ones. Of several active paths from one uplink
-        to one remote host, one a NAT rebinding replaced (`drop_superseded`) is left out."""
+        to one remote host, one a NAT rebinding replaced is left out
+        (`PathProber.drop_superseded`)."""
         direct: list[Path] = []
         relay: list[Path] = []
         probing: list[Path] = []
@@ -962,7 +962,10 @@ class Gateway:
                 return direct
             if now is None:
                 now = self._now() if self._loop is not None else time.monotonic()
-            return drop_superseded(direct, now)
+            kept = self.prober.drop_superseded(direct, now)
+            if self._loop is not None:
+                self._prober_timer.arm(self.prober.next_deadline())  # an early probe, maybe
+            return kept
         return relay or probing
 
     def _update_schedulers(self) -> dict[str, list[Path]]:

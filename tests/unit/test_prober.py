@@ -17,7 +17,6 @@ from warp.paths.prober import (
     PathProber,
     PathRemoved,
     PathStateChanged,
-    drop_superseded,
     encode_probe,
     make_probe_reply,
     parse_probe,
@@ -391,7 +390,7 @@ def _two_ports_one_ip(stop_p1_at: float | None = None) -> tuple[Harness, list[li
     t = 5.0
     while t < 15.0:
         h.run_until(t, reply)
-        kept.append([p.remote for p in drop_superseded(prober.active_paths(), t)])
+        kept.append([p.remote for p in prober.drop_superseded(prober.active_paths(), t)])
         t = round(t + 0.05, 3)
     return h, kept
 
@@ -408,11 +407,39 @@ def test_path_replaced_by_nat_rebinding_is_left_out_within_a_probe_interval() ->
     instants = [round(5.0 + 0.05 * i, 3) for i in range(len(kept))]
     by_time = dict(zip(instants, kept, strict=True))
     assert all(sorted(r) == [P1, P2] for t, r in by_time.items() if t < 8.0)
-    # P1's first unanswered probe goes out at 8.0 (its probes run on whole seconds): left out
-    # 0.3 s + 2 RTT later, for good (until P1 dies at path_timeout, or answers again).
+    # Idle: P1's next probe after 8.0 goes unanswered: left out within a probe interval plus
+    # a probe round trip, for good (until P1 dies at path_timeout, or answers again).
     left_out = [t for t, r in by_time.items() if r == [P2]]
-    assert left_out and left_out[0] <= 8.0 + 0.3 + 0.04 + 0.05
+    assert left_out and left_out[0] <= 8.0 + 1.0 + 0.2
     assert all(by_time[t] == [P2] for t in instants if left_out[0] <= t < 11.0)
+
+
+def test_rebound_path_under_traffic_is_left_out_within_half_a_second() -> None:
+    """Traffic flows: the peer's packets arrive every 10 ms. Its NAT rebinds at t = 5.0: they
+    come from a new port (a learned path) and the old path falls silent. The old path is
+    probed at once when it looks stale and left out when that probe is overdue, about 0.4 s
+    after the rebinding (the periodic probe alone would take up to a probe interval)."""
+    prober = PathProber(1.0, 3.0, random.Random(4))
+    prober.add_candidate("up1", P1, "map", 0.0)
+    now, rebound_at, left_out_at = 0.0, 5.0, None
+    probes_on_p1 = 0
+    while now < 7.0:
+        source = P1 if now < rebound_at else P2
+        prober.on_authenticated("up1", source, now, 1400)  # the peer's data
+        for uplink, remote, frame in prober.tick(now):
+            probes_on_p1 += now >= rebound_at and remote == P1
+            if remote == source:
+                reply = make_probe_reply(frame)
+                assert reply is not None
+                prober.on_probe_reply(reply, uplink, remote, now + 0.01)
+        kept = [p.remote for p in prober.drop_superseded(prober.active_paths(), now)]
+        if now >= rebound_at and kept == [P2] and left_out_at is None:
+            left_out_at = now
+        if left_out_at is not None:
+            assert kept == [P2], now  # for good (P1 dies at path_timeout)
+        now = round(now + 0.01, 3)
+    assert left_out_at is not None and left_out_at - rebound_at <= 0.5, left_out_at
+    assert probes_on_p1 <= 3  # the early probe, then the periodic ones
 
 
 def test_loss_window_and_rtt_restart_when_a_dead_path_returns() -> None:

@@ -71,6 +71,8 @@ class Path:
     next_probe_at: float = 0.0
     burst_anchor: float = 0.0
     burst_index: int = 0
+    early_probe_at: float = float("-inf")
+    """Last probe sent ahead of schedule to check a suspect path (`drop_superseded`)."""
     probes: deque[ProbeRecord] = field(default_factory=lambda: deque(maxlen=LOSS_WINDOW))
 
     @property

@@ -346,6 +346,49 @@ class PathProber:
             self._events.append(PathRemoved(path, "remote_removed", None))
         return gone
 
+    def drop_superseded(self, paths: list[Path], now: float) -> list[Path]:
+        """The paths minus those a NAT rebinding replaced, for sending (they stay in the
+        table, probed, and are used again as soon as they answer).
+
+        After a rebinding the peer speaks from a new port at once (a learned path) while the
+        old path stays `active` until `path_timeout`: shards sent there are lost. A path is
+        *suspect* when another path from the same uplink to the same remote host (another
+        port) was heard more than SUPERSEDED_AFTER after it; a suspect path is probed at once
+        (at most once per probe interval) rather than at its next periodic probe, and left
+        out while that probe (or any sent since its last packet) is overdue: unanswered for
+        2 RTT + 4 RTT variation + 50 ms. So a rebound path is left out about SUPERSEDED_AFTER
+        plus one probe round trip after the rebinding while traffic flows (within one probe
+        interval when idle). Two live paths behind one public IP (the peer's two uplinks
+        behind one NAT) both answer their probes: neither is left out, however their probe
+        phases differ (with idle traffic each is heard only through its own probes; the one
+        extra probe aligns their phases)."""
+        freshest: dict[tuple[str, str], float] = {}
+        for path in paths:
+            key = (path.uplink, path.remote[0])
+            heard = path.last_authenticated
+            if heard is not None and heard > freshest.get(key, -1.0):
+                freshest[key] = heard
+        kept = []
+        for path in paths:
+            heard = path.last_authenticated
+            fresher = freshest.get((path.uplink, path.remote[0]))
+            if heard is not None and fresher is not None and fresher - heard > SUPERSEDED_AFTER:
+                silent = _silent_for(path, heard, now)
+                if silent is None:
+                    self._probe_early(path, now)
+                elif silent > _overdue_after(path):
+                    continue
+            kept.append(path)
+        return kept or paths
+
+    def _probe_early(self, path: Path, now: float) -> None:
+        """Probe a suspect path now, at most once per probe interval (bounded extra probes)."""
+        if path.next_probe_at <= now or now - path.early_probe_at < self.keepalive_interval:
+            return
+        path.early_probe_at = now
+        path.next_probe_at = now
+        self._deadline_valid = False
+
     # --- time ---------------------------------------------------------------------------
 
     def tick(self, now: float) -> list[ProbeToSend]:
@@ -464,56 +507,30 @@ class PathProber:
 
 
 SUPERSEDED_AFTER = 0.3
-"""How much later than a path another path from the same uplink to the same remote host must
-have been heard, and (plus 2 × RTT) how long a probe of the first must have gone unanswered,
-for the first to count as replaced by a NAT rebinding (`drop_superseded`)."""
+"""A path heard this much less recently than another path from the same uplink to the same
+remote host is suspect of having been replaced by a NAT rebinding (`drop_superseded`)."""
+
+PROBE_OVERDUE_MARGIN = 0.05
+"""A probe unanswered for 2 × RTT + 4 × RTT variation + this is overdue (no RTT yet:
+SUPERSEDED_AFTER)."""
 
 
-def drop_superseded(paths: list[Path], now: float) -> list[Path]:
-    """The paths minus those a NAT rebinding replaced, for sending (they stay in the table,
-    probed, and are used again as soon as they answer).
-
-    After a rebinding the peer speaks from a new port at once (a learned path) while the old
-    path stays `active` until `path_timeout`: shards sent there are lost. A path is replaced
-    when another path from the same uplink to the same remote host (another port) was heard
-    more than SUPERSEDED_AFTER after it, *and* it went silent itself: a probe sent on it after
-    its last packet has been unanswered for more than SUPERSEDED_AFTER + 2 × its RTT. So it
-    is left out at most one probe interval (`holepunch_keep_alive_interval`) plus that after
-    the rebinding. Two live paths behind one public IP (the peer's two uplinks behind one NAT)
-    both answer their probes: neither is left out, however their probe phases differ (with
-    idle traffic each is heard only through its own probes, up to a probe interval apart)."""
-    freshest: dict[tuple[str, str], float] = {}
-    for path in paths:
-        key = (path.uplink, path.remote[0])
-        heard = path.last_authenticated
-        if heard is not None and heard > freshest.get(key, -1.0):
-            freshest[key] = heard
-    kept = []
-    for path in paths:
-        heard = path.last_authenticated
-        fresher = freshest.get((path.uplink, path.remote[0]))
-        if (
-            heard is not None
-            and fresher is not None
-            and fresher - heard > SUPERSEDED_AFTER
-            and _went_silent(path, heard, now)
-        ):
-            continue
-        kept.append(path)
-    return kept or paths
-
-
-def _went_silent(path: Path, heard: float, now: float) -> bool:
-    """A probe sent after the path's last authenticated packet is overdue (any reply would
-    have moved `last_authenticated` past it)."""
+def _silent_for(path: Path, heard: float, now: float) -> float | None:
+    """How long the oldest probe sent after the path's last authenticated packet has gone
+    unanswered (any reply would have moved `last_authenticated` past it); None if no probe
+    went out since."""
     oldest: float | None = None
     for record in reversed(path.probes):
         if record.sent_at <= heard:
             break
         oldest = record.sent_at
-    if oldest is None:
-        return False
-    return now - oldest > SUPERSEDED_AFTER + 2 * (path.rtt or 0.0)
+    return None if oldest is None else now - oldest
+
+
+def _overdue_after(path: Path) -> float:
+    if path.rtt is None:
+        return SUPERSEDED_AFTER
+    return 2 * path.rtt + 4 * (path.rtt_var or 0.0) + PROBE_OVERDUE_MARGIN
 
 
 def _norm(remote: Address) -> Address:
