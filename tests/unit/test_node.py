@@ -567,7 +567,7 @@ async def _loopback_gate(tmp_path: Path) -> None:
                     stalled += 1
                 if i % 100 == 0:
                     await asyncio.sleep(0.001)
-            await asyncio.sleep(deadline / 2)
+            await asyncio.sleep(deadline)
             restore()
             await _until(lambda: bool(pair.a.prober.active_paths()), 3, "no path came back")
             received: list[tuple[float, bytes]] = []
@@ -584,7 +584,9 @@ async def _loopback_gate(tmp_path: Path) -> None:
         }
         assert set(range(3000, 3050)) <= set(got), "new datagrams did not arrive"
         ages = sorted(got.values())
-        assert ages[-1] <= deadline + 0.1, ages[-5:]
+        # (Measured at the receiving application: the send deadline plus delivery and the
+        # test's own polling; what waited in the kernel would be over 1 s old.)
+        assert ages[-1] <= deadline + 0.2, ages[-5:]
         assert not pair.a._paused_gates
     finally:
         sink.close()
