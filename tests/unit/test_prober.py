@@ -466,3 +466,28 @@ def test_loss_window_and_rtt_restart_when_a_dead_path_returns() -> None:
     assert path.rtt == pytest.approx(0.2)
     h.run_until(40.0, reply)
     assert path.loss == 0.0
+
+
+def test_remote_the_map_withdrew_is_forgotten_only_once_dead() -> None:
+    """The map stops listing a remote: its path stays while it answers (traffic may still
+    flow there), and is forgotten `forget_after` after it died; static ones never are."""
+    prober = PathProber(1.0, 3.0, random.Random(5), forget_after=10.0)
+    h = Harness(prober)
+    answering = {A, B}
+
+    def reply(_u: str, remote: Address, _f: bytes, t: float) -> float | None:
+        return t + 0.01 if remote in answering else None
+
+    prober.add_candidate("up1", A, "map", 0.0)
+    prober.add_candidate("up1", B, "static", 0.0)
+    h.run_until(5.0, reply)
+    prober.map_endpoints_changed([])  # the map lists nothing any more
+    h.run_until(30.0, reply)
+    assert {p.remote for p in prober.paths} == {A, B}  # A still answers
+    answering.clear()
+    h.run_until(30.0 + 3.0 + 10.0 - 1.0, reply)
+    assert {p.remote for p in prober.paths} == {A, B}  # dead, not yet forgotten
+    h.run_until(30.0 + 3.0 + 10.0 + 1.0, reply)
+    assert [p.remote for p in prober.paths] == [B]  # static: still probed
+    removed = [e for e in h.events if isinstance(e, PathRemoved)]
+    assert [(e.path.remote, e.reason) for e in removed] == [(A, "forgotten")]
