@@ -16,12 +16,12 @@ Each sans-I/O object has one timer (`TimerSlot`), re-armed only when its deadlin
 Back-pressure: `_flush` takes nothing from the send queue while an uplink its shards would go
 to is unwritable (its socket's send buffer is full: the link is saturated). It *holds*: the
 Unix gates are paused first (their blocking sender then waits in `send()`; loopback and TUN
-gates are never paused, `_has_back_pressure`), and the few
-datagrams warp had already taken are parked with their deadline clock stopped, so a held
-application sees no `send_deadline` drops: the deadline bounds warp's own queueing, not the
-time the link makes the application wait. When every sending uplink is writable again
-(`on_writable`), the parked datagrams go back to the queue with the rest of their budget, are
-sent, and the gates resume.
+gates are never paused, `_has_back_pressure`), and the few datagrams warp had already taken
+from them are parked with their deadline clock stopped, so a held application sees no
+`send_deadline` drops: the deadline bounds warp's own queueing, not the time the link makes
+the application wait. When every sending uplink is writable again (`on_writable`), the parked
+datagrams go back to the queue with the rest of their budget, are sent, and the gates resume
+(`_resume_gates`, the one place gates resume).
 """
 
 from __future__ import annotations
