@@ -454,7 +454,11 @@ class InterfacesConfig(_Model):
 
     interface_scan_interval: Duration = 10.0
     inclusion_patterns: tuple[Regex, ...] = (re.compile(".*"),)
-    exclusion_patterns: tuple[Regex, ...] = (re.compile("^lo$"),)
+    # Loopback and the usual tunnel interfaces (WireGuard, TUN, Tailscale): a tunnel must never
+    # be its own uplink (WireGuard/TUN link kinds are excluded whatever the patterns say).
+    exclusion_patterns: tuple[Regex, ...] = tuple(
+        re.compile(p) for p in ("^lo$", "^wg", "^tun", "^tailscale")
+    )
     bind_to_device: StrictBool = Field(default_factory=lambda: sys.platform.startswith("linux"))
     holepunch_keep_alive_interval: Duration = 1.0
     path_timeout: Duration = 3.0
@@ -1420,7 +1424,7 @@ interface_scan_interval = "10s"
 # An interface is an uplink if one inclusion regex matches its name (re.search)...
 inclusion_patterns = [".*"]
 # ...and no exclusion regex does.
-exclusion_patterns = ["^lo$"]
+exclusion_patterns = ["^lo$", "^wg", "^tun", "^tailscale"]
 # SO_BINDTODEVICE per uplink socket, so each uplink's packets really leave through it
 # (default: true on Linux, false elsewhere).
 bind_to_device = {bind_to_device}

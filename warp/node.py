@@ -15,12 +15,13 @@ Each sans-I/O object has one timer (`TimerSlot`), re-armed only when its deadlin
 
 Back-pressure: `_flush` takes nothing from the send queue while an uplink its shards would go
 to is unwritable (its socket's send buffer is full: the link is saturated). It *holds*: the
-gates are paused first (a Unix gate's blocking sender then waits in `send()`), and the few
-datagrams warp had already taken are parked with their deadline clock stopped, so a held
-application sees no `send_deadline` drops: the deadline bounds warp's own queueing, not the
-time the link makes the application wait. When every sending uplink is writable again
-(`on_writable`), the parked datagrams go back to the queue with the rest of their budget, are
-sent, and the gates resume.
+Unix gates are paused first (their blocking sender then waits in `send()`; loopback and TUN
+gates are never paused, `_has_back_pressure`), and the few datagrams warp had already taken
+from them are parked with their deadline clock stopped, so a held application sees no
+`send_deadline` drops: the deadline bounds warp's own queueing, not the time the link makes
+the application wait. When every sending uplink is writable again (`on_writable`), the parked
+datagrams go back to the queue with the rest of their budget, are sent, and the gates resume
+(`_resume_gates`, the one place gates resume).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import logging
 import math
 import os
 import random
-import re
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -79,6 +79,7 @@ from warp.redundancy import (
     shard_tunnel_id,
 )
 from warp.status import ControlServer, gate_info
+from warp.unanswered import Unanswered
 from warp.wireguard import (
     Device,
     HandshakeComplete,
@@ -100,6 +101,12 @@ _PROBE_REPLY = int(FrameType.PROBE_REPLY)
 SEND_QUEUE_LENGTH = 4096
 #: Gates pause (back-pressure) while this many datagrams wait to be sent.
 SEND_QUEUE_PAUSE = 1024
+#: While the tunnel cannot send (no session, no path, held), expired datagrams are swept from the
+#: queue at their deadline but at most this often: each sweep is O(queue), so a gate's steady
+#: stream costs O(1) per datagram, not O(queue). (`SendQueue.pop` drops anything past its
+#: deadline anyway: the sweep bounds memory and makes room, it is not what keeps stale data off
+#: the wire.)
+STALLED_SWEEP = 0.1
 #: While held by full uplinks, `_flush` also re-checks this often (an uplink rebuilt or removed
 #: under the hold calls no `on_writable`).
 HOLD_RECHECK = 0.050
@@ -130,6 +137,15 @@ RELAY_UPLINK = "relay"
 #: direct path died): fall back to the map's relay for the data path (direct paths keep
 #: being probed in the background; traffic moves back as soon as one is active).
 RELAY_FALLBACK_AFTER = 2.5
+#: A handshake (map or far gate) unanswered for this many initiations, the first at least
+#: UNANSWERED_AFTER seconds ago, is logged as a WARNING naming the likely cause, once per
+#: episode (WireGuard retries every 5 s: about 10 s after the first try).
+UNANSWERED_TRIES = 3
+UNANSWERED_AFTER = 10.0
+#: The map still refuses to say where the far gate is this long after the first refusal (the
+#: map retries every interface_scan_interval): a WARNING, where a refusal at start (the far
+#: gate not up yet) is normal.
+LOOKUP_REFUSED_WARN_AFTER = 20.0
 
 
 def _host_port(address: Address | None) -> str:
@@ -138,6 +154,22 @@ def _host_port(address: Address | None) -> str:
         return "-"
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _ms(seconds: float | None) -> str:
+    """Milliseconds for logs, ``-`` when unknown (never ``None``)."""
+    return "-" if seconds is None else f"{seconds * 1000:.2f}"
+
+
+def _has_back_pressure(gate: Gate) -> bool:
+    """Whether pausing the gate makes its application wait rather than queue.
+
+    A Unix datagram socket's sender blocks in `send()` (or gets EAGAIN) while warp does not
+    read: real back-pressure. A UDP (loopback) or TUN sender never waits: its packets pile up
+    in a kernel queue and would be read later, stale, with a fresh `send_deadline`. Those
+    gates are therefore never paused: their datagrams are queued with the deadline running and
+    dropped at the queue (past `send_deadline`, or on overflow)."""
+    return gate.kind == "unix"
 
 
 def _ip_destination(packet: bytes) -> bytes:
@@ -162,16 +194,32 @@ def _quantize_rtt(rtt: float | None) -> int:
     return 1 + int(math.log(rtt * 1000, 1.25))
 
 
-class TimerSlot:
-    """One `loop.call_at` timer for one sans-I/O object, re-armed only when its deadline moves."""
+def _clock_step(loop: asyncio.AbstractEventLoop) -> float:
+    """The tick of the loop's clock: uvloop's `time()` counts whole milliseconds (libuv's
+    `uv_now`) and rounds timer delays to the nearest millisecond; asyncio's is
+    `time.monotonic` (0 here: no rounding needed)."""
+    return 0.001 if type(loop).__module__.startswith("uvloop") else 0.0
 
-    __slots__ = ("_callback", "_deadline", "_handle", "_loop")
+
+class TimerSlot:
+    """One `loop.call_at` timer for one sans-I/O object, re-armed only when its deadline moves.
+
+    The callback runs only once `loop.time()` has reached the deadline, so the object, which
+    compares the loop's `now` against its own deadline, always finds it due. Under uvloop a
+    deadline a fraction of a millisecond ahead used to fire at once (its delay rounded to 0),
+    with `loop.time()` (whole ms) still before it: the object did nothing, the slot re-armed
+    at once, and spun until the next millisecond (up to hundreds of callbacks per deadline).
+    The delay is now rounded *up* to a whole tick, and an early wake-up (clock rounding) re-arms
+    without calling back: one callback per deadline."""
+
+    __slots__ = ("_callback", "_deadline", "_handle", "_loop", "_step")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
         self._loop = loop
         self._callback = callback
         self._deadline: float | None = None
-        self._handle: asyncio.TimerHandle | None = None
+        self._handle: asyncio.TimerHandle | asyncio.Handle | None = None
+        self._step = _clock_step(loop)
 
     def arm(self, deadline: float | None) -> None:
         if deadline == self._deadline:
@@ -185,9 +233,26 @@ class TimerSlot:
             self._handle = None
         self._deadline = deadline
         if deadline is not None:
-            self._handle = self._loop.call_at(deadline, self._fire)
+            self._schedule(deadline)
+
+    def _schedule(self, deadline: float) -> None:
+        loop = self._loop
+        step = self._step
+        if step:
+            now = loop.time()
+            if deadline > now:
+                # Whole ticks, rounded up: fires at the first tick at or after the deadline.
+                self._handle = loop.call_at(
+                    now + math.ceil((deadline - now) / step) * step, self._fire
+                )
+                return
+        self._handle = loop.call_at(deadline, self._fire)
 
     def _fire(self) -> None:
+        deadline = self._deadline
+        if deadline is not None and self._loop.time() < deadline:
+            self._schedule(deadline)  # woken early by clock rounding: not due yet
+            return
         self._handle = None
         self._deadline = None
         self._callback()
@@ -355,8 +420,12 @@ class Gateway:
         self._started_at = time.monotonic()
         self._flush_scheduled = False
         self._paused_gates: set[Gate] = set()
-        # Back-pressure (`_hold`): the send queue is parked (its deadline clock stopped).
+        # Back-pressure (`_hold`): the send queue is parked (deadline clocks stopped for gates
+        # with back-pressure, see `_has_back_pressure`).
         self._held = False
+        # Stalled queue (`_sweep_stale`): no sweep before this time (None: sweep now).
+        self._sweep_at: float | None = None
+        self._last_sweep = -math.inf
         self.holds = 0
         self._last_initiation: bytes | None = None
         # Simultaneous initiation (both sides initiate at once, e.g. on the same map push):
@@ -368,6 +437,10 @@ class Gateway:
         self._reinitiate: asyncio.TimerHandle | None = None
         self.collisions = 0
         self._handshake_state = "none"
+        # Loud misconfiguration: handshakes / lookups that keep getting no answer.
+        self._far_unanswered = Unanswered(UNANSWERED_TRIES, UNANSWERED_AFTER)
+        self._map_unanswered = Unanswered(UNANSWERED_TRIES, UNANSWERED_AFTER)
+        self._lookup_refused = Unanswered(1, LOOKUP_REFUSED_WARN_AFTER)
         self._rekeys = 0
         self._handshakes = 0
         self._stopping = False
@@ -499,6 +572,8 @@ class Gateway:
             gate.pause_reading()  # until the uplinks are up (`run`)
             tunnel.gate = gate
             self._tunnel_of_gate[id(gate)] = tunnel
+            if not _has_back_pressure(gate):
+                self.send_queue.clock_runs.add(tunnel.tunnel_id)
             assert self._loop is not None
             tunnel.timer = TimerSlot(self._loop, functools.partial(self._on_decoder_timer, tunnel))
             log.info("gate.started tunnel=%s %s %s", tunnel.name, gate.kind, gate.address)
@@ -525,15 +600,16 @@ class Gateway:
                 max_consecutive_failures=interfaces.max_consecutive_failures,
             )
         else:
-            # Never carry the tunnel over itself: our own tun gates are never uplinks.
-            own_tuns = [
-                f"^{re.escape(t.config.gate.name)}$"
-                for t in self.tunnels.values()
-                if isinstance(t.config.gate, TunGate)
+            # Never carry the tunnel over itself: our own tun gates, any WireGuard/TUN link and
+            # any interface addressed inside a tun gate's allowed_ips are never uplinks.
+            tun_gates = [
+                t.config.gate for t in self.tunnels.values() if isinstance(t.config.gate, TunGate)
             ]
             self.uplinks = UplinkManager(
                 inclusion_patterns=[p.pattern for p in interfaces.inclusion_patterns],
-                exclusion_patterns=[p.pattern for p in interfaces.exclusion_patterns] + own_tuns,
+                exclusion_patterns=[p.pattern for p in interfaces.exclusion_patterns],
+                own_tuns=[gate.name for gate in tun_gates],
+                tunnel_networks=[net for gate in tun_gates for net in gate.allowed_ips],
                 bind_to_device=interfaces.bind_to_device,
                 listen_port=self.config.listen_port,
                 scan_interval=interfaces.interface_scan_interval,
@@ -596,8 +672,7 @@ class Gateway:
     def _on_uplink_change(self, event: UplinkEvent) -> None:
         uplink = event.uplink
         now = self._now()
-        log.info("%s uplink=%s address=%s %s", event.name, uplink.name, uplink.address,
-                 event.reason)  # fmt: skip
+        # (UplinkManager logs uplink.added/removed/rebuilt itself: one line per event.)
         if event.kind is UplinkEventKind.REMOVED:
             self.prober.remove_uplink(uplink.name)
             self._map_reflexive.pop(uplink.name, None)
@@ -777,6 +852,30 @@ class Gateway:
         self.device.initiate_handshake(self.far_key, now, force=True)
         self._after_device(now)
 
+    def _initiation_sent(self, peer: bytes, now: float) -> None:
+        """One more handshake try: a WARNING once per episode when they keep going unanswered,
+        naming the likely causes (cleared by `_handshake_answered`)."""
+        if peer == self.far_key:
+            far = self._far_unanswered
+            far.tried(now)
+            if far.due(now) and far.since is not None:
+                log.warning("far_gate.unanswered handshakes=%d for_s=%.1f paths=%d likely: far "
+                            "gate not running/not registered, or wrong far_gate.public_key",
+                            far.count, now - far.since, len(self.prober))  # fmt: skip
+        elif peer == self.map_key:
+            watch = self._map_unanswered
+            watch.tried(now)
+            if watch.due(now) and watch.since is not None:
+                log.warning("map.unreachable handshakes=%d for_s=%.1f address=%s likely: map down, "
+                            "wrong map address or wrong warp_map.public_key", watch.count,
+                            now - watch.since, _host_port(self.map_address))  # fmt: skip
+
+    def _handshake_answered(self, peer: bytes) -> None:
+        if peer == self.far_key and self._far_unanswered.answered():
+            log.info("far_gate.answered")
+        elif peer == self.map_key and self._map_unanswered.answered():
+            log.info("map.reachable")
+
     def _send_initiation(self, out: Outgoing) -> None:
         if out.peer == self.far_key:
             self._initiating = True
@@ -793,6 +892,8 @@ class Gateway:
         if not targets and out.destination is not None and self.uplinks:
             targets = [(name, out.destination) for name in self.uplinks.uplinks]
         self._send_on(targets, out.data)
+        if targets and out.peer is not None and self._loop is not None:
+            self._initiation_sent(out.peer, self._now())
 
     def _send_to_peer(self, out: Outgoing) -> None:
         """A transport/keepalive the core emitted by itself (staged flush, keepalive timer)."""
@@ -827,14 +928,18 @@ class Gateway:
     def _handle_device_events(self, uplink: Link | None, now: float) -> None:
         for event in self.device.drain_events():
             if isinstance(event, HandshakeComplete):
+                self._handshake_answered(event.peer)
                 if event.peer == self.far_key:
                     self._initiating = False
                     self._handshakes += 1
                     if self._handshake_state == "established":
                         self._rekeys += 1
                     self._handshake_state = "established"
-                    if uplink is not None and not self.plain_wireguard:
-                        # (plain WireGuard: no paths, no probes: it would reject them)
+                    if uplink is not None and not self.plain_wireguard and event.initiator:
+                        # The handshake response is an authenticated packet on this path.
+                        # (Responder: completion comes with the first transport packet, which
+                        # `_on_uplink_datagram` counts; counting it here too counted it twice.
+                        # Plain WireGuard: no paths, no probes: it would reject them.)
                         self.prober.on_authenticated(uplink.name, event.source, now)
                     log.info("handshake.complete peer=far_gate initiator=%s source=%s",
                              event.initiator, _host_port(event.source))  # fmt: skip
@@ -888,10 +993,11 @@ class Gateway:
 
     # ------------------------------------------------------------------ paths
 
-    def _sending_paths(self) -> list[Path]:
+    def _sending_paths(self, now: float | None = None) -> list[Path]:
         """Paths to put shards on: the active direct ones, else the relay if it is active, else
         (nothing proven yet) the probing direct ones. Of several active paths from one uplink
-        to one remote host, one superseded by a fresher one (`_drop_superseded`) is left out."""
+        to one remote host, one a NAT rebinding replaced is left out
+        (`PathProber.drop_superseded`)."""
         direct: list[Path] = []
         relay: list[Path] = []
         probing: list[Path] = []
@@ -905,7 +1011,14 @@ class Gateway:
             elif state is PathState.PROBING:
                 probing.append(path)
         if direct:
-            return _drop_superseded(direct) if len(direct) > 1 else direct
+            if len(direct) == 1:
+                return direct
+            if now is None:
+                now = self._now() if self._loop is not None else time.monotonic()
+            kept = self.prober.drop_superseded(direct, now)
+            if self._loop is not None:
+                self._prober_timer.arm(self.prober.next_deadline())  # an early probe, maybe
+            return kept
         return relay or probing
 
     def _update_schedulers(self) -> list[Path]:
@@ -955,14 +1068,16 @@ class Gateway:
             if isinstance(event, PathStateChanged):
                 path = event.path
                 level = logging.WARNING if event.new is PathState.DEAD else logging.INFO
-                log.log(level, "%s uplink=%s remote=%s:%d rtt_ms=%s", event.name, path.uplink,
-                        path.remote[0], path.remote[1],
-                        None if path.rtt is None else round(path.rtt * 1000, 2))  # fmt: skip
+                log.log(level, "%s uplink=%s remote=%s rtt_ms=%s", event.name, path.uplink,
+                        _host_port(path.remote), _ms(path.rtt))  # fmt: skip
                 if event.new is PathState.ACTIVE:
                     self._schedule_flush()
-            elif isinstance(event, PathAdded | PathRemoved):
-                log.info("%s uplink=%s remote=%s:%d", event.name, event.path.uplink,
-                         event.path.remote[0], event.path.remote[1])  # fmt: skip
+            elif isinstance(event, PathAdded):
+                log.info("%s uplink=%s remote=%s source=%s", event.name, event.path.uplink,
+                         _host_port(event.path.remote), event.path.source)  # fmt: skip
+            elif isinstance(event, PathRemoved):
+                log.info("%s uplink=%s remote=%s reason=%s", event.name, event.path.uplink,
+                         _host_port(event.path.remote), event.reason)  # fmt: skip
         if self._loop is not None:
             self._check_relay(self._now())
             self._prober_timer.arm(self.prober.next_deadline())
@@ -1012,7 +1127,7 @@ class Gateway:
             since, self._relay_since = self._relay_since, None
             paths = [p for p in self.prober.active_paths() if p.uplink != RELAY_UPLINK]
             log.info("relay.direct_restored relayed_s=%s paths=%d",
-                     None if since is None else round(now - since, 3), len(paths))  # fmt: skip
+                     "-" if since is None else round(now - since, 3), len(paths))  # fmt: skip
 
     def _relay_send(self, data: bytes) -> bool:
         """Hand a sealed WireGuard message for the far gate to the map's relay."""
@@ -1058,6 +1173,11 @@ class Gateway:
             elif isinstance(event, PeerEndpointsChanged):
                 endpoints = ",".join(f"{h}:{p}" for h, p in event.endpoints)
                 log.info("map.peer_endpoints endpoints=%s pushed=%s", endpoints, event.pushed)
+                if event.endpoints and self._lookup_refused.answered():
+                    log.info("far_gate.found endpoints=%s", endpoints)
+                # Remotes the map no longer lists (a restarted peer's old NAT ports) are
+                # forgotten once dead (`PathProber.forget_after`).
+                self.prober.map_endpoints_changed(event.endpoints)
                 if self.uplinks is not None:
                     for name in self.uplinks.uplinks:
                         for endpoint in event.endpoints:
@@ -1065,7 +1185,10 @@ class Gateway:
                 self._ensure_session(now)
                 self._after_prober()
             elif isinstance(event, LookupRefused):
+                # Normal at start (the far gate is not up yet): a WARNING only if it lasts.
                 log.info("map.lookup_refused code=%s %s", event.code, event.message)
+                if self._lookup_refused.since is None:
+                    self._lookup_refused.tried(now)
             elif isinstance(event, RehandshakeNeeded):
                 if self.map_key is not None:
                     # Hold map frames (`_map_pending`) until this handshake completes.
@@ -1090,6 +1213,11 @@ class Gateway:
                 self._on_relayed(event.sender, event.payload, now)
             elif isinstance(event, Stopped):
                 log.info("map.deregistered acknowledged=%s", event.acknowledged)
+        refused = self._lookup_refused
+        if refused.due(now) and refused.since is not None:
+            log.warning("far_gate.unanswered map_lookup=refused for_s=%.1f likely: far gate not "
+                        "running/not registered, or wrong far_gate.public_key",
+                        now - refused.since)  # fmt: skip
         for action in client.drain_outgoing():
             self._send_map_frame(action.uplink, action.frame, now)
         self._map_timer.arm(client.next_deadline())
@@ -1153,18 +1281,22 @@ class Gateway:
             self._after_device(now)
             return None
         transport = tunnel.config.transport
-        if self._held:
+        back_pressure = _has_back_pressure(gate)
+        if self._held and back_pressure:
             # Taken with the gate already asked to pause: parked, the gate stops now.
             self.send_queue.push(
                 tunnel.tunnel_id, payload, now, transport.send_deadline, transport.priority
             )
             self._paused_gates.add(gate)
             return False
-        self.send_queue.push(
-            tunnel.tunnel_id, payload, now, transport.send_deadline, transport.priority
-        )
+        deadline = transport.send_deadline
+        self.send_queue.push(tunnel.tunnel_id, payload, now, deadline, transport.priority)
+        sweep_at = self._sweep_at
+        if sweep_at is not None and now + deadline < sweep_at:
+            # (Only a tunnel with a shorter send_deadline can move the next sweep earlier.)
+            self._sweep_at = max(now + deadline, self._last_sweep + STALLED_SWEEP)
         self._schedule_flush()
-        if len(self.send_queue) >= SEND_QUEUE_PAUSE:
+        if back_pressure and len(self.send_queue) >= SEND_QUEUE_PAUSE:
             self._paused_gates.add(gate)
             return False
         return None
@@ -1183,17 +1315,19 @@ class Gateway:
         if peer is None or not peer.has_session:
             self._release(now)
             if len(queue):
-                self.counters["no_session"] += queue.drop_expired(now)
+                self.counters["no_session"] += self._sweep_stale(now)
                 self._ensure_session(now)
-            self._queue_timer.arm(queue.next_expiry())
+            self._resume_gates()
+            self._queue_timer.arm(self._sweep_at if len(queue) else None)
             return
         paths = self._update_schedulers()
         uplinks = self.uplinks.uplinks if self.uplinks is not None else {}
         if not paths or not uplinks:
             self._release(now)
             if len(queue):
-                self.counters["no_path"] += queue.drop_expired(now)
-            self._queue_timer.arm(queue.next_expiry())
+                self.counters["no_path"] += self._sweep_stale(now)
+            self._resume_gates()
+            self._queue_timer.arm(self._sweep_at if len(queue) else None)
             return
         relay = self._relay_link
         links: dict[str, Link | None] = {
@@ -1202,9 +1336,13 @@ class Gateway:
         sending = [uplink for uplink in links.values() if uplink is not None]
         if not all(uplink.writable for uplink in sending):
             self._hold(now)
+            if len(queue):
+                # Datagrams of gates without back-pressure, queued during the hold.
+                self._sweep_stale(now)
             self._queue_timer.arm(now + HOLD_RECHECK)
             return
         self._release(now)
+        self._sweep_at = None
         seal_many = self.device.seal_many
         far_key = self.far_key
         tunnels = self._tunnels_by_id
@@ -1245,11 +1383,30 @@ class Gateway:
         if self._held:
             self._queue_timer.arm(now + HOLD_RECHECK)
             return
-        if self._paused_gates and len(queue) < SEND_QUEUE_PAUSE:
+        self._resume_gates()
+        self._queue_timer.arm(queue.next_expiry())
+
+    def _resume_gates(self) -> None:
+        """The one place paused gates resume, at the end of every `_flush`: as soon as the
+        reasons for a pause are gone (no hold, the queue below SEND_QUEUE_PAUSE), whichever
+        way the flush went (sent, no session, no path)."""
+        if self._paused_gates and not self._held and len(self.send_queue) < SEND_QUEUE_PAUSE:
             paused, self._paused_gates = self._paused_gates, set()
             for gate in paused:
                 gate.resume_reading()
-        self._queue_timer.arm(queue.next_expiry())
+
+    def _sweep_stale(self, now: float) -> int:
+        """While the queue cannot drain: drop what is past its deadline, at the next expiry
+        but at most every STALLED_SWEEP (O(queue) per sweep, not per gate datagram). Returns
+        how many were dropped; `_sweep_at` is when to sweep next (the queue timer)."""
+        queue = self.send_queue
+        if self._sweep_at is not None and now < self._sweep_at:
+            return 0
+        dropped = queue.drop_expired(now)
+        self._last_sweep = now
+        expiry = queue.next_expiry()
+        self._sweep_at = None if expiry is None else max(expiry, now + STALLED_SWEEP)
+        return dropped
 
     @staticmethod
     def _send_batches(batches: dict[tuple[str, Address], tuple[Link, Path, list[bytes]]]) -> int:
@@ -1274,14 +1431,16 @@ class Gateway:
         return failed
 
     def _hold(self, now: float) -> None:
-        """Back-pressure on: pause every gate, park what is queued (deadline clock stopped)."""
+        """Back-pressure on: pause the gates with back-pressure and park what is queued (their
+        datagrams' deadline clock stopped: the application waits, not warp). Datagrams of
+        gates without back-pressure keep their deadline running (`SendQueue.clock_runs`)."""
         if not self._held:
             self._held = True
             self.holds += 1
         self.send_queue.park(now)
         for tunnel in self.tunnels.values():
             gate = tunnel.gate
-            if gate is not None and gate not in self._paused_gates:
+            if gate is not None and _has_back_pressure(gate) and gate not in self._paused_gates:
                 gate.pause_reading()
                 self._paused_gates.add(gate)
 
@@ -1291,6 +1450,7 @@ class Gateway:
             return
         self._held = False
         self.send_queue.restore(now)
+        self._sweep_at = None
 
     def _rearm(self) -> None:
         self._device_timer.arm(self.device.next_deadline())
@@ -1319,7 +1479,10 @@ class Gateway:
                     }
                 )
         for path in self.prober.paths:
-            loss = path.loss
+            # A dead path shows its state and how long since it was heard, no stale figures.
+            dead = path.state is PathState.DEAD
+            loss = None if dead else path.loss
+            rtt = None if dead else path.rtt
             paths.append(
                 {
                     "uplink": path.uplink,
@@ -1327,7 +1490,7 @@ class Gateway:
                     "remote_address": f"{path.remote[0]}:{path.remote[1]}",
                     "source": path.source,
                     "state": str(path.state),
-                    "rtt_ms": None if path.rtt is None else round(path.rtt * 1000, 3),
+                    "rtt_ms": None if rtt is None else round(rtt * 1000, 3),
                     "loss_pct": None if loss is None else round(loss * 100, 1),
                     "last_rx_age_s": None
                     if path.last_authenticated is None
@@ -1439,30 +1602,6 @@ def _log_parity_change(tunnel: str, change: ParityChange) -> None:
     else:
         log.info("tunnel.parity_restored tunnel=%s k=%d n=%d effective_n=%d uplinks=%d "
                  "peer_addresses=%d", *fields)  # fmt: skip
-
-
-#: An active path that heard nothing for this long while another path from the same uplink to
-#: the same remote host did is superseded: the peer's NAT rebound (new port), its old mapping
-#: is likely gone. It is still probed (and used again if it answers).
-SUPERSEDED_AFTER = 0.3
-
-
-def _drop_superseded(paths: list[Path]) -> list[Path]:
-    """Leave out paths that a fresher path (same uplink, same remote host, other port)
-    superseded: after a NAT rebinding the peer speaks from a new port at once (learned path),
-    while the old one stays `active` until path_timeout; shards sent there would be lost."""
-    freshest: dict[tuple[str, str], float] = {}
-    for path in paths:
-        key = (path.uplink, path.remote[0])
-        heard = path.last_authenticated or 0.0
-        if heard > freshest.get(key, -1.0):
-            freshest[key] = heard
-    kept = [
-        p
-        for p in paths
-        if (p.last_authenticated or 0.0) >= freshest[(p.uplink, p.remote[0])] - SUPERSEDED_AFTER
-    ]
-    return kept or paths
 
 
 def install_event_loop_policy() -> str:

@@ -347,6 +347,77 @@ def test_netlink_discovery_in_namespace(
     assert obs["tasks_after_close"] == []
 
 
+@pytest.mark.lab
+def test_tun_interface_is_never_an_uplink(namespaces: tuple[str, str]) -> None:
+    """A real TUN device (what wireguard-go, Tailscale and WARP's tun gate create) named so
+    that no pattern excludes it, up and addressed: netlink reports its link kind and it is
+    not an uplink (`uplink.excluded`); nor is a veth addressed inside a tun gate's
+    `allowed_ips`. The other veths are."""
+    ns_a, _ = namespaces
+    proc = subprocess.run(
+        ["ip", "netns", "exec", ns_a, sys.executable, __file__, "tunagent"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, f"agent failed:\n{proc.stdout}\n{proc.stderr}"
+    obs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert obs["kinds"]["vpn0"] == "tun" and obs["kinds"]["u0"] == "veth"
+    assert obs["vpn0_up"], "the tun device has no carrier: the test proves nothing"
+    assert obs["uplinks"] == ["u0", "u3"]
+    assert obs["excluded"] == {
+        "vpn0": "link_kind:tun",
+        "u1": "address_in_allowed_ips:10.77.1.0/24",
+    }
+    assert sorted(obs["logged"]) == [
+        "uplink.excluded name=u1 reason=address_in_allowed_ips:10.77.1.0/24",
+        "uplink.excluded name=vpn0 reason=link_kind:tun",
+    ]
+
+
+async def _tun_agent() -> dict[str, Any]:
+    import fcntl
+    import logging
+    import struct
+
+    from warp.paths.netlink import dump_interfaces
+
+    tun = os.open("/dev/net/tun", os.O_RDWR)
+    try:
+        tunsetiff, iff_tun, iff_no_pi = 0x400454CA, 0x0001, 0x1000
+        fcntl.ioctl(tun, tunsetiff, struct.pack("16sH", b"vpn0", iff_tun | iff_no_pi))
+        _ip("addr", "add", "10.66.0.1/24", "dev", "vpn0")
+        _ip("link", "set", "vpn0", "up")
+        logged: list[str] = []
+
+        class Collect(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if record.getMessage().startswith("uplink.excluded"):
+                    logged.append(record.getMessage())
+
+        logger = logging.getLogger("warp.paths.uplinks")
+        logger.setLevel(logging.INFO)
+        logger.addHandler(Collect())
+        infos = {i.name: i for i in dump_interfaces()}
+        manager = UplinkManager(
+            exclusion_patterns=["^lo$", "^ex"],
+            tunnel_networks=["10.77.1.0/24"],
+            on_datagram=lambda *_: None,
+        )
+        async with manager:
+            await manager.rescan()
+            return {
+                "kinds": {name: info.kind for name, info in infos.items()},
+                "vpn0_up": infos["vpn0"].up,
+                "uplinks": sorted(manager.uplinks),
+                "excluded": manager.excluded,
+                "logged": logged,
+            }
+    finally:
+        os.close(tun)
+
+
 # --- the agent (runs inside the namespace) ---------------------------------------------------
 
 
@@ -457,3 +528,5 @@ def _agent_main(argv: list[str]) -> int:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["agent"]:
     sys.exit(_agent_main(sys.argv[2:]))
+if __name__ == "__main__" and sys.argv[1:2] == ["tunagent"]:
+    print(json.dumps(asyncio.run(_tun_agent())))

@@ -146,7 +146,9 @@ def test_defaults() -> None:
     i = config.interfaces
     assert i.interface_scan_interval == 10.0
     assert [p.pattern for p in i.inclusion_patterns] == [".*"]
-    assert [p.pattern for p in i.exclusion_patterns] == ["^lo$"]
+    assert [p.pattern for p in i.exclusion_patterns] == ["^lo$", "^wg", "^tun", "^tailscale"]
+    assert not any(i.uses_interface(n) for n in ("lo", "wg0", "tun0", "tailscale0"))
+    assert all(i.uses_interface(n) for n in ("eth0", "wwan0", "wlo1", "enp3s0"))
     assert i.bind_to_device is sys.platform.startswith("linux")
     assert i.holepunch_keep_alive_interval == 1.0
     assert i.path_timeout == 3.0

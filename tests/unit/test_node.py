@@ -14,6 +14,7 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from warp.config import GatewayConfig, parse_gateway_config, parse_map_config
 from warp.keys import encode_key, generate_private_key, public_key_of
 from warp.node import Gateway
 from warp.paths.path import Path as PathRecord
+from warp.paths.prober import PathProber, make_probe_reply
 from warp.paths.scheduler import ShardScheduler
 from warp.redundancy import ShardEncoder
 from warp.redundancy.shard import parse_shard_header
@@ -61,6 +63,8 @@ def _config(
     n: int,
     static: bool,
     map_section: str = "",
+    gate_section: str = "",
+    send_deadline: float = 2.0,
 ) -> GatewayConfig:
     other = "b" if side == "a" else "a"
     endpoints = ", ".join(f'"{address}:{port}"' for _, address in UPLINKS[other] if static)
@@ -75,11 +79,9 @@ path_timeout = 1.5
 [far_gate]
 public_key = "{encode_key(public_key_of(keys[other]))}"
 endpoints = [{endpoints}]
-[tunnels.t.gate]
-path = "{tmp / f"{side}.gate"}"
-application_path = "{tmp / f"{side}.app"}"
+{gate_section or _unix_gate(tmp, side)}
 [tunnels.t.transport]
-send_deadline = "2s"
+send_deadline = "{send_deadline}s"
 [tunnels.t.transport.redundancy]
 num_shards = {n}
 required_shards = {k}
@@ -87,6 +89,13 @@ required_shards = {k}
 socket = "{tmp / f"{side}.ctl"}"
 """
     return parse_gateway_config(text)
+
+
+def _unix_gate(tmp: Path, side: str) -> str:
+    return f"""[tunnels.t.gate]
+path = "{tmp / f"{side}.gate"}"
+application_path = "{tmp / f"{side}.app"}"
+"""
 
 
 @dataclass
@@ -132,13 +141,28 @@ async def gateway_pair(
     before_start: Callable[[Gateway, Gateway], None] | None = None,
     initiators: tuple[str, ...] = ("a", "b"),
     map_section: str = "",
+    gate_sections: dict[str, str] | None = None,
+    send_deadline: float = 2.0,
 ) -> AsyncIterator[Pair]:
-    """``initiators``: the sides that get the other's addresses (static endpoints)."""
+    """``initiators``: the sides that get the other's addresses (static endpoints);
+    ``gate_sections``: a side's `[tunnels.t.gate]` instead of the unix gate (then no app
+    socket for that side)."""
     keys = {"a": generate_private_key(), "b": generate_private_key()}
     port = _free_port()
     gateways = {
         side: Gateway(
-            _config(tmp, side, keys, port, k, n, side in initiators, map_section),
+            _config(
+                tmp,
+                side,
+                keys,
+                port,
+                k,
+                n,
+                side in initiators,
+                map_section,
+                (gate_sections or {}).get(side, ""),
+                send_deadline,
+            ),
             static_uplinks=UPLINKS[side],
         )
         for side in ("a", "b")
@@ -151,10 +175,14 @@ async def gateway_pair(
     try:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 5
-        while not all((tmp / f"{s}.gate").exists() for s in gateways):
+        unix_sides = [s for s in gateways if s not in (gate_sections or {})]
+        while not all(
+            (tmp / f"{s}.gate").exists() if s in unix_sides else gateways[s].tunnels["t"].gate
+            for s in gateways
+        ):
             assert loop.time() < deadline, "gates did not start"
             await asyncio.sleep(0.005)
-        for side in gateways:
+        for side in unix_sides:
             app = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             app.bind(str(tmp / f"{side}.app"))
             app.connect(str(tmp / f"{side}.gate"))
@@ -445,3 +473,298 @@ async def _map_restart(tmp_path: Path) -> None:
             assert await pair.receive("b", 1, timeout=2.0) == [_payload("a", 1)]
     finally:
         server.close()
+
+
+def test_logs_say_each_uplink_once_and_never_none(
+    tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`uplink.added` once per uplink (the manager logs it; the gateway used to repeat it),
+    and no log field prints `None` (a path without RTT yet says `rtt_ms=-`)."""
+    caplog.set_level(logging.INFO, logger="warp")
+    asyncio.run(_connect_only(tmp))
+    messages = [r.getMessage() for r in caplog.records]
+    added = [m for m in messages if m.startswith("uplink.added")]
+    # Two gateways with two uplinks each.
+    assert len(added) == 4, added
+    assert not [m for m in messages if "None" in m]
+    assert any(re.search(r"^path\.\w+ .*rtt_ms=(-|[\d.]+)$", m) for m in messages)
+
+
+def test_responder_counts_each_received_packet_once(tmp: Path) -> None:
+    asyncio.run(_responder_rx_count(tmp))
+
+
+async def _responder_rx_count(tmp_path: Path) -> None:
+    """b only answers (a initiates): its paths' rx_packets add up to exactly the transport
+    packets its WireGuard core received from a, the session's first one included."""
+    async with gateway_pair(tmp_path, initiators=("a",)) as pair:
+        await pair.connected()
+        for i in range(5):
+            pair.send("a", _payload("a", i))
+        assert len(await pair.receive("b", 5)) == 5
+        peer = pair.b.device.peer(pair.b.far_key)
+        assert peer is not None
+        assert sum(p.rx_packets for p in pair.b.prober.paths) == peer.rx_packets
+
+
+def _silence(gateway: Gateway) -> Callable[[], None]:
+    """Everything `gateway` sends vanishes (its peer's paths die) until the returned function
+    gives its uplinks their transports back."""
+    assert gateway.uplinks is not None
+    saved = {}
+    for uplink in gateway.uplinks.uplinks.values():
+        saved[uplink] = uplink._transport
+        uplink._transport = _BlackHole()  # type: ignore[assignment]
+
+    def restore() -> None:
+        for uplink, transport in saved.items():
+            uplink._transport = transport
+
+    return restore
+
+
+async def _until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, what
+        await asyncio.sleep(0.01)
+
+
+def _stamped(i: int, at: float, size: int = 120) -> bytes:
+    head = f"{i}:{at!r}:".encode()
+    return head + bytes(size - len(head))
+
+
+def _stamp(payload: bytes) -> tuple[int, float]:
+    index, at, _ = payload.split(b":", 2)
+    return int(index), float(at)
+
+
+def test_paused_unix_gate_resumes_when_a_path_returns(tmp: Path) -> None:
+    asyncio.run(_paused_unix_gate(tmp))
+
+
+async def _paused_unix_gate(tmp_path: Path) -> None:
+    """No path (b's replies vanish): the application fills warp's queue and the unix gate
+    pauses (the application's `send()` would block). Datagrams past `send_deadline` are
+    dropped and never sent; once a path is back, the application can send again and its new
+    datagrams arrive. (The gate used to stay paused for good: only a successful flush
+    resumed it.)"""
+    deadline = 0.5
+    async with gateway_pair(tmp_path, initiators=("a",), send_deadline=deadline) as pair:
+        await pair.connected()
+        await _until(lambda: len(pair.a.prober.active_paths()) == 4, 5, "paths not active")
+        restore = _silence(pair.b)
+        await _until(lambda: not pair.a.prober.active_paths(), 5, "a's paths did not die")
+        loop = asyncio.get_running_loop()
+        stalled = 0
+        blocked_since: float | None = None
+        while stalled < 5000:
+            try:
+                pair.send("a", _stamped(stalled, loop.time()))
+            except BlockingIOError:
+                # The socket is full: the gate reads it, unless paused.
+                now = loop.time()
+                blocked_since = blocked_since or now
+                if now - blocked_since > 0.2:
+                    break
+                await asyncio.sleep(0.001)
+                continue
+            blocked_since = None
+            stalled += 1
+        assert stalled < 5000, "the gate never pushed back"
+        assert pair.a._paused_gates, "the gate did not pause"
+        # Twice the deadline: what warp took, and what waited in the socket, is stale by now.
+        await asyncio.sleep(2 * deadline + 0.3)
+        restore()
+        await _until(lambda: bool(pair.a.prober.active_paths()), 3, "no path came back")
+        fresh = []
+        for i in range(stalled, stalled + 50):
+            payload = _stamped(i, loop.time())
+            pair.send("a", payload)  # raises BlockingIOError if the gate never resumed
+            fresh.append(payload)
+            await asyncio.sleep(0.002)
+        got = await pair.receive("b", 50, timeout=3.0)
+        await asyncio.sleep(0.2)
+        got += await pair.receive("b", 10_000, timeout=0.1)
+        assert set(fresh) <= set(got)
+        # Nothing that waited past send_deadline went on the wire.
+        stale = [i for i, _ in map(_stamp, got) if i < stalled]
+        assert not stale, f"{len(stale)} stale datagrams delivered"
+        assert pair.a.counters["no_path"] > 0
+
+
+def test_loopback_gate_never_sends_what_waited_past_send_deadline(tmp: Path) -> None:
+    asyncio.run(_loopback_gate(tmp))
+
+
+async def _loopback_gate(tmp_path: Path) -> None:
+    """A loopback (UDP) gate: its application never waits, so the gate is never paused (its
+    datagrams would wait in the kernel and be read later with a fresh deadline). While there
+    is no path the datagrams expire in warp's queue; after the path returns every datagram
+    delivered is younger than `send_deadline`, and the new ones arrive."""
+    deadline = 0.5
+    ports = {side: _free_port() for side in ("in", "out")}
+    gates = {
+        "a": f'[tunnels.t.gate]\ntype = "loopback"\napplication_to_gate = {ports["in"]}\n',
+        "b": f'[tunnels.t.gate]\ntype = "loopback"\napplication_to_gate = {_free_port()}\n'
+        f"gate_to_application = {ports['out']}\n",
+    }
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", ports["out"]))
+    sink.setblocking(False)
+    source = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    source.setblocking(False)
+    loop = asyncio.get_running_loop()
+
+    def receive_all() -> list[tuple[float, bytes]]:
+        out = []
+        while True:
+            try:
+                out.append((loop.time(), sink.recv(2048)))
+            except BlockingIOError:
+                return out
+
+    try:
+        async with gateway_pair(
+            tmp_path, initiators=("a",), gate_sections=gates, send_deadline=deadline
+        ) as pair:
+            source.connect(("127.0.0.1", ports["in"]))
+            source.send(b"hello")  # starts the handshake
+            await pair.connected()
+            await _until(lambda: len(pair.a.prober.active_paths()) == 4, 5, "paths not active")
+            restore = _silence(pair.b)
+            await _until(lambda: not pair.a.prober.active_paths(), 5, "a's paths did not die")
+            stalled = 0
+            for i in range(3000):
+                with contextlib.suppress(BlockingIOError):
+                    source.send(_stamped(i, loop.time()))
+                    stalled += 1
+                if i % 100 == 0:
+                    await asyncio.sleep(0.001)
+            await asyncio.sleep(deadline)
+            restore()
+            await _until(lambda: bool(pair.a.prober.active_paths()), 3, "no path came back")
+            received: list[tuple[float, bytes]] = []
+            for i in range(3000, 3050):
+                source.send(_stamped(i, loop.time()))
+                await asyncio.sleep(0.002)
+                received += receive_all()
+            await asyncio.sleep(0.3)
+            received += receive_all()
+        got = {
+            _stamp(payload)[0]: at - _stamp(payload)[1]
+            for at, payload in received
+            if payload != b"hello"
+        }
+        assert set(range(3000, 3050)) <= set(got), "new datagrams did not arrive"
+        ages = sorted(got.values())
+        # (Measured at the receiving application: the send deadline plus delivery and the
+        # test's own polling; what waited in the kernel would be over 1 s old.)
+        assert ages[-1] <= deadline + 0.2, ages[-5:]
+        assert not pair.a._paused_gates
+    finally:
+        sink.close()
+        source.close()
+
+
+def test_two_live_paths_behind_one_public_ip_both_carry_shards(tmp: Path) -> None:
+    """The far gate's two uplinks behind one NAT: two paths from our uplink to one public IP,
+    idle (each heard only by its own probes, half a second apart). Both are sending paths
+    (the old rule left out whichever was heard > 0.3 s before the other)."""
+    keys = {"a": generate_private_key(), "b": generate_private_key()}
+    gateway = Gateway(_config(tmp, "a", keys, 51820, 2, 4, False), static_uplinks=UPLINKS["a"])
+    # The defaults (probe every 1 s, path_timeout 3 s), so the probe phases can differ by 0.5 s.
+    prober = gateway.prober = PathProber(1.0, 3.0)
+    remotes = [("198.51.100.7", 40001), ("198.51.100.7", 40002)]
+    for offset, remote in zip((0.0, 0.5), remotes, strict=True):
+        prober.add_candidate("up1", remote, "map", offset)
+    now = 0.0
+    seen: set[tuple[str, int]] = set()
+    while now < 6.0:
+        for uplink, remote, frame in prober.tick(now):
+            reply = make_probe_reply(frame)
+            assert reply is not None
+            prober.on_authenticated(uplink, remote, now + 0.01)
+            prober.on_probe_reply(reply, uplink, remote, now + 0.01)
+        sending = gateway._sending_paths(now)
+        if now > 2.0:
+            assert sorted(p.remote for p in sending) == remotes, now
+        seen.update(p.remote for p in sending)
+        now = round(now + 0.05, 3)
+    assert seen == set(remotes)
+
+
+def test_status_of_a_dead_path_shows_no_stale_figures(tmp: Path) -> None:
+    """`warp status` / metrics rows: a dead path has its state and how long since it was
+    last heard, no loss or RTT figure (it used to show 3-10 % and its old RTT)."""
+    keys = {"a": generate_private_key(), "b": generate_private_key()}
+    gateway = Gateway(_config(tmp, "a", keys, 51820, 2, 4, False), static_uplinks=UPLINKS["a"])
+    prober = gateway.prober  # probe every 0.5 s, path_timeout 1.5 s
+    start = time.monotonic() - 20.0  # the snapshot's clock (no running loop): monotonic
+    remote = ("198.51.100.7", 40001)
+    prober.add_candidate("up1", remote, "map", start)
+    t = start
+    while t < start + 10.0:
+        for uplink, where, frame in prober.tick(t):
+            if t < start + 5.0:  # answered for 5 s, then silence
+                reply = make_probe_reply(frame)
+                assert reply is not None
+                prober.on_authenticated(uplink, where, t + 0.02)
+                prober.on_probe_reply(reply, uplink, where, t + 0.02)
+        t += 0.1
+    (row,) = gateway.snapshot()["paths"]
+    assert row["state"] == "dead"
+    assert row["loss_pct"] is None
+    assert row["rtt_ms"] is None
+    assert row["last_rx_age_s"] == pytest.approx(15.5, abs=0.6)
+
+
+def test_no_session_costs_no_queue_scan_per_datagram(tmp: Path) -> None:
+    asyncio.run(_no_session_queue_work(tmp))
+
+
+async def _no_session_queue_work(tmp_path: Path) -> None:
+    """No session (the far gate never answers): each datagram from the gate used to make the
+    flush scan the whole queue twice (drop_expired, next_expiry). Now the queue is swept at
+    its next expiry, at most every 0.1 s: the items scanned per datagram stay a small
+    constant, not the queue's length."""
+    keys = {"a": generate_private_key(), "b": generate_private_key()}
+    config = _config(tmp_path, "a", keys, _free_port(), 2, 4, True, send_deadline=0.5)
+    gateway = Gateway(config, static_uplinks=UPLINKS["a"])
+    queue = gateway.send_queue
+    scanned = 0
+
+    def counted(method: Callable[..., object]) -> Callable[..., object]:
+        def wrapper(*args: object) -> object:
+            nonlocal scanned
+            scanned += len(queue)
+            return method(*args)
+
+        return wrapper
+
+    queue.drop_expired = counted(queue.drop_expired)  # type: ignore[method-assign]
+    queue.next_expiry = counted(queue.next_expiry)  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    task = asyncio.create_task(gateway.run(stop))
+    try:
+        loop = asyncio.get_running_loop()
+        await _until(lambda: (tmp_path / "a.gate").exists(), 5, "gate did not start")
+        app = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        app.bind(str(tmp_path / "a.app"))
+        app.connect(str(tmp_path / "a.gate"))
+        sent = 0
+        start = loop.time()
+        while loop.time() - start < 1.5:  # 3 x send_deadline, ~600 datagrams in the queue
+            app.send(_payload("a", sent))
+            sent += 1
+            await asyncio.sleep(0.001)
+        app.close()
+        peer = gateway.device.peer(gateway.far_key)
+        assert peer is not None and not peer.has_session
+        assert gateway.counters["no_session"] > 0  # expired datagrams were swept
+        assert scanned / sent < 20, (scanned, sent)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)

@@ -363,3 +363,131 @@ def test_cached_next_deadline_matches_a_full_recompute(
             prober.remove_path(uplink, remote)
         cached = prober.next_deadline()
         assert cached == _uncached_deadline(prober)
+
+
+# --- NAT rebinding vs two uplinks behind one public IP -----------------------------------
+
+P1: Address = ("198.51.100.7", 40001)
+P2: Address = ("198.51.100.7", 40002)  # same public IP (one NAT), another port
+
+
+def _two_ports_one_ip(stop_p1_at: float | None = None) -> tuple[Harness, list[list[Address]]]:
+    """Two paths from one uplink to one public IP, probed half a second apart (idle traffic:
+    each is heard only through its own probes, every second). Returns the harness and, every
+    50 ms from t = 5 to 15, the remotes `drop_superseded` keeps for sending."""
+    prober = PathProber(1.0, 3.0, random.Random(1))
+    h = Harness(prober)
+
+    def reply(_uplink: str, remote: Address, _frame: bytes, t: float) -> float | None:
+        if stop_p1_at is not None and remote == P1 and t >= stop_p1_at:
+            return None  # the peer's NAT rebound: P1's mapping is gone
+        return t + 0.02
+
+    prober.add_candidate("up1", P1, "map", 0.0)
+    h.run_until(0.5, reply)
+    prober.add_candidate("up1", P2, "map", 0.5)
+    kept: list[list[Address]] = []
+    t = 5.0
+    while t < 15.0:
+        h.run_until(t, reply)
+        kept.append([p.remote for p in prober.drop_superseded(prober.active_paths(), t)])
+        t = round(t + 0.05, 3)
+    return h, kept
+
+
+def test_two_live_paths_behind_one_ip_are_both_kept() -> None:
+    h, kept = _two_ports_one_ip()
+    assert {p.state for p in h.prober.paths} == {PathState.ACTIVE}
+    # At some of these instants P1 was last heard > 0.3 s before P2 (the old rule dropped it).
+    assert all(sorted(remotes) == [P1, P2] for remotes in kept), kept
+
+
+def test_path_replaced_by_nat_rebinding_is_left_out_within_a_probe_interval() -> None:
+    _, kept = _two_ports_one_ip(stop_p1_at=8.0)
+    instants = [round(5.0 + 0.05 * i, 3) for i in range(len(kept))]
+    by_time = dict(zip(instants, kept, strict=True))
+    assert all(sorted(r) == [P1, P2] for t, r in by_time.items() if t < 8.0)
+    # Idle: P1's next probe after 8.0 goes unanswered: left out within a probe interval plus
+    # a probe round trip, for good (until P1 dies at path_timeout, or answers again).
+    left_out = [t for t, r in by_time.items() if r == [P2]]
+    assert left_out and left_out[0] <= 8.0 + 1.0 + 0.2
+    assert all(by_time[t] == [P2] for t in instants if left_out[0] <= t < 11.0)
+
+
+def test_rebound_path_under_traffic_is_left_out_within_half_a_second() -> None:
+    """Traffic flows: the peer's packets arrive every 10 ms. Its NAT rebinds at t = 5.0: they
+    come from a new port (a learned path) and the old path falls silent. The old path is
+    probed at once when it looks stale and left out when that probe is overdue, about 0.4 s
+    after the rebinding (the periodic probe alone would take up to a probe interval)."""
+    prober = PathProber(1.0, 3.0, random.Random(4))
+    prober.add_candidate("up1", P1, "map", 0.0)
+    now, rebound_at, left_out_at = 0.0, 5.0, None
+    probes_on_p1 = 0
+    while now < 7.0:
+        source = P1 if now < rebound_at else P2
+        prober.on_authenticated("up1", source, now, 1400)  # the peer's data
+        for uplink, remote, frame in prober.tick(now):
+            probes_on_p1 += now >= rebound_at and remote == P1
+            if remote == source:
+                reply = make_probe_reply(frame)
+                assert reply is not None
+                prober.on_probe_reply(reply, uplink, remote, now + 0.01)
+        kept = [p.remote for p in prober.drop_superseded(prober.active_paths(), now)]
+        if now >= rebound_at and kept == [P2] and left_out_at is None:
+            left_out_at = now
+        if left_out_at is not None:
+            assert kept == [P2], now  # for good (P1 dies at path_timeout)
+        now = round(now + 0.01, 3)
+    assert left_out_at is not None and left_out_at - rebound_at <= 0.5, left_out_at
+    assert probes_on_p1 <= 3  # the early probe, then the periodic ones
+
+
+def test_loss_window_and_rtt_restart_when_a_dead_path_returns() -> None:
+    """Dead for 20 s (20 probes unanswered), then back with another RTT: right after it
+    returns it shows no loss figure yet (not the outage's 87.5 %) and the new RTT (not the old
+    one); then the loss of what it does now."""
+    prober = PathProber(1.0, 3.0, random.Random(2))
+    h = Harness(prober)
+
+    def reply(_u: str, _r: Address, _f: bytes, t: float) -> float | None:
+        if 10.0 <= t < 30.0:
+            return None
+        return t + (0.02 if t < 10.0 else 0.2)
+
+    prober.add_candidate("up1", A, "map", 0.0)
+    h.run_until(29.9, reply)
+    path = prober.get("up1", A)
+    assert path is not None
+    assert path.snapshot()["state"] == "dead"
+    assert path.snapshot()["loss"] is None and path.snapshot()["rtt_ms"] is None
+    h.run_until(30.5, reply)
+    assert path.snapshot()["state"] == "active"
+    assert path.loss is None  # a fresh window: nothing settled since it came back
+    assert path.rtt == pytest.approx(0.2)
+    h.run_until(40.0, reply)
+    assert path.loss == 0.0
+
+
+def test_remote_the_map_withdrew_is_forgotten_only_once_dead() -> None:
+    """The map stops listing a remote: its path stays while it answers (traffic may still
+    flow there), and is forgotten `forget_after` after it died; static ones never are."""
+    prober = PathProber(1.0, 3.0, random.Random(5), forget_after=10.0)
+    h = Harness(prober)
+    answering = {A, B}
+
+    def reply(_u: str, remote: Address, _f: bytes, t: float) -> float | None:
+        return t + 0.01 if remote in answering else None
+
+    prober.add_candidate("up1", A, "map", 0.0)
+    prober.add_candidate("up1", B, "static", 0.0)
+    h.run_until(5.0, reply)
+    prober.map_endpoints_changed([])  # the map lists nothing any more
+    h.run_until(30.0, reply)
+    assert {p.remote for p in prober.paths} == {A, B}  # A still answers
+    answering.clear()
+    h.run_until(30.0 + 3.0 + 10.0 - 1.0, reply)
+    assert {p.remote for p in prober.paths} == {A, B}  # dead, not yet forgotten
+    h.run_until(30.0 + 3.0 + 10.0 + 1.0, reply)
+    assert [p.remote for p in prober.paths] == [B]  # static: still probed
+    removed = [e for e in h.events if isinstance(e, PathRemoved)]
+    assert [(e.path.remote, e.reason) for e in removed] == [(A, "forgotten")]

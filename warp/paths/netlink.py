@@ -82,6 +82,9 @@ class InterfaceInfo:
     """Usable IPv4 addresses, primary ones first."""
     ipv6: tuple[str, ...]
     """Global-scope IPv6 addresses that finished DAD, non-deprecated first."""
+    kind: str | None = None
+    """The netlink link kind (IFLA_INFO_KIND): "veth", "wireguard", "tun" (TUN/TAP devices,
+    wireguard-go's and WARP's own included), ...; None for a physical device."""
 
     @property
     def address(self) -> str | None:
@@ -180,9 +183,18 @@ def _dump_interfaces_once(attempt: int) -> list[InterfaceInfo]:
                 up=bool(flags & IFF_UP) and bool(flags & IFF_LOWER_UP),
                 ipv4=tuple(a for _, a in sorted(v4.get(index, []), key=lambda t: t[0])),
                 ipv6=tuple(a for _, a in sorted(v6.get(index, []), key=lambda t: t[0])),
+                kind=_link_kind(msg),
             )
         )
     return result
+
+
+def _link_kind(msg: Any) -> str | None:
+    linkinfo = msg.get_attr("IFLA_LINKINFO")
+    if linkinfo is None:
+        return None
+    kind = linkinfo.get_attr("IFLA_INFO_KIND")
+    return str(kind) if kind else None
 
 
 class NetlinkMonitor:

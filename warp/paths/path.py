@@ -71,6 +71,8 @@ class Path:
     next_probe_at: float = 0.0
     burst_anchor: float = 0.0
     burst_index: int = 0
+    early_probe_at: float = float("-inf")
+    """Last probe sent ahead of schedule to check a suspect path (`drop_superseded`)."""
     probes: deque[ProbeRecord] = field(default_factory=lambda: deque(maxlen=LOSS_WINDOW))
 
     @property
@@ -91,6 +93,20 @@ class Path:
         settled = answered + lost
         return lost / settled if settled else None
 
+    def restart_measurements(self) -> None:
+        """A dead path came back (or is tried again): its loss window and RTT restart.
+
+        The probes that went unanswered while it was dead describe the outage, not the path
+        now (they made a path that just came back show 87.5 % loss). Probes still in flight
+        stay, uncounted (they were sent while it was dead), so the reply that revived it still
+        gives an RTT sample."""
+        in_flight = [r for r in self.probes if not r.answered and not r.expired]
+        self.probes.clear()
+        for record in in_flight:
+            record.counted = False
+            self.probes.append(record)
+        self.rtt = self.rtt_var = self.rtt_last = None
+
     def record_tx(self, nbytes: int) -> None:
         self.tx_packets += 1
         self.tx_bytes += nbytes
@@ -109,15 +125,18 @@ class Path:
             self.rtt = (1 - RTT_ALPHA) * self.rtt + RTT_ALPHA * sample
 
     def snapshot(self) -> dict[str, object]:
-        """Plain values for `warp status` / metrics."""
-        loss = self.loss
+        """Plain values for `warp status` / metrics (a dead path: no loss or RTT figure)."""
+        dead = self.state is PathState.DEAD
+        loss = None if dead else self.loss
         return {
             "uplink": self.uplink,
             "remote": f"{self.remote[0]}:{self.remote[1]}",
             "source": self.source,
             "state": str(self.state),
-            "rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 3),
-            "rtt_last_ms": None if self.rtt_last is None else round(self.rtt_last * 1000, 3),
+            "rtt_ms": None if self.rtt is None or dead else round(self.rtt * 1000, 3),
+            "rtt_last_ms": None
+            if self.rtt_last is None or dead
+            else round(self.rtt_last * 1000, 3),
             "loss": loss,
             "tx_bytes": self.tx_bytes,
             "tx_packets": self.tx_packets,

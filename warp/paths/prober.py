@@ -109,6 +109,8 @@ class PathStateChanged:
 class PathRemoved:
     path: Path
     reason: str
+    """One log word: `uplink_removed`, `remote_removed`, `forgotten` (dead and no longer
+    offered, `PathProber.forget_after`), `table_full` (evicted for a new path)."""
     at: float | None
 
     @property
@@ -154,7 +156,12 @@ class PathProber:
         self.forget_after = (
             float(forget_after) if forget_after is not None else 10 * self.path_timeout
         )
-        """A dead *learned* path is dropped after this long (map/static ones stay)."""
+        """A dead path that nothing offers any more is dropped after this long: a *learned*
+        one (heard from, or listed by the map earlier, `map_endpoints_changed`). Paths the map
+        lists now, `far_gate.endpoints` (static) and the relay stay. So a path no longer
+        offered is gone at most `path_timeout + forget_after` after its last authenticated
+        packet (33 s with the defaults), and the table holds, per uplink, the offered remotes
+        plus those heard within that time (never more than `max_paths`)."""
         self._rng = rng if rng is not None else random.Random()
         self._next_id = self._rng.getrandbits(32)
         self._paths: dict[PathKey, Path] = {}
@@ -315,8 +322,19 @@ class PathProber:
         self._deadline_valid = False
         for path in gone:
             del self._paths[path.key]
-            self._events.append(PathRemoved(path, "uplink removed", None))
+            self._events.append(PathRemoved(path, "uplink_removed", None))
         return gone
+
+    def map_endpoints_changed(self, endpoints: Iterable[Address]) -> None:
+        """The far gate's endpoints as the map lists them now. A path to a remote the map
+        no longer lists (a restarted peer's old NAT port) counts as learned from then on:
+        still used while it is alive, forgotten `forget_after` after it died (see
+        `forget_after`)."""
+        offered = {_norm(endpoint) for endpoint in endpoints}
+        for path in self._paths.values():
+            if path.source == "map" and path.remote not in offered:
+                path.source = "learned"
+                self._deadline_valid = False
 
     def remove_remote(self, remote: Address) -> list[Path]:
         """Forget every path to a remote address (e.g. the map no longer lists it)."""
@@ -325,8 +343,51 @@ class PathProber:
         self._deadline_valid = False
         for path in gone:
             del self._paths[path.key]
-            self._events.append(PathRemoved(path, "remote removed", None))
+            self._events.append(PathRemoved(path, "remote_removed", None))
         return gone
+
+    def drop_superseded(self, paths: list[Path], now: float) -> list[Path]:
+        """The paths minus those a NAT rebinding replaced, for sending (they stay in the
+        table, probed, and are used again as soon as they answer).
+
+        After a rebinding the peer speaks from a new port at once (a learned path) while the
+        old path stays `active` until `path_timeout`: shards sent there are lost. A path is
+        *suspect* when another path from the same uplink to the same remote host (another
+        port) was heard more than SUPERSEDED_AFTER after it; a suspect path is probed at once
+        (at most once per probe interval) rather than at its next periodic probe, and left
+        out while that probe (or any sent since its last packet) is overdue: unanswered for
+        2 RTT + 4 RTT variation + 50 ms. So a rebound path is left out about SUPERSEDED_AFTER
+        plus one probe round trip after the rebinding while traffic flows (within one probe
+        interval when idle). Two live paths behind one public IP (the peer's two uplinks
+        behind one NAT) both answer their probes: neither is left out, however their probe
+        phases differ (with idle traffic each is heard only through its own probes; the one
+        extra probe aligns their phases)."""
+        freshest: dict[tuple[str, str], float] = {}
+        for path in paths:
+            key = (path.uplink, path.remote[0])
+            heard = path.last_authenticated
+            if heard is not None and heard > freshest.get(key, -1.0):
+                freshest[key] = heard
+        kept = []
+        for path in paths:
+            heard = path.last_authenticated
+            fresher = freshest.get((path.uplink, path.remote[0]))
+            if heard is not None and fresher is not None and fresher - heard > SUPERSEDED_AFTER:
+                silent = _silent_for(path, heard, now)
+                if silent is None:
+                    self._probe_early(path, now)
+                elif silent > _overdue_after(path):
+                    continue
+            kept.append(path)
+        return kept or paths
+
+    def _probe_early(self, path: Path, now: float) -> None:
+        """Probe a suspect path now, at most once per probe interval (bounded extra probes)."""
+        if path.next_probe_at <= now or now - path.early_probe_at < self.keepalive_interval:
+            return
+        path.early_probe_at = now
+        path.next_probe_at = now
+        self._deadline_valid = False
 
     # --- time ---------------------------------------------------------------------------
 
@@ -340,7 +401,7 @@ class PathProber:
                     self._set_state(path, PathState.DEAD, now)
             elif path.source == "learned" and now - path.state_since >= self.forget_after:
                 del self._paths[path.key]
-                self._events.append(PathRemoved(path, "dead learned path expired", now))
+                self._events.append(PathRemoved(path, "forgotten", now))
                 continue
             for record in path.probes:
                 if (
@@ -373,6 +434,8 @@ class PathProber:
         old = path.state
         if old is new:
             return
+        if old is PathState.DEAD:
+            path.restart_measurements()
         path.state = new
         path.state_since = now
         self._deadline_valid = False
@@ -410,7 +473,7 @@ class PathProber:
         )
         del self._paths[victim.key]
         self._deadline_valid = False
-        self._events.append(PathRemoved(victim, "evicted: path table full", now))
+        self._events.append(PathRemoved(victim, "table_full", now))
         return True
 
     def _start_burst(self, path: Path, now: float) -> None:
@@ -441,6 +504,33 @@ class PathProber:
             )
             path.next_probe_at = nxt if nxt > now else now + self.keepalive_interval
         return encode_probe(probe_id, now)
+
+
+SUPERSEDED_AFTER = 0.3
+"""A path heard this much less recently than another path from the same uplink to the same
+remote host is suspect of having been replaced by a NAT rebinding (`drop_superseded`)."""
+
+PROBE_OVERDUE_MARGIN = 0.05
+"""A probe unanswered for 2 × RTT + 4 × RTT variation + this is overdue (no RTT yet:
+SUPERSEDED_AFTER)."""
+
+
+def _silent_for(path: Path, heard: float, now: float) -> float | None:
+    """How long the oldest probe sent after the path's last authenticated packet has gone
+    unanswered (any reply would have moved `last_authenticated` past it); None if no probe
+    went out since."""
+    oldest: float | None = None
+    for record in reversed(path.probes):
+        if record.sent_at <= heard:
+            break
+        oldest = record.sent_at
+    return None if oldest is None else now - oldest
+
+
+def _overdue_after(path: Path) -> float:
+    if path.rtt is None:
+        return SUPERSEDED_AFTER
+    return 2 * path.rtt + 4 * (path.rtt_var or 0.0) + PROBE_OVERDUE_MARGIN
 
 
 def _norm(remote: Address) -> Address:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import re
 import socket
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from warp.paths.netlink import NetlinkMonitor, dump_interfaces
+from warp.paths.netlink import InterfaceInfo, NetlinkMonitor, dump_interfaces
 from warp.paths.path import Address
 
 log = logging.getLogger("warp.paths.uplinks")
@@ -97,6 +98,34 @@ def select_interfaces(
         for name in names
         if any(p.search(name) for p in inc) and not any(p.search(name) for p in exc)
     ]
+
+
+TUNNEL_LINK_KINDS = frozenset({"wireguard", "tun"})
+"""Netlink link kinds that carry a tunnel (WireGuard, TUN devices such as wireguard-go's,
+tailscale's or WARP's own): never uplinks, whatever the patterns say."""
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def tunnel_exclusion(
+    info: InterfaceInfo, own_tuns: Iterable[str], tunnel_networks: Iterable[Network]
+) -> str | None:
+    """Why this interface must never be an uplink (traffic sent on it would go into a tunnel,
+    possibly this one), as one log word; None if it may be one.
+
+    `own_tuns`: WARP's own TUN gate names; `tunnel_networks`: the TUN gates' `allowed_ips`,
+    whose addresses are reached through the tunnel (a default route, prefix length 0, says
+    where traffic goes, not what the tunnel's addresses are: it is ignored)."""
+    if info.name in own_tuns:
+        return "warp_tun_gate"
+    if info.kind in TUNNEL_LINK_KINDS:
+        return f"link_kind:{info.kind}"
+    for text in (*info.ipv4, *info.ipv6):
+        address = ipaddress.ip_address(text)
+        for network in tunnel_networks:
+            if network.prefixlen and address.version == network.version and address in network:
+                return f"address_in_allowed_ips:{network}"
+    return None
 
 
 class UplinkEventKind(StrEnum):
@@ -430,7 +459,9 @@ class UplinkManager:
         self,
         *,
         inclusion_patterns: Iterable[str] = (".*",),
-        exclusion_patterns: Iterable[str] = ("^lo$",),
+        exclusion_patterns: Iterable[str] = ("^lo$", "^wg", "^tun", "^tailscale"),
+        own_tuns: Iterable[str] = (),
+        tunnel_networks: Iterable[str | Network] = (),
         bind_to_device: bool = True,
         listen_port: int = 0,
         scan_interval: float = 10.0,
@@ -451,6 +482,10 @@ class UplinkManager:
             raise ValueError("max_consecutive_failures must be at least 1")
         self.inclusion = _compile(inclusion_patterns)
         self.exclusion = _compile(exclusion_patterns)
+        self.own_tuns = frozenset(own_tuns)
+        self.tunnel_networks = [ipaddress.ip_network(n, strict=False) for n in tunnel_networks]
+        # Interfaces kept from being uplinks because they carry a tunnel, and why (logged once).
+        self.excluded: dict[str, str] = {}
         self.bind_to_device = bind_to_device and static is None
         self.listen_port = listen_port
         self.scan_interval = float(scan_interval)
@@ -631,20 +666,39 @@ class UplinkManager:
         """(name → (index, address)) wanted now, and why each other known name is not."""
         if self._static is not None:
             return {name: (0, address) for name, address in self._static}, {}
-        infos = dump_interfaces()
+        return self.select(dump_interfaces())
+
+    def select(
+        self, infos: Sequence[InterfaceInfo]
+    ) -> tuple[dict[str, tuple[int, str]], dict[str, str]]:
+        """`_desired` on a given interface list: patterns, then never a tunnel interface
+        (`tunnel_exclusion`, logged once per interface as `uplink.excluded`), then up with
+        an address."""
         selected = set(select_interfaces((i.name for i in infos), self.inclusion, self.exclusion))
         wanted: dict[str, tuple[int, str]] = {}
         why_not: dict[str, str] = {}
+        excluded: dict[str, str] = {}
         for info in infos:
             address = info.address
+            tunnel = (
+                tunnel_exclusion(info, self.own_tuns, self.tunnel_networks)
+                if info.name in selected
+                else None
+            )
             if info.name not in selected:
                 why_not[info.name] = "excluded by patterns"
+            elif tunnel is not None:
+                why_not[info.name] = f"carries a tunnel ({tunnel})"
+                excluded[info.name] = tunnel
+                if self.excluded.get(info.name) != tunnel:
+                    log.info("uplink.excluded name=%s reason=%s", info.name, tunnel)
             elif not info.up:
                 why_not[info.name] = "interface down"
             elif address is None:
                 why_not[info.name] = "no usable address"
             else:
                 wanted[info.name] = (info.index, address)
+        self.excluded = excluded
         return wanted, why_not
 
     async def _scan(self) -> None:

@@ -7,7 +7,9 @@ the fresh ones behind it.
 
 Back-pressure: `park` stops the deadline clock of everything queued (the uplinks cannot
 take more, through no fault of the datagrams) and `restore` starts it again; a datagram
-parked and restored is counted once in `enqueued` and once in `sent`.
+parked and restored is counted once in `enqueued` and once in `sent`. Tunnels in
+`clock_runs` keep their clock running while parked: their senders never waited (a UDP or
+TUN gate is not paused), so what was parked past its deadline is stale when restored.
 """
 
 from __future__ import annotations
@@ -51,9 +53,12 @@ class SendQueue:
         self._queues: dict[int, deque[QueuedDatagram]] = {}
         self._priorities: list[int] = []  # ascending; served from the end
         self._length = 0
-        # While parked: (tunnel id, datagram, enqueued at, seconds of deadline left,
-        # priority), in the order they will be restored; None when not parked.
-        self._parked: list[tuple[int, bytes, float, float, int]] | None = None
+        #: Tunnels whose deadline clock keeps running while parked (see the module docstring).
+        self.clock_runs: set[int] = set()
+        # While parked: (tunnel id, datagram, enqueued at, seconds of deadline left, priority,
+        # when those seconds were counted), in the order they will be restored; None when
+        # not parked.
+        self._parked: list[tuple[int, bytes, float, float, int, float]] | None = None
 
     def __len__(self) -> int:
         """Datagrams waiting, parked ones included."""
@@ -86,6 +91,7 @@ class SendQueue:
                             item.enqueued_at,
                             item.expires_at - now,
                             priority,
+                            now,
                         )
                     )
             queue.clear()
@@ -95,9 +101,11 @@ class SendQueue:
         """Start the deadline clock again: parked datagrams are queued with what was left of
         their deadline, in their order."""
         parked, self._parked = self._parked, None
-        for tunnel_id, datagram, enqueued_at, remaining, priority in parked or ():
+        clock_runs = self.clock_runs
+        for tunnel_id, datagram, enqueued_at, remaining, priority, counted_at in parked or ():
+            since = counted_at if tunnel_id in clock_runs else now
             self._append(
-                QueuedDatagram(tunnel_id, datagram, enqueued_at, now + remaining), priority
+                QueuedDatagram(tunnel_id, datagram, enqueued_at, since + remaining), priority
             )
 
     def push(
@@ -121,7 +129,7 @@ class SendQueue:
                 self._count_drop(stats.dropped_overflow_by_tunnel, tunnel_id)
                 stats.dropped_overflow += 1
                 return False
-            parked.append((tunnel_id, datagram, now, send_deadline, priority))
+            parked.append((tunnel_id, datagram, now, send_deadline, priority, now))
             return True
         if self._length >= self.max_length and not self._make_room(priority):
             self._count_drop(stats.dropped_overflow_by_tunnel, tunnel_id)
