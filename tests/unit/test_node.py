@@ -633,9 +633,13 @@ async def _loopback_gate(tmp_path: Path) -> None:
             source.connect(("127.0.0.1", ports["in"]))
             source.send(b"hello")  # starts the handshake
             await pair.connected()
-            await _until(lambda: len(pair.a.session.prober.active_paths()) == 4, 5, "paths not active")
+            await _until(
+                lambda: len(pair.a.session.prober.active_paths()) == 4, 5, "paths not active"
+            )
             restore = _silence(pair.b)
-            await _until(lambda: not pair.a.session.prober.active_paths(), 5, "a's paths did not die")
+            await _until(
+                lambda: not pair.a.session.prober.active_paths(), 5, "a's paths did not die"
+            )
             stalled = 0
             for i in range(3000):
                 with contextlib.suppress(BlockingIOError):
