@@ -192,10 +192,15 @@ class Gateway:
             for gate in self.gates.values():
                 if gate is not None:
                     gate.resume_reading()
+            sessions = self.core.sessions
             log.info(
-                "gateway.started public_key=%s far_gates=%s tunnels=%s uplinks=%s",
+                "gateway.started public_key=%s %s=%s tunnels=%s uplinks=%s",
                 encode_key(self.config.public_key),
-                ",".join(f"{n}:{encode_key(s.key)}" for n, s in self.core.sessions.items()),
+                "far_gate" if len(sessions) == 1 else "far_gates",
+                ",".join(
+                    encode_key(s.key) if len(sessions) == 1 else f"{n}:{encode_key(s.key)}"
+                    for n, s in sessions.items()
+                ),
                 ",".join(self.config.tunnels),
                 ",".join(self.uplinks.uplinks) if self.uplinks else "",
             )
