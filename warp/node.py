@@ -370,9 +370,16 @@ class Gateway:
         return None if go_on else False
 
     def _on_timer(self) -> None:
-        if self._loop is not None:
-            self.core.handle_timer(self._loop.time())
-            self._drain()
+        if self._loop is None:
+            return
+        if self.uplinks is not None:
+            # An uplink whose socket drained without a resume_writing callback (torn down
+            # and rebuilt under a hold) is writable again: the hold re-checks every 50 ms.
+            for name, uplink in self.uplinks.uplinks.items():
+                if not self.core.uplinks.get(name, True) and uplink.writable:
+                    self.core.uplink_writable(name, True)
+        self.core.handle_timer(self._loop.time())
+        self._drain()
 
     # ------------------------------------------------------------------ outputs
 
