@@ -37,6 +37,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from warp.log_limit import LogLimiter
+
 __all__ = [
     "PATH_STATES",
     "MetricsError",
@@ -60,7 +62,6 @@ HEADER_TIMEOUT = 5.0
 WRITE_TIMEOUT = 10.0
 MAX_HEAD = 8 * 1024
 BACKLOG = 128
-REJECT_LOG_INTERVAL = 10.0
 
 PATH_STATES = ("probing", "active", "dead")
 HANDSHAKE_STATES = ("none", "initiating", "established", "expired")
@@ -419,7 +420,7 @@ class MetricsServer:
         self.header_timeout = header_timeout
         self.write_timeout = write_timeout
         self.rejected: Counter[str] = Counter()
-        self._last_reject_log: dict[str, float] = {}
+        self._reject_log = LogLimiter()
         self._server: asyncio.AbstractServer | None = None
         #: open connections -> whether its request head has arrived, oldest first
         self._connections: OrderedDict[asyncio.StreamWriter, bool] = OrderedDict()
@@ -536,10 +537,7 @@ class MetricsServer:
 
     def _reject(self, reason: str) -> None:
         self.rejected[reason] += 1
-        now = time.monotonic()
-        last = self._last_reject_log.get(reason)
-        if last is None or now - last >= REJECT_LOG_INTERVAL:
-            self._last_reject_log[reason] = now
+        if self._reject_log.due(reason, time.monotonic()):
             log.warning(
                 "metrics.rejected reason=%s total=%d address=%s",
                 reason,

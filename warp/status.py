@@ -50,6 +50,7 @@ from rich.table import Table
 from rich.text import Text
 
 from warp.gate.base import Gate, GateError, claim_socket_path, remove_socket_path
+from warp.log_limit import LogLimiter
 
 __all__ = [
     "DEFAULT_CONTROL_SOCKET",
@@ -86,7 +87,6 @@ MAX_REPLY = 64 * 1024 * 1024
 MAX_REQUEST_DEPTH = 8
 #: connections served at once; more are answered with an error and closed
 MAX_CONNECTIONS = 16
-REJECT_LOG_INTERVAL = 10.0
 
 EXIT_OK = 0
 EXIT_USAGE = 1
@@ -269,7 +269,7 @@ class ControlServer:
         self._closed = False
         #: requests refused, by reason (too_long, too_deep, invalid, timeout, busy)
         self.rejected: Counter[str] = Counter()
-        self._last_reject_log: dict[str, float] = {}
+        self._reject_log = LogLimiter()
 
     async def start(self) -> None:
         if self._server is not None:
@@ -371,10 +371,7 @@ class ControlServer:
 
     def _reject(self, reason: str) -> None:
         self.rejected[reason] += 1
-        now = time.monotonic()
-        last = self._last_reject_log.get(reason)
-        if last is None or now - last >= REJECT_LOG_INTERVAL:
-            self._last_reject_log[reason] = now
+        if self._reject_log.due(reason, time.monotonic()):
             log.warning(
                 "control.rejected reason=%s total=%d path=%s",
                 reason,

@@ -43,6 +43,7 @@ from warp.gate.base import (
     remove_socket_path,
     set_socket_buffers,
 )
+from warp.log_limit import LogLimiter
 
 __all__ = ["UNIX_MAX_DATAGRAM", "UNIX_SOCKET_BUFFER", "UnixGate", "check_gate_directory"]
 
@@ -55,7 +56,6 @@ UNIX_SOCKET_BUFFER = 1024 * 1024
 #: struct ucred: pid, uid, gid
 _UCRED = struct.Struct("iII")
 _CREDENTIALS_SPACE = socket.CMSG_SPACE(_UCRED.size)
-REFUSED_LOG_INTERVAL = 10.0
 
 
 def check_gate_directory(path: str) -> str | None:
@@ -108,7 +108,7 @@ class UnixGate(DatagramSocketGate):
         self._allowed_gids = frozenset(allowed_gids)
         self._allow_shared_directory = allow_shared_directory
         self._inode: tuple[int, int] | None = None
-        self._last_refused_log: float | None = None
+        self._refused_log = LogLimiter()
         if application_path is not None:
             self._fixed_target = application_path
 
@@ -189,10 +189,7 @@ class UnixGate(DatagramSocketGate):
 
     def _refuse(self, pid: int, uid: int, gid: int) -> None:
         self.counters.drop(DropReason.SENDER_NOT_ALLOWED)
-        now = time.monotonic()
-        last = self._last_refused_log
-        if last is None or now - last >= REFUSED_LOG_INTERVAL:
-            self._last_refused_log = now
+        if self._refused_log.due("sender_refused", time.monotonic()):
             log.warning(
                 "gate.sender_refused path=%s pid=%d uid=%d gid=%d total=%d",
                 self.path,
