@@ -301,15 +301,7 @@ class SimNet:
             Link(self.child_rng(), delay=delay, jitter=jitter, losses=tuple(egress_losses)),
             Link(self.child_rng(), delay=delay, jitter=jitter, losses=tuple(ingress_losses)),
         )
-        if nat is None:
-            if address[0] in self._nats or address in self._public:
-                raise ValueError(f"{address} is taken")
-            self._public[address] = uplink
-        else:
-            if (nat.public_ip, address) in self._inside:
-                raise ValueError(f"{address} behind {nat.public_ip} is taken")
-            self._inside[(nat.public_ip, address)] = uplink
-        slot.uplinks[name] = uplink
+        self._attach(uplink)
         return uplink
 
     def remove_uplink(self, uplink: Uplink) -> None:
@@ -319,6 +311,13 @@ class SimNet:
             self._public.pop(uplink.address, None)
         else:
             self._inside.pop((uplink.nat.public_ip, uplink.address), None)
+
+    def move_uplink(self, uplink: Uplink, address: Address, *, nat: Nat | None) -> None:
+        """The uplink moves to another network (``address`` behind ``nat``, else public): what
+        is in flight to its old address is lost; tell the host yourself (``uplink_changed``)."""
+        self.remove_uplink(uplink)
+        uplink.address, uplink.nat = address, nat
+        self._attach(uplink)
 
     def remove_host(self, name: str) -> None:
         """The host is killed: nothing more in or out of it."""
@@ -370,6 +369,18 @@ class SimNet:
         return self.now
 
     # ------------------------------------------------------------------------ internals
+
+    def _attach(self, uplink: Uplink) -> None:
+        address, nat = uplink.address, uplink.nat
+        if nat is None:
+            if address[0] in self._nats or address in self._public:
+                raise ValueError(f"{address} is taken")
+            self._public[address] = uplink
+        else:
+            if (nat.public_ip, address) in self._inside:
+                raise ValueError(f"{address} behind {nat.public_ip} is taken")
+            self._inside[(nat.public_ip, address)] = uplink
+        uplink.host.uplinks[uplink.name] = uplink
 
     def _push(self, when: float, handler: Callable[..., None], args: tuple[object, ...]) -> None:
         heapq.heappush(self._queue, (when, next(self._seq), handler, args))
