@@ -328,18 +328,27 @@ class SimNet:
 
     # ------------------------------------------------------------------------ running
 
-    def at(self, when: float, action: Callable[[float], object]) -> None:
-        """Run ``action(now)`` at ``when`` (e.g. feed a gate, cut an uplink); every host is
-        serviced afterwards (the action may have given any of them something to do)."""
-        self._push(max(when, self.now), self._action, (action,))
+    def at(
+        self, when: float, action: Callable[[float], object], *, touches: str | None = None
+    ) -> None:
+        """Run ``action(now)`` at ``when`` (e.g. feed a gate, cut an uplink); then every host
+        is serviced (the action may have given any of them something to do), or only host
+        ``touches`` when the action says it touches that one alone."""
+        self._push(max(when, self.now), self._action, (action, touches))
 
     def every(
-        self, interval: float, action: Callable[[float], object], *, start: float, stop: float
+        self,
+        interval: float,
+        action: Callable[[float], object],
+        *,
+        start: float,
+        stop: float,
+        touches: str | None = None,
     ) -> None:
         """``action(now)`` at ``start``, ``start + interval`` ... before ``stop``."""
         count = math.ceil((stop - start) / interval)
         for i in range(count):
-            self.at(start + i * interval, action)
+            self.at(start + i * interval, action, touches=touches)
 
     def run_until(self, until: float) -> None:
         """Process everything due up to ``until`` (inclusive); the clock ends at ``until``."""
@@ -385,8 +394,13 @@ class SimNet:
     def _push(self, when: float, handler: Callable[..., None], args: tuple[object, ...]) -> None:
         heapq.heappush(self._queue, (when, next(self._seq), handler, args))
 
-    def _action(self, now: float, action: Callable[[float], object]) -> None:
+    def _action(self, now: float, action: Callable[[float], object], touches: str | None) -> None:
         action(now)
+        if touches is not None:
+            slot = self.hosts.get(touches)
+            if slot is not None:
+                self._service(slot)
+            return
         for slot in list(self.hosts.values()):
             self._service(slot)
 

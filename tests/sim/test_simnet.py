@@ -80,14 +80,15 @@ class Sim:
 
     def __init__(self, seed: int, *, refresh: float = 10.0, **map_settings: object) -> None:
         self.net = SimNet(seed)
-        self.map_key = generate_private_key()
+        keys = random.Random(seed)
+        self.map_key = generate_private_key(keys.randbytes)
         self.map = MapHost(
             map_config(self.map_key, MAP, **map_settings), rng=self.net.rng_bytes(), now=0.0
         )
         self.net.add_host("map", self.map, observe=self.map.observe)
         self.net.add_uplink("map", PUBLIC, MAP)
         self.refresh = refresh
-        self.keys = {name: generate_private_key() for name in ("a", "b")}
+        self.keys = {name: generate_private_key(keys.randbytes) for name in ("a", "b")}
 
     def client(self, name: str, far: str, nats: list[Nat], *, loss: float = 0.0) -> MapClientHost:
         host = MapClientHost(
