@@ -397,3 +397,21 @@ def test_one_vehicle_killed_the_others_are_unaffected() -> None:
     assert streams["op->v2"].lost_between(SETTLED, 1.9) == []
     assert len(streams["op->v2"].lost_between(2.0, 6.0)) == 1000
     assert_intact(*streams.values())
+
+
+def test_map_restart_leaves_direct_paths_alone_and_everyone_registers_again() -> None:
+    """The map restarts at 2 s (sessions, registrations, validations gone). Direct paths do
+    not need it: not a datagram is lost. At their next refresh (``interface_scan_interval``,
+    10 s) the gateways find their requests unanswered, handshake again and register every
+    uplink again."""
+    fleet, ab, ba = two_gateways(15, [CONE, CONE], [CONE, "symmetric"], stop=16.0)
+    fleet.net.at(2.0, fleet.map.restart)
+    fleet.net.run_until(2.0)
+    registry = fleet.map.core.registry
+    back = fleet.net.run_while(lambda: registry.registration_count < 4, limit=30.0)
+    print(f"every uplink registered again {back - 2.0:.2f} s after the restart")
+    assert fleet.map.restarts == 1 and back < 10.0 + 1.0
+    fleet.net.run_until(16.5)
+    for stream in (ab, ba):
+        assert stream.lost_between(SETTLED, 16.0) == []
+    assert_intact(ab, ba)
