@@ -323,14 +323,10 @@ def test_operator_and_vehicles_connect(vehicles: int) -> None:
     assert_intact(*streams.values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a gateway registers with the map naming its first far gate only (Register carries "
-    "one): under the default mutual policy the map refuses every other vehicle's lookup of the "
-    "operator and their relays, and never pushes their endpoints to it",
-)
 def test_operator_behind_nat_reaches_every_vehicle_through_the_map() -> None:
-    """Operator and vehicles all behind NATs: only the map brings them together."""
+    """Operator and vehicles all behind NATs: only the map brings them together. The
+    operator's registrations name every vehicle, so under the default ``mutual`` policy each
+    may look it up, be pushed to it and relay to it, not only the first one listed."""
     fleet, streams = operator_and_vehicles(11, ["v1", "v2", "v3"], public_operator=False)
     fleet.net.run_until(6.5)
     for name, stream in streams.items():
@@ -340,16 +336,14 @@ def test_operator_behind_nat_reaches_every_vehicle_through_the_map() -> None:
         assert stream.lost_between(SETTLED, 6.0) == []
 
 
-@pytest.mark.parametrize(
-    ("public_operator", "order"), [(True, "dead first"), (False, "live first")]
-)
+@pytest.mark.parametrize("order", ["dead first", "live first"])
+@pytest.mark.parametrize("public_operator", [True, False])
 def test_far_gate_that_never_answers_beside_one_that_does(
     public_operator: bool, order: str
 ) -> None:
     """The operator's config lists a vehicle that never runs, and its application sends to it
     as much as to the live one. The live vehicle connects as soon as it would alone, loses
-    nothing, and its gate is never paused: the dead one's queue and handshakes are its own.
-    (Behind NATs the live vehicle must come first: see the xfail above.)"""
+    nothing, and its gate is never paused: the dead one's queue and handshakes are its own."""
     vehicles = ["ghost", "v1"] if order == "dead first" else ["v1", "ghost"]
     fleet, streams = operator_and_vehicles(
         12, vehicles, dead=("ghost",), public_operator=public_operator
