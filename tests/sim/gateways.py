@@ -209,10 +209,12 @@ class Fleet:
         egress: Sequence[LossFactory | None] = (),
         ingress: Sequence[LossFactory | None] = (),
         port: int = 51820,
+        nat_timeout: float = 30.0,
     ) -> GatewayHost:
         """Gateway ``name`` with one uplink per entry of ``uplinks`` (``wan0``, ``wan1`` ...),
         each behind a NAT of that kind of its own (None: a public address); ``egress[i]`` and
-        ``ingress[i]`` make uplink i's loss models for each direction."""
+        ``ingress[i]`` make uplink i's loss models for each direction; the NATs forget a
+        binding unused for ``nat_timeout`` seconds."""
         host = GatewayHost(name, config, seed=self.net.rng.getrandbits(64), now=self.net.now)
         self.gateways[name] = host
         self.net.add_host(name, host, observe=host.observe)
@@ -225,7 +227,8 @@ class Fleet:
         core.start(self.net.now)
         for i, kind in enumerate(uplinks):
             self._next_nat += 1
-            nat = None if kind is None else self.net.nat(f"100.64.{self._next_nat}.1", kind)
+            public_ip = f"100.64.{self._next_nat}.1"
+            nat = None if kind is None else self.net.nat(public_ip, kind, timeout=nat_timeout)
             address = (
                 (f"192.168.{i}.2", port) if nat is not None else (f"203.0.{self._next_nat}.2", port)
             )

@@ -409,3 +409,29 @@ def test_map_restart_leaves_direct_paths_alone_and_everyone_registers_again() ->
     for stream in (ab, ba):
         assert stream.lost_between(SETTLED, 16.0) == []
     assert_intact(ab, ba)
+
+
+def test_idle_tunnel_keeps_its_nat_bindings() -> None:
+    """Both behind NATs that forget a binding after 30 s unused; the applications send for a
+    second, fall silent for two minutes, then send again: the paths' keep-alive probes held
+    every binding open, so the first datagram after the silence arrives in one trip (20 ms),
+    through the same public ports, with no map round."""
+    fleet = Fleet(16)
+    for name, other in (("a", "b"), ("b", "a")):
+        config = fleet.config(name, [Peer(other, "t")])
+        fleet.gateway(name, config, [CONE, "restricted-cone"], nat_timeout=30.0)
+    uplinks = [fleet.uplink(g, i) for g in "ab" for i in (0, 1)]
+
+    def public_ports() -> list[object]:
+        return [u.nat.public_address(u.address) if u.nat else None for u in uplinks]
+
+    ab = fleet.stream("a", "t", "b", rate=100, start=0.0, stop=1.0)
+    fleet.net.run_until(2.0)
+    ports = public_ports()
+    late = fleet.stream("a", "t", "b", rate=100, start=121.0, stop=122.0)
+    fleet.net.run_until(122.5)
+    assert ab.delivered > 0
+    assert late.first_delivery() - 121.0 == pytest.approx(0.020, abs=0.002)
+    assert late.lost_between(121.0, 122.0) == []
+    assert all(u.nat is not None and u.nat.stats["expired"] == 0 for u in uplinks)
+    assert public_ports() == ports
