@@ -14,6 +14,7 @@ import math
 import random
 import struct
 from array import array
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -42,7 +43,7 @@ class Stream:
     received_at: dict[int, float] = field(default_factory=dict)
     duplicates: int = 0
     corrupt: int = 0
-    refused: int = 0  # gate_datagram said "pause" (the datagram was still taken)
+    refused: int = 0  # not sent: the gate was paused (a blocked application)
 
     @property
     def delivered(self) -> int:
@@ -77,15 +78,24 @@ class GatewayHost:
         #: (sending gateway, tunnel) -> stream, filled in by :meth:`Fleet.stream`
         self.inbound: dict[str, Stream] = {}
         self.paused: set[str] = set()
-        self.pauses = 0
+        #: tunnel -> how many times its gate was paused
+        self.pauses: Counter[str] = Counter()
 
     def send(self, tunnel: str, stream: Stream, size: int, now: float) -> None:
+        if tunnel in self.paused:
+            stream.refused += 1  # the application's send would block: it waits, sends nothing
+            return
         seq = stream.sent
         stream.sent += 1
         stream.sent_at.append(now)
         payload = HEADER.pack(seq, now) + FILLER[: size - HEADER.size]
         if not self.core.gate_datagram(tunnel, payload, now):
-            stream.refused += 1
+            self._pause(tunnel)  # until a GateResumed, as the shell does
+
+    def _pause(self, tunnel: str) -> None:
+        if tunnel not in self.paused:
+            self.paused.add(tunnel)
+            self.pauses[tunnel] += 1
 
     # Host
     def datagram_received(self, uplink: str, source: Address, data: bytes, now: float) -> None:
@@ -114,8 +124,7 @@ class GatewayHost:
                 stream.received_at[seq] = now
         for event in self.core.events():
             if isinstance(event, GatePaused):
-                self.paused.add(event.tunnel)
-                self.pauses += 1
+                self._pause(event.tunnel)
             elif isinstance(event, GateResumed):
                 self.paused.discard(event.tunnel)
 
@@ -170,10 +179,11 @@ class Fleet:
         send_deadline: float = 0.1,
         listen_port: int = 0,
         use_map: bool = True,
-        extra: str = "",
+        unix_gates: bool = False,
     ) -> GatewayConfig:
         """The configuration an operator writes for gateway ``name``: one ``[far_gates.*]``
-        table and one loopback-gated tunnel per peer."""
+        table and one tunnel per peer, with a loopback gate (never paused: a UDP sender does
+        not wait) or a Unix gate (paused under back-pressure)."""
         lines = [f'private_key = "{encode_key(self.key(name))}"', f"listen_port = {listen_port}"]
         if use_map:
             lines += [
@@ -181,7 +191,7 @@ class Fleet:
                 f'address = "{MAP[0]}:{MAP[1]}"',
                 f'public_key = "{encode_key(public_key_of(self.map_private))}"',
             ]
-        lines += ["[interfaces]", extra]
+        lines += ["[interfaces]"]
         for i, peer in enumerate(peers):
             endpoints = ", ".join(f'"{h}:{p}"' for h, p in peer.endpoints)
             lines += [
@@ -190,7 +200,11 @@ class Fleet:
                 f"endpoints = [{endpoints}]",
                 f"[tunnels.{peer.tunnel}]",
                 f'far_gate = "{peer.name}"',
-                f"gate = {{ application_to_gate = {59401 + i} }}",
+                (
+                    f'gate = {{ path = "/run/warp-sim/{name}-{peer.tunnel}.sock" }}'
+                    if unix_gates
+                    else f"gate = {{ application_to_gate = {59401 + i} }}"
+                ),
                 f"[tunnels.{peer.tunnel}.transport]",
                 f'send_deadline = "{send_deadline}s"',
                 f"[tunnels.{peer.tunnel}.transport.redundancy]",

@@ -126,9 +126,6 @@ class Nat:
         }[kind]  # type: ignore[assignment]
         return cls(public_ip, rng, filtering=filtering, timeout=timeout)
 
-    def __len__(self) -> int:
-        return len(self._bindings)
-
     def outbound(self, private: Address, remote: Address, now: float) -> Address:
         """The public source address of a datagram from ``private`` to ``remote``."""
         key = (private, remote if self.mapping == "address-and-port-dependent" else None)

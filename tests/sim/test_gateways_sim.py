@@ -283,6 +283,8 @@ def operator_and_vehicles(
     public_operator: bool = True,
     rate: float = 250,
     stop: float = 6.0,
+    unix_gates: bool = False,
+    send_deadline: float = 0.1,
 ) -> tuple[Fleet, dict[str, Stream]]:
     """An operator gateway whose config lists every vehicle as a far gate (in that order),
     each vehicle with two uplinks behind NATs of its own and a tunnel to the operator; the
@@ -292,7 +294,13 @@ def operator_and_vehicles(
     ``op->v`` towards each dead one."""
     fleet = Fleet(seed)
     peers = [Peer(v, f"video_{v}") for v in vehicles]
-    config = fleet.config("op", peers, listen_port=51820 if public_operator else 0)
+    config = fleet.config(
+        "op",
+        peers,
+        listen_port=51820 if public_operator else 0,
+        unix_gates=unix_gates,
+        send_deadline=send_deadline,
+    )
     fleet.gateway("op", config, [None, None] if public_operator else [CONE, CONE])
     endpoints = [fleet.uplink("op", i).address for i in (0, 1)] if public_operator else []
     streams: dict[str, Stream] = {}
@@ -342,13 +350,18 @@ def test_far_gate_that_never_answers_beside_one_that_does(
     public_operator: bool, order: str
 ) -> None:
     """The operator's config lists a vehicle that never runs, and its application sends to it
-    as much as to the live one. The live vehicle connects as soon as it would alone, loses
-    nothing, and its gate is never paused: the dead one's queue and handshakes are its own."""
+    as much as to the live one (through Unix gates, which back-pressure pauses; a 10 s
+    ``send_deadline``, so that what waits for the dead one fills its queue). The live vehicle
+    connects as soon as it would alone and loses nothing; the dead one's gate is paused once
+    its queue is full, the live one's never: queues and handshakes are per far gate."""
     vehicles = ["ghost", "v1"] if order == "dead first" else ["v1", "ghost"]
     fleet, streams = operator_and_vehicles(
-        12, vehicles, dead=("ghost",), public_operator=public_operator
+        12, vehicles, dead=("ghost",), public_operator=public_operator, unix_gates=True,
+        send_deadline=10.0,
+    )  # fmt: skip
+    alone, alone_streams = operator_and_vehicles(
+        12, ["v1"], public_operator=public_operator, unix_gates=True, send_deadline=10.0
     )
-    alone, alone_streams = operator_and_vehicles(12, ["v1"], public_operator=public_operator)
     fleet.net.run_until(6.5)
     alone.net.run_until(6.5)
     operator = fleet.gateways["op"]
@@ -361,7 +374,8 @@ def test_far_gate_that_never_answers_beside_one_that_does(
         assert stream.lost_between(first, 6.0) == []
         assert stream.max_gap(first, 6.0) < 0.01
     assert streams["op->ghost"].delivered == 0
-    assert "video_v1" not in operator.paused
+    assert operator.pauses["video_ghost"] >= 1 and "video_ghost" in operator.paused
+    assert operator.pauses["video_v1"] == 0
     assert_intact(*streams.values())
 
 
