@@ -230,6 +230,9 @@ class HostSlot:
 
 
 class SimNet:
+    """The clock, the event queue, the hosts, their uplinks and NATs (see the module
+    docstring). ``internet_delay`` is added to every datagram between the two NATs."""
+
     def __init__(self, seed: int = 0, *, internet_delay: float = 0.0) -> None:
         self.rng = random.Random(seed)
         self.internet_delay = internet_delay
@@ -311,7 +314,7 @@ class SimNet:
 
     def move_uplink(self, uplink: Uplink, address: Address, *, nat: Nat | None) -> None:
         """The uplink moves to another network (``address`` behind ``nat``, else public): what
-        is in flight to its old address is lost; tell the host yourself (``uplink_changed``)."""
+        has not passed its old NAT yet is lost; tell the host yourself (``uplink_changed``)."""
         self.remove_uplink(uplink)
         uplink.address, uplink.nat = address, nat
         self._attach(uplink)
