@@ -6,7 +6,7 @@ carries its :class:`~warp_map_server.registry.Announce` and
 forwards in. What lives in Valkey (``prefix`` = ``cluster.key_prefix``):
 
 * ``{prefix}c:{client key hex}``: the client's :class:`ClientRecord` (msgpack), expiring with
-  its registrations (``PX``): far gate, endpoints, version, owning instance. Public keys and
+  its registrations (``PX``): far gate(s), endpoints, version, owning instance. Public keys and
   addresses only; no secrets.
 * ``{prefix}index``: a sorted set of those keys by expiry time, so that a record is written
   only while the cluster holds fewer than ``max_clients`` (checked and written in one script,
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 from collections import Counter, deque
@@ -34,7 +35,13 @@ from typing import Any, TypeAlias
 import msgpack
 
 from warp.config import ClusterConfig
-from warp.map_client.messages import MAX_ENDPOINTS, MAX_RELAY_PAYLOAD, U64, Endpoint
+from warp.map_client.messages import (
+    MAX_ENDPOINTS,
+    MAX_FAR_GATES,
+    MAX_RELAY_PAYLOAD,
+    U64,
+    Endpoint,
+)
 from warp_map_server.registry import Announce, ClientRecord, ClusterOutput, Forward, log_event
 
 log = logging.getLogger("warp_map_server")
@@ -92,17 +99,19 @@ def _pack_endpoint(endpoint: Endpoint) -> list[object]:
 
 
 def encode_record(record: ClientRecord) -> bytes:
-    return msgpack.packb(
-        [
-            "r",
-            record.key,
-            record.far_gate,
-            [_pack_endpoint(e) for e in record.endpoints],
-            record.version,
-            record.owner,
-            max(0, round(record.ttl * 1000)),
-        ]
-    )
+    item = [
+        "r",
+        record.key,
+        record.far_gate,
+        [_pack_endpoint(e) for e in record.endpoints],
+        record.version,
+        record.owner,
+        max(0, round(record.ttl * 1000)),
+    ]
+    if record.also:
+        # only then: a client with one far gate stays readable by instances that predate this
+        item.append(list(record.also))
+    return msgpack.packb(item)
 
 
 def encode_forward(forward: Forward) -> bytes:
@@ -142,10 +151,13 @@ def decode(data: bytes) -> ClusterInput:
         raise ClusterMessageError(f"not msgpack: {type(exc).__name__}") from None
     if not isinstance(item, list) or not item:
         raise ClusterMessageError("not a cluster message")
-    if item[0] == "r" and len(item) == 7:
+    if item[0] == "r" and len(item) in (7, 8):
         endpoints = item[3]
         if not isinstance(endpoints, list) or len(endpoints) > MAX_ENDPOINTS:
             raise ClusterMessageError("bad endpoints")
+        also = item[7] if len(item) == 8 else []
+        if not isinstance(also, list) or len(also) >= MAX_FAR_GATES:
+            raise ClusterMessageError("bad far gates")
         return ClientRecord(
             _key(item[1]),
             _key(item[2]),
@@ -153,6 +165,7 @@ def decode(data: bytes) -> ClusterInput:
             _uint(item[4], U64),
             _uint(item[5], U64),
             _uint(item[6], 0xFFFF_FFFF) / 1000,
+            tuple(_key(k) for k in also),
         )
     if item[0] == "f" and len(item) == 4:
         payload = item[3]
@@ -440,9 +453,7 @@ class ClusterLink:
 
 
 def _with_ttl(record: ClientRecord, ttl: float) -> ClientRecord:
-    return ClientRecord(
-        record.key, record.far_gate, record.endpoints, record.version, record.owner, ttl
-    )
+    return dataclasses.replace(record, ttl=ttl)
 
 
 def _describe(exc: BaseException) -> str:

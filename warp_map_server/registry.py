@@ -12,11 +12,13 @@ Rules:
   latest Register: it is expired at exactly ``registered_at + ttl``.
 * A client's endpoint set is its unexpired registrations' endpoints, freshest first. Every change
   of the set takes a new version (one counter for the whole map, so versions only grow).
+* A client names one far gate or several (a gateway with a fleet of far gates: Register's
+  ``also``); each is its far gate in every rule below.
 * On a change of client X's set: every client W whose far gate is X, and who may see X, gets a
-  Push of X's set at each of its endpoints; and when the set grew, X gets a Push of its own far
-  gate's set (if it may see it), so both sides start punching at once.
-* ``mutual`` policy: W may see X only if X registered W as its far gate. ``any``: always.
-  A client may always see itself. The same rule gates relaying.
+  Push of X's set at each of its endpoints; and when the set grew, X gets a Push of each of its
+  far gates' sets (those it may see), so both sides start punching at once.
+* ``mutual`` policy: W may see X only if X registered W as (one of) its far gate(s). ``any``:
+  always. A client may always see itself. The same rule gates relaying.
 * Relay: forward the payload to the target's freshest endpoint, within a per-sender token
   bucket of ``relay_rate`` bits per second.
 * Requests (register, lookup, deregister, invalid frames) pass a per-source-IP token bucket of
@@ -50,6 +52,7 @@ from typing import Literal
 from warp.keys import encode_key
 from warp.map_client.messages import (
     MAX_ENDPOINTS,
+    MAX_FAR_GATES,
     MAX_RELAY_PAYLOAD,
     Deregister,
     Endpoint,
@@ -126,6 +129,12 @@ class ClientRecord:
     version: int
     owner: int
     ttl: float
+    #: further far gates (a gateway with several)
+    also: tuple[bytes, ...] = ()
+
+    @property
+    def far_gates(self) -> tuple[bytes, ...]:
+        return (self.far_gate, *self.also)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +167,11 @@ class RemoteClient:
     version: int
     owner: int
     expires_at: float
+    also: tuple[bytes, ...] = ()
+
+    @property
+    def far_gates(self) -> tuple[bytes, ...]:
+        return (self.far_gate, *self.also)
 
     def freshest(self, now: float) -> Endpoint | None:
         return self.endpoints[0] if self.endpoints and self.expires_at > now else None
@@ -181,6 +195,12 @@ class Client:
     version: int = 0
     #: when the cluster's copy of this client lapses (last announce + TTL)
     announced_until: float = 0.0
+    #: further far gates (a gateway with several): each is a far gate as ``far_gate`` is
+    also: tuple[bytes, ...] = ()
+
+    @property
+    def far_gates(self) -> tuple[bytes, ...]:
+        return (self.far_gate, *self.also)
 
     def endpoints(self, now: float) -> tuple[Endpoint, ...]:
         live = [r for r in self.registrations.values() if r.expires_at > now]
@@ -282,12 +302,12 @@ class Registry:
         remote = self.remote.get(key)
         return remote.endpoints if remote is not None and remote.expires_at > now else ()
 
-    def _far_gate_of(self, key: bytes) -> bytes | None:
+    def _far_gates_of(self, key: bytes) -> tuple[bytes, ...]:
         client = self.clients.get(key)
         if client is not None:
-            return client.far_gate
+            return client.far_gates
         remote = self.remote.get(key)
-        return None if remote is None else remote.far_gate
+        return () if remote is None else remote.far_gates
 
     def _view_of(self, key: bytes, now: float) -> tuple[tuple[Endpoint, ...], int]:
         """(endpoints, version) of a local or mirrored client; ((), 0) if unknown."""
@@ -391,7 +411,7 @@ class Registry:
     def may_see(self, asker: bytes, target: bytes) -> bool:
         if asker == target or self.policy == "any":
             return True
-        return self._far_gate_of(target) == asker
+        return asker in self._far_gates_of(target)
 
     # ---------------------------------------------------------------------------- requests
 
@@ -414,9 +434,10 @@ class Registry:
                     Error(message.request_id, ErrorCode.LIMIT_REACHED, "map is full"),
                 )
                 return
-            client = Client(key, message.far_gate, message.instance)
+            client = Client(key, message.far_gate, message.instance, also=message.also)
             self.clients[key] = client
-            self._watchers.setdefault(message.far_gate, set()).add(key)
+            for far_key in client.far_gates:
+                self._watchers.setdefault(far_key, set()).add(key)
             moved = self.remote.pop(key, None)
             if moved is not None:
                 # The client came over from another instance: our versions must follow its.
@@ -435,14 +456,14 @@ class Registry:
                 )
             client.registrations.clear()
             client.instance = message.instance
-        if message.far_gate != client.far_gate:
-            old_far = client.far_gate
-            self._watchers.get(old_far, set()).discard(key)
-            if not self._watchers.get(old_far, True):
-                del self._watchers[old_far]
-            client.far_gate = message.far_gate
-            self._revoke(client, old_far, now)
-            self._watchers.setdefault(message.far_gate, set()).add(key)
+        if message.far_gates != client.far_gates:
+            old_fars = set(client.far_gates)
+            client.far_gate, client.also = message.far_gate, message.also
+            for old_far in old_fars - set(client.far_gates):
+                self._unwatch(key, old_far)
+                self._revoke(client, old_far, now)
+            for far_key in client.far_gates:
+                self._watchers.setdefault(far_key, set()).add(key)
             grew = True  # whoever may now see us must hear of it, and we of them
         registration = client.registrations.get(message.uplink)
         if registration is None:
@@ -473,6 +494,7 @@ class Registry:
                 uplink=message.uplink,
                 endpoint=_fmt(source),
                 far_gate=short(message.far_gate),
+                far_gates=len(message.far_gates),
             )
         else:
             if registration.endpoint != source:
@@ -657,25 +679,29 @@ class Registry:
             return
         expires_at = now + min(max(record.ttl, 0.0), self.ttl)
         self.remote[record.key] = RemoteClient(
-            record.key, record.far_gate, endpoints, record.version, record.owner, expires_at
+            record.key,
+            record.far_gate,
+            endpoints,
+            record.version,
+            record.owner,
+            expires_at,
+            record.also[: MAX_FAR_GATES - 1],
         )
         heapq.heappush(self._remote_expiry, (expires_at, record.key))
         self._compact_remote_expiry()
-        if previous is not None and previous.far_gate != record.far_gate:
-            # Under mutual, the old far gate may not see the client any more: tell it so.
-            old_watcher = self.clients.get(previous.far_gate)
-            if (
-                self.policy == "mutual"
-                and old_watcher is not None
-                and old_watcher.far_gate == record.key
-            ):
-                frame = encode(Push(record.key, (), record.version, self.boot_id))
-                self._push(old_watcher, frame, now, about=record.key)
-        if (
-            previous is None
-            or previous.endpoints != endpoints
-            or previous.far_gate != (record.far_gate)
-        ):
+        far_gates_changed = previous is not None and previous.far_gates != record.far_gates
+        if previous is not None and far_gates_changed:
+            # Under mutual, an old far gate may not see the client any more: tell it so.
+            for old_far in set(previous.far_gates) - set(record.far_gates):
+                old_watcher = self.clients.get(old_far)
+                if (
+                    self.policy == "mutual"
+                    and old_watcher is not None
+                    and record.key in old_watcher.far_gates
+                ):
+                    frame = encode(Push(record.key, (), record.version, self.boot_id))
+                    self._push(old_watcher, frame, now, about=record.key)
+        if previous is None or previous.endpoints != endpoints or far_gates_changed:
             self._push_to_watchers(record.key, endpoints, record.version, now)
 
     def cluster_lost(self) -> None:
@@ -702,7 +728,13 @@ class Registry:
         until = max((r.expires_at for r in client.registrations.values()), default=now)
         client.announced_until = until
         record = ClientRecord(
-            client.key, client.far_gate, endpoints, client.version, self.boot_id, until - now
+            client.key,
+            client.far_gate,
+            endpoints,
+            client.version,
+            self.boot_id,
+            until - now,
+            client.also,
         )
         self._cluster_outbox.append(Announce(record))
 
@@ -743,18 +775,20 @@ class Registry:
         endpoints = client.endpoints(now)
         self._push_to_watchers(client.key, endpoints, client.version, now)
         self._announce(client, now)
-        far_key = client.far_gate
-        if grew and endpoints and far_key != client.key and self.may_see(client.key, far_key):
-            far_endpoints, far_version = self._view_of(far_key, now)
-            if far_endpoints:
-                reverse = encode(Push(far_key, far_endpoints, far_version, self.boot_id))
-                self._push(client, reverse, now, about=far_key)
+        if not grew or not endpoints:
+            return
+        for far_key in client.far_gates:
+            if far_key != client.key and self.may_see(client.key, far_key):
+                far_endpoints, far_version = self._view_of(far_key, now)
+                if far_endpoints:
+                    reverse = encode(Push(far_key, far_endpoints, far_version, self.boot_id))
+                    self._push(client, reverse, now, about=far_key)
 
     def _revoke(self, client: Client, old_far: bytes, now: float) -> None:
         """``client`` no longer names ``old_far`` as its far gate: under ``mutual``, the old far
         gate may not see it any more, so it is told the list is empty."""
         watcher = self.clients.get(old_far)
-        if self.policy != "mutual" or watcher is None or watcher.far_gate != client.key:
+        if self.policy != "mutual" or watcher is None or client.key not in watcher.far_gates:
             return
         self._version += 1
         client.version = self._version
@@ -779,12 +813,16 @@ class Registry:
         client = self.clients.pop(key, None)
         if client is None:
             return
-        watchers = self._watchers.get(client.far_gate)
+        for far_key in client.far_gates:
+            self._unwatch(key, far_key)
+        self._relay.forget(key)
+
+    def _unwatch(self, key: bytes, far_key: bytes) -> None:
+        watchers = self._watchers.get(far_key)
         if watchers is not None:
             watchers.discard(key)
             if not watchers:
-                del self._watchers[client.far_gate]
-        self._relay.forget(key)
+                del self._watchers[far_key]
 
     def _compact_expiry(self) -> None:
         # Refreshes leave stale entries behind; rebuild when the heap outgrows its last live size

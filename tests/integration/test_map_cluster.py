@@ -281,9 +281,10 @@ def test_registration_burst_keeps_valkey_within_caps(tmp_path: Path) -> None:
             key = public_key_of(generate_private_key())
             frame = encode(Register(i, 1, far, 7))
             now = loop.time()
-            server.registry.handle(key, frame, (f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}",
-                                                40000), now)  # fmt: skip
-            server._flush(now)
+            server.core.registry.handle(key, frame, (f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}",
+                                                     40000), now)  # fmt: skip
+            server.core.flush(now)
+            server._drain(server.core)
             if i % 500 == 0:
                 await asyncio.sleep(0)  # let the link write and read
         await asyncio.sleep(1.0)

@@ -12,6 +12,7 @@ import contextlib
 import random
 from typing import Any
 
+import msgpack
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -54,7 +55,9 @@ class Cluster:
         self.clients: dict[bytes, tuple[MapClient[str], Endpoint, list[object]]] = {}
         self.now = 0.0
 
-    def add(self, key: bytes, far: bytes, address: Endpoint, start_at: int) -> MapClient[str]:
+    def add(
+        self, key: bytes, far: bytes | list[bytes], address: Endpoint, start_at: int
+    ) -> MapClient[str]:
         client = MapClient[str](
             far, refresh_interval=R, response_timeout=T, map_count=len(self.maps), rng=rng(7)
         )
@@ -182,6 +185,21 @@ def test_mutual_policy_across_instances_revokes_and_ignores_stale_records() -> N
     assert cluster.maps[0].remote[B].far_gate == C and not cluster.maps[0].may_see(A, B)
 
 
+def test_an_operator_with_several_far_gates_is_seen_by_each_across_instances() -> None:
+    """The operator (instance 0) names B and C; B and C register with instance 1: under
+    mutual both see the operator and it sees both, through the mirrored records."""
+    cluster = Cluster()
+    operator = cluster.add(A, [B, C], ("198.51.100.1", 4000), start_at=0)
+    b = cluster.add(B, A, ("203.0.113.2", 5000), start_at=1)
+    c = cluster.add(C, A, ("203.0.113.3", 6000), start_at=1)
+    cluster.run_until(0.2)
+    assert b.peer_endpoints == c.peer_endpoints == (("198.51.100.1", 4000),)
+    assert operator.endpoints_of(B) == (("203.0.113.2", 5000),)
+    assert operator.endpoints_of(C) == (("203.0.113.3", 6000),)
+    assert cluster.maps[1].remote[A].far_gates == (B, C)
+    assert cluster.maps[1].may_see(C, A)
+
+
 def test_one_instance_does_not_fail_over_or_probe_often() -> None:
     cluster = Cluster(instances=1)
     a = cluster.add(A, B, ("198.51.100.1", 4000), start_at=0)
@@ -272,6 +290,12 @@ def test_cluster_example_config_loads() -> None:
 def test_cluster_codec_round_trip() -> None:
     record = ClientRecord(A, B, (("198.51.100.1", 4000), ("2001:db8::7", 5)), 42, 9, 12.5)
     assert decode(encode_record(record)) == record
+    # a gateway with several far gates: an eighth field, only then (a one-far-gate record
+    # stays readable by instances that predate it)
+    fleet = ClientRecord(A, B, (("198.51.100.1", 4000),), 43, 9, 12.5, (C, b"D" * 32))
+    assert decode(encode_record(fleet)) == fleet
+    assert len(msgpack.unpackb(encode_record(record))) == 7
+    assert len(msgpack.unpackb(encode_record(fleet))) == 8
     forward = Forward(9, A, B, b"\x04sealed")
     assert decode(encode_forward(forward)) == RelayIn(A, B, b"\x04sealed")
     assert redis_url("valkey://h:6379/0") == "redis://h:6379/0"

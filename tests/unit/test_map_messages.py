@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from warp.frames import FrameType, PlaintextKind, classify
 from warp.map_client.messages import (
     HEADER,
+    MAX_FAR_GATES,
     Deregister,
     Error,
     ErrorCode,
@@ -37,6 +38,7 @@ EXAMPLES: list[MapMessage] = [
     Registered(7, 3, ("203.0.113.9", 40000), 60.0, 12345),
     Registered(8, 4, ("2001:db8::1", 1), 0.25, 0),
     Register(2, 1, KEY_B, 3, b"\x01" * 8),
+    Register(3, 2, KEY_B, 4, None, (KEY_A, bytes(range(64, 96)))),
     Registered(9, 3, ("203.0.113.9", 40000), 60.0, 12345, b"\xff" * 8),
     Lookup(9, KEY_B),
     PeerEndpoints(10, KEY_B, (("198.51.100.1", 5), ("2001:db8::2", 65535)), 3, 99),
@@ -156,3 +158,16 @@ def test_mutated_frames_never_raise_anything_else(message: MapMessage, data: st.
         frame[position] = data.draw(st.integers(0, 255))
     with contextlib.suppress(MessageError):
         decode(bytes(frame))
+
+
+def test_a_fleet_register_names_its_further_far_gates_up_to_the_bound() -> None:
+    keys = tuple(bytes([i]) * 32 for i in range(MAX_FAR_GATES))
+    widest = Register(1, 1, keys[0], 1, bytes(8), keys[1:])
+    assert decode(encode(widest)).far_gates == keys
+    assert decode(encode(Register(1, 1, KEY_B, 1))).also == ()  # no "g": one far gate
+    with pytest.raises(MessageError):
+        encode(Register(1, 1, KEY_B, 1, None, (*keys[1:], KEY_A)))  # one too many
+    for bad in ([b"short"], [KEY_A, 7], b"not a list"):
+        frame = _raw(FrameType.MAP_REGISTER, {"q": 1, "u": 1, "f": KEY_B, "i": 1, "g": bad})
+        with pytest.raises(MessageError):
+            decode(frame)

@@ -513,3 +513,58 @@ def test_token_bucket_gc_drops_only_refilled_buckets() -> None:
     assert table.gc(0.5) == 0
     assert table.gc(1.0) == 1  # "idle" (4 + 1 = 5 tokens) is full again, "busy" is not
     assert "busy" in table and "idle" not in table
+
+
+# ----------------------------------------------------------------------------------- fleets
+
+V1 = b"1" * 32
+V2 = b"2" * 32
+V1_1: Endpoint = ("192.0.2.11", 1101)
+V2_1: Endpoint = ("192.0.2.12", 1201)
+
+
+def test_an_operator_naming_several_far_gates_is_seen_by_each_under_mutual() -> None:
+    """A gateway with a fleet names every far gate in its Register (``also``): each vehicle
+    may look it up and relay to it, each is pushed its endpoints, and it is pushed theirs."""
+    registry = make()
+    register(registry, V1, V1_1, far=A, now=0.0)
+    register(registry, V2, V2_1, far=A, now=0.0)
+    registry.drain()
+    sent = send(registry, A, A1, Register(1, 1, V1, 1, None, (V2,)), 1.0)
+    pushed = {(k, d, m.key, m.endpoints) for k, d, m in pushes(sent)}
+    assert pushed == {
+        (V1, V1_1, A, (A1,)),  # each vehicle hears of the operator...
+        (V2, V2_1, A, (A1,)),
+        (A, A1, V1, (V1_1,)),  # ...and the operator of each vehicle
+        (A, A1, V2, (V2_1,)),
+    }
+    for vehicle, source in ((V1, V1_1), (V2, V2_1)):
+        answer = send(registry, vehicle, source, Lookup(5, A), 2.0)[0][2]
+        assert isinstance(answer, PeerEndpoints) and answer.endpoints == (A1,)
+        relayed = send(registry, vehicle, source, Relay(A, b"sealed"), 2.0)
+        assert relayed == [(A, A1, Relayed(vehicle, b"sealed"))]
+    refused = send(registry, C, C1, Lookup(6, A), 2.0)[0][2]
+    assert isinstance(refused, Error) and refused.code is ErrorCode.NOT_PERMITTED
+
+
+def test_a_far_gate_dropped_from_the_fleet_is_told_and_refused() -> None:
+    registry = make()
+    register(registry, V2, V2_1, far=A, now=0.0)
+    send(registry, A, A1, Register(1, 1, V1, 1, None, (V2,)), 0.0)
+    registry.drain()
+    sent = pushes(send(registry, A, A1, Register(2, 1, V1, 1), 1.0))
+    assert [(k, m.key, m.endpoints) for k, _, m in sent] == [(V2, A, ())]
+    refused = send(registry, V2, V2_1, Lookup(1, A), 2.0)[0][2]
+    assert isinstance(refused, Error) and refused.code is ErrorCode.NOT_PERMITTED
+    assert send(registry, V2, V2_1, Relay(A, b"x"), 2.0) == []
+    assert registry.counters["relay.refused"] == 1
+
+
+def test_the_operator_leaving_unwatches_every_far_gate() -> None:
+    registry = make()
+    send(registry, A, A1, Register(1, 1, V1, 1, None, (V2,)), 0.0)
+    send(registry, A, A1, Deregister(2, None), 1.0)
+    registry.drain()
+    # V1 and V2 change: no push for a client that left
+    assert pushes(register(registry, V1, V1_1, far=A, now=2.0)) == []
+    assert pushes(register(registry, V2, V2_1, far=A, now=2.0)) == []

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeAlias, TypeVar
 
 from warp.map_client.messages import (
+    MAX_FAR_GATES,
     U32,
     Deregister,
     Endpoint,
@@ -220,8 +221,8 @@ class MapClient(Generic[U]):
     """Rendezvous client state machine; see the module docstring.
 
     ``far_gate``: the public key of the peer this gateway wants to reach, or several (a
-    fleet): each is looked up and its pushes applied; registrations name the first (the wire's
-    Register carries one far gate).
+    fleet): each is looked up and its pushes applied, and registrations name them all (the
+    first MAX_FAR_GATES), so that under the map's ``mutual`` policy each may see this one.
     ``refresh_interval``: ``interfaces.interface_scan_interval``.
     ``rng``: source of random bytes (instance id, uplink tags, request ids).
     """
@@ -611,7 +612,14 @@ class MapClient(Generic[U]):
     def _register(self, state: _Uplink[U], now: float, challenge: bytes | None = None) -> None:
         request_id = self._new_request_id()
         state.register_request = request_id
-        message = Register(request_id, state.tag, self.far_gate, self.instance, challenge)
+        message = Register(
+            request_id,
+            state.tag,
+            self.far_gate,
+            self.instance,
+            challenge,
+            self.far_gates[1:MAX_FAR_GATES],
+        )
         self._request("register", request_id, message, state.id, now)
 
     def _request(

@@ -22,6 +22,8 @@ message                    type   body
 =========================  =====  ==============================================================
 Register                   0x10   q, u (uplink tag u32), f (far-gate key), i (instance id u64),
                                   c (optional: the challenge of a Registered, echoed),
+                                  g (optional: further far-gate keys, a fleet's; at most
+                                  MAX_FAR_GATES in all),
                                   x (optional: zero padding to REGISTER_MIN_FRAME bytes)
 Registered                 0x11   q, u, a (reflexive endpoint), t (TTL, milliseconds), b,
                                   c (optional: 8-byte challenge, see below)
@@ -70,6 +72,8 @@ HEADER = struct.Struct("!BH")
 HEADER_SIZE = HEADER.size
 MAX_BODY = 0xFFFF
 MAX_ENDPOINTS = 64
+#: far gates one Register names at most (``f`` and ``g``)
+MAX_FAR_GATES = 64
 MAX_RELAY_PAYLOAD = 9216
 MAX_ERROR_TEXT = 200
 CHALLENGE_LENGTH = 8
@@ -113,6 +117,12 @@ class Register:
     far_gate: bytes
     instance: int
     challenge: bytes | None = None  # echoed from a Registered
+    #: further far gates (a gateway with several): the map treats each as ``far_gate``
+    also: tuple[bytes, ...] = ()
+
+    @property
+    def far_gates(self) -> tuple[bytes, ...]:
+        return (self.far_gate, *self.also)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,10 +212,12 @@ def _endpoints_out(endpoints: tuple[Endpoint, ...]) -> list[Any]:
 def _body(message: MapMessage) -> tuple[FrameType, dict[str, Any]]:
     body: dict[str, Any]
     match message:
-        case Register(request_id, uplink, far_gate, instance, challenge):
+        case Register(request_id, uplink, far_gate, instance, challenge, also):
             body = {"q": request_id, "u": uplink, "f": far_gate, "i": instance}
             if challenge is not None:
                 body["c"] = challenge
+            if also:
+                body["g"] = list(also)
             return FrameType.MAP_REGISTER, body
         case Registered(request_id, uplink, reflexive, ttl, boot, challenge):
             body = {
@@ -285,6 +297,16 @@ def _key(body: Mapping[str, Any], name: str) -> bytes:
     return value
 
 
+def _further_far_gates(body: Mapping[str, Any]) -> tuple[bytes, ...]:
+    value = body.get("g", [])
+    if type(value) is not list or len(value) >= MAX_FAR_GATES:
+        raise MessageError(f"field 'g' must be a list of at most {MAX_FAR_GATES - 1} keys")
+    for key in value:
+        if type(key) is not bytes or len(key) != KEY_LENGTH:
+            raise MessageError(f"field 'g' must hold {KEY_LENGTH}-byte keys")
+    return tuple(value)
+
+
 def _challenge(body: Mapping[str, Any]) -> bytes | None:
     if "c" not in body:
         return None
@@ -357,6 +379,7 @@ def decode(frame: bytes) -> MapMessage:
             _key(body, "f"),
             _int(body, "i", U64),
             _challenge(body),
+            _further_far_gates(body),
         )
     if frame_type == FrameType.MAP_REGISTERED:
         return Registered(
