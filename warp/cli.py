@@ -83,7 +83,8 @@ def gateway_summary(config: GatewayConfig) -> str:
         name, tunnel = engarde
         mode = engarde[1].engarde
         if mode.role == "client":
-            far = "to engarde server " + ", ".join(str(e) for e in config.far_gate.endpoints)
+            endpoints = next(iter(config.far_gates.values())).endpoints
+            far = "to engarde server " + ", ".join(str(e) for e in endpoints)
         else:
             far = (
                 f"engarde clients on port {config.listen_port}, "
@@ -98,14 +99,20 @@ def gateway_summary(config: GatewayConfig) -> str:
         f"{name} → id {tunnel.tunnel_id}, {_gate_summary(tunnel.gate)}"
         for name, tunnel in config.tunnels.items()
     )
-    far = f"far gate {encode_key(config.far_gate.public_key)[:8]}…"
-    if config.far_gate.kind == "wireguard":
-        far += " (plain WireGuard)"
-    if config.far_gate.endpoints:
-        far += " at " + ", ".join(str(e) for e in config.far_gate.endpoints)
+    fars = []
+    for name, far_gate in config.far_gates.items():
+        far = f"{encode_key(far_gate.public_key)[:8]}…"
+        if config.far_gate is None:
+            far = f"{name} {far}"
+        if far_gate.kind == "wireguard":
+            far += " (plain WireGuard)"
+        if far_gate.endpoints:
+            far += " at " + ", ".join(str(e) for e in far_gate.endpoints)
+        fars.append(far)
+    far = ("far gate " if len(fars) == 1 else "far gates ") + "; ".join(fars)
     if config.warp_map.address is not None:
         reach = "map " + ", ".join(str(a) for a in config.warp_map.addresses)
-    elif config.far_gate.endpoints:
+    elif all(far_gate.endpoints for far_gate in config.far_gates.values()):
         reach = "no map"
     else:
         reach = f"no map, listening on port {config.listen_port}"

@@ -521,12 +521,20 @@ class WarpMapConfig(_Model):
 
 
 class FarGateConfig(_Model):
-    """``[far_gate]``: the peer warp instance (or plain WireGuard peer)."""
+    """``[far_gates.<name>]`` (or the single ``[far_gate]``, named ``default``): a peer warp
+    instance (or plain WireGuard peer). ``allowed_ips``: the destinations a tun gate shared by
+    several far gates sends to this one (cryptokey routing, as WireGuard's AllowedIPs)."""
 
     public_key: PeerPublicKey
     endpoints: tuple[Address, ...] = ()
     preshared_key: PresharedKey | None = Field(default=None, repr=False)
     kind: Literal["warp", "wireguard"] = "warp"
+    allowed_ips: tuple[Network, ...] = ()
+
+
+#: The name of the far gate of a config written with the single ``[far_gate]`` table.
+DEFAULT_FAR_GATE = "default"
+_FAR_GATE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class LoopbackGate(_Model):
@@ -649,6 +657,9 @@ class TunnelConfig(_Model):
 
     tunnel_id: StrictInt = Field(ge=TUNNEL_ID_MIN, le=TUNNEL_ID_MAX)
     gate: GateConfig
+    #: The far gate this tunnel goes to (``far_gates`` key). Set after loading, except for a
+    #: tun gate shared by several far gates (None: it routes by ``far_gates.<n>.allowed_ips``).
+    far_gate: str | None = None
     transport: TransportConfig = Field(default_factory=TransportConfig)
     engarde: EngardeConfig | None = None
 
@@ -736,7 +747,10 @@ class GatewayConfig(_Model):
     listen_port: StrictInt = Field(default=0, ge=0, le=65535)
     interfaces: InterfacesConfig = Field(default_factory=InterfacesConfig)
     warp_map: WarpMapConfig = Field(default_factory=WarpMapConfig)
-    far_gate: FarGateConfig
+    #: The single ``[far_gate]`` table as written (None when ``[far_gates.*]`` is used); code
+    #: reads `far_gates`, which is always populated after loading.
+    far_gate: FarGateConfig | None = None
+    far_gates: dict[str, FarGateConfig] = Field(default_factory=dict)
     tunnels: dict[str, TunnelConfig] = Field(default_factory=dict, validate_default=True)
     control: ControlConfig = Field(default_factory=ControlConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
@@ -826,19 +840,8 @@ class GatewayConfig(_Model):
                         f"invalid tunnel name {name!r}: 1 to 64 letters, digits, '_' or '-'",
                     )
                 )
-        seen_ids: dict[int, str] = {}
         seen_binds: dict[tuple[str, object], str] = {}
         for name, tunnel in tunnels.items():
-            other = seen_ids.setdefault(tunnel.tunnel_id, name)
-            if other != name:
-                problems.append(
-                    (
-                        (name, "tunnel_id"),
-                        f"tunnel id {tunnel.tunnel_id} of tunnel {name!r} collides with tunnel "
-                        f"{other!r}; set tunnel_id explicitly on one of them "
-                        "(the same value on both peers)",
-                    )
-                )
             gate = tunnel.gate
             bind: tuple[str, object]
             if isinstance(gate, LoopbackGate):
@@ -863,6 +866,10 @@ class GatewayConfig(_Model):
         assert tunnel.engarde is not None
         role = tunnel.engarde.role
         problems: list[tuple[tuple[str | int, ...], str]] = []
+        if len(self.far_gates) > 1:
+            problems.append((("far_gates",), "an engarde tunnel talks to exactly one far gate"))
+        far_name, far = next(iter(self.far_gates.items()))
+        far_path = self.far_gate_path(far_name)
         if len(self.tunnels) > 1:
             problems.append(
                 (
@@ -879,21 +886,21 @@ class GatewayConfig(_Model):
                     f"got a {tunnel.gate.type} gate",
                 )
             )
-        if self.far_gate.public_key != ENGARDE_NO_KEY:
+        if far.public_key != ENGARDE_NO_KEY:
             problems.append(
                 (
-                    ("far_gate", "public_key"),
+                    (*far_path, "public_key"),
                     "an engarde tunnel has no warp peer (WireGuard's own keys protect the data): "
                     "remove far_gate.public_key, or remove [tunnels." + name + ".engarde] to "
                     "run a full warp tunnel",
                 )
             )
-        if self.far_gate.preshared_key is not None:
+        if far.preshared_key is not None:
             problems.append(
-                (("far_gate", "preshared_key"), "has no meaning for an engarde tunnel; remove it")
+                ((*far_path, "preshared_key"), "has no meaning for an engarde tunnel; remove it")
             )
-        if self.far_gate.kind != "warp":
-            problems.append((("far_gate", "kind"), "has no meaning for an engarde tunnel"))
+        if far.kind != "warp":
+            problems.append(((*far_path, "kind"), "has no meaning for an engarde tunnel"))
         if self.warp_map.address is not None:
             problems.append(
                 (
@@ -902,14 +909,14 @@ class GatewayConfig(_Model):
                     "remove [warp_map]",
                 )
             )
-        if role == "client" and len(self.far_gate.endpoints) != 1:
+        if role == "client" and len(far.endpoints) != 1:
             problems.append(
                 (
-                    ("far_gate", "endpoints"),
+                    (*far_path, "endpoints"),
                     "an engarde client needs exactly one address: the engarde server's, e.g. "
                     '["203.0.113.7:59402"] (engarde\'s dstAddr); an uplink that sends '
                     f"elsewhere goes in tunnels.{name}.engarde.dst_overrides (dstOverrides), "
-                    f"got {len(self.far_gate.endpoints)}",
+                    f"got {len(far.endpoints)}",
                 )
             )
         if role == "server" and tunnel.engarde.dst_overrides:
@@ -929,58 +936,168 @@ class GatewayConfig(_Model):
                         "to (engarde-server's listenAddr port)",
                     )
                 )
-            if self.far_gate.endpoints:
+            if far.endpoints:
                 problems.append(
                     (
-                        ("far_gate", "endpoints"),
+                        (*far_path, "endpoints"),
                         "an engarde server learns its clients' addresses; remove far_gate "
                         '(or make this tunnel role = "client")',
                     )
                 )
         return problems
 
+    def far_gate_path(self, name: str) -> tuple[str, ...]:
+        """The TOML path of a far gate's table: ``far_gate`` when written as the single
+        ``[far_gate]`` table, else ``far_gates.<name>``."""
+        return ("far_gate",) if self.far_gate is not None else ("far_gates", name)
+
+    def tunnels_of(self, far_gate: str) -> dict[str, TunnelConfig]:
+        """The tunnels that carry traffic to a far gate: its own and the shared tun gates."""
+        return {
+            name: tunnel
+            for name, tunnel in self.tunnels.items()
+            if tunnel.far_gate is None or tunnel.far_gate == far_gate
+        }
+
+    def _resolve_far_gates(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Populate `far_gates` (the single ``[far_gate]`` is ``default``) and each tunnel's
+        ``far_gate``; the problems of the fleet as a whole."""
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        if self.far_gate is not None:
+            if self.far_gates:
+                return [
+                    (
+                        ("far_gates",),
+                        "give either one [far_gate] table or [far_gates.<name>] tables, not both",
+                    )
+                ]
+            # (Frozen models: set once here, while loading.)
+            object.__setattr__(self, "far_gates", {DEFAULT_FAR_GATE: self.far_gate})
+        elif not self.far_gates:
+            return [(("far_gate",), "required table [far_gate] is missing")]
+        names = list(self.far_gates)
+        for name in names:
+            if not _FAR_GATE_NAME.fullmatch(name):
+                problems.append(
+                    (
+                        ("far_gates", name),
+                        f"invalid far gate name {name!r}: 1 to 64 letters, digits, '_' or '-'",
+                    )
+                )
+        seen_keys: dict[bytes, str] = {}
+        seen_networks: list[tuple[IPNetwork, str]] = []
+        for name, far in self.far_gates.items():
+            other = seen_keys.setdefault(far.public_key, name)
+            if other != name:
+                problems.append(
+                    (
+                        (*self.far_gate_path(name), "public_key"),
+                        f"the same key as far gate {other!r}: one far gate per key",
+                    )
+                )
+            for index, network in enumerate(far.allowed_ips):
+                for taken, owner in seen_networks:
+                    if network.version == taken.version and network.overlaps(taken):
+                        problems.append(
+                            (
+                                (*self.far_gate_path(name), "allowed_ips", index),
+                                f"{network} overlaps {taken} of far gate {owner!r}: a "
+                                "destination must belong to one far gate",
+                            )
+                        )
+                        break
+                seen_networks.append((network, name))
+        seen_ids: dict[tuple[str | None, int], str] = {}
+        for name, tunnel in self.tunnels.items():
+            if tunnel.far_gate is None:
+                if len(names) == 1:
+                    object.__setattr__(tunnel, "far_gate", names[0])
+                elif not isinstance(tunnel.gate, TunGate):
+                    problems.append(
+                        (
+                            ("tunnels", name, "far_gate"),
+                            f"required with several far gates: one of {', '.join(names)} "
+                            "(only a tun gate may be shared, routing by allowed_ips)",
+                        )
+                    )
+                    continue
+            elif tunnel.far_gate not in self.far_gates:
+                problems.append(
+                    (
+                        ("tunnels", name, "far_gate"),
+                        f"unknown far gate {tunnel.far_gate!r}; the far gates are "
+                        f"{', '.join(names)}",
+                    )
+                )
+                continue
+            # A shared tun gate (far_gate None) goes to every far gate.
+            for far_name in names if tunnel.far_gate is None else [tunnel.far_gate]:
+                other = seen_ids.setdefault((far_name, tunnel.tunnel_id), name)
+                if other != name:
+                    problems.append(
+                        (
+                            ("tunnels", name, "tunnel_id"),
+                            f"tunnel id {tunnel.tunnel_id} of tunnel {name!r} collides with "
+                            f"tunnel {other!r}"
+                            + (f" (towards far gate {far_name!r})" if len(names) > 1 else "")
+                            + "; set tunnel_id explicitly on one of them "
+                            "(the same value on both peers)",
+                        )
+                    )
+                    break
+        return problems
+
     @model_validator(mode="after")
     def _check_whole(self) -> GatewayConfig:
+        fleet_problems = self._resolve_far_gates()
+        if fleet_problems:
+            raise _Problems(fleet_problems)
         if self.engarde_tunnel is not None:
             engarde_problems = self._engarde_problems()
             if engarde_problems:
                 raise _Problems(engarde_problems)
             return self
         problems: list[tuple[tuple[str | int, ...], str]] = []
-        if self.far_gate.public_key == public_key_of(self.private_key):
-            problems.append(
-                (
-                    ("far_gate", "public_key"),
-                    "this is this instance's own public key, not the peer's",
-                )
-            )
-        if self.far_gate.kind == "wireguard":
-            for name, tunnel in self.tunnels.items():
-                if not isinstance(tunnel.gate, TunGate):
-                    problems.append(
-                        (
-                            ("tunnels", name, "gate"),
-                            'far_gate.kind = "wireguard" allows only tun gates '
-                            "(a plain WireGuard peer exchanges bare IP packets)",
-                        )
-                    )
-            if len(self.tunnels) > 1:
+        own_key = public_key_of(self.private_key)
+        for far_name, far in self.far_gates.items():
+            path = self.far_gate_path(far_name)
+            if far.public_key == own_key:
                 problems.append(
                     (
-                        ("tunnels",),
-                        'far_gate.kind = "wireguard" carries exactly one tunnel (a tun gate), '
-                        f"got {len(self.tunnels)}",
+                        (*path, "public_key"),
+                        "this is this instance's own public key, not the peer's",
                     )
                 )
-        if self.warp_map.address is None and not self.far_gate.endpoints and not self.listen_port:
-            problems.append(
-                (
-                    ("warp_map", "address"),
-                    "no way to reach the far gate: set warp_map.address (rendezvous), "
-                    "far_gate.endpoints (static peer addresses), or listen_port "
-                    "(this side has a public address and the peer has it in its endpoints)",
+            if far.kind == "wireguard":
+                where = ".".join(path)
+                carried = self.tunnels_of(far_name)
+                for name, tunnel in carried.items():
+                    if not isinstance(tunnel.gate, TunGate):
+                        problems.append(
+                            (
+                                ("tunnels", name, "gate"),
+                                f'{where}.kind = "wireguard" allows only tun gates '
+                                "(a plain WireGuard peer exchanges bare IP packets)",
+                            )
+                        )
+                if len(carried) > 1:
+                    problems.append(
+                        (
+                            ("tunnels",),
+                            f'{where}.kind = "wireguard" carries exactly one tunnel (a tun gate), '
+                            f"got {len(carried)}",
+                        )
+                    )
+            if self.warp_map.address is None and not far.endpoints and not self.listen_port:
+                named = "" if self.far_gate is not None else f" {far_name!r}"
+                problems.append(
+                    (
+                        ("warp_map", "address"),
+                        f"no way to reach the far gate{named}: set warp_map.address "
+                        "(rendezvous), far_gate.endpoints (static peer addresses), or listen_port "
+                        "(this side has a public address and the peer has it in its endpoints)",
+                    )
                 )
-            )
         if problems:
             raise _Problems(problems)
         return self
@@ -1332,12 +1449,14 @@ def check_warnings(config: GatewayConfig | MapServerConfig, text: str) -> list[t
             warnings.append(("private_key", "all zeros: unset (make one with `warp-keygen`)"))
         return warnings
     if config.engarde_tunnel is None:
-        for path, key in (
-            ("private_key", config.private_key),
-            ("far_gate.public_key", config.far_gate.public_key),
-            ("warp_map.public_key", config.warp_map.public_key),
-            ("far_gate.preshared_key", config.far_gate.preshared_key),
-        ):
+        keys: list[tuple[str, bytes | None]] = [("private_key", config.private_key)]
+        for name, far in config.far_gates.items():
+            keys.append((".".join(config.far_gate_path(name)) + ".public_key", far.public_key))
+        keys.append(("warp_map.public_key", config.warp_map.public_key))
+        for name, far in config.far_gates.items():
+            path = ".".join(config.far_gate_path(name))
+            keys.append((f"{path}.preshared_key", far.preshared_key))
+        for path, key in keys:
             if key == zero:
                 warnings.append((path, "all zeros: unset (make a key pair with `warp-keygen`)"))
     hosts: list[tuple[str, HostPort]] = []
@@ -1346,7 +1465,9 @@ def check_warnings(config: GatewayConfig | MapServerConfig, text: str) -> list[t
         hosts.append(("warp_map.address", map_addresses[0]))
     else:
         hosts += [(f"warp_map.address[{i}]", a) for i, a in enumerate(map_addresses)]
-    hosts += [(f"far_gate.endpoints[{i}]", e) for i, e in enumerate(config.far_gate.endpoints)]
+    for name, far in config.far_gates.items():
+        path = ".".join(config.far_gate_path(name))
+        hosts += [(f"{path}.endpoints[{i}]", e) for i, e in enumerate(far.endpoints)]
     for path, endpoint in hosts:
         if is_documentation_host(endpoint.host):
             warnings.append(
@@ -1365,7 +1486,7 @@ _MAP_ONLY_KEYS = frozenset(
     {"bind", "registration_ttl", "lookup_policy", "allowed_keys", "relay", "limits"}
 )
 _GATEWAY_ONLY_KEYS = frozenset(
-    {"far_gate", "tunnels", "warp_map", "interfaces", "listen_port", "control"}
+    {"far_gate", "far_gates", "tunnels", "warp_map", "interfaces", "listen_port", "control"}
 )
 
 
@@ -1445,7 +1566,11 @@ address = "warp-map.example.net:13116"
 # is a random key standing in for it: `warp check` warns until it is replaced.
 public_key = "{map_key}"  # PLACEHOLDER: REPLACE
 
-[far_gate]
+# The far gates: one table per peer (here an operator station with two vehicles). One
+# WireGuard device, one set of uplinks and one map registration serve them all; each has its
+# own paths, session and back-pressure. A gateway with one peer may write a single
+# [far_gate] table instead (the far gate named "default").
+[far_gates.truck1]
 # The peer's public key (required; `warp-keygen` on the peer prints it). The one below is
 # a random key standing in for it: `warp check` warns until it is replaced.
 public_key = "{far_key}"  # PLACEHOLDER: REPLACE
@@ -1456,9 +1581,18 @@ endpoints = []
 # preshared_key = "..."
 # "warp", or "wireguard" when the peer is a plain WireGuard (then only one tun gate).
 kind = "warp"
+# Only for a tun gate shared by several far gates (a tun tunnel naming no far_gate): the
+# destinations routed to this far gate (as WireGuard's AllowedIPs); no overlaps.
+allowed_ips = []
+
+[far_gates.truck2]
+public_key = "{far_key2}"  # PLACEHOLDER: REPLACE
 
 # One table per tunnel; the name is shared with the peer.
 [tunnels.wireguard]
+# The far gate this tunnel goes to (optional with exactly one far gate). A tunnel id must
+# be unique per far gate.
+far_gate = "truck1"
 # Small integer on the wire; both peers must agree. Default: derived from the name
 # (for "wireguard": {tunnel_id}).
 # tunnel_id = {tunnel_id}
@@ -1516,6 +1650,11 @@ priority = 0
 # required_shards = 2x the data.
 num_shards = 4
 required_shards = 2
+
+# The second vehicle's tunnel (every key not given takes its default).
+[tunnels.video2]
+far_gate = "truck2"
+gate = {{ application_to_gate = 59402 }}
 
 [control]
 # Control socket for `warp status`.
@@ -1589,6 +1728,7 @@ def example_gateway_config() -> str:
         public_key=encode_key(public_key_of(private)),
         map_key=encode_key(public_key_of(generate_private_key())),
         far_key=encode_key(public_key_of(generate_private_key())),
+        far_key2=encode_key(public_key_of(generate_private_key())),
         bind_to_device=str(sys.platform.startswith("linux")).lower(),
         tunnel_id=derive_tunnel_id("wireguard"),
         control_socket=DEFAULT_CONTROL_SOCKET,

@@ -328,7 +328,9 @@ class Gateway:
         self._static_uplinks = static_uplinks
         self._control_path = control_socket or config.control.socket
         self._rng = rng or random.Random()
-        self.far_key = config.far_gate.public_key
+        # (One far gate for now: the first.)
+        self.far_gate_config = next(iter(config.far_gates.values()))
+        self.far_key = self.far_gate_config.public_key
         self.map_key = config.warp_map.public_key if config.warp_map.address else None
         self.map_address: Address | None = None
         #: every map instance (``warp_map.address`` list, each name's addresses), in order
@@ -337,7 +339,7 @@ class Gateway:
         # the core's roaming events would be noise; paths are the prober's business.
         self.device = Device(config.private_key, roaming_events=False)
         # A plain WireGuard far gate (no warp): IP packets travel bare, exactly as WireGuard.
-        self.plain_wireguard = config.far_gate.kind == "wireguard"
+        self.plain_wireguard = self.far_gate_config.kind == "wireguard"
         allowed_ips: list[str] = []
         if self.plain_wireguard:
             for tunnel_config in config.tunnels.values():
@@ -345,7 +347,7 @@ class Gateway:
                     allowed_ips += [str(net) for net in tunnel_config.gate.allowed_ips]
         self.device.add_peer(
             self.far_key,
-            preshared_key=config.far_gate.preshared_key,
+            preshared_key=self.far_gate_config.preshared_key,
             allowed_ips=allowed_ips,
         )
         self._plain_uplink: Uplink | None = None
@@ -487,7 +489,7 @@ class Gateway:
                 if self.map_client is not None:
                     self.map_client.map_count = len(self.map_addresses)
             self._static_endpoints = [
-                await self._resolve(endpoint) for endpoint in self.config.far_gate.endpoints
+                await self._resolve(endpoint) for endpoint in self.far_gate_config.endpoints
             ]
             far_peer = self.device.peer(self.far_key)
             if far_peer is not None and self._static_endpoints:

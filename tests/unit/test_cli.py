@@ -47,7 +47,7 @@ def test_print_example_config_piped_into_check(tmp_path: Path) -> None:
     assert printed.returncode == 0, printed.stderr
     assert printed.stdout.startswith("#")
     # a commented, complete config: every section is shown
-    for section in ("[interfaces]", "[warp_map]", "[far_gate]", "[tunnels.wireguard.gate]"):
+    for section in ("[interfaces]", "[warp_map]", "[far_gates.truck1]", "[tunnels.wireguard.gate]"):
         assert section in printed.stdout
     for section in ("[tunnels.wireguard.transport.redundancy]", "[control]", "[metrics]", "[log]"):
         assert section in printed.stdout
@@ -55,7 +55,9 @@ def test_print_example_config_piped_into_check(tmp_path: Path) -> None:
     config.write_text(printed.stdout)
     checked = run("check", str(config))
     assert checked.returncode == 0, checked.stderr
-    assert checked.stdout.startswith("ok: 1 tunnel (wireguard → id ")
+    # the two-vehicle fleet example
+    assert checked.stdout.startswith("ok: 2 tunnels (wireguard → id ")
+    assert "far gates truck1 " in checked.stdout and "; truck2 " in checked.stdout
     assert checked.stdout.count("\n") == 1
     assert "map warp-map.example.net:13116" in checked.stdout
 
@@ -212,13 +214,14 @@ def test_check_warns_about_the_unedited_example(
     assert code == 0 and out.startswith("ok: ")  # automation keeps working
     assert warned_paths(err) == [
         "warp_map.public_key",
-        "far_gate.public_key",
+        "far_gates.truck1.public_key",
+        "far_gates.truck2.public_key",
         "warp_map.address",
     ], err
     assert "warp-map.example.net:13116 is a documentation address" in err
     code, out, err = check(capsys, "--strict", str(config))
     assert code == 1 and out == ""
-    assert err.endswith("warp check: 3 warnings (--strict)\n")
+    assert err.endswith("warp check: 4 warnings (--strict)\n")
 
 
 def test_check_warns_about_a_migrated_placeholder(

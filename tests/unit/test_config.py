@@ -830,3 +830,120 @@ def test_arbitrary_data_never_raises_anything_else(overrides: dict[str, Any]) ->
         assert exc.problems
         for path, message in exc.problems:
             assert isinstance(path, str) and message
+
+
+# --------------------------------------------------------------------------------------------
+# Fleets: several far gates
+
+
+TRUCK1 = public_key_of(generate_private_key())
+TRUCK2 = public_key_of(generate_private_key())
+
+
+def fleet(**overrides: Any) -> dict[str, Any]:
+    """An operator with two vehicles (the interface agreed for issue 11), as parsed TOML."""
+    data = minimal(
+        far_gate=None,
+        far_gates={
+            "truck1": {"public_key": encode_key(TRUCK1)},
+            "truck2": {"public_key": encode_key(TRUCK2)},
+        },
+        tunnels={
+            "video1": {"far_gate": "truck1", "gate": {"application_to_gate": 59401}},
+            "video2": {"far_gate": "truck2", "gate": {"application_to_gate": 59402}},
+        },
+    )
+    del data["far_gate"]
+    data.update(overrides)
+    return data
+
+
+def test_single_far_gate_is_the_far_gate_named_default() -> None:
+    config = validate_gateway_config(minimal())
+    assert list(config.far_gates) == ["default"]
+    assert config.far_gates["default"].public_key == PEER
+    assert config.tunnels["wireguard"].far_gate == "default"
+
+
+def test_fleet_loads_with_each_tunnel_naming_its_far_gate() -> None:
+    config = validate_gateway_config(fleet())
+    assert {name: far.public_key for name, far in config.far_gates.items()} == {
+        "truck1": TRUCK1,
+        "truck2": TRUCK2,
+    }
+    assert config.tunnels["video1"].far_gate == "truck1"
+    assert config.tunnels["video2"].far_gate == "truck2"
+
+
+def test_the_only_far_gate_of_a_fleet_table_needs_no_naming() -> None:
+    data = minimal(far_gates={"truck1": {"public_key": encode_key(TRUCK1)}})
+    del data["far_gate"]
+    assert validate_gateway_config(data).tunnels["wireguard"].far_gate == "truck1"
+
+
+def test_tunnel_naming_an_unknown_far_gate() -> None:
+    data = fleet()
+    data["tunnels"]["video2"]["far_gate"] = "truck3"
+    problems = problems_of(data)
+    assert list(problems) == ["tunnels.video2.far_gate"]
+    assert "unknown far gate 'truck3'" in problems["tunnels.video2.far_gate"]
+
+
+def test_tunnel_without_far_gate_among_several_is_an_error_unless_a_tun_gate() -> None:
+    data = fleet()
+    del data["tunnels"]["video2"]["far_gate"]
+    assert "required with several far gates" in problems_of(data)["tunnels.video2.far_gate"]
+    data["tunnels"]["video2"] = {"gate": {"type": "tun", "name": "warp0"}}
+    assert validate_gateway_config(data).tunnels["video2"].far_gate is None  # shared
+
+
+def test_two_far_gates_with_one_key() -> None:
+    data = fleet()
+    data["far_gates"]["truck2"]["public_key"] = encode_key(TRUCK1)
+    problems = problems_of(data)
+    assert list(problems) == ["far_gates.truck2.public_key"]
+    assert "the same key as far gate 'truck1'" in problems["far_gates.truck2.public_key"]
+
+
+def test_overlapping_allowed_ips() -> None:
+    data = fleet()
+    data["far_gates"]["truck1"]["allowed_ips"] = ["10.9.0.0/24"]
+    data["far_gates"]["truck2"]["allowed_ips"] = ["10.9.1.0/24", "10.9.0.12/32"]
+    problems = problems_of(data)
+    assert list(problems) == ["far_gates.truck2.allowed_ips[1]"]
+    assert (
+        "overlaps 10.9.0.0/24 of far gate 'truck1'" in problems["far_gates.truck2.allowed_ips[1]"]
+    )
+    data["far_gates"]["truck2"]["allowed_ips"] = ["10.9.1.0/24", "fd00::/64"]
+    assert validate_gateway_config(data).far_gates["truck2"].allowed_ips[0] == (
+        ipaddress.ip_network("10.9.1.0/24")
+    )
+
+
+def test_tunnel_id_reused_towards_the_same_far_gate_only() -> None:
+    data = fleet()
+    data["tunnels"]["video1"]["tunnel_id"] = 7
+    data["tunnels"]["video2"]["tunnel_id"] = 7
+    config = validate_gateway_config(data)  # one id towards two far gates: fine
+    assert {t.tunnel_id for t in config.tunnels.values()} == {7}
+    data["tunnels"]["video2"]["far_gate"] = "truck1"
+    problems = problems_of(data)
+    assert list(problems) == ["tunnels.video2.tunnel_id"]
+    assert "collides with tunnel 'video1'" in problems["tunnels.video2.tunnel_id"]
+
+
+def test_far_gate_and_far_gates_together_is_an_error() -> None:
+    data = fleet(far_gate={"public_key": encode_key(PEER)})
+    assert "not both" in problems_of(data)["far_gates"]
+
+
+def test_fleet_problems_name_the_far_gate_table() -> None:
+    data = fleet()
+    data["far_gates"]["truck2"]["public_key"] = encode_key(public_key_of(PRIVATE))
+    assert "own public key" in problems_of(data)["far_gates.truck2.public_key"]
+
+
+def test_example_is_an_operator_with_two_vehicles() -> None:
+    config = parse_gateway_config(example_gateway_config())
+    assert list(config.far_gates) == ["truck1", "truck2"]
+    assert [t.far_gate for t in config.tunnels.values()] == ["truck1", "truck2"]

@@ -177,7 +177,7 @@ class EngardeGateway:
             address = infos[0][4]
             return (str(address[0]), int(address[1]))
 
-        for endpoint in self.config.far_gate.endpoints:
+        for endpoint in next(iter(self.config.far_gates.values())).endpoints:
             self.endpoints.append(await resolve(endpoint))
         if self.role == "client":
             overrides = {
