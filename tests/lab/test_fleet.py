@@ -327,8 +327,9 @@ def three_vehicles(fleet: Fleet) -> None:
     start_at, apps = stream(fleet, count)
     time.sleep(max(0.0, start_at - time.time()))
     cpu_before, wall_before = cpu_seconds(pid), time.monotonic()
+    to_v1 = sum(p["tx_packets"] for p in op.status()["paths"] if p["far_gate"] == "v1")
     time.sleep(max(0.0, start_at + 2.0 - time.time()))
-    carried = sum(p["tx_packets"] for p in op.status()["paths"] if p["far_gate"] == "v1")
+    carried = sum(p["tx_packets"] for p in op.status()["paths"] if p["far_gate"] == "v1") - to_v1
     fleet.sites["v1"].uplink("up1").blackhole()
     time.sleep(max(0.0, start_at + count / RATE - time.time()))
     cpu = (cpu_seconds(pid) - cpu_before) / (time.monotonic() - wall_before)
@@ -354,7 +355,6 @@ def three_vehicles(fleet: Fleet) -> None:
             assert r["gaps"] == [], (where, r["gaps"])
     # the operator still serves the other two and shows the dead one
     assert op.proc is not None and op.proc.poll() is None
-    assert fleet.gws["v3"].proc is not None
     snap = op.status()
     assert set(snap["far_gates"]) == {"v1", "v2", "v3"}
     assert snap["far_gates"]["v2"]["session"]["handshake_state"] == "established"
