@@ -3,7 +3,7 @@ blocks one lost uplink costs.
 
     .venv/bin/python bench/shard_split.py [--blocks 240]
 
-Drives the assignment `warp run` uses, without sockets: `warp.node.path_qualities` of a
+Drives the assignment `warp run` uses, without sockets: `warp.core.session.path_qualities` of a
 full mesh of `Path` records (every local uplink to every peer address, equal quality) into
 the tunnel's `ShardScheduler` (with added parity, as the node builds it), one `assign()` per
 block. For each setup it prints the shards per peer address and per local uplink over the
@@ -57,7 +57,7 @@ def measure(title: str, k: int, blocks: Sequence[Block]) -> None:
 
 def current_blocks(k: int, n: int, uplinks: int, peers: int, count: int) -> list[Block]:
     """The assignment of this tree's gateway (node.py) for a full mesh."""
-    from warp.node import path_qualities
+    from warp.core.session import path_qualities
     from warp.paths.path import Path, PathState
     from warp.paths.scheduler import ShardScheduler
 

@@ -125,7 +125,7 @@ class Pair:
         loop = asyncio.get_running_loop()
         start = loop.time()
         while loop.time() - start < timeout:
-            peers = [g.device.peer(g.far_key) for g in (self.a, self.b)]
+            peers = [g.core.device.peer(g.session.key) for g in (self.a, self.b)]
             if all(p is not None and p.has_session for p in peers):
                 return loop.time() - start
             await asyncio.sleep(0.005)
@@ -177,7 +177,7 @@ async def gateway_pair(
         deadline = loop.time() + 5
         unix_sides = [s for s in gateways if s not in (gate_sections or {})]
         while not all(
-            (tmp / f"{s}.gate").exists() if s in unix_sides else gateways[s].tunnels["t"].gate
+            (tmp / f"{s}.gate").exists() if s in unix_sides else gateways[s].gates["t"]
             for s in gateways
         ):
             assert loop.time() < deadline, "gates did not start"
@@ -215,7 +215,7 @@ def _payload(side: str, i: int, size: int = 200) -> bytes:
 def test_handshake_complete_logs_source_as_host_port(
     tmp: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="warp.node")
+    caplog.set_level(logging.INFO, logger="warp")
     asyncio.run(_connect_only(tmp))
     lines = [r.getMessage() for r in caplog.records if "handshake.complete" in r.getMessage()]
     assert lines
@@ -248,8 +248,8 @@ async def _datagrams_both_ways(tmp_path: Path) -> None:
         assert sorted(got_a) == sorted(_payload("b", i) for i in range(50))
         for gateway in (pair.a, pair.b):
             # Traffic arrives from 2 addresses on 2 uplinks: no roaming event per flip.
-            assert gateway.device.roaming_events is False
-            assert not gateway.device.has_events
+            assert gateway.core.device.roaming_events is False
+            assert not gateway.core.device.has_events
 
 
 def test_real_scheduler_balances_both_ends(tmp: Path) -> None:
@@ -262,13 +262,13 @@ async def _real_scheduler(tmp_path: Path) -> None:
     loses nothing); the gateway sends each shard on the path the scheduler chose."""
     async with gateway_pair(tmp_path, k=3, n=6, initiators=("a",)) as pair:
         await pair.connected()
-        tunnel = pair.a.tunnels["t"]
+        tunnel = pair.a.session.tunnels["t"]
         scheduler = tunnel.scheduler
         assert isinstance(scheduler, ShardScheduler)
         assert (scheduler.k, scheduler.n, scheduler.effective_n) == (3, 6, 6)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 5
-        while len(pair.a.prober.active_paths()) < 4:
+        while len(pair.a.session.prober.active_paths()) < 4:
             assert loop.time() < deadline, "paths did not all become active"
             await asyncio.sleep(0.02)
         blocks: list[tuple[PathRecord, ...]] = []
@@ -280,7 +280,7 @@ async def _real_scheduler(tmp_path: Path) -> None:
             return assignment
 
         scheduler.assign = recording  # type: ignore[method-assign]
-        before = {p.key: p.tx_packets for p in pair.a.prober.paths}
+        before = {p.key: p.tx_packets for p in pair.a.session.prober.paths}
         for i in range(40):
             pair.send("a", _payload("a", i))
             await asyncio.sleep(0.002)
@@ -295,7 +295,7 @@ async def _real_scheduler(tmp_path: Path) -> None:
             assert max(uplinks.values()) <= 3 and len(uplinks) == 2
             assert max(remotes.values()) <= 3 and len(remotes) == 2
             sent_by_path.update(path.key for path in assignment)
-        sent = {p.key: p.tx_packets - before[p.key] for p in pair.a.prober.paths}
+        sent = {p.key: p.tx_packets - before[p.key] for p in pair.a.session.prober.paths}
         # (tx counts the probes too)
         assert all(sent[key] >= count > 0 for key, count in sent_by_path.items())
         assert set(sent_by_path) == set(sent)
@@ -313,7 +313,7 @@ async def _real_scheduler(tmp_path: Path) -> None:
 def test_three_of_five_on_two_uplinks_sends_six_shards_and_says_so(
     tmp: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="warp.node")
+    caplog.set_level(logging.INFO, logger="warp")
     asyncio.run(_added_parity(tmp))
     lines = [r.getMessage() for r in caplog.records if "tunnel.parity_added" in r.getMessage()]
     assert "tunnel.parity_added tunnel=t k=3 n=5 effective_n=6 uplinks=2 peer_addresses=2" in lines
@@ -326,13 +326,13 @@ async def _added_parity(tmp_path: Path) -> None:
         await pair.connected()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 5
-        while len(pair.a.prober.active_paths()) < 4:
+        while len(pair.a.session.prober.active_paths()) < 4:
             assert loop.time() < deadline, "paths did not all become active"
             await asyncio.sleep(0.02)
-        tunnel = pair.a.tunnels["t"]
+        tunnel = pair.a.session.tunnels["t"]
         encoded: list[list[bytes]] = []
         tunnel.encoder = _RecordingEncoder(tunnel.encoder, encoded)  # type: ignore[assignment]
-        before = {p.key: p.tx_packets for p in pair.a.prober.paths}
+        before = {p.key: p.tx_packets for p in pair.a.session.prober.paths}
         for i in range(20):
             pair.send("a", _payload("a", i))
             await asyncio.sleep(0.002)
@@ -343,7 +343,7 @@ async def _added_parity(tmp_path: Path) -> None:
             assert len(frames) == 6
             headers = [parse_shard_header(frame) for frame in frames]
             assert all(h is not None and (h.k, h.n) == (3, 6) for h in headers)
-        sent = {p.key: p.tx_packets - before[p.key] for p in pair.a.prober.paths}
+        sent = {p.key: p.tx_packets - before[p.key] for p in pair.a.session.prober.paths}
         for uplink in ("up1", "up2"):
             # 20 blocks x 3 shards, plus a probe or two per path
             assert 60 <= sum(c for (u, _), c in sent.items() if u == uplink) <= 70
@@ -386,7 +386,7 @@ async def _uplink_loss(tmp_path: Path) -> None:
         await pair.connected()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 5
-        while len(pair.a.prober.active_paths()) < 4:
+        while len(pair.a.session.prober.active_paths()) < 4:
             assert loop.time() < deadline, "paths did not all become active"
             await asyncio.sleep(0.02)
         assert pair.a.uplinks is not None
@@ -419,7 +419,7 @@ async def _simultaneous_initiation(tmp_path: Path) -> None:
         pair.send("a", _payload("a", 0))
         assert await pair.receive("b", 1, timeout=1.0) == [_payload("a", 0)]
         assert loop.time() - start < 1.5
-        assert pair.a.collisions + pair.b.collisions >= 1
+        assert pair.a.session.collisions + pair.b.session.collisions >= 1
 
 
 def test_map_restart_rehandshake_then_reregister(tmp: Path) -> None:
@@ -449,7 +449,7 @@ async def _map_restart(tmp_path: Path) -> None:
             await server.start()
             restarted = loop.time()
             key_a = public_key_of(pair.a.config.private_key)
-            map_peer = pair.a.device.peer(public_key_of(map_key))
+            map_peer = pair.a.core.device.peer(public_key_of(map_key))
             assert map_peer is not None
             first_handshake = map_peer.last_handshake_time
             rehandshake_at: float | None = None
@@ -502,9 +502,9 @@ async def _responder_rx_count(tmp_path: Path) -> None:
         for i in range(5):
             pair.send("a", _payload("a", i))
         assert len(await pair.receive("b", 5)) == 5
-        peer = pair.b.device.peer(pair.b.far_key)
+        peer = pair.b.core.device.peer(pair.b.session.key)
         assert peer is not None
-        assert sum(p.rx_packets for p in pair.b.prober.paths) == peer.rx_packets
+        assert sum(p.rx_packets for p in pair.b.session.prober.paths) == peer.rx_packets
 
 
 def _silence(gateway: Gateway) -> Callable[[], None]:
@@ -554,9 +554,9 @@ async def _paused_unix_gate(tmp_path: Path) -> None:
     deadline = 0.5
     async with gateway_pair(tmp_path, initiators=("a",), send_deadline=deadline) as pair:
         await pair.connected()
-        await _until(lambda: len(pair.a.prober.active_paths()) == 4, 5, "paths not active")
+        await _until(lambda: len(pair.a.session.prober.active_paths()) == 4, 5, "paths not active")
         restore = _silence(pair.b)
-        await _until(lambda: not pair.a.prober.active_paths(), 5, "a's paths did not die")
+        await _until(lambda: not pair.a.session.prober.active_paths(), 5, "a's paths did not die")
         loop = asyncio.get_running_loop()
         stalled = 0
         blocked_since: float | None = None
@@ -574,11 +574,11 @@ async def _paused_unix_gate(tmp_path: Path) -> None:
             blocked_since = None
             stalled += 1
         assert stalled < 5000, "the gate never pushed back"
-        assert pair.a._paused_gates, "the gate did not pause"
+        assert pair.a.session.paused, "the gate did not pause"
         # Twice the deadline: what warp took, and what waited in the socket, is stale by now.
         await asyncio.sleep(2 * deadline + 0.3)
         restore()
-        await _until(lambda: bool(pair.a.prober.active_paths()), 3, "no path came back")
+        await _until(lambda: bool(pair.a.session.prober.active_paths()), 3, "no path came back")
         fresh = []
         for i in range(stalled, stalled + 50):
             payload = _stamped(i, loop.time())
@@ -592,7 +592,7 @@ async def _paused_unix_gate(tmp_path: Path) -> None:
         # Nothing that waited past send_deadline went on the wire.
         stale = [i for i, _ in map(_stamp, got) if i < stalled]
         assert not stale, f"{len(stale)} stale datagrams delivered"
-        assert pair.a.counters["no_path"] > 0
+        assert pair.a.core.counters["no_path"] > 0
 
 
 def test_loopback_gate_never_sends_what_waited_past_send_deadline(tmp: Path) -> None:
@@ -633,9 +633,13 @@ async def _loopback_gate(tmp_path: Path) -> None:
             source.connect(("127.0.0.1", ports["in"]))
             source.send(b"hello")  # starts the handshake
             await pair.connected()
-            await _until(lambda: len(pair.a.prober.active_paths()) == 4, 5, "paths not active")
+            await _until(
+                lambda: len(pair.a.session.prober.active_paths()) == 4, 5, "paths not active"
+            )
             restore = _silence(pair.b)
-            await _until(lambda: not pair.a.prober.active_paths(), 5, "a's paths did not die")
+            await _until(
+                lambda: not pair.a.session.prober.active_paths(), 5, "a's paths did not die"
+            )
             stalled = 0
             for i in range(3000):
                 with contextlib.suppress(BlockingIOError):
@@ -645,7 +649,7 @@ async def _loopback_gate(tmp_path: Path) -> None:
                     await asyncio.sleep(0.001)
             await asyncio.sleep(deadline)
             restore()
-            await _until(lambda: bool(pair.a.prober.active_paths()), 3, "no path came back")
+            await _until(lambda: bool(pair.a.session.prober.active_paths()), 3, "no path came back")
             received: list[tuple[float, bytes]] = []
             for i in range(3000, 3050):
                 source.send(_stamped(i, loop.time()))
@@ -663,7 +667,7 @@ async def _loopback_gate(tmp_path: Path) -> None:
         # (Measured at the receiving application: the send deadline plus delivery and the
         # test's own polling; what waited in the kernel would be over 1 s old.)
         assert ages[-1] <= deadline + 0.2, ages[-5:]
-        assert not pair.a._paused_gates
+        assert not pair.a.session.paused
     finally:
         sink.close()
         source.close()
@@ -676,7 +680,7 @@ def test_two_live_paths_behind_one_public_ip_both_carry_shards(tmp: Path) -> Non
     keys = {"a": generate_private_key(), "b": generate_private_key()}
     gateway = Gateway(_config(tmp, "a", keys, 51820, 2, 4, False), static_uplinks=UPLINKS["a"])
     # The defaults (probe every 1 s, path_timeout 3 s), so the probe phases can differ by 0.5 s.
-    prober = gateway.prober = PathProber(1.0, 3.0)
+    prober = gateway.session.prober = PathProber(1.0, 3.0)
     remotes = [("198.51.100.7", 40001), ("198.51.100.7", 40002)]
     for offset, remote in zip((0.0, 0.5), remotes, strict=True):
         prober.add_candidate("up1", remote, "map", offset)
@@ -688,7 +692,7 @@ def test_two_live_paths_behind_one_public_ip_both_carry_shards(tmp: Path) -> Non
             assert reply is not None
             prober.on_authenticated(uplink, remote, now + 0.01)
             prober.on_probe_reply(reply, uplink, remote, now + 0.01)
-        sending = gateway._sending_paths(now)
+        sending = gateway.session.sending_paths(now)
         if now > 2.0:
             assert sorted(p.remote for p in sending) == remotes, now
         seen.update(p.remote for p in sending)
@@ -701,7 +705,7 @@ def test_status_of_a_dead_path_shows_no_stale_figures(tmp: Path) -> None:
     last heard, no loss or RTT figure (it used to show 3-10 % and its old RTT)."""
     keys = {"a": generate_private_key(), "b": generate_private_key()}
     gateway = Gateway(_config(tmp, "a", keys, 51820, 2, 4, False), static_uplinks=UPLINKS["a"])
-    prober = gateway.prober  # probe every 0.5 s, path_timeout 1.5 s
+    prober = gateway.session.prober  # probe every 0.5 s, path_timeout 1.5 s
     start = time.monotonic() - 20.0  # the snapshot's clock (no running loop): monotonic
     remote = ("198.51.100.7", 40001)
     prober.add_candidate("up1", remote, "map", start)
@@ -733,7 +737,7 @@ async def _no_session_queue_work(tmp_path: Path) -> None:
     keys = {"a": generate_private_key(), "b": generate_private_key()}
     config = _config(tmp_path, "a", keys, _free_port(), 2, 4, True, send_deadline=0.5)
     gateway = Gateway(config, static_uplinks=UPLINKS["a"])
-    queue = gateway.send_queue
+    queue = gateway.session.send_queue
     scanned = 0
 
     def counted(method: Callable[..., object]) -> Callable[..., object]:
@@ -761,9 +765,9 @@ async def _no_session_queue_work(tmp_path: Path) -> None:
             sent += 1
             await asyncio.sleep(0.001)
         app.close()
-        peer = gateway.device.peer(gateway.far_key)
+        peer = gateway.core.device.peer(gateway.session.key)
         assert peer is not None and not peer.has_session
-        assert gateway.counters["no_session"] > 0  # expired datagrams were swept
+        assert gateway.core.counters["no_session"] > 0  # expired datagrams were swept
         assert scanned / sent < 20, (scanned, sent)
     finally:
         stop.set()

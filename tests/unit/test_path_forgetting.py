@@ -49,7 +49,7 @@ def _path_series(registry: CollectorRegistry) -> set[tuple[str, str]]:
 def test_path_table_and_metrics_stay_bounded_over_20_far_gate_restarts(tmp: Path) -> None:
     keys = {"a": generate_private_key(), "b": generate_private_key()}
     gateway = Gateway(_config(tmp, "a", keys, 51820, 2, 4, False), static_uplinks=UPLINKS["a"])
-    prober = gateway.prober = PathProber(1.0, PATH_TIMEOUT, random.Random(3))
+    prober = gateway.session.prober = PathProber(1.0, PATH_TIMEOUT, random.Random(3))
     registry = CollectorRegistry()
     registry.register(SnapshotCollector(gateway.snapshot))
     uplinks = [name for name, _ in UPLINKS["a"]]

@@ -45,21 +45,21 @@ def documented_bound(k: int, mtu: int) -> int:
 
 def test_decoder_memory_stays_under_the_documented_bound_against_a_peer_with_mtu_65535() -> None:
     node = gateway()  # the default mtu, 1400
-    decoder = node.tunnels["t"].decoder
+    decoder = node.session.tunnels["t"].decoder
     assert decoder.memory_bound == documented_bound(3, 1400) < 48 * 2**20
     # 4 096 incomplete blocks of a peer whose mtu is 65 535: 21 845-byte shards.
     big = ShardEncoder(TUNNEL_ID, 3, 5, 65_535, epoch=9)
     for _ in range(4096):
         [block] = big.encode(random.randbytes(65_535))
         for frame in block[:2]:
-            node._on_shard(frame, 0.0)
+            node.session.on_shard(frame, 0.0)
     assert decoder.buffered_bytes() <= decoder.memory_bound
     # And 4 096 incomplete blocks of a geometry that makes each hold 60 kB.
     wide = ShardEncoder(TUNNEL_ID, 60, 61, 1420, epoch=9, initial_seq=big.next_seq)
     for _ in range(1000):
         [block] = wide.encode(random.randbytes(65_535))
         for frame in block[:59]:
-            node._on_shard(frame, 0.0)
+            node.session.on_shard(frame, 0.0)
     assert 0 < decoder.buffered_bytes() <= decoder.memory_bound
 
 
@@ -71,8 +71,8 @@ def test_snapshot_of_a_clean_stream_shows_no_repair_no_drop_and_the_surplus() ->
         [block] = sender.encode(random.randbytes(rng.randrange(1, 2000)))
         rng.shuffle(block)  # parity first, often: decoded with parity, no repair
         for frame in block:
-            node._on_shard(frame, i * 0.002)
-    node.tunnels["t"].decoder.tick(10.0)
+            node.session.on_shard(frame, i * 0.002)
+    node.session.tunnels["t"].decoder.tick(10.0)
     [tunnel] = node.snapshot()["tunnels"]
     assert tunnel["blocks_rebuilt"] == 0
     assert tunnel["surplus_shards"] == 500 * 2
@@ -87,8 +87,8 @@ def test_snapshot_counts_repairs_and_lost_datagrams() -> None:
     for i, block in enumerate(blocks):
         kept = {1: block[1:3], 3: [], 4: block[:1]}.get(i, block)
         for frame in kept:
-            node._on_shard(frame, i * 0.01)
-    node.tunnels["t"].decoder.tick(10.0)
+            node.session.on_shard(frame, i * 0.01)
+    node.session.tunnels["t"].decoder.tick(10.0)
     [tunnel] = node.snapshot()["tunnels"]
     assert tunnel["blocks_rebuilt"] == 1  # block 1: data shard 0 never came
     assert tunnel["datagrams_lost"] == 2  # block 3 (nothing came) and block 4 (too little)
@@ -99,10 +99,10 @@ def test_rejected_shards_are_logged_rate_limited(caplog: pytest.LogCaptureFixtur
     node = gateway()
     [block] = ShardEncoder(TUNNEL_ID, 3, 5, 1420, epoch=3).encode(b"x" * 900)
     [other] = ShardEncoder(TUNNEL_ID, 2, 5, 1420, epoch=3).encode(b"y" * 900)  # same seq
-    node._on_shard(block[0], 0.0)
-    with caplog.at_level(logging.WARNING, logger="warp.node"):
+    node.session.on_shard(block[0], 0.0)
+    with caplog.at_level(logging.WARNING, logger="warp"):
         for _ in range(50):
-            node._on_shard(other[1], 0.0)
+            node.session.on_shard(other[1], 0.0)
     lines = [r.getMessage() for r in caplog.records if "shard.rejected" in r.getMessage()]
     assert lines == ["shard.rejected tunnel=t reason=inconsistent count=1"]
     [tunnel] = node.snapshot()["tunnels"]

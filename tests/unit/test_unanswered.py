@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.unit.test_node import UPLINKS, _config, _free_port, tmp
-from warp import node
 from warp.config import parse_map_config
+from warp.core import session as node
 from warp.keys import encode_key, generate_private_key, public_key_of
 from warp.node import Gateway
 from warp.unanswered import Unanswered

@@ -32,7 +32,7 @@ Behaviour:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeAlias, TypeVar
 
@@ -192,6 +192,17 @@ class _Uplink(Generic[U]):
 
 
 @dataclass(slots=True)
+class _Lookup:
+    """What the map said about one far gate, and when to ask again."""
+
+    next_lookup: float | None = 0.0
+    request: int | None = None
+    endpoints: tuple[Endpoint, ...] | None = None
+    version: tuple[int, int] | None = None  # (boot, version)
+    refused: bool = False
+
+
+@dataclass(slots=True)
 class MapClientStats:
     requests_sent: int = 0
     retries: int = 0
@@ -208,14 +219,16 @@ class MapClientStats:
 class MapClient(Generic[U]):
     """Rendezvous client state machine; see the module docstring.
 
-    ``far_gate``: the public key of the peer this gateway wants to reach.
+    ``far_gate``: the public key of the peer this gateway wants to reach, or several (a
+    fleet): each is looked up and its pushes applied; registrations name the first (the wire's
+    Register carries one far gate).
     ``refresh_interval``: ``interfaces.interface_scan_interval``.
     ``rng``: source of random bytes (instance id, uplink tags, request ids).
     """
 
     def __init__(
         self,
-        far_gate: bytes,
+        far_gate: bytes | Sequence[bytes],
         *,
         refresh_interval: float = 10.0,
         response_timeout: float = 1.0,
@@ -225,11 +238,13 @@ class MapClient(Generic[U]):
         liveness_interval: float = 0.5,
         rng: Callable[[int], bytes] = os.urandom,
     ) -> None:
-        if len(far_gate) != 32:
+        far_gates = (far_gate,) if isinstance(far_gate, bytes) else tuple(far_gate)
+        if not far_gates or any(len(key) != 32 for key in far_gates):
             raise ValueError("far_gate must be a 32-byte public key")
         if refresh_interval <= 0 or response_timeout <= 0:
             raise ValueError("refresh_interval and response_timeout must be positive")
-        self.far_gate = far_gate
+        self.far_gate = far_gates[0]
+        self.far_gates = far_gates
         self.refresh_interval = refresh_interval
         self.response_timeout = response_timeout
         self.max_retry_interval = (
@@ -257,11 +272,8 @@ class MapClient(Generic[U]):
         self._pending: dict[int, _Pending[U]] = {}
         self._outbox: list[MapSend[U]] = []
         self._events: list[MapEvent[U]] = []
-        self._next_lookup: float | None = 0.0
-        self._lookup_request: int | None = None
-        self._peer_endpoints: tuple[Endpoint, ...] | None = None
-        self._peer_version: tuple[int, int] | None = None  # (boot, version)
-        self._lookup_refused = False
+        self._lookups: dict[bytes, _Lookup] = {key: _Lookup() for key in far_gates}
+        self._lookup_of: dict[int, bytes] = {}  # lookup request id -> far gate
         self._map_boot: int | None = None
         self._ttl: float | None = None
         self._unanswered = 0
@@ -278,8 +290,13 @@ class MapClient(Generic[U]):
 
     @property
     def peer_endpoints(self) -> tuple[Endpoint, ...]:
-        """The far gate's endpoints as last heard from the map (freshest first)."""
-        return self._peer_endpoints or ()
+        """The (first) far gate's endpoints as last heard from the map (freshest first)."""
+        return self.endpoints_of(self.far_gate)
+
+    def endpoints_of(self, far_gate: bytes) -> tuple[Endpoint, ...]:
+        """A far gate's endpoints as last heard from the map (freshest first)."""
+        state = self._lookups.get(far_gate)
+        return (state.endpoints or ()) if state is not None else ()
 
     @property
     def stopped(self) -> bool:
@@ -323,8 +340,12 @@ class MapClient(Generic[U]):
             candidates.extend(
                 u.registered_until for u in self._uplinks.values() if u.registered_until is not None
             )
-            if self._next_lookup is not None and self._lookup_request is None and self._uplinks:
-                candidates.append(self._next_lookup)
+            if self._uplinks:
+                candidates.extend(
+                    state.next_lookup
+                    for state in self._lookups.values()
+                    if state.next_lookup is not None and state.request is None
+                )
         return min(candidates) if candidates else None
 
     # ------------------------------------------------------------------------ commands
@@ -366,16 +387,21 @@ class MapClient(Generic[U]):
         for state in self._uplinks.values():
             if state.register_request is None:
                 state.next_register = now
-        if self._lookup_request is None:
-            self._next_lookup = now
+        for lookup in self._lookups.values():
+            if lookup.request is None:
+                lookup.next_lookup = now
         self.tick(now)
 
-    def relay(self, payload: bytes, now: float, uplink: U | None = None) -> bool:
-        """Ask the map to forward ``payload`` (a sealed WireGuard message) to the far gate."""
+    def relay(
+        self, payload: bytes, now: float, uplink: U | None = None, *, to: bytes | None = None
+    ) -> bool:
+        """Ask the map to forward ``payload`` (a sealed WireGuard message) to the far gate
+        (``to``: which one; the first by default)."""
         via = uplink if uplink in self._uplinks else self._best_uplink()
-        if via is None or self._stopped:
+        target = self.far_gate if to is None else to
+        if via is None or self._stopped or target not in self._lookups:
             return False
-        self._outbox.append(MapSend(via, encode(Relay(self.far_gate, payload))))
+        self._outbox.append(MapSend(via, encode(Relay(target, payload))))
         self.stats.relayed_out += 1
         return True
 
@@ -428,16 +454,19 @@ class MapClient(Generic[U]):
                 self._events.append(UplinkExpired(state.id))
             if state.register_request is None and state.next_register <= now:
                 self._register(state, now)
-        if (
-            self._uplinks
-            and self._lookup_request is None
-            and self._next_lookup is not None
-            and self._next_lookup <= now
-        ):
-            request_id = self._new_request_id()
-            self._lookup_request = request_id
-            self._next_lookup = None
-            self._request("lookup", request_id, Lookup(request_id, self.far_gate), None, now)
+        if not self._uplinks:
+            return
+        for key, lookup in self._lookups.items():
+            if (
+                lookup.request is None
+                and lookup.next_lookup is not None
+                and lookup.next_lookup <= now
+            ):
+                request_id = self._new_request_id()
+                lookup.request = request_id
+                lookup.next_lookup = None
+                self._lookup_of[request_id] = key
+                self._request("lookup", request_id, Lookup(request_id, key), None, now)
 
     # ------------------------------------------------------------------------ internals
 
@@ -450,8 +479,10 @@ class MapClient(Generic[U]):
             case Push():
                 self.stats.pushes += 1
                 self._note_boot(message.boot, now)
-                if message.key == self.far_gate:
-                    self._apply_peer(message.endpoints, message.boot, message.version, pushed=True)
+                if message.key in self._lookups:
+                    self._apply_peer(
+                        message.key, message.endpoints, message.boot, message.version, pushed=True
+                    )
             case Relayed():
                 self.stats.relayed_in += 1
                 self._events.append(RelayReceived(message.key, message.payload))
@@ -499,11 +530,12 @@ class MapClient(Generic[U]):
         self.stats.replies += 1
         self._note_boot(message.boot, now)
         if pending.kind == "lookup":
-            self._lookup_request = None
-            self._next_lookup = now + self._lookup_period()
-            if message.key == self.far_gate:
-                self._lookup_refused = False
-                self._apply_peer(message.endpoints, message.boot, message.version, pushed=False)
+            key = self._end_lookup(message.request_id, now)
+            if key is not None and message.key == key:
+                self._lookups[key].refused = False
+                self._apply_peer(
+                    key, message.endpoints, message.boot, message.version, pushed=False
+                )
         elif pending.kind == "stop":
             self._finish_stop(acknowledged=True)
 
@@ -513,11 +545,10 @@ class MapClient(Generic[U]):
             self._pending.pop(message.request_id, None) if message.request_id is not None else None
         )
         if pending is not None and pending.kind == "lookup":
-            self._lookup_request = None
-            self._next_lookup = now + self._lookup_period()
-            if not self._lookup_refused:
-                self._lookup_refused = True
-                self._events.append(LookupRefused(self.far_gate, message.code, message.message))
+            key = self._end_lookup(pending.request_id, now)
+            if key is not None and not self._lookups[key].refused:
+                self._lookups[key].refused = True
+                self._events.append(LookupRefused(key, message.code, message.message))
             return
         if pending is not None and pending.kind == "register" and pending.uplink is not None:
             state = self._uplinks.get(pending.uplink)
@@ -528,17 +559,27 @@ class MapClient(Generic[U]):
             self._finish_stop(acknowledged=False)
         self._events.append(MapErrorReceived(message.request_id, message.code, message.message))
 
+    def _end_lookup(self, request_id: int, now: float) -> bytes | None:
+        """A lookup was answered (or refused): the next one after the lookup period."""
+        key = self._lookup_of.pop(request_id, None)
+        if key is not None:
+            lookup = self._lookups[key]
+            lookup.request = None
+            lookup.next_lookup = now + self._lookup_period()
+        return key
+
     def _apply_peer(
-        self, endpoints: tuple[Endpoint, ...], boot: int, version: int, *, pushed: bool
+        self, key: bytes, endpoints: tuple[Endpoint, ...], boot: int, version: int, *, pushed: bool
     ) -> None:
-        if self._peer_version is not None:
-            last_boot, last_version = self._peer_version
+        state = self._lookups[key]
+        if state.version is not None:
+            last_boot, last_version = state.version
             if boot == last_boot and version < last_version:
                 return  # an older view overtaken by a newer one
-        self._peer_version = (boot, version)
-        if endpoints != self._peer_endpoints:
-            self._peer_endpoints = endpoints
-            self._events.append(PeerEndpointsChanged(self.far_gate, endpoints, pushed))
+        state.version = (boot, version)
+        if endpoints != state.endpoints:
+            state.endpoints = endpoints
+            self._events.append(PeerEndpointsChanged(key, endpoints, pushed))
 
     def _note_boot(self, boot: int, now: float) -> None:
         if self._map_boot is not None and boot != self._map_boot:
@@ -548,8 +589,9 @@ class MapClient(Generic[U]):
             for state in self._uplinks.values():
                 if state.register_request is None and state.last_reply != now:
                     state.next_register = now
-            if self._lookup_request is None:
-                self._next_lookup = now
+            for lookup in self._lookups.values():
+                if lookup.request is None:
+                    lookup.next_lookup = now
             self.tick(now)
             return
         self._map_boot = boot
@@ -649,8 +691,10 @@ class MapClient(Generic[U]):
             return
         pending = self._pending.pop(request_id, None)
         if pending is not None and pending.kind == "lookup":
-            self._lookup_request = None
-            self._next_lookup = 0.0
+            key = self._lookup_of.pop(request_id, None)
+            if key is not None:
+                self._lookups[key].request = None
+                self._lookups[key].next_lookup = 0.0
 
     def _finish_stop(self, *, acknowledged: bool) -> None:
         if self._stopped:

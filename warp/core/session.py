@@ -1,0 +1,860 @@
+"""`FarGateSession`: everything a gateway decides about one far gate, sans-I/O.
+
+One per far gate inside a `GatewayCore`: the WireGuard peer's handshake bookkeeping (crossed
+initiations, rekeys, unanswered handshakes), the paths to it (`PathProber`, superseded paths,
+relay fallback), its tunnels' FEC engines and schedulers, and its own send queue with
+back-pressure. A far gate that is down holds only its own queue and pauses only its own
+gates: the others keep sending.
+
+It owns no socket and reads no clock: the core passes ``now`` in and sends what the session
+emits through `GatewayCore.emit` (or the map's relay, for the relay path).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from warp.config import FarGateConfig, TunGate, TunnelConfig, UnixGate
+from warp.frames import FrameType
+from warp.paths.path import Address, Path, PathState
+from warp.paths.prober import (
+    PathAdded,
+    PathProber,
+    PathRemoved,
+    PathStateChanged,
+    make_probe_reply,
+)
+from warp.paths.scheduler import ParityChange, PathQuality, ShardScheduler
+from warp.redundancy import (
+    RejectReason,
+    SendQueue,
+    ShardDecoder,
+    ShardEncoder,
+    max_shard_payload,
+    shard_tunnel_id,
+)
+from warp.unanswered import Unanswered
+from warp.wireguard import Outgoing
+
+if TYPE_CHECKING:
+    from warp.core.gateway import GatewayCore
+
+log = logging.getLogger("warp.core")
+
+_SHARD = int(FrameType.SHARD)
+_PROBE = int(FrameType.PROBE)
+_PROBE_REPLY = int(FrameType.PROBE_REPLY)
+
+#: Datagrams held while the tunnel cannot send (no session, no path, uplinks saturated).
+SEND_QUEUE_LENGTH = 4096
+#: Gates pause (back-pressure) while this many datagrams wait to be sent.
+SEND_QUEUE_PAUSE = 1024
+#: While the far gate cannot be sent to (no session, no path, held), expired datagrams are
+#: swept from the queue at their deadline but at most this often: each sweep is O(queue), so a
+#: gate's steady stream costs O(1) per datagram, not O(queue). (`SendQueue.pop` drops anything
+#: past its deadline anyway: the sweep bounds memory and makes room.)
+STALLED_SWEEP = 0.1
+#: While held by full uplinks, the flush also re-checks this often (an uplink rebuilt or
+#: removed under the hold reports no writability).
+HOLD_RECHECK = 0.050
+#: `shard.rejected` is logged at most this often per tunnel (with the count since the last).
+REJECT_LOG_INTERVAL = 10.0
+#: A flush seals this many queued datagrams, then hands them to the shell and continues on the
+#: next turn (the shell reports uplinks that filled up meanwhile): 16 x (3, 5) shards of
+#: 1400 B ≈ 42 KiB, well inside an uplink's write buffer limit.
+FLUSH_BATCH = 16
+#: After crossed initiations, the lower key re-initiates after this long (random, seconds):
+#: past the responder's 20 ms initiation rate limit, well inside the 5 s retransmission.
+COLLISION_RETRY_MIN = 0.030
+COLLISION_RETRY_MAX = 0.080
+#: A forced rekey waits this long after our previous initiation (responders, wireguard-go
+#: included, drop initiations less than 20 ms apart).
+REKEY_SPACING = 0.030
+#: The relay path's pseudo uplink name: relayed packets go through the map (a Relay request)
+#: and arrive on whichever uplink the map chose.
+RELAY_UPLINK = "relay"
+#: No direct path active this long after the peer's endpoints are known (or after the last
+#: direct path died): fall back to the map's relay for the data path (direct paths keep being
+#: probed; traffic moves back as soon as one is active).
+RELAY_FALLBACK_AFTER = 2.5
+#: A handshake unanswered for this many initiations, the first at least UNANSWERED_AFTER
+#: seconds ago, is logged as a WARNING naming the likely cause, once per episode.
+UNANSWERED_TRIES = 3
+UNANSWERED_AFTER = 10.0
+#: The map still refuses to say where the far gate is this long after the first refusal.
+LOOKUP_REFUSED_WARN_AFTER = 20.0
+
+
+def host_port(address: Address | None) -> str:
+    """``host:port`` (``[v6]:port``) for logs: one word, as log fields split on spaces."""
+    if address is None:
+        return "-"
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.2f}"
+
+
+def has_back_pressure(tunnel: TunnelConfig) -> bool:
+    """Whether pausing the tunnel's gate makes its application wait rather than queue.
+
+    A Unix datagram socket's sender blocks in `send()` while warp does not read: real
+    back-pressure. A UDP (loopback) or TUN sender never waits: its packets would pile up in a
+    kernel queue and be read later, stale, with a fresh `send_deadline`. Those gates are never
+    paused: their datagrams queue with the deadline running and are dropped at the queue."""
+    return isinstance(tunnel.gate, UnixGate)
+
+
+def ip_destination(packet: bytes) -> bytes:
+    """The destination address of an IPv4/IPv6 packet (empty if it is neither)."""
+    version = packet[0] >> 4
+    if version == 4 and len(packet) >= 20:
+        return packet[16:20]
+    if version == 6 and len(packet) >= 40:
+        return packet[24:40]
+    return b""
+
+
+def _quantize_loss(loss: float | None) -> int:
+    """Loss in 5 % steps: finer changes do not move the shard shares enough to recompute."""
+    return 0 if loss is None else round(loss * 20)
+
+
+def _quantize_rtt(rtt: float | None) -> int:
+    """RTT in ~25 % (log) steps above 1 ms; below that the scheduler sees no difference."""
+    if rtt is None or rtt < 0.001:
+        return 0
+    return 1 + int(math.log(rtt * 1000, 1.25))
+
+
+def path_qualities(paths: Sequence[Path]) -> list[PathQuality[Path]]:
+    """What the schedulers are told of the sending paths: each path's measurements, its
+    uplink (our end) and its remote address (one peer uplink: the other end)."""
+    return [
+        PathQuality(p, loss=p.loss or 0.0, rtt=p.rtt, local=p.uplink, remote=p.remote)
+        for p in sorted(paths, key=lambda p: (p.uplink, p.remote))
+    ]
+
+
+def _log_parity_change(tunnel: str, change: ParityChange) -> None:
+    fields = (tunnel, change.k, change.n, change.effective_n, change.uplinks, change.peer_addresses)
+    if change.added:
+        log.info("tunnel.parity_added tunnel=%s k=%d n=%d effective_n=%d uplinks=%d "
+                 "peer_addresses=%d", *fields)  # fmt: skip
+    else:
+        log.info("tunnel.parity_restored tunnel=%s k=%d n=%d effective_n=%d uplinks=%d "
+                 "peer_addresses=%d", *fields)  # fmt: skip
+
+
+@dataclass(slots=True, eq=False)
+class Tunnel:
+    """One tunnel towards one far gate: its FEC engines and scheduler. (A tun gate shared by
+    several far gates has one `Tunnel` per far gate, all delivering to the one gate.)"""
+
+    name: str
+    far_gate: str
+    config: TunnelConfig
+    tunnel_id: int
+    encoder: ShardEncoder
+    decoder: ShardDecoder
+    scheduler: ShardScheduler[Path]
+    """Spreads each block over the paths (both ends balanced) and sets its shard count."""
+    back_pressure: bool
+    # `shard.rejected` log rate limit: when it was last logged, rejections since.
+    reject_logged_at: float = -math.inf
+    rejects_unlogged: int = 0
+    drops: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def make(cls, name: str, far_gate: str, config: TunnelConfig) -> Tunnel:
+        transport = config.transport
+        k = transport.redundancy.required_shards
+        n = transport.redundancy.num_shards
+        return cls(
+            name=name,
+            far_gate=far_gate,
+            config=config,
+            tunnel_id=config.tunnel_id,
+            encoder=ShardEncoder(config.tunnel_id, k, n, transport.mtu),
+            # Whatever (k, n) the peer's shards carry is decoded; the memory bound comes from
+            # our configured (k, n) and mtu (docs/operations.md, Counters).
+            decoder=ShardDecoder(
+                config.tunnel_id,
+                k,
+                n,
+                ordered=transport.ordered,
+                reorder_timeout=transport.reorder_timeout,
+                max_shard_size=max_shard_payload(transport.mtu),
+            ),
+            # The default spread, survive_uplink_loss: parity is added while the paths are too
+            # few for (k, n) to survive losing an uplink at either end.
+            scheduler=ShardScheduler(k, n, add_parity=True),
+            back_pressure=has_back_pressure(config),
+        )
+
+
+class FarGateSession:
+    """One far gate of a `GatewayCore` (see the module docstring)."""
+
+    def __init__(
+        self, core: GatewayCore, name: str, config: FarGateConfig, tunnels: Sequence[Tunnel]
+    ) -> None:
+        self.core = core
+        self.name = name
+        self.config = config
+        self.key = config.public_key
+        # A plain WireGuard far gate (no warp): IP packets travel bare, exactly as WireGuard.
+        self.plain_wireguard = config.kind == "wireguard"
+        # Log fields naming the far gate, only when there are several (a single far gate's
+        # lines stay as they were).
+        several = len(core.config.far_gates) > 1
+        self.tag = f"far_gate={name} " if several else ""
+        self.suffix = f" far_gate={name}" if several else ""
+        interfaces = core.config.interfaces
+        self.prober = PathProber(
+            interfaces.holepunch_keep_alive_interval, interfaces.path_timeout, core.rng
+        )
+        self.tunnels: dict[str, Tunnel] = {t.name: t for t in tunnels}
+        self.tunnels_by_id: dict[int, Tunnel] = {t.tunnel_id: t for t in tunnels}
+        for tunnel in tunnels:
+            tunnel.decoder.on_reject = functools.partial(self._on_shard_rejected, tunnel)
+        self.send_queue = SendQueue(SEND_QUEUE_LENGTH)
+        for tunnel in tunnels:
+            if not tunnel.back_pressure:
+                self.send_queue.clock_runs.add(tunnel.tunnel_id)
+        self.static_endpoints: list[Address] = []
+        self.peer_endpoints: tuple[Address, ...] = ()
+        # What the schedulers were last told (`update_schedulers`): the sending paths and a
+        # signature of their state and quality; None forces a recomputation.
+        self._sending: list[Path] = []
+        self._sending_signature: tuple[object, ...] | None = None
+        #: tunnels whose gate this session asked to pause (`gate_datagram`, `_hold`)
+        self.paused: set[str] = set()
+        # Back-pressure (`_hold`): the send queue is parked (deadline clocks stopped for gates
+        # with back-pressure).
+        self.held = False
+        self.holds = 0
+        # Stalled queue (`_sweep_stale`): no sweep before this time (None: sweep now).
+        self._sweep_at: float | None = None
+        self._last_sweep = -math.inf
+        # When the queue next needs the flush (None: not before an input asks for it).
+        self.flush_at: float | None = None
+        # Relay fallback (`check_relay`): the relay path is added once no direct path has been
+        # active for RELAY_FALLBACK_AFTER since `_direct_lost_at`.
+        self._direct_lost_at: float | None = None
+        self._relay_due: float | None = None
+        self.relay_in_use = False
+        self._relay_since: float | None = None
+        # Simultaneous initiation (both sides initiate at once, e.g. on the same map push):
+        # each answers the other's initiation, which replaces its own initiator state, so both
+        # responses are dropped. The side with the lower public key re-initiates shortly
+        # after; the other stays responder (`on_response_sent`).
+        self._initiating = False
+        self.last_initiation: bytes | None = None
+        self.last_initiation_at = -1.0
+        self._reinitiate_at: float | None = None
+        self._rekey_at: float | None = None
+        self.collisions = 0
+        self.handshake_state = "none"
+        self.rekeys = 0
+        self.handshakes = 0
+        # Plain WireGuard: the uplink the peer was last heard on.
+        self._plain_uplink: str | None = None
+        # Loud misconfiguration: handshakes / lookups that keep getting no answer.
+        self._unanswered = Unanswered(UNANSWERED_TRIES, UNANSWERED_AFTER)
+        self.lookup_refused = Unanswered(1, LOOKUP_REFUSED_WARN_AFTER)
+
+    # ------------------------------------------------------------------ timers
+
+    def next_deadline(self) -> float | None:
+        deadline = self.prober.next_deadline()
+        for t in (self.flush_at, self._relay_due, self._reinitiate_at, self._rekey_at):
+            if t is not None and (deadline is None or t < deadline):
+                deadline = t
+        for tunnel in self.tunnels.values():
+            t = tunnel.decoder.next_deadline()
+            if t is not None and (deadline is None or t < deadline):
+                deadline = t
+        return deadline
+
+    def handle_timer(self, now: float) -> None:
+        due = self.prober.next_deadline()
+        if due is not None and due <= now:
+            self._on_prober_timer(now)
+        if self._relay_due is not None and self._relay_due <= now:
+            self._relay_due = None
+            self.check_relay(now)
+        if self._reinitiate_at is not None and self._reinitiate_at <= now:
+            self._reinitiate_at = None
+            self._on_reinitiate(now)
+        if self._rekey_at is not None and self._rekey_at <= now:
+            self._rekey_at = None
+            self.rekey(now)
+        for tunnel in self.tunnels.values():
+            due = tunnel.decoder.next_deadline()
+            if due is not None and due <= now:
+                for datagram in tunnel.decoder.tick(now):
+                    self.core.deliver(tunnel.name, datagram)
+        if self.flush_at is not None and self.flush_at <= now:
+            self.flush(now)
+
+    def schedule_flush(self, now: float) -> None:
+        self.flush_at = now
+
+    # ------------------------------------------------------------------ handshakes
+
+    @property
+    def has_session(self) -> bool:
+        peer = self.core.device.peer(self.key)
+        return peer is not None and peer.has_session
+
+    def ensure_session(self, now: float) -> None:
+        peer = self.core.device.peer(self.key)
+        if (
+            peer is not None
+            and not peer.has_session
+            and not peer.handshake_in_progress
+            and self.prober.paths
+        ):
+            self.core.device.initiate_handshake(self.key, now)
+            self.core.after_device(now)
+
+    def rekey(self, now: float) -> None:
+        """Start a new handshake now (the session stays usable meanwhile). Not within 30 ms of
+        our previous initiation: WireGuard responders drop initiations closer than 20 ms."""
+        wait = self.last_initiation_at + REKEY_SPACING - now
+        if wait > 0:
+            self._rekey_at = now + wait
+            return
+        log.info("handshake.rekey_requested peer=far_gate%s", self.suffix)
+        self.core.device.initiate_handshake(self.key, now, force=True)
+        self.core.after_device(now)
+
+    def on_response_sent(self, now: float) -> None:
+        """We answered the far gate's initiation: if ours was pending, both crossed and both
+        responses will be dropped. The side with the lower public key re-initiates after a
+        short random delay (past the responder's 20 ms initiation rate limit); the other side
+        only answers. Without this, nothing completes before the 5 s retransmission."""
+        if not self._initiating:
+            return
+        self._initiating = False
+        self.collisions += 1
+        if self.core.public_key >= self.key:
+            return
+        delay = self.core.rng.uniform(COLLISION_RETRY_MIN, COLLISION_RETRY_MAX)
+        self._reinitiate_at = now + delay
+        log.info("handshake.collision peer=far_gate %sretry_ms=%d", self.tag,
+                 round(delay * 1000))  # fmt: skip
+
+    def _on_reinitiate(self, now: float) -> None:
+        peer = self.core.device.peer(self.key)
+        if peer is None or peer.has_session or self.core.stopping:
+            return
+        self.core.device.initiate_handshake(self.key, now, force=True)
+        self.core.after_device(now)
+
+    def send_initiation(self, out: Outgoing, now: float) -> None:
+        self._initiating = True
+        self.last_initiation_at = now
+        self.last_initiation = out.data
+        if self.handshake_state != "established":
+            self.handshake_state = "initiating"
+        targets = [(p.uplink, p.remote) for p in self.prober.paths]
+        if not targets and out.destination is not None:
+            targets = [(name, out.destination) for name in self.core.uplinks]
+        for uplink, remote in targets:
+            self.emit(uplink, remote, out.data, now)
+        if targets:
+            self._initiation_sent(now)
+
+    def _initiation_sent(self, now: float) -> None:
+        """One more handshake try: a WARNING once per episode when they keep going unanswered,
+        naming the likely causes (cleared when a handshake completes)."""
+        far = self._unanswered
+        far.tried(now)
+        if far.due(now) and far.since is not None:
+            log.warning("far_gate.unanswered %shandshakes=%d for_s=%.1f paths=%d "
+                        "likely: far gate not running/not registered, or wrong "
+                        "far_gate.public_key", self.tag, far.count, now - far.since,
+                        len(self.prober))  # fmt: skip
+
+    def send_to_peer(self, out: Outgoing, now: float) -> None:
+        """A transport/keepalive the WireGuard core emitted by itself (staged flush,
+        keepalive timer)."""
+        if self.plain_wireguard:
+            uplink = self._plain_sending_uplink()
+            if uplink is not None and out.destination is not None:
+                self.emit(uplink, out.destination, out.data, now)
+            return
+        paths = self.sending_paths(now)
+        if paths:
+            self.emit(paths[0].uplink, paths[0].remote, out.data, now)
+
+    def on_handshake_complete(
+        self, initiator: bool, source: Address, uplink: str | None, now: float
+    ) -> None:
+        if self._unanswered.answered():
+            log.info("far_gate.answered%s", self.suffix)
+        self._initiating = False
+        self.handshakes += 1
+        if self.handshake_state == "established":
+            self.rekeys += 1
+        self.handshake_state = "established"
+        if uplink is not None and not self.plain_wireguard and initiator:
+            # The handshake response is an authenticated packet on this path. (Responder:
+            # completion comes with the first transport packet, which `on_authenticated`
+            # counts; counting it here too counted it twice. Plain WireGuard: no paths.)
+            self.prober.on_authenticated(uplink, source, now)
+        log.info("handshake.complete peer=far_gate %sinitiator=%s source=%s",
+                 self.tag, initiator, host_port(source))  # fmt: skip
+        self.schedule_flush(now)
+
+    def on_handshake_failed(self) -> None:
+        if self.handshake_state != "established":
+            self.handshake_state = "none"
+
+    def on_session_expired(self) -> None:
+        self.handshake_state = "expired"
+
+    # ------------------------------------------------------------------ wire → application
+
+    def on_received(
+        self, uplink: str, source: Address, plaintext: bytes, size: int, now: float
+    ) -> None:
+        """An authenticated packet from this far gate (``size``: its bytes on the wire)."""
+        if self.plain_wireguard:
+            if uplink != RELAY_UPLINK:
+                self._plain_uplink = uplink
+            if plaintext:
+                for tunnel in self.tunnels.values():
+                    if isinstance(tunnel.config.gate, TunGate):
+                        self.core.deliver(tunnel.name, plaintext)
+                        break
+            return
+        path = self.prober.on_authenticated(uplink, source, now, size)
+        if path is not None and path.state_since == now:
+            # A path just learned or just active: log it and reschedule now.
+            self.after_prober(now)
+        if not plaintext:
+            return  # keepalive
+        kind = plaintext[0]
+        if kind == _SHARD:
+            self.on_shard(plaintext, now)
+        elif kind == _PROBE:
+            reply = make_probe_reply(plaintext)
+            if reply is not None:
+                self._seal_and_send(reply, uplink, source, now)
+        elif kind == _PROBE_REPLY:
+            self.prober.on_probe_reply(plaintext, uplink, source, now)
+            self.after_prober(now)
+        else:
+            self.core.counters["unknown_frame"] += 1
+
+    def on_shard(self, frame: bytes, now: float) -> None:
+        tunnel = self.tunnels_by_id.get(shard_tunnel_id(frame) or -1)
+        if tunnel is None:
+            self.core.counters["unknown_tunnel"] += 1
+            return
+        for datagram in tunnel.decoder.receive(frame, now):
+            self.core.deliver(tunnel.name, datagram)
+
+    def _on_shard_rejected(self, tunnel: Tunnel, reason: RejectReason) -> None:
+        tunnel.rejects_unlogged += 1
+        now = self.core.now
+        if now - tunnel.reject_logged_at >= REJECT_LOG_INTERVAL:
+            log.warning("shard.rejected tunnel=%s %sreason=%s count=%d", tunnel.name,
+                        self.tag, reason, tunnel.rejects_unlogged)  # fmt: skip
+            tunnel.reject_logged_at = now
+            tunnel.rejects_unlogged = 0
+
+    def _seal_and_send(self, plaintext: bytes, uplink: str, remote: Address, now: float) -> bool:
+        wire = self.core.device.seal(self.key, plaintext, now)
+        if wire is None:
+            self.core.after_device(now)
+            return False
+        return self.emit(uplink, remote, wire, now)
+
+    def emit(self, uplink: str, remote: Address, data: bytes, now: float) -> bool:
+        """Send towards this far gate: over the map's relay for the relay path, else from an
+        uplink (path counters for transport messages on a known path)."""
+        if uplink == RELAY_UPLINK:
+            if not self.core.relay(self.key, data, now):
+                return False
+        elif not self.core.emit(uplink, remote, data):
+            return False
+        if data[0] == 4:  # a transport message
+            self.prober.record_tx(uplink, remote, len(data))
+        return True
+
+    # ------------------------------------------------------------------ uplinks and map
+
+    def uplink_up(self, name: str, now: float) -> None:
+        """An uplink was added or changed: try the far gate's known addresses from it."""
+        far = self.core.device.peer(self.key)
+        if (
+            far is not None
+            and not far.has_session
+            and far.handshake_in_progress
+            and len(self.core.uplinks) == 1
+        ):
+            # The pending initiation (packets are staged) had no uplink to go out on: send a
+            # fresh one now rather than at the 5 s retransmission.
+            self.core.device.initiate_handshake(self.key, now, force=True)
+            self.core.after_device(now)
+        if not self.plain_wireguard:
+            for endpoint in self.static_endpoints:
+                self.prober.add_candidate(name, endpoint, "static", now)
+            for endpoint in self.peer_endpoints:
+                self.prober.add_candidate(name, endpoint, "map", now)
+        self.ensure_session(now)
+
+    def uplink_removed(self, name: str, now: float) -> None:
+        self.prober.remove_uplink(name)
+        self.after_prober(now)
+
+    def map_endpoints_changed(
+        self, endpoints: tuple[Address, ...], pushed: bool, now: float
+    ) -> None:
+        self.peer_endpoints = endpoints
+        text = ",".join(f"{h}:{p}" for h, p in endpoints)
+        log.info("map.peer_endpoints %sendpoints=%s pushed=%s", self.tag, text, pushed)
+        if endpoints and self.lookup_refused.answered():
+            log.info("far_gate.found %sendpoints=%s", self.tag, text)
+        # Remotes the map no longer lists (a restarted peer's old NAT ports) are forgotten
+        # once dead (`PathProber.forget_after`).
+        self.prober.map_endpoints_changed(endpoints)
+        if not self.plain_wireguard:
+            for name in self.core.uplinks:
+                for endpoint in endpoints:
+                    self.prober.add_candidate(name, endpoint, "map", now)
+        self.ensure_session(now)
+        self.after_prober(now)
+
+    def on_lookup_refused(self, code: object, message: str, now: float) -> None:
+        # Normal at start (the far gate is not up yet): a WARNING only if it lasts.
+        log.info("map.lookup_refused %scode=%s %s", self.tag, code, message)
+        if self.lookup_refused.since is None:
+            self.lookup_refused.tried(now)
+
+    def check_lookup_refused(self, now: float) -> None:
+        refused = self.lookup_refused
+        if refused.due(now) and refused.since is not None:
+            log.warning("far_gate.unanswered %smap_lookup=refused for_s=%.1f likely: "
+                        "far gate not running/not registered, or wrong far_gate.public_key",
+                        self.tag, now - refused.since)  # fmt: skip
+
+    # ------------------------------------------------------------------ paths
+
+    def sending_paths(self, now: float) -> list[Path]:
+        """Paths to put shards on: the active direct ones, else the relay if it is active, else
+        (nothing proven yet) the probing direct ones. Of several active paths from one uplink
+        to one remote host, one a NAT rebinding replaced is left out
+        (`PathProber.drop_superseded`)."""
+        direct: list[Path] = []
+        relay: list[Path] = []
+        probing: list[Path] = []
+        for path in self.prober.paths:
+            state = path.state
+            if path.uplink == RELAY_UPLINK:
+                if state is PathState.ACTIVE:
+                    relay.append(path)
+            elif state is PathState.ACTIVE:
+                direct.append(path)
+            elif state is PathState.PROBING:
+                probing.append(path)
+        if direct:
+            if len(direct) == 1:
+                return direct
+            return self.prober.drop_superseded(direct, now)
+        return relay or probing
+
+    def update_schedulers(self, now: float) -> list[Path]:
+        """The sending paths. The tunnels' schedulers spread each block over them, both ends
+        balanced, and add parity while they cannot survive losing an uplink. The schedulers
+        precompute a cycle of assignments, so they are updated only when the set, state or
+        quality of the sending paths changed."""
+        paths = self.sending_paths(now)
+        relayed = bool(paths) and paths[0].uplink == RELAY_UPLINK
+        if relayed != self.relay_in_use:
+            self._on_relay_use(relayed, now)
+        signature = tuple(
+            (id(p), p.state, _quantize_loss(p.loss), _quantize_rtt(p.rtt)) for p in paths
+        )
+        if signature != self._sending_signature:
+            self._sending_signature = signature
+            self._sending = paths
+            qualities = path_qualities(paths)
+            for tunnel in self.tunnels.values():
+                change = tunnel.scheduler.update(qualities, relayed=relayed)
+                if change is not None:
+                    _log_parity_change(tunnel.name, change)
+        return self._sending
+
+    def _on_prober_timer(self, now: float) -> None:
+        probes = self.prober.tick(now)
+        has_session = self.has_session
+        for uplink, remote, frame in probes:
+            if uplink != RELAY_UPLINK and uplink not in self.core.uplinks:
+                continue
+            if has_session:
+                self._seal_and_send(frame, uplink, remote, now)
+            elif self.last_initiation is not None:
+                # No session yet: the probe schedule re-sends the pending initiation, so both
+                # NATs see outbound traffic during the burst (simultaneous open).
+                self.emit(uplink, remote, self.last_initiation, now)
+        if not has_session:
+            self.ensure_session(now)
+        self.after_prober(now)
+
+    def after_prober(self, now: float) -> None:
+        for event in self.prober.pop_events():
+            if isinstance(event, PathStateChanged):
+                path = event.path
+                level = logging.WARNING if event.new is PathState.DEAD else logging.INFO
+                log.log(level, "%s %suplink=%s remote=%s rtt_ms=%s", event.name,
+                        self.tag, path.uplink, host_port(path.remote), _ms(path.rtt))  # fmt: skip
+                if event.new is PathState.ACTIVE:
+                    self.schedule_flush(now)
+            elif isinstance(event, PathAdded):
+                log.info("%s %suplink=%s remote=%s source=%s", event.name, self.tag,
+                         event.path.uplink, host_port(event.path.remote),
+                         event.path.source)  # fmt: skip
+            elif isinstance(event, PathRemoved):
+                log.info("%s %suplink=%s remote=%s reason=%s", event.name, self.tag,
+                         event.path.uplink, host_port(event.path.remote),
+                         event.reason)  # fmt: skip
+        self.check_relay(now)
+
+    # ------------------------------------------------------------------ relay
+
+    def check_relay(self, now: float) -> None:
+        """Fall back to the map's relay once no direct path has been active for
+        RELAY_FALLBACK_AFTER (since the peer's endpoints became known, or since the last direct
+        path died): the relay path is added (probed like any path; it carries data only while
+        no direct path is active, `sending_paths`)."""
+        map_address = self.core.map_address
+        if self.core.map_client is None or map_address is None or self.plain_wireguard:
+            return
+        if any(p.state is PathState.ACTIVE and p.uplink != RELAY_UPLINK for p in self.prober.paths):
+            self._direct_lost_at = None
+            self._relay_due = None
+            return
+        if self._direct_lost_at is None:
+            if not self.peer_endpoints and not self.static_endpoints:
+                return  # nothing to try yet: the peer is not there
+            self._direct_lost_at = now
+        if self.prober.get(RELAY_UPLINK, map_address) is not None:
+            return
+        due = self._direct_lost_at + RELAY_FALLBACK_AFTER
+        if now < due:
+            self._relay_due = due
+            return
+        log.info("relay.fallback %sreason=no_direct_path after_s=%.3f", self.tag,
+                 now - self._direct_lost_at)  # fmt: skip
+        self.prober.add_candidate(RELAY_UPLINK, map_address, "relay", now)
+        self.ensure_session(now)
+        self.after_prober(now)
+
+    def _on_relay_use(self, relayed: bool, now: float) -> None:
+        """The data path moved onto the relay, or back to a direct path."""
+        self.relay_in_use = relayed
+        if relayed:
+            self._relay_since = now
+            log.warning("path.relay.active %sremote=%s", self.tag,
+                        host_port(self.core.map_address))  # fmt: skip
+        else:
+            since, self._relay_since = self._relay_since, None
+            paths = [p for p in self.prober.active_paths() if p.uplink != RELAY_UPLINK]
+            log.info("relay.direct_restored %srelayed_s=%s paths=%d", self.tag,
+                     "-" if since is None else round(now - since, 3), len(paths))  # fmt: skip
+
+    def on_relayed(self, now: float) -> None:
+        """The far gate sent us a WireGuard message through the map's relay: make sure the
+        relay path exists (replies go back through the relay)."""
+        map_address = self.core.map_address
+        if map_address is not None and self.prober.get(RELAY_UPLINK, map_address) is None:
+            log.info("relay.fallback %sreason=peer_relays", self.tag)
+            self.prober.add_candidate(RELAY_UPLINK, map_address, "relay", now)
+
+    # ------------------------------------------------------------------ application → wire
+
+    def _plain_sending_uplink(self) -> str | None:
+        """Plain WireGuard: the uplink the peer was last heard on, else the first one."""
+        uplink = self._plain_uplink
+        if uplink is not None and uplink in self.core.uplinks:
+            return uplink
+        return next(iter(self.core.uplinks), None)
+
+    def gate_datagram(self, tunnel: Tunnel, payload: bytes, now: float) -> bool:
+        """A datagram from the tunnel's gate. False: pause that gate (back-pressure)."""
+        device = self.core.device
+        if self.plain_wireguard:
+            # As WireGuard: only packets whose destination is in the peer's AllowedIPs go.
+            if device.route(ip_destination(payload)) != self.key:
+                # Not a tunnel drop: the tun's own link-local chatter (router solicitations,
+                # MLD) always lands here, as in WireGuard ("no route to host").
+                self.core.counters["no_route"] += 1
+                return True
+            wire = device.seal(self.key, payload, now)
+            peer = device.peer(self.key)
+            uplink = self._plain_sending_uplink()
+            if wire is not None and uplink is not None and peer is not None and peer.endpoint:
+                self.emit(uplink, peer.endpoint, wire, now)
+            self.core.after_device(now)
+            return True
+        transport = tunnel.config.transport
+        queue = self.send_queue
+        if self.held and tunnel.back_pressure:
+            # Taken with the gate already asked to pause: parked, the gate stops now.
+            queue.push(tunnel.tunnel_id, payload, now, transport.send_deadline, transport.priority)
+            self.paused.add(tunnel.name)
+            return False
+        deadline = transport.send_deadline
+        queue.push(tunnel.tunnel_id, payload, now, deadline, transport.priority)
+        sweep_at = self._sweep_at
+        if sweep_at is not None and now + deadline < sweep_at:
+            # (Only a tunnel with a shorter send_deadline can move the next sweep earlier.)
+            self._sweep_at = max(now + deadline, self._last_sweep + STALLED_SWEEP)
+        self.flush_at = now
+        if tunnel.back_pressure and len(queue) >= SEND_QUEUE_PAUSE:
+            self.paused.add(tunnel.name)
+            return False
+        return True
+
+    def flush(self, now: float) -> None:
+        """Send queued datagrams: encode, schedule shards over paths, seal, emit. At most
+        FLUSH_BATCH datagrams per call: with more queued, `flush_at` stays due."""
+        self.flush_at = None
+        queue = self.send_queue
+        if not self.has_session:
+            self._release(now)
+            if len(queue):
+                self.core.counters["no_session"] += self._sweep_stale(now)
+                self.ensure_session(now)
+            self._resume_gates()
+            self.flush_at = self._sweep_at if len(queue) else None
+            return
+        paths = self.update_schedulers(now)
+        uplinks = self.core.uplinks
+        if not paths or not uplinks:
+            self._release(now)
+            if len(queue):
+                self.core.counters["no_path"] += self._sweep_stale(now)
+            self._resume_gates()
+            self.flush_at = self._sweep_at if len(queue) else None
+            return
+        sending = {p.uplink for p in paths if p.uplink in uplinks}
+        if not all(uplinks[name] for name in sending):
+            self._hold(now)
+            if len(queue):
+                # Datagrams of gates without back-pressure, queued during the hold.
+                self._sweep_stale(now)
+            self.flush_at = now + HOLD_RECHECK
+            return
+        self._release(now)
+        self._sweep_at = None
+        seal_many = self.core.device.seal_many
+        emit = self.core.emit
+        key = self.key
+        tunnels = self.tunnels_by_id
+        send_failed = 0
+        for _ in range(FLUSH_BATCH):
+            item = queue.pop(now)
+            if item is None:
+                break
+            tunnel = tunnels[item.tunnel_id]
+            scheduler = tunnel.scheduler
+            assign = scheduler.assign
+            # The scheduler's shard count: more than n while parity is added.
+            for frames in tunnel.encoder.encode(item.datagram, scheduler.effective_n):
+                for wire, path in zip(seal_many(key, frames, now), assign(), strict=True):
+                    if wire is None:
+                        send_failed += 1
+                        continue
+                    uplink = path.uplink
+                    if uplink == RELAY_UPLINK:
+                        sent = self.core.relay(key, wire, now)
+                    elif uplink in uplinks:
+                        sent = emit(uplink, path.remote, wire)
+                    else:
+                        sent = False
+                    if sent:
+                        path.tx_packets += 1
+                        path.tx_bytes += len(wire)
+                    else:
+                        send_failed += 1
+        else:
+            if len(queue):
+                self.flush_at = now  # more next turn, once the shell sent these
+        if send_failed:
+            self.core.counters["send_failed"] += send_failed
+        self.core.after_device(now)
+        if self.flush_at is None:
+            self._resume_gates()
+            self.flush_at = queue.next_expiry()
+
+    def _resume_gates(self) -> None:
+        """The one place paused gates resume: as soon as the reasons for a pause are gone (no
+        hold, the queue below SEND_QUEUE_PAUSE), whichever way the flush went."""
+        if self.paused and not self.held and len(self.send_queue) < SEND_QUEUE_PAUSE:
+            paused, self.paused = self.paused, set()
+            for tunnel in paused:
+                self.core.gate_flow(tunnel, paused=False)
+
+    def _sweep_stale(self, now: float) -> int:
+        """While the queue cannot drain: drop what is past its deadline, at the next expiry but
+        at most every STALLED_SWEEP. Returns how many were dropped; `_sweep_at` is when to
+        sweep next."""
+        queue = self.send_queue
+        if self._sweep_at is not None and now < self._sweep_at:
+            return 0
+        dropped = queue.drop_expired(now)
+        self._last_sweep = now
+        expiry = queue.next_expiry()
+        self._sweep_at = None if expiry is None else max(expiry, now + STALLED_SWEEP)
+        return dropped
+
+    def _hold(self, now: float) -> None:
+        """Back-pressure on: pause this far gate's gates with back-pressure and park what is
+        queued (their deadline clock stopped: the application waits, not warp). Datagrams of
+        gates without back-pressure keep their deadline running (`SendQueue.clock_runs`)."""
+        if not self.held:
+            self.held = True
+            self.holds += 1
+        self.send_queue.park(now)
+        for tunnel in self.tunnels.values():
+            if tunnel.back_pressure and tunnel.name not in self.paused:
+                self.paused.add(tunnel.name)
+                self.core.gate_flow(tunnel.name, paused=True)
+
+    def _release(self, now: float) -> None:
+        """Back-pressure off: the parked datagrams go back to the queue, with their budget."""
+        if not self.held:
+            return
+        self.held = False
+        self.send_queue.restore(now)
+        self._sweep_at = None
+
+    def uplink_writable(self, now: float) -> None:
+        if self.held:
+            self.flush_at = now
+
+    # ------------------------------------------------------------------ status
+
+    def status(self, now: float) -> dict[str, Any]:
+        """The far gate's row of the snapshot (`warp status --json` ``far_gates``)."""
+        peer = self.core.device.peer(self.key)
+        last = peer.last_handshake_time if peer is not None else None
+        return {
+            "handshake_state": self.handshake_state,
+            "last_handshake_age_s": None if last is None else round(now - last, 3),
+            "rekeys": self.rekeys,
+            "handshakes": self.handshakes,
+        }
