@@ -12,6 +12,11 @@ site (tests/lab/netlab.py, the harness of test_gateway.py).
   delivered exactly once while one vehicle's uplink is black-holed; then one vehicle is
   killed mid-stream and the other two see no gap over 100 ms; `warp status` lists the three
   far gates with their paths.
+  The operator gateway gets the CPU priority of a machine of its own (`prioritize`): in the
+  lab all sites share the box's cores, and autogroup scheduling gives each process session
+  an equal share, so the operator (three vehicles' traffic, ~0.6 CPU s/s here) would get one
+  vehicle's share; its uplink sockets then overflow in the kernel (measured: 30 000+
+  receive-buffer drops and a third of the vehicles' datagrams lost at 0.3 CPU s/s).
 * `test_shared_tun_gate_routes_by_allowed_ips`: one tun gate on the operator shared by two
   vehicles (``allowed_ips`` per far gate, cryptokey routing as in WireGuard), tun gates on the
   vehicles: ping and iperf3 to each vehicle's address.
@@ -211,6 +216,14 @@ def running_fleet(lab: Lab, vehicles: int, request: pytest.FixtureRequest) -> It
 REDUNDANCY = "[tunnels.{t}.transport.redundancy]\nnum_shards = 4\nrequired_shards = 2\n"
 
 
+def prioritize(pid: int, nice: int = -10) -> None:
+    """Nice ``pid`` (a process spawned in a session of its own: with autogroup scheduling,
+    nice counts against other sessions only through the session's autogroup)."""
+    os.setpriority(os.PRIO_PROCESS, pid, nice)
+    with contextlib.suppress(OSError):  # no CONFIG_SCHED_AUTOGROUP: the line above did it
+        Path(f"/proc/{pid}/autogroup").write_text(f"{nice}\n")
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -275,6 +288,24 @@ def show(phase: str, got: dict[str, tuple[dict[str, Any], dict[str, Any]]]) -> N
                   f"p99 {r['latency_ms_p99']} ms")  # fmt: skip
 
 
+def show_tunnels(fleet: Fleet) -> None:
+    """Each running gateway's tunnel counters (where a loss happened, when one does)."""
+    for name, gw in fleet.gws.items():
+        if gw.proc is None or gw.proc.poll() is not None:
+            continue
+        snmp = fleet.lab.run(gw.site.host_ns, ["cat", "/proc/net/snmp"]).stdout
+        head, values = [line.split() for line in snmp.splitlines() if line.startswith("Udp:")]
+        udp = dict(zip(head[1:], values[1:], strict=True))
+        print(
+            f"  {name}: kernel UDP receive buffer errors {udp['RcvbufErrors']}, "
+            f"CPU {cpu_seconds(gw.warp_pid()):.1f} s"
+        )
+        for t in gw.status()["tunnels"]:
+            print(f"  {name} tunnel {t['name']} (far gate {t.get('far_gate')}): in "
+                  f"{t['datagrams_in']} out {t['datagrams_out']} rebuilt {t['blocks_rebuilt']} "
+                  f"lost {t['datagrams_lost']} drops {t['drops']}")  # fmt: skip
+
+
 def assert_exactly_once(r: dict[str, Any], count: int, where: str) -> None:
     assert r["sent"] == count, (where, r)
     assert r["unique"] == count, (where, r)
@@ -289,6 +320,10 @@ def test_operator_with_three_vehicles(lab: Lab, request: pytest.FixtureRequest) 
 def three_vehicles(fleet: Fleet) -> None:
     loopback_fleet_configs(fleet)
     op = fleet.start(OPERATOR)
+    # In the field the operator has a machine of its own; here four gateways and six
+    # applications share the lab's cores, and the operator (three vehicles' traffic) would
+    # get the same CPU share as one vehicle: give it the priority of a dedicated host.
+    prioritize(op.warp_pid())
     fleet.wait_fleet_up()
 
     # warp status --json (the CLI, in the operator's namespace): three far gates, their
@@ -335,6 +370,7 @@ def three_vehicles(fleet: Fleet) -> None:
     cpu = (cpu_seconds(pid) - cpu_before) / (time.monotonic() - wall_before)
     got = results(apps, count / RATE + 30)
     show("black hole", got)
+    show_tunnels(fleet)
     print(f"operator gateway CPU while streaming 3 × 2 × {RATE}/s: {cpu:.2f} s/s")
     assert carried > RATE, carried  # v1 was carrying traffic when its uplink was cut
     for v, (at_op, at_v) in got.items():
@@ -348,6 +384,7 @@ def three_vehicles(fleet: Fleet) -> None:
     os.kill(fleet.gws["v3"].warp_pid(), signal.SIGKILL)
     got = results(apps, count / RATE + 30)
     show("v3 killed", got)
+    show_tunnels(fleet)
     for v in ("v1", "v2"):
         at_op, at_v = got[v]
         for where, r in ((f"{v} → operator", at_op), (f"operator → {v}", at_v)):
