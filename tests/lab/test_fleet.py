@@ -12,9 +12,9 @@ site (tests/lab/netlab.py, the harness of test_gateway.py).
   delivered exactly once while one vehicle's uplink is black-holed; then one vehicle is
   killed mid-stream and the other two see no gap over 100 ms; `warp status` lists the three
   far gates with their paths.
-  The operator gateway gets the CPU priority of a machine of its own (`prioritize`): in the
-  lab all sites share the box's cores, and autogroup scheduling gives each process session
-  an equal share, so the operator (three vehicles' traffic, ~0.6 CPU s/s here) would get one
+  Each gateway gets the CPU priority of a machine of its own (`prioritize`): in the lab all
+  sites share the box's cores, and autogroup scheduling gives each process session an equal
+  share, so the operator (three vehicles' traffic, ~0.6 CPU s/s here) would get one
   vehicle's share; its uplink sockets then overflow in the kernel (measured: 30 000+
   receive-buffer drops and a third of the vehicles' datagrams lost at 0.3 CPU s/s).
 * `test_shared_tun_gate_routes_by_allowed_ips`: one tun gate on the operator shared by two
@@ -320,11 +320,17 @@ def test_operator_with_three_vehicles(lab: Lab, request: pytest.FixtureRequest) 
 def three_vehicles(fleet: Fleet) -> None:
     loopback_fleet_configs(fleet)
     op = fleet.start(OPERATOR)
-    # In the field the operator has a machine of its own; here four gateways and six
-    # applications share the lab's cores, and the operator (three vehicles' traffic) would
-    # get the same CPU share as one vehicle: give it the priority of a dedicated host.
-    prioritize(op.warp_pid())
     fleet.wait_fleet_up()
+    # In the field each gateway has a machine of its own; here four gateways, six
+    # applications (and whatever else runs) share the box's cores, and the operator (three
+    # vehicles' traffic) would get the CPU share of one vehicle.
+    for gw in fleet.gws.values():
+        prioritize(gw.warp_pid())
+    for v in fleet.vehicles:
+        session_at = op.first_event_ts("handshake.complete", far_gate=v)
+        assert session_at is not None
+        print(f"\nsession operator ↔ {v} {session_at - fleet.gws[v].started_at:.2f} s after "
+              f"{v}'s gateway was spawned")  # fmt: skip
 
     # warp status --json (the CLI, in the operator's namespace): three far gates, their
     # keys and sessions, every path and tunnel named by its far gate
