@@ -25,6 +25,7 @@ site (tests/lab/netlab.py, the harness of test_gateway.py).
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import signal
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 from tests.lab.netlab import Lab, Site
 from tests.lab.test_gateway import (
@@ -50,6 +52,7 @@ from tests.lab.test_gateway import (
     cpe_firewall,
 )
 from warp.keys import encode_key, generate_private_key, public_key_of
+from warp.status import render_status
 
 OPERATOR = "op"
 TUNNEL_ID = 7  # the same id towards every far gate
@@ -359,6 +362,14 @@ def three_vehicles(fleet: Fleet) -> None:
     assert [line.split(" name=")[1].split()[0] for line in far_lines] == ["v1", "v2", "v3"]
     assert all(" handshake=established " in line and " paths_active=4 " in line
                for line in far_lines), plain  # fmt: skip
+    # on a terminal: a summary row per vehicle, then each vehicle's paths under its name
+    console = Console(file=io.StringIO(), record=True, width=120, force_terminal=True)
+    console.print(render_status(op.status()))
+    screen = console.export_text()
+    for v in fleet.vehicles:
+        (row,) = [line for line in screen.splitlines() if line.split()[:1] == [v]]
+        assert "established" in row and "4/4" in row, row
+        assert f"far gate {v} ({fleet.public(v)[:12]}…)" in screen, screen
     # the vehicle in the old [far_gate] form: one far gate named "default"
     assert set(fleet.gws["v1"].status()["far_gates"]) == {"default"}
 
