@@ -64,7 +64,9 @@ def example_config(net: Net, name: str, code: tuple[int, int] | None = None) -> 
             line = f'address = "{net.lab.public_address}:{MAP_PORT}"'
         elif section == "[warp_map]" and key == "public_key":
             line = f'public_key = "{encode_key(public_key_of(net.map_key))}"'
-        elif section == "[far_gate]" and key == "public_key":
+        elif section == "[far_gates.truck1]" and key == "public_key":
+            # (The example is an operator with two vehicles: here the other gateway is
+            # truck1; truck2 keeps its stand-in key and never answers.)
             line = f'public_key = "{encode_key(public_key_of(net.keys[other]))}"'
         elif key == "# gate_to_application":
             line = "gate_to_application = 59500"
@@ -87,6 +89,12 @@ def example_config(net: Net, name: str, code: tuple[int, int] | None = None) -> 
     )
     net.gws[name] = gw
     return gw
+
+
+def example_tunnel(status: dict[str, Any]) -> dict[str, Any]:
+    """The example's tunnel to truck1 (the other gateway here)."""
+    (tunnel,) = [t for t in status["tunnels"] if t["name"] == "wireguard"]
+    return tunnel
 
 
 def start_both(net: Net) -> tuple[Gw, Gw]:
@@ -142,7 +150,7 @@ def test_example_config_as_printed_loses_nothing(net: Net) -> None:
     example_config(net, "b")
     a, b = start_both(net)
     for gw in (a, b):
-        (tunnel,) = gw.status()["tunnels"]
+        tunnel = example_tunnel(gw.status())
         assert tunnel["redundancy"]["protected"] is True, tunnel
         assert tunnel["redundancy"]["effective_n"] == tunnel["redundancy"]["n"], tunnel
     assert_nothing_lost(stream_and_cut(net, a, b))
@@ -156,7 +164,7 @@ def test_default_three_of_five_adds_parity_and_loses_nothing(net: Net) -> None:
     example_config(net, "b", code=(3, 5))
     a, b = start_both(net)
     for gw in (a, b):
-        (tunnel,) = gw.status()["tunnels"]
+        tunnel = example_tunnel(gw.status())
         assert tunnel["redundancy"]["effective_n"] == 6, tunnel
         assert tunnel["redundancy"]["protected"] is True, tunnel
         added = gw.events("tunnel.parity_added")
@@ -165,5 +173,5 @@ def test_default_three_of_five_adds_parity_and_loses_nothing(net: Net) -> None:
     # Down to one uplink at a: nothing to protect with, back to the configured n.
     restored = a.events("tunnel.parity_restored")
     assert restored and restored[-1]["effective_n"] == "5", restored
-    (tunnel,) = a.status()["tunnels"]
+    tunnel = example_tunnel(a.status())
     assert tunnel["redundancy"]["protection"] == "not protected: one uplink here"

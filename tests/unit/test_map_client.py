@@ -436,3 +436,31 @@ def test_a_confused_answer_never_leaves_an_uplink_without_a_register_in_flight()
     client.tick(0.1 + T)
     retry = [decode(s.frame) for s in client.drain_outgoing()]
     assert any(isinstance(m, Register) for m in retry)
+
+
+# ---------------------------------------------------------------------------------- fleets
+
+
+def test_a_fleet_client_looks_up_each_far_gate_and_relays_to_the_one_named() -> None:
+    """One client for several far gates (an operator and two vehicles): each far gate is
+    looked up on its own, each answer is reported under its key, and a relayed message goes
+    to the far gate it names."""
+    net = Net(Registry(registration_ttl=60.0, boot_id=1))
+    op = MapClient[str]([B, C], refresh_interval=R, response_timeout=T, rng=rng(1))
+    operator = Node(A, op, {"op": ("203.0.113.1", 1001)})
+    net.nodes[A] = operator
+    truck_b = net.add(B, A, {"b": ("203.0.113.2", 2001)}, 2)
+    truck_c = net.add(C, A, {"c": ("203.0.113.3", 3001)}, 3)
+    for node in (truck_b, truck_c, operator):
+        start(net, node, 0.0)
+    net.run(0.0, 2 * R)
+    lookups = {m.key for k, _, m in net.sent if k == A and isinstance(m, Lookup)}
+    assert lookups == {B, C}
+    found = {e.key: e.endpoints for e in of(operator.events, PeerEndpointsChanged)}
+    assert found == {B: (("203.0.113.2", 2001),), C: (("203.0.113.3", 3001),)}
+    assert op.endpoints_of(C) == (("203.0.113.3", 3001),)
+    assert op.peer_endpoints == op.endpoints_of(B)  # the first far gate's, as before
+    op.relay(b"sealed for C", 2 * R, to=C)
+    op.relay(b"not a far gate", 2 * R, to=b"D" * 32)
+    relayed = [decode(s.frame) for s in op.drain_outgoing()]
+    assert [(m.key, m.payload) for m in relayed] == [(C, b"sealed for C")]  # type: ignore[union-attr]
