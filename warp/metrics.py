@@ -95,11 +95,9 @@ DEFAULT_FAR_GATE = "default"
 
 def _far_gate(row: Mapping[str, Any]) -> str:
     """A path's or tunnel's ``far_gate`` label: its far gate's name, ``default`` from a
-    snapshot without names, empty for a tun gate shared by several far gates (None)."""
-    if "far_gate" not in row:
-        return DEFAULT_FAR_GATE
-    name = row["far_gate"]
-    return "" if name is None else str(name)
+    snapshot without names."""
+    name = row.get("far_gate")
+    return DEFAULT_FAR_GATE if name is None else str(name)
 
 
 def _far_gate_sessions(

@@ -134,7 +134,7 @@ class TunnelStatus(TypedDict):
     blocks_rebuilt: int  # FEC blocks that needed parity to decode
     datagrams_lost: int  # blocks that could not be rebuilt in time
     drops: dict[str, int]  # reason → count (gate and transport drops)
-    far_gate: NotRequired[str | None]  # the far gate's name; None: a tun gate shared by several
+    far_gate: NotRequired[str]  # the far gate's name (a shared tun gate: an entry per far gate)
 
 
 class MapStatus(TypedDict):
@@ -173,7 +173,7 @@ class StatusSnapshot(TypedDict):
     uptime_s: float
     public_key: NotRequired[str]  # this instance's key
     paths: list[PathStatus]  # each with a "far_gate" name (fleet gateways)
-    tunnels: list[TunnelStatus]  # each with a "far_gate" name (None: a shared tun gate)
+    tunnels: list[TunnelStatus]  # each with a "far_gate" name (fleet gateways)
     map: MapStatus | None  # None: no warp_map configured (static endpoints)
     session: SessionStatus  # the first far gate's (for scripts written before fleets)
     far_gates: NotRequired[dict[str, FarGateStatus]]  # name → far gate
@@ -799,8 +799,8 @@ def _short_key(key: str) -> str:
 
 
 class _FarGateGroup:
-    """One far gate's share of a snapshot: its session, paths and tunnels. ``name`` None with
-    ``shared``: the tunnels shared by several far gates (a tun gate routing by allowed_ips)."""
+    """One far gate's share of a snapshot: its session, paths and tunnels. ``listed``: named
+    in the snapshot's ``far_gates`` (else only seen on a path or tunnel)."""
 
     def __init__(
         self,
@@ -810,23 +810,19 @@ class _FarGateGroup:
         kind: str | None = None,
         relay: bool | None = None,
         session: Mapping[str, Any] | None = None,
-        shared: bool = False,
+        listed: bool = True,
     ) -> None:
         self.name = name
         self.public_key = public_key
         self.kind = kind
         self.relay = relay
         self.session: Mapping[str, Any] = session or {}
-        self.shared = shared
-        #: named in the snapshot's far_gates (else only seen on a path or tunnel)
-        self.listed = not shared
+        self.listed = listed
         self.paths: list[Mapping[str, Any]] = []
         self.tunnels: list[Mapping[str, Any]] = []
 
     @property
     def label(self) -> str:
-        if self.shared:
-            return "shared (routed by allowed_ips)"
         name = self.name if self.name is not None else "?"
         return f"{name} ({_short_key(self.public_key)})" if self.public_key else name
 
@@ -851,7 +847,7 @@ def _far_gate_groups(snapshot: Mapping[str, Any]) -> list[_FarGateGroup]:
         group = _FarGateGroup(None, str(session.get("far_gate") or ""), session=session)
         group.paths, group.tunnels = paths, tunnels
         return [group]
-    groups: dict[str | None, _FarGateGroup] = {}
+    groups: dict[str, _FarGateGroup] = {}
     for name in sorted(far_gates):
         info = far_gates[name]
         session = info.get("session")
@@ -864,26 +860,19 @@ def _far_gate_groups(snapshot: Mapping[str, Any]) -> list[_FarGateGroup]:
             session=session if isinstance(session, Mapping) else {},
         )
 
-    listed = set(groups)
-    only = next(iter(groups)) if len(groups) == 1 else None
+    only = next(iter(groups)) if len(groups) == 1 else "?"
 
-    def group_of(row: Mapping[str, Any], *, tunnel: bool) -> _FarGateGroup:
+    def group_of(row: Mapping[str, Any]) -> _FarGateGroup:
         name = row.get("far_gate")
-        # an explicit None on a tunnel: a tun gate shared by several far gates
-        shared = tunnel and "far_gate" in row and name is None
-        key = None if name is None else str(name)
-        if key is None and not shared:
-            key = only if only is not None else "?"
-        if key not in groups:  # shared, or a far gate the snapshot does not list
-            groups[key] = _FarGateGroup(key, "", shared=shared)
+        key = only if name is None else str(name)  # unnamed: the only far gate, if one
+        if key not in groups:
+            groups[key] = _FarGateGroup(key, "", listed=False)
         return groups[key]
 
     for p in paths:
-        group_of(p, tunnel=False).paths.append(p)
+        group_of(p).paths.append(p)
     for t in tunnels:
-        group_of(t, tunnel=True).tunnels.append(t)
-    for group_name, group in groups.items():
-        group.listed = group_name in listed
+        group_of(t).tunnels.append(t)
     return list(groups.values())
 
 
@@ -893,24 +882,19 @@ def _far_gates_columns(groups: Sequence[_FarGateGroup]) -> list[_Column]:
     names, keys, kinds, states, lasts, ups, relays, losts = ([] for _ in range(8))
     for g in groups:
         s = g.session
-        state = str(s.get("handshake_state", "—")) if not g.shared else "—"
+        state = str(s.get("handshake_state", "—"))
         age = s.get("last_handshake_age_s")
         active = sum(1 for p in g.paths if p.get("state") == "active")
         lost = sum(
             int(t["datagrams_lost"]) for t in g.tunnels
             if isinstance(t.get("datagrams_lost"), int | float)
         )  # fmt: skip
-        names.append(Text("shared" if g.shared else g.name or "?", style="bold"))
+        names.append(Text(g.name or "?", style="bold"))
         keys.append(_short_key(g.public_key) if g.public_key else "—")
         kinds.append(g.kind or "—")
         states.append(Text(state, style=_HANDSHAKE_STYLE.get(state, "dim")))
-        lasts.append(
-            "—" if g.shared else _age(age) + " ago" if isinstance(age, int | float) else "never"
-        )
-        ups.append(
-            Text("—", style="dim") if g.shared
-            else Text(f"{active}/{len(g.paths)}", style="green" if active else "bold red")
-        )  # fmt: skip
+        lasts.append(_age(age) + " ago" if isinstance(age, int | float) else "never")
+        ups.append(Text(f"{active}/{len(g.paths)}", style="green" if active else "bold red"))
         relays.append(
             Text("relay", style="yellow") if g.relay
             else Text("direct" if g.relay is False else "—", style="dim")
@@ -995,14 +979,13 @@ class StatusView:
         yield from self._map(console, options)
         for group in groups:
             yield Text.assemble(("far gate ", "bold"), (group.label, "bold cyan"))
-            if not group.shared:
-                yield _fitted_table(
-                    f"Paths · {group.name}", _paths_columns(group.paths), len(group.paths),
-                    console, options, empty="no paths yet",
-                )  # fmt: skip
+            yield _fitted_table(
+                f"Paths · {group.name}", _paths_columns(group.paths), len(group.paths),
+                console, options, empty="no paths yet",
+            )  # fmt: skip
             if group.tunnels:
                 yield _fitted_table(
-                    f"Tunnels · {group.name or 'shared'}", _tunnels_columns(group.tunnels),
+                    f"Tunnels · {group.name}", _tunnels_columns(group.tunnels),
                     len(group.tunnels), console, options,
                 )  # fmt: skip
                 yield from _protection_lines(group.tunnels)
@@ -1051,7 +1034,7 @@ def render_plain(snapshot: Mapping[str, Any]) -> str:
     for group in _far_gate_groups(snapshot):
         s = group.session
         if not group.listed or not (s or fleet):
-            continue
+            continue  # (unlisted: a far gate only named on a path or tunnel)
         named: list[tuple[str, Any]] = []
         if fleet:
             active = sum(1 for p in group.paths if p.get("state") == "active")

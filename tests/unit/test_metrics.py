@@ -419,7 +419,7 @@ def fleet_path(far_gate: str, remote: str, state: str, tx_bytes: int) -> dict[st
     }
 
 
-def fleet_tunnel(name: str, far_gate: str | None, datagrams_in: int) -> dict[str, Any]:
+def fleet_tunnel(name: str, far_gate: str, datagrams_in: int) -> dict[str, Any]:
     return {
         "name": name,
         "tunnel_id": 1,  # the same id towards two far gates is allowed
@@ -447,7 +447,9 @@ FLEET: dict[str, Any] = {
     "tunnels": [
         fleet_tunnel("video1", "truck1", 10),
         fleet_tunnel("video2", "truck2", 20),
-        fleet_tunnel("lan", None, 30),
+        # a tun gate shared by both: one entry per far gate, the same name
+        fleet_tunnel("lan", "truck1", 30),
+        fleet_tunnel("lan", "truck2", 30),
     ],
     "session": {"far_gate": "T1" * 26, "handshake_state": "established", "rekeys": 0},
     "far_gates": {
@@ -496,15 +498,16 @@ def test_fleet_series_are_labelled_by_far_gate() -> None:
     name = "warp_tunnel_datagrams_total"
     assert value(datagrams, name, far_gate="truck1", tunnel="video1", direction="in") == 10
     assert value(datagrams, name, far_gate="truck2", tunnel="video2", direction="in") == 20
-    # a tun gate shared by several far gates: empty far_gate label
-    assert value(datagrams, name, far_gate="", tunnel="lan", direction="in") == 30
+    # the shared tun gate's tunnel: a series per far gate, not two samples of one series
+    assert value(datagrams, name, far_gate="truck1", tunnel="lan", direction="in") == 30
+    assert value(datagrams, name, far_gate="truck2", tunnel="lan", direction="in") == 30
     lost = families["warp_tunnel_datagrams_lost"]
     assert value(lost, "warp_tunnel_datagrams_lost_total", far_gate="truck2", tunnel="video2") == 2
     drops = families["warp_tunnel_drops"]
-    assert {s.labels["far_gate"] for s in drops} == {"truck1", "truck2", ""}
+    assert {s.labels["far_gate"] for s in drops} == {"truck1", "truck2"}
     info = families["warp_tunnel_info"]
     assert {(s.labels["far_gate"], s.labels["tunnel"]) for s in info} == {
-        ("truck1", "video1"), ("truck2", "video2"), ("", "lan"),
+        ("truck1", "video1"), ("truck2", "video2"), ("truck1", "lan"), ("truck2", "lan"),
     }  # fmt: skip
 
     handshake = families["warp_session_handshake_state"]

@@ -731,7 +731,7 @@ def fleet_path(far_gate: str, uplink: str, remote: str, state: str, **kw: Any) -
     return path
 
 
-def fleet_tunnel(name: str, tunnel_id: int, far_gate: str | None, lost: int = 0) -> dict[str, Any]:
+def fleet_tunnel(name: str, tunnel_id: int, far_gate: str, lost: int = 0) -> dict[str, Any]:
     return {
         "name": name,
         "tunnel_id": tunnel_id,
@@ -771,7 +771,9 @@ FLEET: dict[str, Any] = {
     ],
     "tunnels": [
         fleet_tunnel("video2", 2, "truck2", lost=7),
-        fleet_tunnel("lan", 9, None),
+        # a tun gate shared by truck1 and truck2: listed once per far gate
+        fleet_tunnel("lan", 9, "truck1"),
+        fleet_tunnel("lan", 9, "truck2"),
         fleet_tunnel("video1", 1, "truck1"),
     ],
     "map": {
@@ -831,12 +833,15 @@ path eth0 203.0.113.9:13116 state=active source=relay local=10.0.0.1:40001 rtt_m
 loss_pct=0 last_rx_age_s=0.5 tx_bytes=100 tx_packets=1 rx_bytes=200 rx_packets=2 far_gate=truck2
 tunnel lan id=9 gate=loopback:127.0.0.1:59409 k=- n=- effective_n=- spread=- protected=- \
 datagrams_in=10 datagrams_out=9 bytes_in=1000 bytes_out=900 blocks_rebuilt=0 datagrams_lost=0 \
-drops=- protection=- far_gate=-
+drops=- protection=- far_gate=truck1
 tunnel video1 id=1 gate=loopback:127.0.0.1:59401 k=- n=- effective_n=- spread=- protected=- \
 datagrams_in=10 datagrams_out=9 bytes_in=1000 bytes_out=900 blocks_rebuilt=0 datagrams_lost=0 \
 drops=- protection=- far_gate=truck1
 tunnel video2 id=2 gate=loopback:127.0.0.1:59402 k=- n=- effective_n=- spread=- protected=- \
 datagrams_in=10 datagrams_out=9 bytes_in=1000 bytes_out=900 blocks_rebuilt=0 datagrams_lost=7 \
+drops=- protection=- far_gate=truck2
+tunnel lan id=9 gate=loopback:127.0.0.1:59409 k=- n=- effective_n=- spread=- protected=- \
+datagrams_in=10 datagrams_out=9 bytes_in=1000 bytes_out=900 blocks_rebuilt=0 datagrams_lost=0 \
 drops=- protection=- far_gate=truck2
 """
 
@@ -905,11 +910,12 @@ def test_rich_status_groups_paths_and_tunnels_by_far_gate() -> None:
     (video2,) = [line for line in truck2 if line.split()[:1] == ["video2"]]
     assert video2.split()[-2] == "7"  # lost, then drops "—"
     assert "no paths yet" in " ".join(section("truck3 (T3CCCCCCCCCC…)"))
-    shared = section("shared (routed by allowed_ips)")
-    assert any(line.split()[:1] == ["lan"] for line in shared)
-    # the order of the sections is by name, the shared tun gate's tunnels last
+    # a tun gate shared by two far gates: its tunnel in each one's section
+    for shared_by in (truck1, truck2):
+        assert sum(line.split()[:1] == ["lan"] for line in shared_by) == 1
+    # the sections come by name
     order = [line for line in lines if line.startswith("far gate ")]
-    assert [o.split()[2] for o in order] == ["truck1", "truck2", "truck3", "shared"]
+    assert [o.split()[2] for o in order] == ["truck1", "truck2", "truck3"]
 
 
 def test_rich_fleet_status_fits_80_columns() -> None:
