@@ -1007,6 +1007,19 @@ class GatewayConfig(_Model):
                         )
                         break
                 seen_networks.append((network, name))
+        shared = [n for n, t in self.tunnels.items() if t.far_gate is None]
+        if len(names) > 1 and any(isinstance(self.tunnels[n].gate, TunGate) for n in shared):
+            tun = next(n for n in shared if isinstance(self.tunnels[n].gate, TunGate))
+            for name, far in self.far_gates.items():
+                if not far.allowed_ips:
+                    problems.append(
+                        (
+                            (*self.far_gate_path(name), "allowed_ips"),
+                            f"required: tunnel {tun!r} is a tun gate shared by the far gates "
+                            "and sends each packet to the far gate whose allowed_ips hold its "
+                            "destination",
+                        )
+                    )
         seen_ids: dict[tuple[str | None, int], str] = {}
         for name, tunnel in self.tunnels.items():
             if tunnel.far_gate is None:

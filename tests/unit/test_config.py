@@ -894,7 +894,12 @@ def test_tunnel_without_far_gate_among_several_is_an_error_unless_a_tun_gate() -
     del data["tunnels"]["video2"]["far_gate"]
     assert "required with several far gates" in problems_of(data)["tunnels.video2.far_gate"]
     data["tunnels"]["video2"] = {"gate": {"type": "tun", "name": "warp0"}}
-    assert validate_gateway_config(data).tunnels["video2"].far_gate is None  # shared
+    problems = problems_of(data)  # shared: it routes by each far gate's allowed_ips
+    assert list(problems) == ["far_gates.truck1.allowed_ips", "far_gates.truck2.allowed_ips"]
+    assert "tun gate shared" in problems["far_gates.truck1.allowed_ips"]
+    data["far_gates"]["truck1"]["allowed_ips"] = ["10.9.0.11/32"]
+    data["far_gates"]["truck2"]["allowed_ips"] = ["10.9.0.12/32"]
+    assert validate_gateway_config(data).tunnels["video2"].far_gate is None
 
 
 def test_two_far_gates_with_one_key() -> None:

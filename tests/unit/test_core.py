@@ -25,6 +25,7 @@ class Node:
     core: GatewayCore
     uplinks: dict[str, Address]
     delivered: dict[str, list[bytes]] = field(default_factory=dict)
+    delivered_at: dict[bytes, float] = field(default_factory=dict)
     paused: set[str] = field(default_factory=set)
 
 
@@ -80,6 +81,7 @@ class Net:
             )
         for tunnel, datagram in core.gate_deliveries():
             node.delivered.setdefault(tunnel, []).append(datagram)
+            node.delivered_at[datagram] = self.now
         for event in core.events():
             if isinstance(event, GatePaused):
                 node.paused.add(event.tunnel)
@@ -197,11 +199,11 @@ def test_a_far_gate_that_never_answers_does_not_stall_the_other() -> None:
     net.run(1.0)
     assert op.core.sessions["truck1"].handshake_state == "established"
     assert op.core.sessions["truck2"].handshake_state != "established"
-    sent = []
+    sent = {}
     for i in range(3 * SEND_QUEUE_PAUSE):
         payload = b"to truck1 %d" % i
         assert net.send(op, "video1", payload), "truck1's gate was paused"
-        sent.append(payload)
+        sent[payload] = net.now
         if "video2" not in op.paused:
             net.send(op, "video2", b"to truck2 %d" % i)
         net.run(0.001)
@@ -209,6 +211,8 @@ def test_a_far_gate_that_never_answers_does_not_stall_the_other() -> None:
     assert "video2" in op.paused  # back-pressure on the dead far gate's gate only
     assert "video1" not in op.paused
     assert sorted(truck1.delivered["video1"]) == sorted(sent)  # every one, exactly once
+    # none waited: one-way latency plus at most a millisecond of sending turns
+    assert max(truck1.delivered_at[p] - t for p, t in sent.items()) <= LATENCY + 0.001
     assert len(op.core.sessions["truck1"].send_queue) == 0
     assert len(op.core.sessions["truck2"].send_queue) >= SEND_QUEUE_PAUSE
 
