@@ -90,6 +90,45 @@ def _rows(snapshot: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
     return [row for row in value if isinstance(row, Mapping)]
 
 
+#: the ``far_gate`` label of a snapshot from a gateway with one ``[far_gate]`` (no names)
+DEFAULT_FAR_GATE = "default"
+
+
+def _far_gate(row: Mapping[str, Any]) -> str:
+    """A path's or tunnel's ``far_gate`` label: its far gate's name, ``default`` from a
+    snapshot without names."""
+    name = row.get("far_gate")
+    return DEFAULT_FAR_GATE if name is None else str(name)
+
+
+def _far_gate_sessions(
+    snapshot: Mapping[str, Any],
+) -> list[tuple[str, str, str, Mapping[str, Any] | None, bool | None]]:
+    """(name, public key, kind, session, relay) per far gate; a snapshot without
+    ``far_gates`` has one, ``default``, with the top-level session."""
+    far_gates = snapshot.get("far_gates")
+    if isinstance(far_gates, Mapping) and far_gates:
+        rows = []
+        for name, info in sorted(far_gates.items(), key=lambda kv: str(kv[0])):
+            info = info if isinstance(info, Mapping) else {}
+            session = info.get("session")
+            relay = info.get("relay")
+            rows.append(
+                (
+                    str(name),
+                    str(info.get("public_key", "")),
+                    str(info.get("kind", "")),
+                    session if isinstance(session, Mapping) else None,
+                    relay if isinstance(relay, bool) else None,
+                )
+            )
+        return rows
+    session = snapshot.get("session")
+    if not isinstance(session, Mapping):
+        return []
+    return [(DEFAULT_FAR_GATE, str(session.get("far_gate", "")), "", session, None)]
+
+
 class _Families:
     """Families created on demand, yielded in creation order."""
 
@@ -134,9 +173,13 @@ def snapshot_metrics(snapshot: Mapping[str, Any], *, age_s: float | None = None)
             "Age of the status snapshot these metrics were read from (refreshed every second)",
         ).add_metric([], age_s)
 
-    path_labels = ["uplink", "remote"]
+    path_labels = ["far_gate", "uplink", "remote"]
     for path in _rows(snapshot, "paths"):
-        labels = [str(path.get("uplink", "")), str(path.get("remote_address", ""))]
+        labels = [
+            _far_gate(path),
+            str(path.get("uplink", "")),
+            str(path.get("remote_address", "")),
+        ]
         state = str(path.get("state", ""))
         state_family = f.gauge(
             "warp_path_state",
@@ -186,14 +229,16 @@ def snapshot_metrics(snapshot: Mapping[str, Any], *, age_s: float | None = None)
 
     for tunnel in _rows(snapshot, "tunnels"):
         name = str(tunnel.get("name", ""))
+        far = _far_gate(tunnel)
         gate = tunnel.get("gate") if isinstance(tunnel.get("gate"), Mapping) else {}
         assert isinstance(gate, Mapping)
         f.gauge(
             "warp_tunnel_info",
-            "Constant 1, labelled with the tunnel's id and gate",
-            ["tunnel", "tunnel_id", "gate_kind", "gate_address"],
+            "Constant 1, labelled with the tunnel's far gate, id and gate",
+            ["far_gate", "tunnel", "tunnel_id", "gate_kind", "gate_address"],
         ).add_metric(
             [
+                far,
                 name,
                 str(tunnel.get("tunnel_id", "")),
                 str(gate.get("kind", "")),
@@ -205,68 +250,79 @@ def snapshot_metrics(snapshot: Mapping[str, Any], *, age_s: float | None = None)
             "warp_tunnel_datagrams",
             "Datagrams through the gate; direction in = application to tunnel, "
             "out = tunnel to application",
-            ["tunnel", "direction"],
+            ["far_gate", "tunnel", "direction"],
         )
         data_bytes = f.counter(
             "warp_tunnel_bytes",
             "Bytes through the gate; direction in = application to tunnel, "
             "out = tunnel to application",
-            ["tunnel", "direction"],
+            ["far_gate", "tunnel", "direction"],
         )
         for direction in ("in", "out"):
             count = _number(tunnel.get(f"datagrams_{direction}"))
             if count is not None:
-                datagrams.add_metric([name, direction], count)
+                datagrams.add_metric([far, name, direction], count)
             size = _number(tunnel.get(f"bytes_{direction}"))
             if size is not None:
-                data_bytes.add_metric([name, direction], size)
+                data_bytes.add_metric([far, name, direction], size)
         rebuilt = _number(tunnel.get("blocks_rebuilt"))
         family = f.counter(
             "warp_tunnel_blocks_rebuilt",
             "FEC repairs: received blocks rebuilt with parity because a data shard never "
             "arrived (0 on a clean link)",
-            ["tunnel"],
+            ["far_gate", "tunnel"],
         )
         if rebuilt is not None:
-            family.add_metric([name], rebuilt)
+            family.add_metric([far, name], rebuilt)
         surplus = _number(tunnel.get("surplus_shards"))
         family = f.counter(
             "warp_tunnel_surplus_shards",
             "Shards received after their block was already rebuilt: parity the link did not "
             "need (normal, not a drop)",
-            ["tunnel"],
+            ["far_gate", "tunnel"],
         )
         if surplus is not None:
-            family.add_metric([name], surplus)
+            family.add_metric([far, name], surplus)
         lost = _number(tunnel.get("datagrams_lost"))
         family = f.counter(
             "warp_tunnel_datagrams_lost",
             "Datagrams from the far gate that the application did not get, each counted once",
-            ["tunnel"],
+            ["far_gate", "tunnel"],
         )
         if lost is not None:
-            family.add_metric([name], lost)
+            family.add_metric([far, name], lost)
         drops = f.counter(
             "warp_tunnel_drops",
             "Real drops by reason (surplus shards are not drops)",
-            ["tunnel", "reason"],
+            ["far_gate", "tunnel", "reason"],
         )
         raw_drops = tunnel.get("drops")
         if isinstance(raw_drops, Mapping):
             for reason, count in sorted(raw_drops.items()):
                 value = _number(count)
                 if value is not None:
-                    drops.add_metric([name, str(reason)], value)
+                    drops.add_metric([far, name, str(reason)], value)
 
-    session = snapshot.get("session")
-    if isinstance(session, Mapping):
+    for far, key, kind, session, relay in _far_gate_sessions(snapshot):
+        f.gauge(
+            "warp_far_gate_info",
+            "Constant 1, labelled with the far gate's public key and kind",
+            ["far_gate", "public_key", "kind"],
+        ).add_metric([far, key, kind], 1)
+        if relay is not None:
+            f.gauge(
+                "warp_far_gate_relayed",
+                "1 while traffic to the far gate goes through warp-map's relay",
+                ["far_gate"],
+            ).add_metric([far], 1.0 if relay else 0.0)
+        if session is None:
+            continue
         state = str(session.get("handshake_state", ""))
         handshake = f.gauge(
             "warp_session_handshake_state",
             "1 for the far gate session's current handshake state, 0 for the others",
             ["far_gate", "state"],
         )
-        far = str(session.get("far_gate", ""))
         for name in (*HANDSHAKE_STATES, *([state] if state not in HANDSHAKE_STATES else [])):
             handshake.add_metric([far, name], 1.0 if name == state else 0.0)
         age = _number(session.get("last_handshake_age_s"))
@@ -274,17 +330,20 @@ def snapshot_metrics(snapshot: Mapping[str, Any], *, age_s: float | None = None)
             f.gauge(
                 "warp_session_last_handshake_age_seconds",
                 "Seconds since the last completed handshake with the far gate",
-            ).add_metric([], age)
+                ["far_gate"],
+            ).add_metric([far], age)
         rekeys = _number(session.get("rekeys"))
         if rekeys is not None:
             f.counter(
-                "warp_session_rekeys", "Handshakes completed while a session was established"
-            ).add_metric([], rekeys)
+                "warp_session_rekeys",
+                "Handshakes completed while a session was established",
+                ["far_gate"],
+            ).add_metric([far], rekeys)
         handshakes = _number(session.get("handshakes"))
         if handshakes is not None:
             f.counter(
-                "warp_session_handshakes", "Handshakes completed with the far gate"
-            ).add_metric([], handshakes)
+                "warp_session_handshakes", "Handshakes completed with the far gate", ["far_gate"]
+            ).add_metric([far], handshakes)
 
     map_status = snapshot.get("map")
     if isinstance(map_status, Mapping):

@@ -57,6 +57,7 @@ __all__ = [
     "ControlRequestError",
     "ControlServer",
     "ControlSocketError",
+    "FarGateStatus",
     "GateInfo",
     "MapStatus",
     "PathStatus",
@@ -114,6 +115,7 @@ class PathStatus(TypedDict):
     tx_packets: int
     rx_bytes: int
     rx_packets: int
+    far_gate: NotRequired[str]  # the far gate's name (fleet gateways)
 
 
 class GateInfo(TypedDict):
@@ -132,6 +134,7 @@ class TunnelStatus(TypedDict):
     blocks_rebuilt: int  # FEC blocks that needed parity to decode
     datagrams_lost: int  # blocks that could not be rebuilt in time
     drops: dict[str, int]  # reason → count (gate and transport drops)
+    far_gate: NotRequired[str]  # the far gate's name (a shared tun gate: an entry per far gate)
 
 
 class MapStatus(TypedDict):
@@ -142,10 +145,20 @@ class MapStatus(TypedDict):
 
 
 class SessionStatus(TypedDict):
-    far_gate: str  # the peer's public key, text form
+    far_gate: NotRequired[str]  # the peer's public key, text form (top-level `session` only)
     handshake_state: str  # "none" | "initiating" | "established" | "expired"
     last_handshake_age_s: float | None
     rekeys: int
+    handshakes: NotRequired[int]
+
+
+class FarGateStatus(TypedDict):
+    """One far gate (peer) of the gateway; `StatusSnapshot.far_gates` maps its name to this."""
+
+    public_key: str
+    kind: str  # "warp" | "wireguard"
+    session: SessionStatus
+    relay: bool  # traffic to it goes through the map's relay now
 
 
 class UplinkStatus(TypedDict):
@@ -159,10 +172,11 @@ class StatusSnapshot(TypedDict):
     version: str
     uptime_s: float
     public_key: NotRequired[str]  # this instance's key
-    paths: list[PathStatus]
-    tunnels: list[TunnelStatus]
+    paths: list[PathStatus]  # each with a "far_gate" name (fleet gateways)
+    tunnels: list[TunnelStatus]  # each with a "far_gate" name (fleet gateways)
     map: MapStatus | None  # None: no warp_map configured (static endpoints)
-    session: SessionStatus
+    session: SessionStatus  # the first far gate's (for scripts written before fleets)
+    far_gates: NotRequired[dict[str, FarGateStatus]]  # name → far gate
     uplinks: list[UplinkStatus]
 
 
@@ -761,17 +775,137 @@ def _map_columns(m: Mapping[str, Any]) -> tuple[list[_Column], int]:
     return columns, len(rows)
 
 
-def _session_columns(s: Mapping[str, Any]) -> list[_Column]:
+def _session_columns(s: Mapping[str, Any], name: str | None = None) -> list[_Column]:
     key = str(s.get("far_gate", "?"))
     state = str(s.get("handshake_state", "?"))
     age = s.get("last_handshake_age_s")
     handshake = Text(state, style=_HANDSHAKE_STYLE.get(state, "yellow"))
     last = _age(age) + " ago" if age is not None else "never"
+    named = [_Column("left", [(_ALWAYS, "Name", [Text(name, style="bold")])])] if name else []
     return [
-        _Column("left", [(40, "Far gate", [key]), (_ALWAYS, "Far gate", [key[:12] + "…"])]),
+        *named,
+        _Column("left", [(40, "Far gate", [key]), (_ALWAYS, "Far gate", [_short_key(key)])]),
         _Column("left", [(_ALWAYS, "Handshake", [handshake])]),
         _Column("right", [(60, "Last handshake", [last])]),
         _Column("right", [(30, "Rekeys", [str(s.get("rekeys", 0))])]),
+    ]
+
+
+def _short_key(key: str) -> str:
+    return key[:12] + "…" if len(key) > 12 else key
+
+
+class _FarGateGroup:
+    """One far gate's share of a snapshot: its session, paths and tunnels. ``listed``: named
+    in the snapshot's ``far_gates`` (else only seen on a path or tunnel)."""
+
+    def __init__(
+        self,
+        name: str | None,
+        public_key: str,
+        *,
+        kind: str | None = None,
+        relay: bool | None = None,
+        session: Mapping[str, Any] | None = None,
+        listed: bool = True,
+    ) -> None:
+        self.name = name
+        self.public_key = public_key
+        self.kind = kind
+        self.relay = relay
+        self.session: Mapping[str, Any] = session or {}
+        self.listed = listed
+        self.paths: list[Mapping[str, Any]] = []
+        self.tunnels: list[Mapping[str, Any]] = []
+
+    @property
+    def label(self) -> str:
+        name = self.name if self.name is not None else "?"
+        return f"{name} ({_short_key(self.public_key)})" if self.public_key else name
+
+
+def _far_gates(snapshot: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]] | None:
+    """The snapshot's ``far_gates`` object, or None from a gateway older than fleets."""
+    value = snapshot.get("far_gates")
+    if not isinstance(value, Mapping) or not value:
+        return None
+    return {str(k): v if isinstance(v, Mapping) else {} for k, v in value.items()}
+
+
+def _far_gate_groups(snapshot: Mapping[str, Any]) -> list[_FarGateGroup]:
+    """Paths and tunnels grouped by far gate, far gates by name; a snapshot without
+    ``far_gates`` is one group holding everything, its session the top-level one."""
+    paths = [p for p in snapshot.get("paths") or [] if isinstance(p, Mapping)]
+    tunnels = [t for t in snapshot.get("tunnels") or [] if isinstance(t, Mapping)]
+    far_gates = _far_gates(snapshot)
+    if far_gates is None:
+        session = snapshot.get("session")
+        session = session if isinstance(session, Mapping) else {}
+        group = _FarGateGroup(None, str(session.get("far_gate") or ""), session=session)
+        group.paths, group.tunnels = paths, tunnels
+        return [group]
+    groups: dict[str, _FarGateGroup] = {}
+    for name in sorted(far_gates):
+        info = far_gates[name]
+        session = info.get("session")
+        relay = info.get("relay")
+        groups[name] = _FarGateGroup(
+            name,
+            str(info.get("public_key") or ""),
+            kind=str(info["kind"]) if info.get("kind") is not None else None,
+            relay=relay if isinstance(relay, bool) else None,
+            session=session if isinstance(session, Mapping) else {},
+        )
+
+    only = next(iter(groups)) if len(groups) == 1 else "?"
+
+    def group_of(row: Mapping[str, Any]) -> _FarGateGroup:
+        name = row.get("far_gate")
+        key = only if name is None else str(name)  # unnamed: the only far gate, if one
+        if key not in groups:
+            groups[key] = _FarGateGroup(key, "", listed=False)
+        return groups[key]
+
+    for p in paths:
+        group_of(p).paths.append(p)
+    for t in tunnels:
+        group_of(t).tunnels.append(t)
+    return list(groups.values())
+
+
+def _far_gates_columns(groups: Sequence[_FarGateGroup]) -> list[_Column]:
+    """One row per far gate: who it is, its handshake, how many of its paths are up and
+    whether its tunnels lose datagrams (the table to read first with many far gates)."""
+    names, keys, kinds, states, lasts, ups, relays, losts = ([] for _ in range(8))
+    for g in groups:
+        s = g.session
+        state = str(s.get("handshake_state", "—"))
+        age = s.get("last_handshake_age_s")
+        active = sum(1 for p in g.paths if p.get("state") == "active")
+        lost = sum(
+            int(t["datagrams_lost"]) for t in g.tunnels
+            if isinstance(t.get("datagrams_lost"), int | float)
+        )  # fmt: skip
+        names.append(Text(g.name or "?", style="bold"))
+        keys.append(_short_key(g.public_key) if g.public_key else "—")
+        kinds.append(g.kind or "—")
+        states.append(Text(state, style=_HANDSHAKE_STYLE.get(state, "dim")))
+        lasts.append(_age(age) + " ago" if isinstance(age, int | float) else "never")
+        ups.append(Text(f"{active}/{len(g.paths)}", style="green" if active else "bold red"))
+        relays.append(
+            Text("relay", style="yellow") if g.relay
+            else Text("direct" if g.relay is False else "—", style="dim")
+        )  # fmt: skip
+        losts.append(Text(_count(lost), style="bold red" if lost else "green"))
+    return [
+        _Column("left", [(_ALWAYS, "Far gate", names)]),
+        _Column("left", [(60, "Key", keys)]),
+        _Column("left", [(20, "Kind", kinds)]),
+        _Column("left", [(_ALWAYS, "Handshake", states)]),
+        _Column("right", [(50, "Last handshake", lasts)]),
+        _Column("right", [(_ALWAYS, "Paths up", ups)]),
+        _Column("left", [(40, "Via", relays)]),
+        _Column("right", [(_ALWAYS, "Lost", losts)]),
     ]
 
 
@@ -786,6 +920,7 @@ class StatusView:
         snapshot = self.snapshot
         paths: list[Mapping[str, Any]] = list(snapshot.get("paths") or [])
         tunnels: list[Mapping[str, Any]] = list(snapshot.get("tunnels") or [])
+        groups = _far_gate_groups(snapshot)
         active = sum(1 for p in paths if p.get("state") == "active")
         yield Text.assemble(
             ("warp ", "bold"),
@@ -798,6 +933,9 @@ class StatusView:
                 "green" if active and active == len(paths) else "yellow" if active else "bold red",
             ),
         )
+        if len(groups) > 1:
+            yield from self._fleet(groups, paths, console, options)
+            return
         yield _fitted_table(
             "Paths", _paths_columns(paths), len(paths), console, options, empty="no paths yet"
         )
@@ -805,17 +943,49 @@ class StatusView:
         yield _fitted_table("Uplinks", columns, rows, console, options)
         yield _fitted_table("Tunnels", _tunnels_columns(tunnels), len(tunnels), console, options)
         yield from _protection_lines(tunnels)
-        m = snapshot.get("map")
+        yield from self._map(console, options)
+        (group,) = groups
+        if not group.session:
+            yield Text("Session: unknown", style="dim")
+        else:
+            # a fleet snapshot's far gate session names no key: the far gate's entry does
+            session = {"far_gate": group.public_key or "?", **group.session}
+            name = group.name if group.name not in (None, "default") else None
+            yield _fitted_table("Session", _session_columns(session, name), 1, console, options)
+
+    def _map(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        m = self.snapshot.get("map")
         if m is None:
             yield Text("Map: none configured (static endpoints)", style="dim")
         else:
             columns, rows = _map_columns(m)
             yield _fitted_table("Map", columns, rows, console, options)
-        s = snapshot.get("session")
-        if not s:
-            yield Text("Session: unknown", style="dim")
-        else:
-            yield _fitted_table("Session", _session_columns(s), 1, console, options)
+
+    def _fleet(
+        self,
+        groups: Sequence[_FarGateGroup],
+        paths: Sequence[Mapping[str, Any]],
+        console: Console,
+        options: ConsoleOptions,
+    ) -> RenderResult:
+        """Several far gates: a summary row each, the shared uplinks and map, then each far
+        gate's paths and tunnels under its name and short key (like ``wg show``'s peers)."""
+        yield _fitted_table("Far gates", _far_gates_columns(groups), len(groups), console, options)
+        columns, rows = _uplinks_columns(list(self.snapshot.get("uplinks") or []), paths)
+        yield _fitted_table("Uplinks", columns, rows, console, options)
+        yield from self._map(console, options)
+        for group in groups:
+            yield Text.assemble(("far gate ", "bold"), (group.label, "bold cyan"))
+            yield _fitted_table(
+                f"Paths · {group.name}", _paths_columns(group.paths), len(group.paths),
+                console, options, empty="no paths yet",
+            )  # fmt: skip
+            if group.tunnels:
+                yield _fitted_table(
+                    f"Tunnels · {group.name}", _tunnels_columns(group.tunnels),
+                    len(group.tunnels), console, options,
+                )  # fmt: skip
+                yield from _protection_lines(group.tunnels)
 
 
 def render_status(snapshot: Mapping[str, Any]) -> RenderableType:
@@ -855,13 +1025,26 @@ def render_plain(snapshot: Mapping[str, Any]) -> str:
             ("public_key", snapshot.get("public_key")),
         ])
     ]  # fmt: skip
-    s = snapshot.get("session")
-    if s:
+    # A fleet snapshot (with `far_gates`): one far_gate line per far gate, and its name on
+    # them and on every path and tunnel line, appended so older scripts keep working.
+    fleet = _far_gates(snapshot) is not None
+    for group in _far_gate_groups(snapshot):
+        s = group.session
+        if not group.listed or not (s or fleet):
+            continue  # (unlisted: a far gate only named on a path or tunnel)
+        named: list[tuple[str, Any]] = []
+        if fleet:
+            active = sum(1 for p in group.paths if p.get("state") == "active")
+            named = [
+                ("name", group.name), ("kind", group.kind), ("relay", group.relay),
+                ("paths_active", active), ("paths", len(group.paths)),
+            ]  # fmt: skip
         lines.append(
-            _plain_line("far_gate", [s.get("far_gate")], [
+            _plain_line("far_gate", [group.public_key or s.get("far_gate")], [
                 ("handshake", s.get("handshake_state")),
                 ("last_handshake_age_s", s.get("last_handshake_age_s")),
                 ("rekeys", s.get("rekeys")),
+                *named,
             ])
         )  # fmt: skip
     m = snapshot.get("map")
@@ -887,7 +1070,14 @@ def render_plain(snapshot: Mapping[str, Any]) -> str:
                 ("send_errors", u.get("send_errors")),
             ])
         )  # fmt: skip
-    for p in sorted(paths, key=lambda p: (str(p.get("uplink")), str(p.get("remote_address")))):
+
+    def far_gate(row: Mapping[str, Any]) -> list[tuple[str, Any]]:
+        return [("far_gate", row.get("far_gate"))] if fleet else []
+
+    def path_order(p: Mapping[str, Any]) -> tuple[str, str, str]:
+        return (str(p.get("far_gate") or ""), str(p.get("uplink")), str(p.get("remote_address")))
+
+    for p in sorted(paths, key=path_order):
         dead = p.get("state") == "dead"
         lines.append(
             _plain_line("path", [p.get("uplink"), p.get("remote_address")], [
@@ -901,9 +1091,13 @@ def render_plain(snapshot: Mapping[str, Any]) -> str:
                 ("tx_packets", p.get("tx_packets")),
                 ("rx_bytes", p.get("rx_bytes")),
                 ("rx_packets", p.get("rx_packets")),
+                *far_gate(p),
             ])
         )  # fmt: skip
-    for t in snapshot.get("tunnels") or []:
+    tunnels: list[Mapping[str, Any]] = list(snapshot.get("tunnels") or [])
+    if fleet:
+        tunnels.sort(key=lambda t: str(t.get("far_gate") or ""))  # stable: config order within
+    for t in tunnels:
         r = _redundancy(t)
         gate = t.get("gate") or {}
         drops = t.get("drops") or {}
@@ -924,6 +1118,7 @@ def render_plain(snapshot: Mapping[str, Any]) -> str:
                 ("datagrams_lost", t.get("datagrams_lost")),
                 ("drops", ",".join(f"{k}:{v}" for k, v in sorted(drops.items()) if v)),
                 ("protection", r.get("protection")),
+                *far_gate(t),
             ])
         )  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -130,20 +130,71 @@ def test_paths_by_uplink_and_remote(served: str) -> None:
     families = scrape(served)
     remote = "198.51.100.7:40002"
     rtt = families["warp_path_rtt_seconds"]
-    assert value(rtt, "warp_path_rtt_seconds", uplink="wwan0", remote=remote) == 0.0425
+    assert (
+        value(rtt, "warp_path_rtt_seconds", far_gate="default", uplink="wwan0", remote=remote)
+        == 0.0425
+    )
     # a path without a measurement yet has no RTT sample (not a fake 0)
     assert not [s for s in rtt if s.labels.get("uplink") == "wlan0"]
     loss = families["warp_path_loss_ratio"]
-    assert value(loss, "warp_path_loss_ratio", uplink="wwan0", remote=remote) == 0.015
+    assert (
+        value(loss, "warp_path_loss_ratio", far_gate="default", uplink="wwan0", remote=remote)
+        == 0.015
+    )
     state = families["warp_path_state"]
-    assert value(state, "warp_path_state", uplink="wwan0", remote=remote, state="active") == 1
-    assert value(state, "warp_path_state", uplink="wwan0", remote=remote, state="dead") == 0
-    assert value(state, "warp_path_state", uplink="wlan0", remote=remote, state="probing") == 1
+    assert (
+        value(
+            state,
+            "warp_path_state",
+            far_gate="default",
+            uplink="wwan0",
+            remote=remote,
+            state="active",
+        )
+        == 1
+    )
+    assert (
+        value(
+            state,
+            "warp_path_state",
+            far_gate="default",
+            uplink="wwan0",
+            remote=remote,
+            state="dead",
+        )
+        == 0
+    )
+    assert (
+        value(
+            state,
+            "warp_path_state",
+            far_gate="default",
+            uplink="wlan0",
+            remote=remote,
+            state="probing",
+        )
+        == 1
+    )
     sent = families["warp_path_sent_bytes"]
-    assert value(sent, "warp_path_sent_bytes_total", uplink="wwan0", remote=remote) == 1000
-    assert value(sent, "warp_path_sent_bytes_total", uplink="wlan0", remote=remote) == 64
+    assert (
+        value(sent, "warp_path_sent_bytes_total", far_gate="default", uplink="wwan0", remote=remote)
+        == 1000
+    )
+    assert (
+        value(sent, "warp_path_sent_bytes_total", far_gate="default", uplink="wlan0", remote=remote)
+        == 64
+    )
     received = families["warp_path_received_bytes"]
-    assert value(received, "warp_path_received_bytes_total", uplink="wwan0", remote=remote) == 2000
+    assert (
+        value(
+            received,
+            "warp_path_received_bytes_total",
+            far_gate="default",
+            uplink="wwan0",
+            remote=remote,
+        )
+        == 2000
+    )
     pairs = {(s.labels["uplink"], s.labels["remote"]) for s in state}
     assert pairs == {("wwan0", remote), ("wlan0", remote)}
 
@@ -152,27 +203,45 @@ def test_tunnels_and_drops(served: str) -> None:
     families = scrape(served)
     datagrams = families["warp_tunnel_datagrams"]
     name = "warp_tunnel_datagrams_total"
-    assert value(datagrams, name, tunnel="wireguard", direction="in") == 100
-    assert value(datagrams, name, tunnel="wireguard", direction="out") == 90
-    assert value(datagrams, name, tunnel="video", direction="in") == 5
+    assert value(datagrams, name, far_gate="default", tunnel="wireguard", direction="in") == 100
+    assert value(datagrams, name, far_gate="default", tunnel="wireguard", direction="out") == 90
+    assert value(datagrams, name, far_gate="default", tunnel="video", direction="in") == 5
     rebuilt = families["warp_tunnel_blocks_rebuilt"]
-    assert value(rebuilt, "warp_tunnel_blocks_rebuilt_total", tunnel="wireguard") == 7
+    assert (
+        value(rebuilt, "warp_tunnel_blocks_rebuilt_total", far_gate="default", tunnel="wireguard")
+        == 7
+    )
     lost = families["warp_tunnel_datagrams_lost"]
-    assert value(lost, "warp_tunnel_datagrams_lost_total", tunnel="wireguard") == 2
+    assert (
+        value(lost, "warp_tunnel_datagrams_lost_total", far_gate="default", tunnel="wireguard") == 2
+    )
     surplus = families["warp_tunnel_surplus_shards"]
-    assert value(surplus, "warp_tunnel_surplus_shards_total", tunnel="wireguard") == 40
+    assert (
+        value(surplus, "warp_tunnel_surplus_shards_total", far_gate="default", tunnel="wireguard")
+        == 40
+    )
     with urllib.request.urlopen(served, timeout=5) as reply:
         text = reply.read().decode()
     assert "# HELP warp_tunnel_surplus_shards_total Shards received after their block" in text
     assert "a data shard never arrived (0 on a clean link)" in text
     drops = families["warp_tunnel_drops"]
-    assert value(drops, "warp_tunnel_drops_total", tunnel="wireguard", reason="send_deadline") == 3
+    assert (
+        value(
+            drops,
+            "warp_tunnel_drops_total",
+            far_gate="default",
+            tunnel="wireguard",
+            reason="send_deadline",
+        )
+        == 3
+    )
     assert {s.labels["tunnel"] for s in families["warp_tunnel_info"]} == {"wireguard", "video"}
     info = families["warp_tunnel_info"]
     assert (
         value(
             info,
             "warp_tunnel_info",
+            far_gate="default",
             tunnel="wireguard",
             tunnel_id="4242",
             gate_kind="loopback",
@@ -184,11 +253,13 @@ def test_tunnels_and_drops(served: str) -> None:
 
 def test_session_map_uplinks_and_counters(served: str) -> None:
     families = scrape(served)
-    far = "B" * 52
+    far = "default"  # a snapshot without far gate names: its one far gate
     handshake = families["warp_session_handshake_state"]
     assert value(handshake, "warp_session_handshake_state", far_gate=far, state="established") == 1
     assert value(handshake, "warp_session_handshake_state", far_gate=far, state="none") == 0
-    assert value(families["warp_session_rekeys"], "warp_session_rekeys_total") == 4
+    assert value(families["warp_session_rekeys"], "warp_session_rekeys_total", far_gate=far) == 4
+    info = families["warp_far_gate_info"]
+    assert value(info, "warp_far_gate_info", far_gate=far, public_key="B" * 52, kind="") == 1
     the_map = "warp-map.example.net:13116"
     assert value(families["warp_map_registered"], "warp_map_registered", map=the_map) == 1
     registered = families["warp_map_uplink_registered"]
@@ -325,3 +396,147 @@ def test_idle_connections_cannot_lock_a_scraper_out() -> None:
         for s in idle:
             s.close()
         server.close()
+
+
+RELAY = "203.0.113.9:13116"
+
+
+def fleet_path(far_gate: str, remote: str, state: str, tx_bytes: int) -> dict[str, Any]:
+    return {
+        "uplink": "eth0",
+        "local_address": "10.0.0.1:40001",
+        "remote_address": remote,
+        "source": "relay" if remote == RELAY else "map",
+        "state": state,
+        "rtt_ms": 30.0,
+        "loss_pct": 0.0,
+        "last_rx_age_s": 0.1,
+        "tx_bytes": tx_bytes,
+        "tx_packets": 1,
+        "rx_bytes": 0,
+        "rx_packets": 0,
+        "far_gate": far_gate,
+    }
+
+
+def fleet_tunnel(name: str, far_gate: str, datagrams_in: int) -> dict[str, Any]:
+    return {
+        "name": name,
+        "tunnel_id": 1,  # the same id towards two far gates is allowed
+        "gate": {"kind": "loopback", "address": f"127.0.0.1:{59400 + datagrams_in}"},
+        "datagrams_in": datagrams_in,
+        "datagrams_out": 0,
+        "bytes_in": 0,
+        "bytes_out": 0,
+        "blocks_rebuilt": 0,
+        "datagrams_lost": datagrams_in // 10,
+        "drops": {"send_deadline": 1},
+        "far_gate": far_gate,
+    }
+
+
+FLEET: dict[str, Any] = {
+    **copy.deepcopy(SNAPSHOT),
+    # both vehicles relayed through the same map address from the same uplink: the far_gate
+    # label is what keeps their series apart
+    "paths": [
+        fleet_path("truck1", RELAY, "active", 100),
+        fleet_path("truck2", RELAY, "probing", 200),
+        fleet_path("truck2", "198.51.100.2:5000", "dead", 300),
+    ],
+    "tunnels": [
+        fleet_tunnel("video1", "truck1", 10),
+        fleet_tunnel("video2", "truck2", 20),
+        # a tun gate shared by both: one entry per far gate, the same name
+        fleet_tunnel("lan", "truck1", 30),
+        fleet_tunnel("lan", "truck2", 30),
+    ],
+    "session": {"far_gate": "T1" * 26, "handshake_state": "established", "rekeys": 0},
+    "far_gates": {
+        "truck1": {
+            "public_key": "T1" * 26,
+            "kind": "warp",
+            "session": {"handshake_state": "established", "last_handshake_age_s": 3.0,
+                        "rekeys": 2, "handshakes": 3},
+            "relay": True,
+        },
+        "truck2": {
+            "public_key": "T2" * 26,
+            "kind": "wireguard",
+            "session": {"handshake_state": "initiating", "last_handshake_age_s": None,
+                        "rekeys": 0, "handshakes": 0},
+            "relay": False,
+        },
+    },
+}  # fmt: skip
+
+
+def scrape_snapshot(snapshot: dict[str, Any]) -> dict[str, list[Sample]]:
+    cache = SnapshotCache()
+    cache.update(snapshot)
+    server = start_metrics_server("127.0.0.1", 0, cache)
+    try:
+        return scrape(server.url)
+    finally:
+        server.close()
+
+
+def test_fleet_series_are_labelled_by_far_gate() -> None:
+    families = scrape_snapshot(FLEET)
+    state = families["warp_path_state"]
+    name = "warp_path_state"
+    on_relay = {"uplink": "eth0", "remote": RELAY}
+    assert value(state, name, far_gate="truck1", **on_relay, state="active") == 1
+    assert value(state, name, far_gate="truck2", **on_relay, state="probing") == 1
+    sent = families["warp_path_sent_bytes"]
+    assert value(sent, "warp_path_sent_bytes_total", far_gate="truck1", **on_relay) == 100
+    assert value(sent, "warp_path_sent_bytes_total", far_gate="truck2", **on_relay) == 200
+    series = {(s.labels["far_gate"], s.labels["remote"]) for s in sent}
+    assert series == {("truck1", RELAY), ("truck2", RELAY), ("truck2", "198.51.100.2:5000")}
+
+    datagrams = families["warp_tunnel_datagrams"]
+    name = "warp_tunnel_datagrams_total"
+    assert value(datagrams, name, far_gate="truck1", tunnel="video1", direction="in") == 10
+    assert value(datagrams, name, far_gate="truck2", tunnel="video2", direction="in") == 20
+    # the shared tun gate's tunnel: a series per far gate, not two samples of one series
+    assert value(datagrams, name, far_gate="truck1", tunnel="lan", direction="in") == 30
+    assert value(datagrams, name, far_gate="truck2", tunnel="lan", direction="in") == 30
+    lost = families["warp_tunnel_datagrams_lost"]
+    assert value(lost, "warp_tunnel_datagrams_lost_total", far_gate="truck2", tunnel="video2") == 2
+    drops = families["warp_tunnel_drops"]
+    assert {s.labels["far_gate"] for s in drops} == {"truck1", "truck2"}
+    info = families["warp_tunnel_info"]
+    assert {(s.labels["far_gate"], s.labels["tunnel"]) for s in info} == {
+        ("truck1", "video1"), ("truck2", "video2"), ("truck1", "lan"), ("truck2", "lan"),
+    }  # fmt: skip
+
+    handshake = families["warp_session_handshake_state"]
+    name = "warp_session_handshake_state"
+    assert value(handshake, name, far_gate="truck1", state="established") == 1
+    assert value(handshake, name, far_gate="truck2", state="initiating") == 1
+    assert value(handshake, name, far_gate="truck2", state="established") == 0
+    # one session per far gate: the top-level (compat) session is not counted again
+    assert {s.labels["far_gate"] for s in handshake} == {"truck1", "truck2"}
+    age = families["warp_session_last_handshake_age_seconds"]
+    assert [(s.labels, s.value) for s in age] == [({"far_gate": "truck1"}, 3.0)]
+    handshakes = families["warp_session_handshakes"]
+    assert value(handshakes, "warp_session_handshakes_total", far_gate="truck1") == 3
+    assert (
+        value(families["warp_session_rekeys"], "warp_session_rekeys_total", far_gate="truck1") == 2
+    )
+    far_info = families["warp_far_gate_info"]
+    assert value(far_info, "warp_far_gate_info", far_gate="truck2", public_key="T2" * 26,
+                 kind="wireguard") == 1  # fmt: skip
+    relayed = families["warp_far_gate_relayed"]
+    assert value(relayed, "warp_far_gate_relayed", far_gate="truck1") == 1
+    assert value(relayed, "warp_far_gate_relayed", far_gate="truck2") == 0
+
+
+def test_malformed_far_gates_are_skipped() -> None:
+    bad = copy.deepcopy(FLEET)
+    bad["far_gates"] = {"x": "garbage", "y": {"session": "nope", "relay": "maybe"}}
+    families = scrape_snapshot(bad)
+    assert value(families["warp_up"], "warp_up") == 1
+    assert {s.labels["far_gate"] for s in families["warp_far_gate_info"]} == {"x", "y"}
+    assert "warp_session_handshake_state" not in families
+    assert "warp_far_gate_relayed" not in families

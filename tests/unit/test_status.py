@@ -701,3 +701,251 @@ def test_watch_plain_prints_a_block_per_refresh() -> None:
     )
     assert code == 0
     assert console.file.getvalue() == PLAIN + "\n" + PLAIN + "\n"  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------------
+# fleets: several far gates, grouped by far gate
+
+TRUCK1_KEY = "T1" + "A" * 50
+TRUCK2_KEY = "T2" + "B" * 50
+TRUCK3_KEY = "T3" + "C" * 50
+
+
+def fleet_path(far_gate: str, uplink: str, remote: str, state: str, **kw: Any) -> dict[str, Any]:
+    path: dict[str, Any] = {
+        "uplink": uplink,
+        "local_address": f"10.0.0.{1 if uplink == 'eth0' else 2}:40001",
+        "remote_address": remote,
+        "source": "map",
+        "state": state,
+        "rtt_ms": None if state == "dead" else 20.0,
+        "loss_pct": None if state == "dead" else 0.0,
+        "last_rx_age_s": 0.5,
+        "tx_bytes": 100,
+        "tx_packets": 1,
+        "rx_bytes": 200,
+        "rx_packets": 2,
+        "far_gate": far_gate,
+    }
+    path.update(kw)
+    return path
+
+
+def fleet_tunnel(name: str, tunnel_id: int, far_gate: str, lost: int = 0) -> dict[str, Any]:
+    return {
+        "name": name,
+        "tunnel_id": tunnel_id,
+        "gate": {"kind": "loopback", "address": f"127.0.0.1:{59400 + tunnel_id}"},
+        "datagrams_in": 10,
+        "datagrams_out": 9,
+        "bytes_in": 1000,
+        "bytes_out": 900,
+        "blocks_rebuilt": 0,
+        "datagrams_lost": lost,
+        "drops": {},
+        "far_gate": far_gate,
+    }
+
+
+def session(state: str, age: float | None, rekeys: int = 0) -> dict[str, Any]:
+    return {
+        "handshake_state": state,
+        "last_handshake_age_s": age,
+        "rekeys": rekeys,
+        "handshakes": rekeys + (state == "established"),
+    }
+
+
+RELAY = "203.0.113.9:13116"
+FLEET: dict[str, Any] = {
+    "version": "0.2.0",
+    "uptime_s": 100.0,
+    "public_key": "OP" + "Z" * 50,
+    # in the gateway's order (config order), not by name
+    "paths": [
+        fleet_path("truck2", "eth0", RELAY, "active", source="relay"),
+        fleet_path("truck1", "eth1", "198.51.100.1:5000", "active"),
+        fleet_path("truck1", "eth0", "198.51.100.1:5000", "active"),
+        fleet_path("truck2", "eth0", "198.51.100.2:5000", "dead", last_rx_age_s=30.0),
+        fleet_path("truck1", "eth0", RELAY, "probing", source="relay"),
+    ],
+    "tunnels": [
+        fleet_tunnel("video2", 2, "truck2", lost=7),
+        # a tun gate shared by truck1 and truck2: listed once per far gate
+        fleet_tunnel("lan", 9, "truck1"),
+        fleet_tunnel("lan", 9, "truck2"),
+        fleet_tunnel("video1", 1, "truck1"),
+    ],
+    "map": {
+        "address": RELAY,
+        "registered": True,
+        "reflexive": {"eth0": "192.0.2.1:40001", "eth1": "192.0.2.2:40001"},
+        "last_registration_age_s": 2.0,
+    },
+    "session": {"far_gate": TRUCK1_KEY, **session("established", 5.0, 1)},
+    "far_gates": {
+        "truck2": {
+            "public_key": TRUCK2_KEY,
+            "kind": "warp",
+            "session": session("established", 12.0),
+            "relay": True,
+        },
+        "truck1": {
+            "public_key": TRUCK1_KEY,
+            "kind": "warp",
+            "session": session("established", 5.0, 1),
+            "relay": False,
+        },
+        "truck3": {
+            "public_key": TRUCK3_KEY,
+            "kind": "wireguard",
+            "session": session("initiating", None),
+            "relay": False,
+        },
+    },
+    "uplinks": [
+        {"name": "eth0", "local_address": "10.0.0.1:40001", "state": "up", "send_errors": 0},
+        {"name": "eth1", "local_address": "10.0.0.2:40001", "state": "up", "send_errors": 0},
+    ],
+}
+
+FLEET_PLAIN = f"""\
+warp 0.2.0 uptime_s=100 public_key={"OP" + "Z" * 50}
+far_gate {TRUCK1_KEY} handshake=established last_handshake_age_s=5 rekeys=1 name=truck1 \
+kind=warp relay=no paths_active=2 paths=3
+far_gate {TRUCK2_KEY} handshake=established last_handshake_age_s=12 rekeys=0 name=truck2 \
+kind=warp relay=yes paths_active=1 paths=2
+far_gate {TRUCK3_KEY} handshake=initiating last_handshake_age_s=- rekeys=0 name=truck3 \
+kind=wireguard relay=no paths_active=0 paths=0
+map 203.0.113.9:13116 registered=yes last_registration_age_s=2 \
+reflexive=eth0@192.0.2.1:40001,eth1@192.0.2.2:40001
+uplink eth0 address=10.0.0.1:40001 state=up paths_active=2 paths=4 send_errors=0
+uplink eth1 address=10.0.0.2:40001 state=up paths_active=1 paths=1 send_errors=0
+path eth0 198.51.100.1:5000 state=active source=map local=10.0.0.1:40001 rtt_ms=20 loss_pct=0 \
+last_rx_age_s=0.5 tx_bytes=100 tx_packets=1 rx_bytes=200 rx_packets=2 far_gate=truck1
+path eth0 203.0.113.9:13116 state=probing source=relay local=10.0.0.1:40001 rtt_ms=20 \
+loss_pct=0 last_rx_age_s=0.5 tx_bytes=100 tx_packets=1 rx_bytes=200 rx_packets=2 far_gate=truck1
+path eth1 198.51.100.1:5000 state=active source=map local=10.0.0.2:40001 rtt_ms=20 loss_pct=0 \
+last_rx_age_s=0.5 tx_bytes=100 tx_packets=1 rx_bytes=200 rx_packets=2 far_gate=truck1
+path eth0 198.51.100.2:5000 state=dead source=map local=10.0.0.1:40001 rtt_ms=- loss_pct=- \
+last_rx_age_s=30 tx_bytes=100 tx_packets=1 rx_bytes=200 rx_packets=2 far_gate=truck2
+path eth0 203.0.113.9:13116 state=active source=relay local=10.0.0.1:40001 rtt_ms=20 \
+loss_pct=0 last_rx_age_s=0.5 tx_bytes=100 tx_packets=1 rx_bytes=200 rx_packets=2 far_gate=truck2
+tunnel lan id=9 gate=loopback:127.0.0.1:59409 k=- n=- effective_n=- spread=- protected=- \
+datagrams_in=10 datagrams_out=9 bytes_in=1000 bytes_out=900 blocks_rebuilt=0 datagrams_lost=0 \
+drops=- protection=- far_gate=truck1
+tunnel video1 id=1 gate=loopback:127.0.0.1:59401 k=- n=- effective_n=- spread=- protected=- \
+datagrams_in=10 datagrams_out=9 bytes_in=1000 bytes_out=900 blocks_rebuilt=0 datagrams_lost=0 \
+drops=- protection=- far_gate=truck1
+tunnel video2 id=2 gate=loopback:127.0.0.1:59402 k=- n=- effective_n=- spread=- protected=- \
+datagrams_in=10 datagrams_out=9 bytes_in=1000 bytes_out=900 blocks_rebuilt=0 datagrams_lost=7 \
+drops=- protection=- far_gate=truck2
+tunnel lan id=9 gate=loopback:127.0.0.1:59409 k=- n=- effective_n=- spread=- protected=- \
+datagrams_in=10 datagrams_out=9 bytes_in=1000 bytes_out=900 blocks_rebuilt=0 datagrams_lost=0 \
+drops=- protection=- far_gate=truck2
+"""
+
+
+def test_plain_text_of_a_fleet_has_a_line_per_far_gate_and_names_it_on_every_record() -> None:
+    assert render_plain(FLEET) == FLEET_PLAIN
+    # the old single-far-gate form is unchanged (no far_gates in the snapshot)
+    assert render_plain(with_redundancy(PROTECTED)) == PLAIN
+
+
+def test_plain_text_of_a_one_far_gate_fleet_snapshot_keeps_the_old_fields_in_place() -> None:
+    snapshot = with_redundancy(PROTECTED)
+    key = snapshot["session"]["far_gate"]
+    snapshot["far_gates"] = {
+        "default": {
+            "public_key": key,
+            "kind": "warp",
+            "session": session("established", 61.0, 3),
+            "relay": False,
+        }
+    }
+    for row in (*snapshot["paths"], *snapshot["tunnels"]):
+        row["far_gate"] = "default"
+    old, new = PLAIN.splitlines(), render_plain(snapshot).splitlines()
+    assert len(new) == len(old)
+    for before, after in zip(old, new, strict=True):
+        # same records in the same order, each old line a prefix: fields are only appended
+        assert after.startswith(before), (before, after)
+    assert new[1].endswith(" name=default kind=warp relay=no paths_active=1 paths=3")
+    assert all(line.endswith(" far_gate=default") for line in new if line.startswith("path "))
+
+
+def fleet_screen(snapshot: Mapping[str, Any], width: int) -> str:
+    console = terminal_console(width)
+    console.print(render_status(snapshot))
+    return console.export_text()
+
+
+def test_rich_status_groups_paths_and_tunnels_by_far_gate() -> None:
+    text = fleet_screen(FLEET, 200)
+    lines = text.splitlines()
+    # the summary: a row per far gate, by name, with its short key, handshake and paths up
+    (t1,) = [line for line in lines if line.split()[:1] == ["truck1"]]
+    assert "T1AAAAAAAAAA…" in t1 and "established" in t1 and "2/3" in t1 and "direct" in t1
+    (t2,) = [line for line in lines if line.split()[:1] == ["truck2"]]
+    assert "12s ago" in t2 and "1/2" in t2 and "relay" in t2 and t2.split()[-1] == "7"
+    (t3,) = [line for line in lines if line.split()[:1] == ["truck3"]]
+    assert "initiating" in t3 and "0/0" in t3 and "never" in t3 and "wireguard" in t3
+
+    def section(label: str) -> list[str]:
+        start = lines.index(f"far gate {label}")
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith("far gate ")),
+            len(lines),
+        )
+        return lines[start:end]
+
+    truck1 = section("truck1 (T1AAAAAAAAAA…)")
+    assert sum("198.51.100.1:5000" in line for line in truck1) == 2
+    assert any(RELAY in line and "probing" in line for line in truck1)
+    assert any(line.split()[:1] == ["video1"] for line in truck1)
+    assert not any("198.51.100.2" in line or "video2" in line for line in truck1)
+    truck2 = section("truck2 (T2BBBBBBBBBB…)")
+    assert any("198.51.100.2:5000" in line and "dead" in line for line in truck2)
+    assert any(RELAY in line and "active" in line for line in truck2)
+    (video2,) = [line for line in truck2 if line.split()[:1] == ["video2"]]
+    assert video2.split()[-2] == "7"  # lost, then drops "—"
+    assert "no paths yet" in " ".join(section("truck3 (T3CCCCCCCCCC…)"))
+    # a tun gate shared by two far gates: its tunnel in each one's section
+    for shared_by in (truck1, truck2):
+        assert sum(line.split()[:1] == ["lan"] for line in shared_by) == 1
+    # the sections come by name
+    order = [line for line in lines if line.startswith("far gate ")]
+    assert [o.split()[2] for o in order] == ["truck1", "truck2", "truck3"]
+
+
+def test_rich_fleet_status_fits_80_columns() -> None:
+    text = fleet_screen(FLEET, 80)
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for whole in ("truck1", "truck2", "truck3", "198.51.100.1:5000", "initiating", "video2"):
+        assert whole in text, whole
+
+
+def test_one_far_gate_fleet_snapshot_keeps_the_single_layout_with_its_name() -> None:
+    snapshot = with_redundancy(PROTECTED)
+    key = snapshot.pop("session")["far_gate"]
+    snapshot["far_gates"] = {
+        "truck1": {"public_key": key, "kind": "warp", "session": session("established", 61.0)}
+    }
+    text = fleet_screen(snapshot, 200)
+    assert "Far gates" not in text and "far gate " not in text
+    (row,) = [line for line in text.splitlines() if line.split()[:1] == ["truck1"]]
+    assert key in row and "established" in row and "1m01s ago" in row
+
+
+def test_fleet_rendering_tolerates_sparse_and_odd_far_gates() -> None:
+    sparse = {
+        "version": "9.9",
+        "far_gates": {"a": {}, "b": "not an object", "c": {"session": None}},
+        "paths": [{"uplink": "eth0", "state": "active"}, {"far_gate": "zz", "state": "dead"}],
+        "tunnels": [{"name": "t", "far_gate": "nope"}],
+    }
+    text = fleet_screen(sparse, 100)
+    assert "far gate a" in text and "far gate zz" in text and "far gate nope" in text
+    out = render_plain(sparse)
+    assert "None" not in out
+    assert [line.split()[0] for line in out.splitlines()].count("far_gate") == 3
