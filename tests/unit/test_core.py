@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from warp.config import GatewayConfig, parse_gateway_config
 from warp.core import GatePaused, GateResumed, GatewayCore
 from warp.core.session import SEND_QUEUE_PAUSE
+from warp.core.snapshot import snapshot
 from warp.keys import encode_key, generate_private_key, public_key_of
 from warp.paths.path import Address
 
@@ -217,11 +218,12 @@ def test_a_far_gate_that_never_answers_does_not_stall_the_other() -> None:
     assert len(op.core.sessions["truck2"].send_queue) >= SEND_QUEUE_PAUSE
 
 
-def _ipv4(destination: str, payload: bytes) -> bytes:
+def _ipv4(destination: str, payload: bytes, source: str = "10.9.0.1") -> bytes:
     body = payload
     total = 20 + len(body)
     header = bytes([0x45, 0, total >> 8, total & 0xFF, 0, 0, 0, 0, 64, 17, 0, 0])
-    header += bytes([10, 9, 0, 1]) + bytes(int(x) for x in destination.split("."))
+    header += bytes(int(x) for x in source.split("."))
+    header += bytes(int(x) for x in destination.split("."))
     return header + body
 
 
@@ -256,6 +258,14 @@ def test_shared_tun_gate_routes_by_allowed_ips() -> None:
     assert op.core.counters["no_route"] == 20
     # and back: each truck's packets arrive at the shared gate
     for name, truck in trucks.items():
-        net.send(truck, "tun", _ipv4("10.9.0.1", name.encode()))
+        net.send(truck, "tun", _ipv4("10.9.0.1", name.encode(), source=to[name]))
     net.run(0.5)
     assert sorted(p[20:] for p in op.delivered["tun"]) == [b"truck1", b"truck2"]
+    # cryptokey routing on receive: truck1 speaking with truck2's address gets nothing in
+    net.send(trucks["truck1"], "tun", _ipv4("10.9.0.1", b"spoofed", source=to["truck2"]))
+    net.send(trucks["truck1"], "tun", _ipv4("10.9.0.1", b"outsider", source="10.9.0.99"))
+    net.run(0.5)
+    assert sorted(p[20:] for p in op.delivered["tun"]) == [b"truck1", b"truck2"]
+    status = snapshot(op.core, net.now, uptime=1.0, uplink_rows=[], gates={})
+    (tunnel,) = [t for t in status["tunnels"] if t["far_gate"] == "truck1"]
+    assert tunnel["drops"].get("source_not_allowed") == 2, tunnel

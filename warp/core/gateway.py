@@ -14,6 +14,7 @@ from warp.core.session import (
     Tunnel,
     host_port,
     ip_destination,
+    ip_source,
 )
 from warp.map_client.client import (
     LookupRefused,
@@ -193,6 +194,11 @@ class GatewayCore:
     def deliver(self, tunnel: str, datagram: bytes) -> None:
         if len(self._deliveries) < OUTBOX_LIMIT:
             self._deliveries.append((tunnel, datagram))
+
+    def source_allowed(self, far_key: bytes, packet: bytes) -> bool:
+        """Whether an IP packet from that far gate carries a source address of its own
+        allowed_ips (cryptokey routing on receive)."""
+        return self._routes.lookup(ip_source(packet)) == far_key
 
     def gate_flow(self, tunnel: str, *, paused: bool) -> None:
         self._events.append(GatePaused(tunnel) if paused else GateResumed(tunnel))

@@ -122,6 +122,16 @@ def ip_destination(packet: bytes) -> bytes:
     return b""
 
 
+def ip_source(packet: bytes) -> bytes:
+    """The source address of an IPv4/IPv6 packet (empty if it is neither)."""
+    version = packet[0] >> 4 if packet else 0
+    if version == 4 and len(packet) >= 20:
+        return packet[12:16]
+    if version == 6 and len(packet) >= 40:
+        return packet[8:24]
+    return b""
+
+
 def _quantize_loss(loss: float | None) -> int:
     """Loss in 5 % steps: finer changes do not move the shard shares enough to recompute."""
     return 0 if loss is None else round(loss * 20)
@@ -171,6 +181,10 @@ class Tunnel:
     reject_logged_at: float = -math.inf
     rejects_unlogged: int = 0
     drops: dict[str, int] = field(default_factory=dict)
+    """Drops decided by the session (e.g. ``source_not_allowed``), by reason."""
+
+    def count_drop(self, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
 
     @classmethod
     def make(cls, name: str, far_gate: str, config: TunnelConfig) -> Tunnel:
@@ -223,6 +237,16 @@ class FarGateSession:
         )
         self.tunnels: dict[str, Tunnel] = {t.name: t for t in tunnels}
         self.tunnels_by_id: dict[int, Tunnel] = {t.tunnel_id: t for t in tunnels}
+        # Cryptokey routing on receive, as WireGuard: a far gate with allowed_ips may only put
+        # packets whose source address is its own into a tun gate (else one vehicle could
+        # speak with another's address through a shared tun gate).
+        self._source_checked: frozenset[str] = frozenset(
+            t.name
+            for t in tunnels
+            if isinstance(t.config.gate, TunGate)
+            and config.allowed_ips
+            and not self.plain_wireguard
+        )
         for tunnel in tunnels:
             tunnel.decoder.on_reject = functools.partial(self._on_shard_rejected, tunnel)
         self.send_queue = SendQueue(SEND_QUEUE_LENGTH)
@@ -300,7 +324,11 @@ class FarGateSession:
         for tunnel in self.tunnels.values():
             due = tunnel.decoder.next_deadline()
             if due is not None and due <= now:
+                checked = tunnel.name in self._source_checked
                 for datagram in tunnel.decoder.tick(now):
+                    if checked and not self.core.source_allowed(self.key, datagram):
+                        tunnel.count_drop("source_not_allowed")
+                        continue
                     self.core.deliver(tunnel.name, datagram)
         if self.flush_at is not None and self.flush_at <= now:
             self.flush(now)
@@ -462,7 +490,11 @@ class FarGateSession:
         if tunnel is None:
             self.core.counters["unknown_tunnel"] += 1
             return
+        checked = tunnel.name in self._source_checked
         for datagram in tunnel.decoder.receive(frame, now):
+            if checked and not self.core.source_allowed(self.key, datagram):
+                tunnel.count_drop("source_not_allowed")
+                continue
             self.core.deliver(tunnel.name, datagram)
 
     def _on_shard_rejected(self, tunnel: Tunnel, reason: RejectReason) -> None:

@@ -79,6 +79,7 @@ def snapshot(
             gate = gates.get(tunnel.name)
             stats = tunnel.decoder.stats
             drops: dict[str, int] = dict(gate.counters.drops) if gate is not None else {}
+            drops.update(tunnel.drops)
             tid = tunnel.tunnel_id
             # Real drops only: surplus shards (parity a clean link did not need) are not.
             for reason, count in (
