@@ -30,10 +30,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from warp.config import GatewayConfig, LoopbackGate, TunGate, UnixGate
+from warp.config import GatewayConfig, LoopbackGate, TunGate, TunnelConfig, UnixGate
 from warp.core import FarGateSession, GatePaused, GatewayCore
 from warp.core.snapshot import snapshot
-from warp.gate.base import Gate
+from warp.gate.base import Gate, OnDatagram
 from warp.gate.loopback import LoopbackGate as LoopbackGateRuntime
 from warp.gate.unix import UnixGate as UnixGateRuntime
 from warp.keys import encode_key
@@ -46,6 +46,39 @@ log = logging.getLogger("warp.node")
 
 #: Deregistering from the map at shutdown waits at most this long for its confirmation.
 STOP_WAIT = 1.0
+
+#: Makes a tunnel's gate: ``(tunnel name, tunnel config, on_datagram) -> Gate`` (not started).
+GateFactory = Callable[[str, TunnelConfig, OnDatagram], Gate]
+
+
+def socket_gate(name: str, tunnel_config: TunnelConfig, on_datagram: OnDatagram) -> Gate:
+    """The configured gate of `warp run`: a loopback, Unix or tun gate."""
+    gate_config = tunnel_config.gate
+    if isinstance(gate_config, LoopbackGate):
+        return LoopbackGateRuntime(
+            on_datagram,
+            application_to_gate=gate_config.application_to_gate,
+            ipv4=gate_config.ipv4,
+            gate_to_application=gate_config.gate_to_application,
+        )
+    if isinstance(gate_config, UnixGate):
+        return UnixGateRuntime(
+            on_datagram,
+            path=gate_config.path,
+            application_path=gate_config.application_path,
+            group=gate_config.group,
+            allowed_uids=gate_config.allowed_uids,
+            allowed_gids=gate_config.allowed_gids,
+            allow_shared_directory=gate_config.allow_shared_directory,
+        )
+    tun_module = importlib.import_module("warp.gate.tun")  # needs root; loaded on demand
+    return tun_module.TunGate(  # type: ignore[no-any-return]
+        on_datagram,
+        name=gate_config.name,
+        addresses=gate_config.address,
+        mtu=gate_config.mtu,
+        allowed_ips=gate_config.allowed_ips,
+    )
 
 
 def _clock_step(loop: asyncio.AbstractEventLoop) -> float:
@@ -121,6 +154,10 @@ class Gateway:
     ``static_uplinks`` replaces interface discovery with fixed local addresses (the loopback
     demo and tests without root); ``control_socket`` overrides ``control.socket``;
     ``rekey_signal``: SIGUSR1 forces a handshake with every far gate (`rekey`).
+    ``gate_factory`` makes each tunnel's gate (default `socket_gate`, the configured one;
+    `warp.embed` passes in-memory gates, with ``embedded`` giving every tunnel back-pressure);
+    ``control``: False serves no control socket (an embedded gateway's status is
+    `snapshot`).
     """
 
     def __init__(
@@ -131,13 +168,20 @@ class Gateway:
         control_socket: str | None = None,
         rng: random.Random | None = None,
         rekey_signal: bool = True,
+        gate_factory: GateFactory = socket_gate,
+        embedded: bool = False,
+        control: bool = True,
     ) -> None:
         self.config = config
+        self._gate_factory = gate_factory
+        self._serve_control = control
         self._rekey_signal = rekey_signal
         self._rekey_signal_installed = False
         self._static_uplinks = static_uplinks
         self._control_path = control_socket or config.control.socket
-        self.core = GatewayCore(config, rng=rng or random.Random(), now=time.monotonic())
+        self.core = GatewayCore(
+            config, rng=rng or random.Random(), now=time.monotonic(), embedded=embedded
+        )
         #: each tunnel's running gate (None until started)
         self.gates: dict[str, Gate | None] = dict.fromkeys(config.tunnels)
         self._tunnel_of_gate: dict[int, str] = {}
@@ -148,6 +192,7 @@ class Gateway:
         self.metrics: MetricsExporter | None = None
         self._metrics_task: asyncio.Task[None] | None = None
         self._started_at = time.monotonic()
+        self._closed = False
 
     @property
     def session(self) -> FarGateSession:
@@ -158,57 +203,63 @@ class Gateway:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set; then deregister from the map and close everything."""
+        try:
+            await self.start()
+            await stop.wait()
+        finally:
+            await self.close()
+
+    async def start(self) -> None:
+        """Claim the gates and sockets, start the core and the uplinks. On an exception the
+        caller must still `close` (which releases whatever was claimed)."""
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._timer = TimerSlot(loop, self._on_timer)
-        try:
-            # Claim everything local first (gates, control socket, metrics port): if one is
-            # taken we stop before sending anything, so a failed start never handshakes with
-            # a far gate or registers/deregisters at the map (`warp run` also holds the key
-            # and control-socket locks before this).
-            await self._start_gates()
+        # Claim everything local first (gates, control socket, metrics port): if one is
+        # taken we stop before sending anything, so a failed start never handshakes with
+        # a far gate or registers/deregisters at the map (`warp run` also holds the key
+        # and control-socket locks before this).
+        await self._start_gates()
+        if self._serve_control:
             self.control = ControlServer(self._control_path, self.snapshot)
             await self.control.start()
-            if self.config.metrics.listen is not None:
-                # Raises MetricsError (one line) if the address is taken.
-                self.metrics = start_gateway_metrics(self.config.metrics.listen, self.snapshot)
-                self._metrics_task = loop.create_task(
-                    self.metrics.refresh_forever(), name="warp.metrics"
-                )
-            if self.config.warp_map.address is not None:
-                addresses: list[Address] = []
-                for host_port in self.config.warp_map.addresses:
-                    for address in await self._resolve_all(host_port):
-                        if address not in addresses:
-                            addresses.append(address)
-                self.core.set_map_addresses(addresses)
-            for name, far_gate in self.config.far_gates.items():
-                endpoints = [(await self._resolve_all(e))[0] for e in far_gate.endpoints]
-                self.core.set_static_endpoints(name, endpoints)
-            self.core.start(loop.time())
-            await self._start_uplinks()
-            # The gates read only now: the first packet from a gate (a fresh tun sends its
-            # own router solicitation at once) starts a handshake that needs an uplink.
-            for gate in self.gates.values():
-                if gate is not None:
-                    gate.resume_reading()
-            sessions = self.core.sessions
-            log.info(
-                "gateway.started public_key=%s %s=%s tunnels=%s uplinks=%s",
-                encode_key(self.config.public_key),
-                "far_gate" if len(sessions) == 1 else "far_gates",
-                ",".join(
-                    encode_key(s.key) if len(sessions) == 1 else f"{n}:{encode_key(s.key)}"
-                    for n, s in sessions.items()
-                ),
-                ",".join(self.config.tunnels),
-                ",".join(self.uplinks.uplinks) if self.uplinks else "",
+        if self.config.metrics.listen is not None:
+            # Raises MetricsError (one line) if the address is taken.
+            self.metrics = start_gateway_metrics(self.config.metrics.listen, self.snapshot)
+            self._metrics_task = loop.create_task(
+                self.metrics.refresh_forever(), name="warp.metrics"
             )
-            self._drain()
-            self._install_rekey_signal(loop)
-            await stop.wait()
-        finally:
-            await self._shutdown()
+        if self.config.warp_map.address is not None:
+            addresses: list[Address] = []
+            for host_port in self.config.warp_map.addresses:
+                for address in await self._resolve_all(host_port):
+                    if address not in addresses:
+                        addresses.append(address)
+            self.core.set_map_addresses(addresses)
+        for name, far_gate in self.config.far_gates.items():
+            endpoints = [(await self._resolve_all(e))[0] for e in far_gate.endpoints]
+            self.core.set_static_endpoints(name, endpoints)
+        self.core.start(loop.time())
+        await self._start_uplinks()
+        # The gates read only now: the first packet from a gate (a fresh tun sends its
+        # own router solicitation at once) starts a handshake that needs an uplink.
+        for gate in self.gates.values():
+            if gate is not None:
+                gate.resume_reading()
+        sessions = self.core.sessions
+        log.info(
+            "gateway.started public_key=%s %s=%s tunnels=%s uplinks=%s",
+            encode_key(self.config.public_key),
+            "far_gate" if len(sessions) == 1 else "far_gates",
+            ",".join(
+                encode_key(s.key) if len(sessions) == 1 else f"{n}:{encode_key(s.key)}"
+                for n, s in sessions.items()
+            ),
+            ",".join(self.config.tunnels),
+            ",".join(self.uplinks.uplinks) if self.uplinks else "",
+        )
+        self._drain()
+        self._install_rekey_signal(loop)
 
     def _install_rekey_signal(self, loop: asyncio.AbstractEventLoop) -> None:
         """SIGUSR1 forces a new handshake with every far gate (`kill -USR1 <pid>`)."""
@@ -235,42 +286,12 @@ class Gateway:
 
     async def _start_gates(self) -> None:
         for name, tunnel_config in self.config.tunnels.items():
-            gate_config = tunnel_config.gate
-            gate: Gate
-            if isinstance(gate_config, LoopbackGate):
-                gate = LoopbackGateRuntime(
-                    self._on_gate_datagram,
-                    application_to_gate=gate_config.application_to_gate,
-                    ipv4=gate_config.ipv4,
-                    gate_to_application=gate_config.gate_to_application,
-                )
-            elif isinstance(gate_config, UnixGate):
-                gate = UnixGateRuntime(
-                    self._on_gate_datagram,
-                    path=gate_config.path,
-                    application_path=gate_config.application_path,
-                    group=gate_config.group,
-                    allowed_uids=gate_config.allowed_uids,
-                    allowed_gids=gate_config.allowed_gids,
-                    allow_shared_directory=gate_config.allow_shared_directory,
-                )
-            else:
-                gate = self._make_tun_gate(gate_config)
+            gate = self._gate_factory(name, tunnel_config, self._on_gate_datagram)
             await gate.start()
             gate.pause_reading()  # until the uplinks are up (`run`)
             self.gates[name] = gate
             self._tunnel_of_gate[id(gate)] = name
             log.info("gate.started tunnel=%s %s %s", name, gate.kind, gate.address)
-
-    def _make_tun_gate(self, gate_config: TunGate) -> Gate:
-        tun_module = importlib.import_module("warp.gate.tun")  # needs root; loaded on demand
-        return tun_module.TunGate(  # type: ignore[no-any-return]
-            self._on_gate_datagram,
-            name=gate_config.name,
-            addresses=gate_config.address,
-            mtu=gate_config.mtu,
-            allowed_ips=gate_config.allowed_ips,
-        )
 
     async def _start_uplinks(self) -> None:
         interfaces = self.config.interfaces
@@ -304,7 +325,11 @@ class Gateway:
             )
         await self.uplinks.start()
 
-    async def _shutdown(self) -> None:
+    async def close(self) -> None:
+        """Deregister from the map (waiting briefly) and close everything. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         if self._loop is not None and self.uplinks is not None and self.uplinks.uplinks:
             # Deregister, waiting briefly for the map's confirmation.
             self.core.stop(self._loop.time())

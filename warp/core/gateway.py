@@ -76,10 +76,14 @@ class GatewayCore:
     """All a gateway decides, for every far gate, with no socket and no clock.
 
     ``rng`` drives every random choice (probe ids, collision back-off, map request ids);
-    ``now`` is the time at creation (the shell's clock). See `warp.core` for the interface.
+    ``now`` is the time at creation (the shell's clock). ``embedded``: every tunnel's gate is
+    an in-process queue whose sender waits while paused (`warp.embed`), so every tunnel gets
+    back-pressure whatever its configured gate. See `warp.core` for the interface.
     """
 
-    def __init__(self, config: GatewayConfig, *, rng: random.Random, now: float) -> None:
+    def __init__(
+        self, config: GatewayConfig, *, rng: random.Random, now: float, embedded: bool = False
+    ) -> None:
         self.config = config
         self.rng = rng
         self.now = now
@@ -109,7 +113,7 @@ class GatewayCore:
         self._routes = AllowedIPs()
         for far_name, far_config in config.far_gates.items():
             tunnels = [
-                Tunnel.make(name, far_name, tunnel_config)
+                Tunnel.make(name, far_name, tunnel_config, back_pressure=True if embedded else None)
                 for name, tunnel_config in config.tunnels_of(far_name).items()
             ]
             session = FarGateSession(self, far_name, far_config, tunnels)

@@ -187,7 +187,10 @@ class Tunnel:
         self.drops[reason] = self.drops.get(reason, 0) + 1
 
     @classmethod
-    def make(cls, name: str, far_gate: str, config: TunnelConfig) -> Tunnel:
+    def make(
+        cls, name: str, far_gate: str, config: TunnelConfig, *, back_pressure: bool | None = None
+    ) -> Tunnel:
+        """``back_pressure``: None decides by the gate type (`has_back_pressure`)."""
         transport = config.transport
         k = transport.redundancy.required_shards
         n = transport.redundancy.num_shards
@@ -210,7 +213,7 @@ class Tunnel:
             # The default spread, survive_uplink_loss: parity is added while the paths are too
             # few for (k, n) to survive losing an uplink at either end.
             scheduler=ShardScheduler(k, n, add_parity=True),
-            back_pressure=has_back_pressure(config),
+            back_pressure=has_back_pressure(config) if back_pressure is None else back_pressure,
         )
 
 
