@@ -93,11 +93,13 @@ class EmbeddedGateway:
 
     def tunnel(self, name: str) -> MemoryGate:
         """The tunnel ``[tunnels.<name>]`` of the config (KeyError naming the known ones)."""
-        try:
-            return self._tunnels[name]
-        except KeyError:
+        if name not in self.config.tunnels:
             known = ", ".join(self.config.tunnels) or "none"
-            raise KeyError(f"no tunnel {name!r} (tunnels: {known})") from None
+            raise KeyError(f"no tunnel {name!r} (tunnels: {known})")
+        tunnel = self._tunnels.get(name)
+        if tunnel is None:
+            raise RuntimeError("the gateway is not started: use `async with warp.open(...)`")
+        return tunnel
 
     def status(self) -> dict[str, Any]:
         """The same data as `warp status --json` (JSON types: lists, not tuples)."""
