@@ -2,10 +2,11 @@
 
 No socket: the application calls `send` (a coroutine) and `recv`; the gateway drives the gate
 through the same `Gate` protocol as the socket gates. Flow control is the Unix gate's, without
-the kernel: while the gateway has paused the gate (`pause_reading`, or a False from
-``on_datagram``), `send` waits instead of handing the datagram over; datagrams out of the
-tunnel wait in a bounded receive queue, and when it is full the newest one is dropped and
-counted (``application_busy``, as a socket gate's full application queue).
+the kernel: `send` hands over one datagram per event-loop turn and, while the gateway has
+paused the gate (`pause_reading`, or a False from ``on_datagram``), waits instead of handing
+it over. Datagrams out of the tunnel wait in a bounded receive queue; when it is full the
+newest one is dropped and counted (``application_busy``, as a socket gate's full application
+queue).
 """
 
 from __future__ import annotations
@@ -110,6 +111,11 @@ class MemoryGate:
         if self._on_datagram(self, bytes(data)) is False:
             # Taken; the next send waits until the gateway resumes this gate.
             self._open.clear()
+        # One datagram per loop turn, as a socket gate reads per wake-up: the gateway's
+        # flush (a timer due now) and the uplinks' I/O run between two sends. Without it, a
+        # sender that is never paused fills the send queue faster than it is flushed and
+        # its datagrams expire there (send_deadline) instead of making the uplinks push back.
+        await asyncio.sleep(0)
 
     async def recv(self) -> bytes:
         """The next datagram out of the tunnel (waits for one)."""
