@@ -13,8 +13,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check warp warp_map_server warp_keygen.py tests bench
-	$(BIN)/ruff format --check warp warp_map_server warp_keygen.py tests bench
+	$(BIN)/ruff check warp warp_map_server warp_keygen.py tests bench examples
+	$(BIN)/ruff format --check warp warp_map_server warp_keygen.py tests bench examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

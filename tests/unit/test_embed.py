@@ -4,6 +4,7 @@ in-memory gate's flow control, and the core giving embedded tunnels back-pressur
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import random
 from pathlib import Path
 
@@ -128,3 +129,31 @@ def test_open_refuses_bad_configs_and_names_unknown_tunnels(tmp_path: Path) -> N
         gw.tunnel("video")
     with pytest.raises(RuntimeError, match="async with"):
         gw.tunnel("t")  # not started yet
+
+
+def test_example_echo_program_echoes_what_an_embedded_peer_sends(tmp_path: Path) -> None:
+    """examples/embedded_echo.py's `echo` on b sends back each of a's 200 datagrams."""
+    spec = importlib.util.spec_from_file_location(
+        "embedded_echo", Path(__file__).parents[2] / "examples" / "embedded_echo.py"
+    )
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+
+    async def main() -> None:
+        a, b = _pair(tmp_path)
+        async with a, b:
+            echo = asyncio.ensure_future(example.echo(b, "t"))
+            sent = [b"ping %d" % i for i in range(200)]
+            tunnel = a.tunnel("t")
+            for _ in range(1000):
+                if a.status()["session"]["handshake_state"] == "established":
+                    break
+                await asyncio.sleep(0.01)
+            for data in sent:
+                await tunnel.send(data)
+            got = [await asyncio.wait_for(tunnel.recv(), 10) for _ in sent]
+            echo.cancel()
+        assert sorted(got) == sorted(sent)
+
+    asyncio.run(main())
