@@ -30,10 +30,19 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from warp.config import GatewayConfig, LoopbackGate, TunGate, UnixGate
+from warp.config import (
+    ConfigError,
+    GatewayConfig,
+    LoopbackGate,
+    TunGate,
+    TunnelConfig,
+    UnixGate,
+    load_gateway_config,
+)
 from warp.core import FarGateSession, GatePaused, GatewayCore
+from warp.core.reload import ReloadPlan, ReloadRefused, plan_reload
 from warp.core.snapshot import snapshot
-from warp.gate.base import Gate
+from warp.gate.base import Gate, GateError
 from warp.gate.loopback import LoopbackGate as LoopbackGateRuntime
 from warp.gate.unix import UnixGate as UnixGateRuntime
 from warp.keys import encode_key
@@ -120,7 +129,8 @@ class Gateway:
 
     ``static_uplinks`` replaces interface discovery with fixed local addresses (the loopback
     demo and tests without root); ``control_socket`` overrides ``control.socket``;
-    ``rekey_signal``: SIGUSR1 forces a handshake with every far gate (`rekey`).
+    ``rekey_signal``: SIGUSR1 forces a handshake with every far gate (`rekey`);
+    ``config_path``: the file `reload` re-reads (SIGHUP, ``warp reload``; None: no reload).
     """
 
     def __init__(
@@ -131,8 +141,12 @@ class Gateway:
         control_socket: str | None = None,
         rng: random.Random | None = None,
         rekey_signal: bool = True,
+        config_path: str | None = None,
     ) -> None:
         self.config = config
+        self.config_path = config_path
+        self._reload_lock = asyncio.Lock()
+        self._started = False
         self._rekey_signal = rekey_signal
         self._rekey_signal_installed = False
         self._static_uplinks = static_uplinks
@@ -167,7 +181,11 @@ class Gateway:
             # a far gate or registers/deregisters at the map (`warp run` also holds the key
             # and control-socket locks before this).
             await self._start_gates()
-            self.control = ControlServer(self._control_path, self.snapshot)
+            self.control = ControlServer(
+                self._control_path,
+                self.snapshot,
+                reload=self.reload if self.config_path is not None else None,
+            )
             await self.control.start()
             if self.config.metrics.listen is not None:
                 # Raises MetricsError (one line) if the address is taken.
@@ -206,6 +224,7 @@ class Gateway:
             )
             self._drain()
             self._install_rekey_signal(loop)
+            self._started = True
             await stop.wait()
         finally:
             await self._shutdown()
@@ -227,6 +246,116 @@ class Gateway:
         self.core.rekey(self._loop.time())
         self._drain()
 
+    # ------------------------------------------------------------------ live reload
+
+    def request_reload(self) -> None:
+        """SIGHUP: `reload` in a task (the outcome is logged)."""
+        loop = self._loop
+        if loop is None or not self._started:
+            log.warning("reload.refused reason=not_started (the gateway is still starting)")
+            return
+        loop.create_task(self.reload(), name="warp.reload")
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config file and apply what changed (`GatewayCore.reconfigure`). The
+        reply of ``warp reload``: ``{"reloaded": true, "changes": {...}}``, or
+        ``{"reloaded": false, "problems": [[toml_path, why], ...]}`` with the running config
+        untouched (an invalid file, a change that needs a restart, a gate that cannot open)."""
+        async with self._reload_lock:
+            if self.config_path is None or self._loop is None or not self._started:
+                return self._refused([("", "this gateway cannot reload (not started from a file)")])
+            try:
+                config = load_gateway_config(self.config_path)
+            except ConfigError as exc:
+                return self._refused([(path or exc.source, why) for path, why in exc.problems])
+            return await self._apply(config)
+
+    def _refused(self, problems: list[tuple[str, str]]) -> dict[str, Any]:
+        for path, why in problems:
+            log.warning("reload.refused path=%s reason=%s", path or "-", why.replace(" ", "_"))
+        log.warning("reload.refused problems=%d (the running config stays)", len(problems))
+        return {"reloaded": False, "problems": [list(problem) for problem in problems]}
+
+    async def _apply(self, config: GatewayConfig) -> dict[str, Any]:
+        socket_changed = config.control.socket != self.config.control.socket
+        try:
+            plan = plan_reload(self.config, config, control_socket_changed=socket_changed)
+        except ReloadRefused as exc:
+            return self._refused(exc.problems)
+        endpoints: dict[str, list[Address]] = {}
+        for name in plan.far_gates_added:
+            try:
+                endpoints[name] = [
+                    (await self._resolve_all(e))[0] for e in config.far_gates[name].endpoints
+                ]
+            except OSError as exc:
+                return self._refused([(f"far_gates.{name}.endpoints", f"cannot resolve: {exc}")])
+        # New gates open before anything changes: a gate that cannot open refuses the reload.
+        # (A changed gate is closed first: its new one may want the same address.)
+        new_names = [name for name in plan.gates_opened if name not in self.config.tunnels]
+        opened: dict[str, Gate] = {}
+        for name in new_names:
+            try:
+                opened[name] = await self._open_gate(name, config.tunnels[name])
+            except (GateError, OSError) as exc:
+                for gate in opened.values():
+                    await gate.close()
+                return self._refused([(f"tunnels.{name}.gate", str(exc))])
+        assert self._loop is not None
+        plan = self.core.reconfigure(
+            config,
+            self._loop.time(),
+            static_endpoints=endpoints,
+            control_socket_changed=socket_changed,
+        )
+        self.config = config
+        for name in plan.gates_closed:
+            await self._close_gate(name)
+        failed: list[tuple[str, str]] = []
+        for name in plan.gates_opened:
+            if name in opened:
+                gate = opened[name]
+            else:
+                try:
+                    gate = await self._open_gate(name, config.tunnels[name])
+                except (GateError, OSError) as exc:
+                    log.error("gate.failed tunnel=%s %s", name, exc)
+                    failed.append((f"tunnels.{name}.gate", str(exc)))
+                    continue
+            self.gates[name] = gate
+            self._tunnel_of_gate[id(gate)] = name
+            gate.resume_reading()
+        if plan.patterns_changed:
+            self._update_uplink_patterns()
+        log.info("reload.applied %s", plan.summary())
+        self._drain()
+        reply: dict[str, Any] = {"reloaded": True, "changes": _plan_fields(plan)}
+        if failed:
+            reply["gate_errors"] = [list(problem) for problem in failed]
+        return reply
+
+    async def _close_gate(self, name: str) -> None:
+        gate = self.gates.pop(name, None)
+        if gate is None:
+            return
+        self._tunnel_of_gate.pop(id(gate), None)
+        with contextlib.suppress(Exception):
+            await gate.close()
+        log.info("gate.closed tunnel=%s", name)
+
+    def _update_uplink_patterns(self) -> None:
+        """The new interface patterns (and tun gates, never uplinks): rescan now."""
+        manager = self.uplinks
+        if manager is None or self._static_uplinks is not None:
+            return
+        interfaces = self.config.interfaces
+        tun_gates = [t.gate for t in self.config.tunnels.values() if isinstance(t.gate, TunGate)]
+        manager.inclusion = list(interfaces.inclusion_patterns)
+        manager.exclusion = list(interfaces.exclusion_patterns)
+        manager.own_tuns = frozenset(gate.name for gate in tun_gates)
+        manager.tunnel_networks = [net for gate in tun_gates for net in gate.allowed_ips]
+        manager.request_rescan()
+
     async def _resolve_all(self, host_port: Any) -> list[Address]:
         host, port = host_port.host, host_port.port
         loop = asyncio.get_running_loop()
@@ -235,32 +364,37 @@ class Gateway:
 
     async def _start_gates(self) -> None:
         for name, tunnel_config in self.config.tunnels.items():
-            gate_config = tunnel_config.gate
-            gate: Gate
-            if isinstance(gate_config, LoopbackGate):
-                gate = LoopbackGateRuntime(
-                    self._on_gate_datagram,
-                    application_to_gate=gate_config.application_to_gate,
-                    ipv4=gate_config.ipv4,
-                    gate_to_application=gate_config.gate_to_application,
-                )
-            elif isinstance(gate_config, UnixGate):
-                gate = UnixGateRuntime(
-                    self._on_gate_datagram,
-                    path=gate_config.path,
-                    application_path=gate_config.application_path,
-                    group=gate_config.group,
-                    allowed_uids=gate_config.allowed_uids,
-                    allowed_gids=gate_config.allowed_gids,
-                    allow_shared_directory=gate_config.allow_shared_directory,
-                )
-            else:
-                gate = self._make_tun_gate(gate_config)
-            await gate.start()
-            gate.pause_reading()  # until the uplinks are up (`run`)
+            gate = await self._open_gate(name, tunnel_config)
             self.gates[name] = gate
             self._tunnel_of_gate[id(gate)] = name
-            log.info("gate.started tunnel=%s %s %s", name, gate.kind, gate.address)
+
+    async def _open_gate(self, name: str, tunnel_config: TunnelConfig) -> Gate:
+        """Start a tunnel's gate, not reading yet (`resume_reading` once it may)."""
+        gate_config = tunnel_config.gate
+        gate: Gate
+        if isinstance(gate_config, LoopbackGate):
+            gate = LoopbackGateRuntime(
+                self._on_gate_datagram,
+                application_to_gate=gate_config.application_to_gate,
+                ipv4=gate_config.ipv4,
+                gate_to_application=gate_config.gate_to_application,
+            )
+        elif isinstance(gate_config, UnixGate):
+            gate = UnixGateRuntime(
+                self._on_gate_datagram,
+                path=gate_config.path,
+                application_path=gate_config.application_path,
+                group=gate_config.group,
+                allowed_uids=gate_config.allowed_uids,
+                allowed_gids=gate_config.allowed_gids,
+                allow_shared_directory=gate_config.allow_shared_directory,
+            )
+        else:
+            gate = self._make_tun_gate(gate_config)
+        await gate.start()
+        gate.pause_reading()  # until the uplinks are up (`run`)
+        log.info("gate.started tunnel=%s %s %s", name, gate.kind, gate.address)
+        return gate
 
     def _make_tun_gate(self, gate_config: TunGate) -> Gate:
         tun_module = importlib.import_module("warp.gate.tun")  # needs root; loaded on demand
@@ -434,6 +568,17 @@ class Gateway:
                 )
         uptime = time.monotonic() - self._started_at
         return snapshot(self.core, now, uptime=uptime, uplink_rows=rows, gates=self.gates)
+
+
+def _plan_fields(plan: ReloadPlan) -> dict[str, Any]:
+    return {
+        "far_gates_added": list(plan.far_gates_added),
+        "far_gates_removed": list(plan.far_gates_removed),
+        "tunnels_added": list(plan.tunnels_added),
+        "tunnels_removed": list(plan.tunnels_removed),
+        "tunnels_changed": list(plan.tunnels_changed),
+        "patterns_changed": plan.patterns_changed,
+    }
 
 
 def install_event_loop_policy() -> str:
