@@ -181,3 +181,39 @@ def test_interface_patterns_are_applied_live_and_tunnel_moves_are_new_tunnels() 
     moved = plan_reload(old, _op(_far("truck1") + _far("truck2") + _tunnel("video", "truck2")))
     assert moved.tunnels_removed == ("video",) and moved.tunnels_added == ("video",)
     assert moved.gates_opened == () and moved.gates_closed == ()
+
+
+def test_datagrams_queued_for_a_removed_tunnel_are_dropped_and_counted() -> None:
+    """truck1 unreachable: op queues logs datagrams (long send_deadline); a reload removes
+    logs; once truck1 is back they are dropped (counter tunnel_removed), never sent."""
+    net = Net()
+    slow = 'transport = { send_deadline = "30s" }\n'
+    op = net.add(
+        "op",
+        _op(_far("truck1") + _tunnel("video", "truck1") + _tunnel("logs", "truck1", slow)),
+        {"up1": ADDRESS["op"]},
+    )
+    host, port = ADDRESS["op"]
+    truck1 = net.add(
+        "truck1",
+        _config(
+            "truck1",
+            f'[far_gate]\npublic_key = "{_pub("op")}"\nendpoints = ["{host}:{port}"]\n'
+            f"[tunnels.video]\ngate = {_unix('t1v')}\n[tunnels.logs]\ngate = {_unix('t1l')}\n",
+        ),
+        {"up1": ADDRESS["truck1"]},
+    )
+    net.run(1.0)
+    net.down.add("truck1")
+    net.run(3.0)  # its paths are dead: what op's gates give is queued
+    for i in range(20):
+        net.send(op, "logs", b"log %d" % i)
+    assert len(op.core.sessions["truck1"].send_queue) == 20
+    op.core.reconfigure(_op(_far("truck1") + _tunnel("video", "truck1")), net.now)
+    net.down.clear()
+    net.run(3.0)
+    assert op.core.counters["tunnel_removed"] == 20
+    assert "logs" not in truck1.delivered
+    video = _stream(net, op, "video", 20, b"video")
+    net.run(0.5)
+    assert sorted(truck1.delivered["video"]) == sorted(video)

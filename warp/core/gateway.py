@@ -99,6 +99,8 @@ class GatewayCore:
             "unknown_frame": 0,
             "send_failed": 0,
             "no_route": 0,
+            # queued datagrams of a tunnel a reload removed (dropped at send time)
+            "tunnel_removed": 0,
         }
         self._to_send: list[tuple[str, Address, bytes]] = []
         self._deliveries: list[tuple[str, bytes]] = []

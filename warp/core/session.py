@@ -278,8 +278,6 @@ class FarGateSession:
         for tunnel in tunnels:
             if not tunnel.back_pressure:
                 self.send_queue.clock_runs.add(tunnel.tunnel_id)
-        #: datagrams of removed tunnels found in the queue (dropped at send time)
-        self.removed_tunnel_drops = 0
         self.static_endpoints: list[Address] = []
         self.peer_endpoints: tuple[Address, ...] = ()
         # What the schedulers were last told (`update_schedulers`): the sending paths and a
@@ -861,7 +859,7 @@ class FarGateSession:
                 break
             tunnel = tunnels.get(item.tunnel_id)
             if tunnel is None:  # queued before a reload removed its tunnel
-                self.removed_tunnel_drops += 1
+                self.core.counters["tunnel_removed"] += 1
                 continue
             scheduler = tunnel.scheduler
             assign = scheduler.assign
