@@ -217,3 +217,21 @@ def test_datagrams_queued_for_a_removed_tunnel_are_dropped_and_counted() -> None
     video = _stream(net, op, "video", 20, b"video")
     net.run(0.5)
     assert sorted(truck1.delivered["video"]) == sorted(video)
+
+
+def test_a_plain_wireguard_peer_whose_tun_routes_change_is_a_new_peer() -> None:
+    """A plain WireGuard far gate routes its tun gate's allowed_ips: new ones need the peer
+    set up again (a new far gate session), not just a new gate."""
+
+    def plain(allowed: str) -> GatewayConfig:
+        host, port = ADDRESS["truck1"]
+        return _op(
+            f'[far_gate]\npublic_key = "{_pub("truck1")}"\nendpoints = ["{host}:{port}"]\n'
+            'kind = "wireguard"\n[tunnels.wg]\n'
+            f'gate = {{ type = "tun", name = "wg9", allowed_ips = ["{allowed}"] }}\n'
+        )
+
+    plan = plan_reload(plain("10.1.0.0/24"), plain("10.2.0.0/24"))
+    assert plan.far_gates_removed == plan.far_gates_added == ("default",)
+    assert plan.gates_closed == plan.gates_opened == ("wg",)
+    assert plan_reload(plain("10.1.0.0/24"), plain("10.1.0.0/24")).empty

@@ -210,6 +210,8 @@ class GatewayCore:
                     session.update_transport(name, wanted[name])
         added = [self._add_far_gate(name, config.far_gates[name]) for name in plan.far_gates_added]
         self._index_tunnels()
+        for session in self.sessions.values():
+            session.set_log_fields(several=len(self.sessions) > 1)
         client = self.map_client
         if client is not None:
             client.set_far_gates([s.key for s in self.sessions.values()], now)

@@ -78,6 +78,16 @@ def _session_identity(tunnel: TunnelConfig) -> tuple[object, ...]:
     return (tunnel.tunnel_id, tunnel.far_gate, tunnel.gate)
 
 
+def _plain_routes_moved(old: GatewayConfig, new: GatewayConfig, far_gate: str) -> bool:
+    """A plain WireGuard far gate without allowed_ips routes its tun gates' allowed_ips
+    (its WireGuard peer is set up with them): a change of those gates is a new peer."""
+    far = new.far_gates[far_gate]
+    if far.kind != "wireguard" or far.allowed_ips:
+        return False
+    gates = [t.gate for t in old.tunnels_of(far_gate).values()]
+    return gates != [t.gate for t in new.tunnels_of(far_gate).values()]
+
+
 def plan_reload(
     old: GatewayConfig, new: GatewayConfig, *, control_socket_changed: bool = False
 ) -> ReloadPlan:
@@ -103,15 +113,17 @@ def plan_reload(
     if problems:
         raise ReloadRefused(problems)
 
-    far_removed = tuple(
+    replaced = {
         name
         for name, far in old.far_gates.items()
-        if name not in new.far_gates or new.far_gates[name] != far
+        if name in new.far_gates
+        and (new.far_gates[name] != far or _plain_routes_moved(old, new, name))
+    }
+    far_removed = tuple(
+        name for name in old.far_gates if name not in new.far_gates or name in replaced
     )
     far_added = tuple(
-        name
-        for name, far in new.far_gates.items()
-        if name not in old.far_gates or old.far_gates[name] != far
+        name for name in new.far_gates if name not in old.far_gates or name in replaced
     )
     tunnels_added: list[str] = []
     tunnels_changed: list[str] = []

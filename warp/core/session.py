@@ -251,11 +251,7 @@ class FarGateSession:
         self.key = config.public_key
         # A plain WireGuard far gate (no warp): IP packets travel bare, exactly as WireGuard.
         self.plain_wireguard = config.kind == "wireguard"
-        # Log fields naming the far gate, only when there are several (a single far gate's
-        # lines stay as they were).
-        several = len(core.config.far_gates) > 1
-        self.tag = f"far_gate={name} " if several else ""
-        self.suffix = f" far_gate={name}" if several else ""
+        self.set_log_fields(several=len(core.config.far_gates) > 1)
         interfaces = core.config.interfaces
         self.prober = PathProber(
             interfaces.holepunch_keep_alive_interval, interfaces.path_timeout, core.rng
@@ -321,6 +317,12 @@ class FarGateSession:
         self.lookup_refused = Unanswered(1, LOOKUP_REFUSED_WARN_AFTER)
 
     # ------------------------------------------------------------------ live reload
+
+    def set_log_fields(self, *, several: bool) -> None:
+        """Log fields naming the far gate, only when there are several (a single far gate's
+        lines stay as they were)."""
+        self.tag = f"far_gate={self.name} " if several else ""
+        self.suffix = f" far_gate={self.name}" if several else ""
 
     def add_tunnel(self, tunnel: Tunnel) -> None:
         """A tunnel added by a reload (its paths are this far gate's: no new handshake)."""
