@@ -255,7 +255,8 @@ def parse_request(line: bytes) -> dict[str, Any]:
 
 
 class ControlServer:
-    """Serves ``snapshot()`` on a Unix stream socket.
+    """Serves ``snapshot()`` on a Unix stream socket (``{"cmd": "status"}``), and with
+    ``reload`` given, ``{"cmd": "reload"}`` (`warp reload`: its reply object).
 
     `start` creates the parent directory (0755) if missing, replaces a stale socket file,
     refuses a live one or a non-socket file, and makes the socket 0660. `close` stops
