@@ -195,19 +195,24 @@ class Tunnel:
         old = self.config.transport
         new = config.transport
         self.config = config
-        k, n = new.redundancy.required_shards, new.redundancy.num_shards
+        # (built as at start, so the new scheduler and decoder are set up as any other)
+        fresh = Tunnel.make(self.name, self.far_gate, config)
         if (old.redundancy, old.mtu) != (new.redundancy, new.mtu):
-            encoder = self.encoder
+            encoder = fresh.encoder
             self.encoder = ShardEncoder(
-                self.tunnel_id, k, n, new.mtu, epoch=encoder.epoch, initial_seq=encoder.next_seq
+                self.tunnel_id,
+                encoder.k,
+                encoder.n,
+                new.mtu,
+                epoch=self.encoder.epoch,
+                initial_seq=self.encoder.next_seq,
             )
-            self.scheduler = ShardScheduler(k, n, add_parity=True)
+            self.scheduler = fresh.scheduler
         if (old.mtu, old.ordered, old.reorder_timeout) != (
             new.mtu,
             new.ordered,
             new.reorder_timeout,
         ):
-            fresh = Tunnel.make(self.name, self.far_gate, config)
             fresh.decoder.on_reject = self.decoder.on_reject
             self.decoder = fresh.decoder
 
