@@ -256,21 +256,25 @@ def _run_gateway(args: argparse.Namespace) -> int:
         logger = logging.getLogger("warp.engarde" if engarde else "warp.node")
 
         def request_stop(signum: signal.Signals) -> None:
-            # SIGHUP (a closed SSH session, `systemctl reload`) stops cleanly like SIGTERM
-            # until reload exists: deregister, remove the socket files, exit 0.
             logger.info("gateway.stop_requested signal=%s", signum.name)
             stop.set()
 
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, request_stop, signum)
         if engarde:
             from warp.migrate.engarde_wire import EngardeGateway
 
+            def refuse_reload() -> None:
+                logger.warning("reload.refused reason=engarde_mode_needs_a_restart")
+
+            loop.add_signal_handler(signal.SIGHUP, refuse_reload)
             engarde_gateway = EngardeGateway(config, control_socket=control_socket)
             logger.info("engarde.starting loop=%s", loop_name)
             await engarde_gateway.run(stop)
             return
-        gateway = Gateway(config, control_socket=control_socket)
+        gateway = Gateway(config, control_socket=control_socket, config_path=args.config)
+        # SIGHUP (`systemctl reload`, `kill -HUP`): re-read the config and apply what changed.
+        loop.add_signal_handler(signal.SIGHUP, gateway.request_reload)
         logger.info("gateway.starting loop=%s", loop_name)
         await gateway.run(stop)
 
@@ -298,11 +302,12 @@ def _run_gateway(args: argparse.Namespace) -> int:
 def register_run(subparsers: SubParsers) -> None:
     parser = subparsers.add_parser(
         "run",
-        help="run a gateway until SIGINT/SIGTERM/SIGHUP",
+        help="run a gateway until SIGINT/SIGTERM (SIGHUP reloads CONFIG)",
         description="Run a gateway: carry every tunnel of CONFIG over every usable path to the "
         "far gate. A second instance with the same key or control socket is refused (exit 1) "
-        "before it sends anything. On SIGINT, SIGTERM or SIGHUP it deregisters from warp-map, "
-        "removes its socket files and exits 0.",
+        "before it sends anything. On SIGINT or SIGTERM it deregisters from warp-map, "
+        "removes its socket files and exits 0. On SIGHUP it re-reads CONFIG and applies what "
+        "changed (as `warp reload`; refusals are logged as reload.refused).",
     )
     parser.add_argument("config", metavar="CONFIG.toml", help="gateway config file")
     parser.add_argument("--socket", help="control socket path (overrides control.socket)")
@@ -313,10 +318,100 @@ def register_run(subparsers: SubParsers) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# warp reload
+
+
+def _reload_socket_path(config_path: str) -> str:
+    """The control socket named by a config file; read leniently (the point of a reload may
+    be to have the gateway report what is wrong with the file)."""
+    import tomllib
+
+    from warp.status import DEFAULT_CONTROL_SOCKET
+
+    try:
+        return str(load_gateway_config(config_path).control.socket)
+    except ConfigError:
+        pass
+    try:
+        data = tomllib.loads(read_config_text(config_path))
+    except (ConfigError, tomllib.TOMLDecodeError):
+        return DEFAULT_CONTROL_SOCKET
+    control = data.get("control")
+    socket_path = control.get("socket") if isinstance(control, dict) else None
+    return socket_path if isinstance(socket_path, str) else DEFAULT_CONTROL_SOCKET
+
+
+def _run_reload(args: argparse.Namespace) -> int:
+    from warp.status import DEFAULT_CONTROL_SOCKET, StatusError, query_control
+
+    path: str = args.socket or (
+        _reload_socket_path(args.config) if args.config else DEFAULT_CONTROL_SOCKET
+    )
+    try:
+        reply = query_control(path, {"cmd": "reload"}, timeout=args.timeout)
+    except StatusError as exc:
+        print(f"warp reload: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    if "error" in reply:
+        print(f"warp reload: the gateway on {path} answered: {reply['error']}", file=sys.stderr)
+        return EXIT_RUNTIME
+    if not reply.get("reloaded"):
+        for problem in reply.get("problems") or []:
+            pair = isinstance(problem, list) and len(problem) == 2
+            print(f"{problem[0] or '-'}: {problem[1]}" if pair else problem, file=sys.stderr)
+        print("warp reload: refused; the gateway keeps its running config", file=sys.stderr)
+        return EXIT_USAGE
+    changes = reply.get("changes") or {}
+    done = [
+        f"{key.replace('_', ' ')} {', '.join(value)}"
+        for key, value in changes.items()
+        if isinstance(value, list) and value
+    ]
+    if changes.get("patterns_changed"):
+        done.append("interface patterns")
+    print("reloaded: " + ("; ".join(done) if done else "no change"))
+    for problem in reply.get("gate_errors") or []:
+        print(f"warning: {problem}", file=sys.stderr)
+    return EXIT_OK
+
+
+def register_reload(subparsers: SubParsers) -> None:
+    parser = subparsers.add_parser(
+        "reload",
+        help="have a running gateway re-read its config and apply what changed",
+        description="Ask a running gateway (over its control socket) to re-read the config "
+        "file it was started with and apply what changed: far gates and tunnels added or "
+        "removed, redundancy, priorities and other transport settings, interface patterns. "
+        "What did not change keeps its sessions and datagrams. An invalid config, or a "
+        "change that needs a restart (private_key, control.socket, listen_port, warp_map, "
+        "metrics, log, other interface settings), is refused: each problem is printed as "
+        "'path: cause', the gateway keeps running its old config, exit 1. Same as SIGHUP.",
+        epilog="Exit codes: 0 reloaded, 1 refused, 2 gateway not reachable.",
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "-c",
+        "--config",
+        metavar="CONFIG",
+        help="the gateway's config file (its control.socket is used)",
+    )
+    where.add_argument("--socket", metavar="PATH", help="the gateway's control socket")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long to wait for the gateway's answer (default 10)",
+    )
+    parser.set_defaults(handler=_run_reload)
+
+
+# --------------------------------------------------------------------------------------------
 # main
 
 COMMANDS: list[Callable[[SubParsers], None]] = [
     register_run,
+    register_reload,
     register_check,
     register_print_example_config,
     register_status,

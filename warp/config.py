@@ -1535,7 +1535,8 @@ def other_config_kind(text: str, path: str, *, expected: Literal["gateway", "map
 _GATEWAY_EXAMPLE = """\
 # WARP gateway configuration (EXAMPLE, printed by `warp print-example-config`).
 #
-# Check it with `warp check FILE`, run it with `warp run FILE`.
+# Check it with `warp check FILE`, run it with `warp run FILE`; after an edit,
+# `warp reload -c FILE` applies it to the running gateway (or says why it cannot).
 # Durations are a number of seconds or a string with a unit: "250ms", "10s", "2m", "1h".
 # Keys are X25519, Crockford base32 (52 characters) or WireGuard base64 (44 characters).
 # Every value below is the default, except the keys, warp_map.address and the redundancy.

@@ -30,10 +30,19 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from warp.config import GatewayConfig, LoopbackGate, TunGate, TunnelConfig, UnixGate
+from warp.config import (
+    ConfigError,
+    GatewayConfig,
+    LoopbackGate,
+    TunGate,
+    TunnelConfig,
+    UnixGate,
+    load_gateway_config,
+)
 from warp.core import FarGateSession, GatePaused, GatewayCore
+from warp.core.reload import ReloadPlan, ReloadRefused, plan_reload
 from warp.core.snapshot import snapshot
-from warp.gate.base import Gate, OnDatagram
+from warp.gate.base import Gate, GateError, OnDatagram
 from warp.gate.loopback import LoopbackGate as LoopbackGateRuntime
 from warp.gate.unix import UnixGate as UnixGateRuntime
 from warp.keys import encode_key
@@ -157,7 +166,8 @@ class Gateway:
     ``gate_factory`` makes each tunnel's gate (default `socket_gate`, the configured one;
     `warp.embed` passes in-memory gates, with ``embedded`` giving every tunnel back-pressure);
     ``control``: False serves no control socket (an embedded gateway's status is
-    `snapshot`).
+    `snapshot`); ``config_path``: the file `reload` re-reads (SIGHUP, ``warp reload``; None:
+    no reload).
     """
 
     def __init__(
@@ -171,10 +181,14 @@ class Gateway:
         gate_factory: GateFactory = socket_gate,
         embedded: bool = False,
         control: bool = True,
+        config_path: str | None = None,
     ) -> None:
         self.config = config
         self._gate_factory = gate_factory
         self._serve_control = control
+        self.config_path = config_path
+        self._reload_lock = asyncio.Lock()
+        self._started = False
         self._rekey_signal = rekey_signal
         self._rekey_signal_installed = False
         self._static_uplinks = static_uplinks
@@ -221,7 +235,11 @@ class Gateway:
         # and control-socket locks before this).
         await self._start_gates()
         if self._serve_control:
-            self.control = ControlServer(self._control_path, self.snapshot)
+            self.control = ControlServer(
+                self._control_path,
+                self.snapshot,
+                reload=self.reload if self.config_path is not None else None,
+            )
             await self.control.start()
         if self.config.metrics.listen is not None:
             # Raises MetricsError (one line) if the address is taken.
@@ -260,6 +278,7 @@ class Gateway:
         )
         self._drain()
         self._install_rekey_signal(loop)
+        self._started = True
 
     def _install_rekey_signal(self, loop: asyncio.AbstractEventLoop) -> None:
         """SIGUSR1 forces a new handshake with every far gate (`kill -USR1 <pid>`)."""
@@ -278,6 +297,116 @@ class Gateway:
         self.core.rekey(self._loop.time())
         self._drain()
 
+    # ------------------------------------------------------------------ live reload
+
+    def request_reload(self) -> None:
+        """SIGHUP: `reload` in a task (the outcome is logged)."""
+        loop = self._loop
+        if loop is None or not self._started:
+            log.warning("reload.refused reason=not_started (the gateway is still starting)")
+            return
+        loop.create_task(self.reload(), name="warp.reload")
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config file and apply what changed (`GatewayCore.reconfigure`). The
+        reply of ``warp reload``: ``{"reloaded": true, "changes": {...}}``, or
+        ``{"reloaded": false, "problems": [[toml_path, why], ...]}`` with the running config
+        untouched (an invalid file, a change that needs a restart, a gate that cannot open)."""
+        async with self._reload_lock:
+            if self.config_path is None or self._loop is None or not self._started:
+                return self._refused([("", "this gateway cannot reload (not started from a file)")])
+            try:
+                config = load_gateway_config(self.config_path)
+            except ConfigError as exc:
+                return self._refused([(path or exc.source, why) for path, why in exc.problems])
+            return await self._apply(config)
+
+    def _refused(self, problems: list[tuple[str, str]]) -> dict[str, Any]:
+        for path, why in problems:
+            log.warning("reload.refused path=%s reason=%s", path or "-", why.replace(" ", "_"))
+        log.warning("reload.refused problems=%d (the running config stays)", len(problems))
+        return {"reloaded": False, "problems": [list(problem) for problem in problems]}
+
+    async def _apply(self, config: GatewayConfig) -> dict[str, Any]:
+        socket_changed = config.control.socket != self.config.control.socket
+        try:
+            plan = plan_reload(self.config, config, control_socket_changed=socket_changed)
+        except ReloadRefused as exc:
+            return self._refused(exc.problems)
+        endpoints: dict[str, list[Address]] = {}
+        for name in plan.far_gates_added:
+            try:
+                endpoints[name] = [
+                    (await self._resolve_all(e))[0] for e in config.far_gates[name].endpoints
+                ]
+            except OSError as exc:
+                return self._refused([(f"far_gates.{name}.endpoints", f"cannot resolve: {exc}")])
+        # New gates open before anything changes: a gate that cannot open refuses the reload.
+        # (A changed gate is closed first: its new one may want the same address.)
+        new_names = [name for name in plan.gates_opened if name not in self.config.tunnels]
+        opened: dict[str, Gate] = {}
+        for name in new_names:
+            try:
+                opened[name] = await self._open_gate(name, config.tunnels[name])
+            except (GateError, OSError) as exc:
+                for gate in opened.values():
+                    await gate.close()
+                return self._refused([(f"tunnels.{name}.gate", str(exc))])
+        assert self._loop is not None
+        plan = self.core.reconfigure(
+            config,
+            self._loop.time(),
+            static_endpoints=endpoints,
+            control_socket_changed=socket_changed,
+        )
+        self.config = config
+        for name in plan.gates_closed:
+            await self._close_gate(name)
+        failed: list[tuple[str, str]] = []
+        for name in plan.gates_opened:
+            if name in opened:
+                gate = opened[name]
+            else:
+                try:
+                    gate = await self._open_gate(name, config.tunnels[name])
+                except (GateError, OSError) as exc:
+                    log.error("gate.failed tunnel=%s %s", name, exc)
+                    failed.append((f"tunnels.{name}.gate", str(exc)))
+                    continue
+            self.gates[name] = gate
+            self._tunnel_of_gate[id(gate)] = name
+            gate.resume_reading()
+        if plan.patterns_changed:
+            self._update_uplink_patterns()
+        log.info("reload.applied %s", plan.summary())
+        self._drain()
+        reply: dict[str, Any] = {"reloaded": True, "changes": _plan_fields(plan)}
+        if failed:
+            reply["gate_errors"] = [list(problem) for problem in failed]
+        return reply
+
+    async def _close_gate(self, name: str) -> None:
+        gate = self.gates.pop(name, None)
+        if gate is None:
+            return
+        self._tunnel_of_gate.pop(id(gate), None)
+        with contextlib.suppress(Exception):
+            await gate.close()
+        log.info("gate.closed tunnel=%s", name)
+
+    def _update_uplink_patterns(self) -> None:
+        """The new interface patterns (and tun gates, never uplinks): rescan now."""
+        manager = self.uplinks
+        if manager is None or self._static_uplinks is not None:
+            return
+        interfaces = self.config.interfaces
+        tun_gates = [t.gate for t in self.config.tunnels.values() if isinstance(t.gate, TunGate)]
+        manager.inclusion = list(interfaces.inclusion_patterns)
+        manager.exclusion = list(interfaces.exclusion_patterns)
+        manager.own_tuns = frozenset(gate.name for gate in tun_gates)
+        manager.tunnel_networks = [net for gate in tun_gates for net in gate.allowed_ips]
+        manager.request_rescan()
+
     async def _resolve_all(self, host_port: Any) -> list[Address]:
         host, port = host_port.host, host_port.port
         loop = asyncio.get_running_loop()
@@ -286,12 +415,17 @@ class Gateway:
 
     async def _start_gates(self) -> None:
         for name, tunnel_config in self.config.tunnels.items():
-            gate = self._gate_factory(name, tunnel_config, self._on_gate_datagram)
-            await gate.start()
-            gate.pause_reading()  # until the uplinks are up (`run`)
+            gate = await self._open_gate(name, tunnel_config)
             self.gates[name] = gate
             self._tunnel_of_gate[id(gate)] = name
-            log.info("gate.started tunnel=%s %s %s", name, gate.kind, gate.address)
+
+    async def _open_gate(self, name: str, tunnel_config: TunnelConfig) -> Gate:
+        """Start a tunnel's gate, not reading yet (`resume_reading` once it may)."""
+        gate = self._gate_factory(name, tunnel_config, self._on_gate_datagram)
+        await gate.start()
+        gate.pause_reading()  # until the uplinks are up (`start`)
+        log.info("gate.started tunnel=%s %s %s", name, gate.kind, gate.address)
+        return gate
 
     async def _start_uplinks(self) -> None:
         interfaces = self.config.interfaces
@@ -459,6 +593,17 @@ class Gateway:
                 )
         uptime = time.monotonic() - self._started_at
         return snapshot(self.core, now, uptime=uptime, uplink_rows=rows, gates=self.gates)
+
+
+def _plan_fields(plan: ReloadPlan) -> dict[str, Any]:
+    return {
+        "far_gates_added": list(plan.far_gates_added),
+        "far_gates_removed": list(plan.far_gates_removed),
+        "tunnels_added": list(plan.tunnels_added),
+        "tunnels_removed": list(plan.tunnels_removed),
+        "tunnels_changed": list(plan.tunnels_changed),
+        "patterns_changed": plan.patterns_changed,
+    }
 
 
 def install_event_loop_policy() -> str:

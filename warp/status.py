@@ -32,7 +32,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal, NotRequired, TypeAlias, TypedDict
 
 from rich import box
@@ -186,6 +186,8 @@ def gate_info(gate: Gate) -> GateInfo:
 
 
 Snapshot: TypeAlias = Callable[[], Mapping[str, Any]]
+#: ``{"cmd": "reload"}``: re-read the config and apply it; the reply object (`warp reload`).
+Reload: TypeAlias = Callable[[], Awaitable[Mapping[str, Any]]]
 
 # ---------------------------------------------------------------------------------------------
 # Server (gateway side)
@@ -253,7 +255,8 @@ def parse_request(line: bytes) -> dict[str, Any]:
 
 
 class ControlServer:
-    """Serves ``snapshot()`` on a Unix stream socket.
+    """Serves ``snapshot()`` on a Unix stream socket (``{"cmd": "status"}``), and with
+    ``reload`` given, ``{"cmd": "reload"}`` (`warp reload`: its reply object).
 
     `start` creates the parent directory (0755) if missing, replaces a stale socket file,
     refuses a live one or a non-socket file, and makes the socket 0660. `close` stops
@@ -269,9 +272,11 @@ class ControlServer:
         mode: int = 0o660,
         request_timeout: float = 10.0,
         max_connections: int = MAX_CONNECTIONS,
+        reload: Reload | None = None,
     ) -> None:
         self.path = path
         self._snapshot = snapshot
+        self._reload = reload
         self._mode = mode
         self._timeout = request_timeout
         self._max_connections = max_connections
@@ -367,7 +372,10 @@ class ControlServer:
                     if exc.reason != "invalid":
                         return  # built to hurt, not a typo: close
                     continue
-                writer.write(self.respond(request))
+                if request.get("cmd") == "reload" and self._reload is not None:
+                    writer.write(await self._respond_reload())
+                else:
+                    writer.write(self.respond(request))
                 await asyncio.wait_for(writer.drain(), self._timeout)
         except TimeoutError:
             self._reject("slow_reader")  # did not read its reply in time
@@ -393,11 +401,21 @@ class ControlServer:
                 self.path,
             )
 
+    async def _respond_reload(self) -> bytes:
+        assert self._reload is not None
+        try:
+            reply = await self._reload()
+            return json.dumps(reply, separators=(",", ":"), default=str).encode() + b"\n"
+        except Exception:
+            log.exception("control.reload_failed")
+            return _error_line("the gateway failed to reload (see its log)")
+
     def respond(self, request: Mapping[str, Any]) -> bytes:
         """The response line (with its newline) for one parsed request. Never raises."""
         cmd = request.get("cmd")
         if cmd != "status":
-            return _error_line(f"unknown command {cmd!r}; known: status")
+            known = "status, reload" if self._reload is not None else "status"
+            return _error_line(f"unknown command {cmd!r}; known: {known}")
         try:
             body = json.dumps(self._snapshot(), separators=(",", ":"), default=str)
         except Exception:
@@ -420,12 +438,20 @@ class StatusError(Exception):
 
 def query_status(path: str, *, timeout: float = 3.0) -> dict[str, Any]:
     """Ask the gateway on ``path`` for its status snapshot (blocking)."""
+    reply = query_control(path, {"cmd": "status"}, timeout=timeout)
+    if set(reply) == {"error"}:
+        raise StatusError(f"the gateway on {path} answered: {reply['error']}")
+    return reply
+
+
+def query_control(path: str, request: Mapping[str, Any], *, timeout: float = 3.0) -> dict[str, Any]:
+    """Send one request to the gateway on ``path``; its reply object (blocking)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         try:
             sock.connect(path)
-            sock.sendall(b'{"cmd": "status"}\n')
+            sock.sendall(json.dumps(request).encode() + b"\n")
             chunks: list[bytes] = []
             size = 0
             while True:
@@ -467,8 +493,6 @@ def query_status(path: str, *, timeout: float = 3.0) -> dict[str, Any]:
         raise StatusError(f"invalid reply from the gateway on {path}") from None
     if not isinstance(reply, dict):
         raise StatusError(f"invalid reply from the gateway on {path}")
-    if set(reply) == {"error"}:
-        raise StatusError(f"the gateway on {path} answered: {reply['error']}")
     return reply
 
 

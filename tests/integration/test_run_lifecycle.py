@@ -4,7 +4,8 @@ only uplink is ``lo`` (no root, no namespaces).
 * A second instance with the same key, or with the same control socket, exits 1 with one line
   and sends nothing: no handshake with the map, no registration, no deregistration.
 * After ``kill -9`` the leftover socket and lock files do not block a restart.
-* SIGHUP stops like SIGTERM: deregistered at the map, control socket removed, exit 0.
+* SIGHUP reloads the config (a broken one is refused and logged) and does not stop it;
+  SIGTERM deregisters at the map, removes the control socket and exits 0.
 """
 
 from __future__ import annotations
@@ -170,18 +171,34 @@ def test_second_instance_is_refused_before_it_sends_anything(
     assert not socket_a.exists()
 
 
-def test_sighup_deregisters_removes_the_socket_and_exits_0(
+def test_sighup_reloads_and_a_broken_config_is_refused_and_logged(
     tmp_path: Path, runs: Runs, warp_map: MapProcess
 ) -> None:
+    """SIGHUP (`systemctl reload`, `kill -HUP`) re-reads the config instead of stopping; a
+    broken file is refused with its TOML path and the gateway keeps running the old one."""
     key = generate_private_key()
     socket_path = tmp_path / "a.sock"
-    gateway = runs.start(gateway_config(tmp_path, "a", key, warp_map, socket_path), log="a.log")
+    config = gateway_config(tmp_path, "a", key, warp_map, socket_path)
+    gateway = runs.start(config, log="a.log")
     wait_for(f"map.registered client={short(key)}", warp_map.log_since_start)
-    assert socket_path.exists()
-    gateway.send_signal(signal.SIGHUP)  # what a closed SSH session sends
-    assert gateway.wait(10) == 0, (tmp_path / "a.log").read_text()
+    log = (tmp_path / "a.log").read_text
+    wait_for("gateway.started", log)
+
+    gateway.send_signal(signal.SIGHUP)
+    wait_for("reload.applied", log)
+    good = config.read_text()
+    config.write_text(good.replace("[far_gate]\n", '[far_gate]\nkind = "tcp"\n'))
+    gateway.send_signal(signal.SIGHUP)
+    wait_for("reload.refused problems=1", log)
+    assert "reload.refused path=far_gate.kind" in log()
+    time.sleep(0.3)
+    assert gateway.poll() is None and socket_path.exists()
+    assert "map.deregistered" not in warp_map.log_since_start()
+    assert "gateway.stop_requested" not in log()
+
+    gateway.send_signal(signal.SIGTERM)
+    assert gateway.wait(10) == 0, log()
     assert not socket_path.exists()
     assert f"map.deregistered client={short(key)}" in warp_map.log_since_start()
-    log = (tmp_path / "a.log").read_text()
-    assert "gateway.stop_requested signal=SIGHUP" in log and "gateway.stopped" in log
+    assert "gateway.stopped" in log()
     assert list((tmp_path / "run").iterdir()) == []  # the key lock file is gone too

@@ -388,3 +388,16 @@ def test_shipped_example_is_what_print_example_config_prints() -> None:
     body = shipped[shipped.index(printed.splitlines()[0]) :]
     body = body.replace(PUBLISHED_KEY_MARK, "")  # its key is in the source: marked for check
     assert key.sub("KEY", body) == key.sub("KEY", printed)
+
+
+def test_reload_without_a_running_gateway_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`warp reload -c` finds the control socket even in a config that no longer loads (the
+    point of the reload may be to hear what is wrong), and says when nothing listens there."""
+    config = tmp_path / "gw.toml"
+    socket_path = tmp_path / "gw.sock"
+    config.write_text(f'listen_port = "x"\n[control]\nsocket = "{socket_path}"\n')
+    assert main(["reload", "-c", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"socket {socket_path} not found" in err

@@ -464,3 +464,37 @@ def test_a_fleet_client_looks_up_each_far_gate_and_relays_to_the_one_named() -> 
     op.relay(b"not a far gate", 2 * R, to=b"D" * 32)
     relayed = [decode(s.frame) for s in op.drain_outgoing()]
     assert [(m.key, m.payload) for m in relayed] == [(C, b"sealed for C")]  # type: ignore[union-attr]
+
+
+def test_a_reload_adds_a_far_gate_at_once_and_forgets_a_removed_one() -> None:
+    """`set_far_gates` (a live reload): the new far gate is looked up at once (the map is
+    told the new list: mutual policy), the kept one keeps what the map said, the removed one
+    is neither looked up nor reported any more."""
+    net = Net(Registry(registration_ttl=60.0, boot_id=1))
+    op = MapClient[str]([B], refresh_interval=R, response_timeout=T, rng=rng(1))
+    operator = Node(A, op, {"op": ("203.0.113.1", 1001)})
+    net.nodes[A] = operator
+    truck_b = net.add(B, A, {"b": ("203.0.113.2", 2001)}, 2)
+    truck_c = net.add(C, A, {"c": ("203.0.113.3", 3001)}, 3)
+    for node in (truck_b, truck_c, operator):
+        start(net, node, 0.0)
+    net.run(0.0, R / 2)
+    assert op.endpoints_of(B) == (("203.0.113.2", 2001),)
+    assert op.endpoints_of(C) == ()
+
+    net.sent.clear()
+    op.set_far_gates([B, C], R / 2)
+    net.pump(R / 2)
+    net.run(R / 2, R / 2 + 0.1)  # well before the next refresh or lookup period
+    lookups = [m.key for k, _, m in net.sent if k == A and isinstance(m, Lookup)]
+    assert lookups == [C]
+    registers = [m for k, _, m in net.sent if k == A and isinstance(m, Register)]
+    assert registers and all(m.far_gates == (B, C) for m in registers)
+    assert op.endpoints_of(C) == (("203.0.113.3", 3001),)
+    assert op.endpoints_of(B) == (("203.0.113.2", 2001),)  # kept, not looked up again
+
+    op.set_far_gates([C], R)
+    net.sent.clear()
+    net.run(R, 3 * R)
+    assert {m.key for k, _, m in net.sent if k == A and isinstance(m, Lookup)} == {C}
+    assert op.endpoints_of(B) == ()

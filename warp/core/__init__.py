@@ -16,7 +16,10 @@ Inputs (``now`` in seconds, any monotonic clock):
   means "pause that gate" (back-pressure, per far gate) until a `GateResumed` event;
 * ``handle_timer(now)``: run whatever is due (early calls are harmless);
 * ``rekey(now)`` (SIGUSR1), ``stop(now)`` (deregister from the map; ``map_stopped``);
-* ``send_failed(uplink, remote, data)``: the shell could not send one (counters).
+* ``send_failed(uplink, remote, data)``: the shell could not send one (counters);
+* ``reconfigure(config, now)`` (live reload, `warp.core.reload`): applies a new config and
+  returns the `ReloadPlan` (gates for the shell to open / close, new interface patterns), or
+  raises `ReloadRefused` (TOML paths) for what needs a restart, changing nothing.
 
 Outputs, drained by the shell after every input, in order:
 

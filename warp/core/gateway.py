@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from warp.config import GatewayConfig, TunGate
+from warp.config import FarGateConfig, GatewayConfig, TunGate
 from warp.core import session as far_gate_session
+from warp.core.reload import ReloadPlan, plan_reload
 from warp.core.session import (
     RELAY_UPLINK,
     FarGateSession,
@@ -88,6 +90,8 @@ class GatewayCore:
         self.rng = rng
         self.now = now
         self.public_key = config.public_key
+        # Embedded (`warp.open`): every tunnel waits under back-pressure; else by gate type.
+        self._back_pressure: bool | None = True if embedded else None
         # Multi-path: a far gate's "endpoint" flips with every packet from another path, so
         # the WireGuard core's roaming events would be noise; paths are the prober's business.
         self.device = Device(config.private_key, roaming_events=False)
@@ -101,6 +105,8 @@ class GatewayCore:
             "unknown_frame": 0,
             "send_failed": 0,
             "no_route": 0,
+            # queued datagrams of a tunnel a reload removed (dropped at send time)
+            "tunnel_removed": 0,
         }
         self._to_send: list[tuple[str, Address, bytes]] = []
         self._deliveries: list[tuple[str, bytes]] = []
@@ -112,30 +118,8 @@ class GatewayCore:
         self._tunnel_sessions: dict[str, list[tuple[FarGateSession, Tunnel]]] = {}
         self._routes = AllowedIPs()
         for far_name, far_config in config.far_gates.items():
-            tunnels = [
-                Tunnel.make(name, far_name, tunnel_config, back_pressure=True if embedded else None)
-                for name, tunnel_config in config.tunnels_of(far_name).items()
-            ]
-            session = FarGateSession(self, far_name, far_config, tunnels)
-            self.sessions[far_name] = session
-            self._by_key[session.key] = session
-            for tunnel in tunnels:
-                self._tunnel_sessions.setdefault(tunnel.name, []).append((session, tunnel))
-            plain_ips: list[str] = []
-            if session.plain_wireguard:
-                plain_ips = [str(net) for net in far_config.allowed_ips]
-                if not plain_ips:
-                    for tunnel in tunnels:
-                        if isinstance(tunnel.config.gate, TunGate):
-                            plain_ips += [str(net) for net in tunnel.config.gate.allowed_ips]
-            else:
-                for network in far_config.allowed_ips:
-                    self._routes.insert(str(network), session.key)
-            self.device.add_peer(
-                session.key, preshared_key=far_config.preshared_key, allowed_ips=plain_ips
-            )
-            for cidr in plain_ips:
-                self._routes.insert(cidr, session.key)
+            self._add_far_gate(far_name, far_config)
+        self._index_tunnels()
         self.map_key = config.warp_map.public_key if config.warp_map.address else None
         self.map_address: Address | None = None
         #: every map instance (``warp_map.address`` list, each name's addresses), in order
@@ -156,6 +140,101 @@ class GatewayCore:
         self._map_unanswered = Unanswered(
             far_gate_session.UNANSWERED_TRIES, far_gate_session.UNANSWERED_AFTER
         )
+
+    def _add_far_gate(self, far_name: str, far_config: FarGateConfig) -> FarGateSession:
+        """A far gate's session, WireGuard peer and routes (at start and on reload)."""
+        tunnels = [
+            Tunnel.make(name, far_name, tunnel_config, back_pressure=self._back_pressure)
+            for name, tunnel_config in self.config.tunnels_of(far_name).items()
+        ]
+        session = FarGateSession(self, far_name, far_config, tunnels)
+        self.sessions[far_name] = session
+        self._by_key[session.key] = session
+        plain_ips: list[str] = []
+        if session.plain_wireguard:
+            plain_ips = [str(net) for net in far_config.allowed_ips]
+            if not plain_ips:
+                for tunnel in tunnels:
+                    if isinstance(tunnel.config.gate, TunGate):
+                        plain_ips += [str(net) for net in tunnel.config.gate.allowed_ips]
+        else:
+            for network in far_config.allowed_ips:
+                self._routes.insert(str(network), session.key)
+        self.device.add_peer(
+            session.key, preshared_key=far_config.preshared_key, allowed_ips=plain_ips
+        )
+        for cidr in plain_ips:
+            self._routes.insert(cidr, session.key)
+        return session
+
+    def _index_tunnels(self) -> None:
+        """Each tunnel's (session, runtime) pairs, in far gate order."""
+        self._tunnel_sessions = {}
+        for session in self.sessions.values():
+            for tunnel in session.tunnels.values():
+                self._tunnel_sessions.setdefault(tunnel.name, []).append((session, tunnel))
+
+    # ------------------------------------------------------------------ live reload
+
+    def reconfigure(
+        self,
+        config: GatewayConfig,
+        now: float,
+        *,
+        static_endpoints: Mapping[str, list[Address]] | None = None,
+        control_socket_changed: bool = False,
+    ) -> ReloadPlan:
+        """Apply a new config live (SIGHUP, ``warp reload``); `ReloadRefused` (nothing
+        changed) if it needs a restart. Far gates and tunnels the new config leaves as they
+        were keep their sessions, paths, queues and FEC state. ``static_endpoints``: the
+        resolved ``endpoints`` of the far gates the plan adds (the shell resolves them)."""
+        plan = plan_reload(self.config, config, control_socket_changed=control_socket_changed)
+        self.now = now
+        resumed: set[str] = set()
+        for name in plan.far_gates_removed:
+            session = self.sessions.pop(name)
+            self._by_key.pop(session.key, None)
+            self.device.remove_peer(session.key)
+            self._routes.remove_peer(session.key)
+            resumed.update(session.paused)
+            log.info("far_gate.removed far_gate=%s", name)
+        kept = list(self.sessions.values())
+        for session in kept:
+            for name in plan.tunnels_removed:
+                session.remove_tunnel(name)
+        self.config = config
+        for name in sorted(resumed):
+            if name in config.tunnels:  # paused by a far gate that is gone
+                self.gate_flow(name, paused=False)
+        for session in kept:
+            wanted = config.tunnels_of(session.name)
+            for name in plan.tunnels_added:
+                if name in wanted:
+                    session.add_tunnel(
+                        Tunnel.make(
+                            name, session.name, wanted[name], back_pressure=self._back_pressure
+                        )
+                    )
+            for name in plan.tunnels_changed:
+                if name in wanted:
+                    session.update_transport(name, wanted[name])
+        added = [self._add_far_gate(name, config.far_gates[name]) for name in plan.far_gates_added]
+        self._index_tunnels()
+        for session in self.sessions.values():
+            session.set_log_fields(several=len(self.sessions) > 1)
+        client = self.map_client
+        if client is not None:
+            client.set_far_gates([s.key for s in self.sessions.values()], now)
+        for session in added:
+            log.info("far_gate.added far_gate=%s", session.name)
+            endpoints = (static_endpoints or {}).get(session.name)
+            if endpoints:
+                self.set_static_endpoints(session.name, endpoints)
+            for uplink in self.uplinks:
+                session.uplink_up(uplink, now)
+            session.after_prober(now)
+        self._after_map(now)
+        return plan
 
     # ------------------------------------------------------------------ outputs
 

@@ -186,6 +186,36 @@ class Tunnel:
     def count_drop(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
 
+    def reconfigure(self, config: TunnelConfig) -> None:
+        """A reload changed the transport (same tunnel id and gate). Priority and
+        send_deadline are read per datagram; a new (k, n) or mtu gets a new encoder that
+        continues the old one's epoch and sequence (the far gate's decoder sees one stream)
+        and a new scheduler; the decoder decodes any (k, n) and is rebuilt only if its own
+        settings changed (what it holds is then lost)."""
+        old = self.config.transport
+        new = config.transport
+        self.config = config
+        # (built as at start, so the new scheduler and decoder are set up as any other)
+        fresh = Tunnel.make(self.name, self.far_gate, config)
+        if (old.redundancy, old.mtu) != (new.redundancy, new.mtu):
+            encoder = fresh.encoder
+            self.encoder = ShardEncoder(
+                self.tunnel_id,
+                encoder.k,
+                encoder.n,
+                new.mtu,
+                epoch=self.encoder.epoch,
+                initial_seq=self.encoder.next_seq,
+            )
+            self.scheduler = fresh.scheduler
+        if (old.mtu, old.ordered, old.reorder_timeout) != (
+            new.mtu,
+            new.ordered,
+            new.reorder_timeout,
+        ):
+            fresh.decoder.on_reject = self.decoder.on_reject
+            self.decoder = fresh.decoder
+
     @classmethod
     def make(
         cls, name: str, far_gate: str, config: TunnelConfig, *, back_pressure: bool | None = None
@@ -229,11 +259,7 @@ class FarGateSession:
         self.key = config.public_key
         # A plain WireGuard far gate (no warp): IP packets travel bare, exactly as WireGuard.
         self.plain_wireguard = config.kind == "wireguard"
-        # Log fields naming the far gate, only when there are several (a single far gate's
-        # lines stay as they were).
-        several = len(core.config.far_gates) > 1
-        self.tag = f"far_gate={name} " if several else ""
-        self.suffix = f" far_gate={name}" if several else ""
+        self.set_log_fields(several=len(core.config.far_gates) > 1)
         interfaces = core.config.interfaces
         self.prober = PathProber(
             interfaces.holepunch_keep_alive_interval, interfaces.path_timeout, core.rng
@@ -297,6 +323,43 @@ class FarGateSession:
         # Loud misconfiguration: handshakes / lookups that keep getting no answer.
         self._unanswered = Unanswered(UNANSWERED_TRIES, UNANSWERED_AFTER)
         self.lookup_refused = Unanswered(1, LOOKUP_REFUSED_WARN_AFTER)
+
+    # ------------------------------------------------------------------ live reload
+
+    def set_log_fields(self, *, several: bool) -> None:
+        """Log fields naming the far gate, only when there are several (a single far gate's
+        lines stay as they were)."""
+        self.tag = f"far_gate={self.name} " if several else ""
+        self.suffix = f" far_gate={self.name}" if several else ""
+
+    def add_tunnel(self, tunnel: Tunnel) -> None:
+        """A tunnel added by a reload (its paths are this far gate's: no new handshake)."""
+        self.tunnels[tunnel.name] = tunnel
+        self.tunnels_by_id[tunnel.tunnel_id] = tunnel
+        tunnel.decoder.on_reject = functools.partial(self._on_shard_rejected, tunnel)
+        if not tunnel.back_pressure:
+            self.send_queue.clock_runs.add(tunnel.tunnel_id)
+        gate_is_tun = isinstance(tunnel.config.gate, TunGate)
+        if gate_is_tun and self.config.allowed_ips and not self.plain_wireguard:
+            self._source_checked = self._source_checked | {tunnel.name}
+        self._sending_signature = None  # its scheduler must be told the paths
+
+    def remove_tunnel(self, name: str) -> None:
+        """A tunnel removed by a reload: what it still has queued is dropped at send time."""
+        tunnel = self.tunnels.pop(name, None)
+        if tunnel is None:
+            return
+        self.tunnels_by_id.pop(tunnel.tunnel_id, None)
+        self.send_queue.clock_runs.discard(tunnel.tunnel_id)
+        self._source_checked = self._source_checked - {name}
+        self.paused.discard(name)
+
+    def update_transport(self, name: str, config: TunnelConfig) -> None:
+        """A reload changed a tunnel's transport: applied in place (`Tunnel.reconfigure`)."""
+        tunnel = self.tunnels.get(name)
+        if tunnel is not None:
+            tunnel.reconfigure(config)
+            self._sending_signature = None
 
     # ------------------------------------------------------------------ timers
 
@@ -804,7 +867,10 @@ class FarGateSession:
             item = queue.pop(now)
             if item is None:
                 break
-            tunnel = tunnels[item.tunnel_id]
+            tunnel = tunnels.get(item.tunnel_id)
+            if tunnel is None:  # queued before a reload removed its tunnel
+                self.core.counters["tunnel_removed"] += 1
+                continue
             scheduler = tunnel.scheduler
             assign = scheduler.assign
             # The scheduler's shard count: more than n while parity is added.

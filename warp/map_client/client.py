@@ -381,6 +381,30 @@ class MapClient(Generic[U]):
             request_id = self._new_request_id()
             self._request("deregister", request_id, Deregister(request_id, state.tag), None, now)
 
+    def set_far_gates(self, far_gates: Sequence[bytes], now: float) -> None:
+        """A reload changed the far gates: look up the new ones now, forget the removed ones
+        (their pending lookups cancelled) and re-register every uplink so that the map has
+        the new list (its ``mutual`` policy). Known far gates keep what the map said."""
+        keys = tuple(far_gates)
+        if not keys or any(len(key) != 32 for key in keys):
+            raise ValueError("far_gates must be 32-byte public keys")
+        if keys == self.far_gates:
+            return
+        for key in [k for k in self._lookups if k not in keys]:
+            self._cancel(self._lookups[key].request)
+            del self._lookups[key]
+        for key in keys:
+            self._lookups.setdefault(key, _Lookup(next_lookup=now))
+        self.far_gate = keys[0]
+        self.far_gates = keys
+        if self._stopping:
+            return
+        for state in self._uplinks.values():
+            self._cancel(state.register_request)
+            state.register_request = None
+            state.next_register = now
+        self.tick(now)
+
     def refresh(self, now: float) -> None:
         """Re-register every uplink and look the far gate up now (e.g. after a rescan)."""
         if self._stopping:
