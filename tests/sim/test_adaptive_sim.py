@@ -11,12 +11,17 @@ takes tens of seconds to settle.
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
 
 from tests.sim.gateways import Fleet, LossFactory, Peer, Stream
 from tests.sim.network import LossModel
 from tests.sim.simnet import NatKind
+from warp.core.snapshot import snapshot
 
 CONE: NatKind = "port-restricted-cone"
 #: (start, loss) of each phase on a's two uplinks (egress), and when the stream stops
@@ -49,6 +54,7 @@ class Run:
     stream: Stream
     wire_bytes: int
     shards: list[tuple[float, int]] = field(default_factory=list)  # (time, effective n)
+    status: dict[str, Any] = field(default_factory=dict)  # the tunnel's redundancy at the end
 
     def code_at(self, time: float) -> int:
         return next(n for t, n in reversed(self.shards) if t <= time)
@@ -76,6 +82,8 @@ def run(k: int, n: int, redundancy: tuple[str, ...] = ()) -> Run:
     )
     fleet.net.run_until(STOP + 0.5)
     result.wire_bytes = sum(path.tx_bytes for path in session.prober.paths)
+    status = snapshot(fleet.gateways["a"].core, fleet.net.now, uptime=0.0, uplink_rows=[], gates={})
+    result.status = status["tunnels"][0]["redundancy"]
     return result
 
 
@@ -96,8 +104,14 @@ def report(name: str, result: Run) -> None:
         )
 
 
-def test_adaptive_parity_follows_stepped_loss_within_target_and_costs_less_than_fixed() -> None:
+def test_adaptive_parity_follows_stepped_loss_within_target_and_costs_less_than_fixed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="warp")
     adaptive = run(2, 4, ("adaptive = true", "max_parity = 6"))
+    adapted = [r.getMessage() for r in caplog.records if "tunnel.parity_adapted" in r.getMessage()]
+    assert any("tunnel=t from=4 to=5 loss=0.0" in line for line in adapted), adapted
+    assert adaptive.status["adaptive"] is True and adaptive.status["target_loss"] == TARGET
     fixed = run(3, 5)
     report("adaptive (k = 2)", adaptive)
     report("fixed (3, 5)", fixed)
