@@ -11,6 +11,7 @@ import pytest
 
 from warp.config import ConfigError, parse_gateway_config
 from warp.keys import encode_key
+from warp.metrics import snapshot_metrics
 from warp.paths.scheduler import AdaptiveParity, PathQuality, ShardScheduler, block_loss
 from warp.status import render_plain
 
@@ -184,3 +185,11 @@ def test_plain_status_appends_adaptive_fields() -> None:
                 if x.startswith("tunnel t"))  # fmt: skip
     assert line.endswith("adaptive=yes parity=3 target_loss=0.001")
     assert "effective_n=5" in line
+
+
+def test_metrics_show_the_shards_per_block_in_use() -> None:
+    redundancy = {"k": 2, "n": 4, "effective_n": 6, "adaptive": True}
+    snapshot = {"tunnels": [{"name": "t", "far_gate": "b", "redundancy": redundancy}]}
+    families = {m.name: m for m in snapshot_metrics(snapshot)}
+    (sample,) = families["warp_tunnel_shards_per_block"].samples
+    assert sample.value == 6 and sample.labels == {"far_gate": "b", "tunnel": "t"}
