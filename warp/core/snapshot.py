@@ -30,10 +30,11 @@ def _redundancy(scheduler: ShardScheduler[Any]) -> dict[str, Any]:
 
 
 def _adaptive(scheduler: ShardScheduler[Any]) -> dict[str, Any]:
-    """Adaptive parity: its bounds, target, the parity now and its predicted residual loss."""
+    """Adaptive parity: its bounds, target, the parity now and its predicted residual loss
+    (nothing for a fixed code: its fields stay as they were)."""
     adaptive = scheduler.adaptive
     if adaptive is None:
-        return {"adaptive": False}
+        return {}
     return {
         "adaptive": True,
         "target_loss": adaptive.target_loss,
