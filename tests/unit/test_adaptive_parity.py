@@ -193,3 +193,12 @@ def test_metrics_show_the_shards_per_block_in_use() -> None:
     families = {m.name: m for m in snapshot_metrics(snapshot)}
     (sample,) = families["warp_tunnel_shards_per_block"].samples
     assert sample.value == 6 and sample.labels == {"far_gate": "b", "tunnel": "t"}
+
+
+def test_status_screen_shows_the_adaptive_code_in_use() -> None:
+    from tests.unit.test_status import PROTECTED, screen, with_redundancy
+
+    redundancy = {**PROTECTED, "effective_n": 5, "adaptive": True, "target_loss": 0.001}
+    text = screen(with_redundancy(redundancy), 100)
+    (row,) = [line for line in text.splitlines() if line.startswith(" wireguard ")]
+    assert "(2, 5) adaptive" in row
