@@ -39,6 +39,7 @@ from pydantic import (
     Field,
     PlainValidator,
     StrictBool,
+    StrictFloat,
     StrictInt,
     ValidationError,
     ValidationInfo,
@@ -603,18 +604,40 @@ class RedundancyConfig(_Model):
 
     num_shards: StrictInt = Field(default=5, ge=1, le=255)
     required_shards: StrictInt = Field(default=3, ge=1, le=255)
+    #: n - k chosen per block from the measured loss, within [min_parity, max_parity] (never
+    #: below what surviving an uplink loss needs), so residual loss stays under target_loss
+    adaptive: StrictBool = False
+    min_parity: StrictInt = Field(default=1, ge=0, le=254)
+    max_parity: StrictInt = Field(default=8, ge=0, le=254)
+    target_loss: StrictFloat = Field(default=0.001, gt=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _k_le_n(self) -> RedundancyConfig:
+        problems: list[tuple[tuple[str | int, ...], str]] = []
         if self.required_shards > self.num_shards:
-            raise _Problems(
-                [
-                    (
-                        ("required_shards",),
-                        f"must be ≤ num_shards ({self.num_shards}), got {self.required_shards}",
-                    )
-                ]
+            problems.append(
+                (
+                    ("required_shards",),
+                    f"must be ≤ num_shards ({self.num_shards}), got {self.required_shards}",
+                )
             )
+        if self.min_parity > self.max_parity:
+            problems.append(
+                (
+                    ("min_parity",),
+                    f"must be ≤ max_parity ({self.max_parity}), got {self.min_parity}",
+                )
+            )
+        if self.adaptive and self.required_shards + self.max_parity > 255:
+            problems.append(
+                (
+                    ("max_parity",),
+                    f"required_shards + max_parity must be ≤ 255 (shards in a block), got "
+                    f"{self.required_shards} + {self.max_parity}",
+                )
+            )
+        if problems:
+            raise _Problems(problems)
         return self
 
 
@@ -1664,6 +1687,8 @@ priority = 0
 # required_shards = 2x the data.
 num_shards = 4
 required_shards = 2
+# adaptive = true: n follows the measured loss, the fewest parity shards keeping residual
+# loss under target_loss (0.001), min_parity (1) to max_parity (8): docs/configuration.md.
 
 # The second vehicle's tunnel (every key not given takes its default).
 [tunnels.video2]

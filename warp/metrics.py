@@ -283,6 +283,15 @@ def snapshot_metrics(snapshot: Mapping[str, Any], *, age_s: float | None = None)
         )
         if surplus is not None:
             family.add_metric([far, name], surplus)
+        redundancy = tunnel.get("redundancy")
+        shards = _number(redundancy.get("effective_n")) if isinstance(redundancy, Mapping) else None
+        shards_gauge = f.gauge(
+            "warp_tunnel_shards_per_block",
+            "Shards the sender sends per block now (n, more with added or adaptive parity)",
+            ["far_gate", "tunnel"],
+        )
+        if shards is not None:
+            shards_gauge.add_metric([far, name], shards)
         lost = _number(tunnel.get("datagrams_lost"))
         family = f.counter(
             "warp_tunnel_datagrams_lost",

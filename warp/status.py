@@ -568,6 +568,10 @@ def _code(redundancy: Mapping[str, Any]) -> str:
     if not isinstance(k, int) or not isinstance(n, int):
         return "—"
     effective = redundancy.get("effective_n")
+    if redundancy.get("adaptive") is True:
+        # Adaptive parity: n follows the measured loss; show the n in use now.
+        now = effective if isinstance(effective, int) else n
+        return f"({k}, {now}) adaptive"
     more = f"→{effective}" if isinstance(effective, int) and effective != n else ""
     return f"({k}, {n}){more}"
 
@@ -1040,6 +1044,14 @@ def _plain_line(kind: str, identity: Sequence[Any], fields: Sequence[tuple[str, 
     return " ".join(parts)
 
 
+def _adaptive_fields(redundancy: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """A tunnel line's adaptive parity fields (appended: older scripts keep their columns)."""
+    if redundancy.get("adaptive") is not True:
+        return []
+    return [("adaptive", True), ("parity", redundancy.get("parity")),
+            ("target_loss", redundancy.get("target_loss"))]  # fmt: skip
+
+
 def render_plain(snapshot: Mapping[str, Any]) -> str:
     """``warp status`` for scripts and pipes (like ``wg show``): one line per far gate, map,
     uplink, path and tunnel, in a fixed order, raw numbers (seconds, bytes, packets)."""
@@ -1143,6 +1155,7 @@ def render_plain(snapshot: Mapping[str, Any]) -> str:
                 ("drops", ",".join(f"{k}:{v}" for k, v in sorted(drops.items()) if v)),
                 ("protection", r.get("protection")),
                 *far_gate(t),
+                *_adaptive_fields(r),
             ])
         )  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -180,10 +180,13 @@ class Fleet:
         listen_port: int = 0,
         use_map: bool = True,
         unix_gates: bool = False,
+        interfaces: Sequence[str] = (),
+        redundancy: Sequence[str] = (),
     ) -> GatewayConfig:
         """The configuration an operator writes for gateway ``name``: one ``[far_gates.*]``
         table and one tunnel per peer, with a loopback gate (never paused: a UDP sender does
-        not wait) or a Unix gate (paused under back-pressure)."""
+        not wait) or a Unix gate (paused under back-pressure). ``interfaces`` and ``redundancy``:
+        more TOML lines for those tables (``adaptive = true`` ...)."""
         lines = [f'private_key = "{encode_key(self.key(name))}"', f"listen_port = {listen_port}"]
         if use_map:
             lines += [
@@ -191,7 +194,7 @@ class Fleet:
                 f'address = "{MAP[0]}:{MAP[1]}"',
                 f'public_key = "{encode_key(public_key_of(self.map_private))}"',
             ]
-        lines += ["[interfaces]"]
+        lines += ["[interfaces]", *interfaces]
         for i, peer in enumerate(peers):
             endpoints = ", ".join(f'"{h}:{p}"' for h, p in peer.endpoints)
             lines += [
@@ -210,6 +213,7 @@ class Fleet:
                 f"[tunnels.{peer.tunnel}.transport.redundancy]",
                 f"num_shards = {n}",
                 f"required_shards = {k}",
+                *redundancy,
             ]
         return parse_gateway_config("\n".join(lines) + "\n")
 

@@ -29,7 +29,7 @@ from warp.paths.prober import (
     PathStateChanged,
     make_probe_reply,
 )
-from warp.paths.scheduler import ParityChange, PathQuality, ShardScheduler
+from warp.paths.scheduler import AdaptiveParity, ParityChange, PathQuality, ShardScheduler
 from warp.redundancy import (
     RejectReason,
     SendQueue,
@@ -132,9 +132,13 @@ def ip_source(packet: bytes) -> bytes:
     return b""
 
 
-def _quantize_loss(loss: float | None) -> int:
-    """Loss in 5 % steps: finer changes do not move the shard shares enough to recompute."""
-    return 0 if loss is None else round(loss * 20)
+def _quantize_loss(loss: float | None, *, fine: bool = False) -> int:
+    """Loss in 5 % steps: finer changes do not move the shard shares enough to recompute.
+    `fine` (a tunnel with adaptive parity): every step of the probe window (1/32), as a few
+    percent more loss can take another parity shard."""
+    if loss is None:
+        return 0
+    return round(loss * 64) if fine else round(loss * 20)
 
 
 def _quantize_rtt(rtt: float | None) -> int:
@@ -155,7 +159,11 @@ def path_qualities(paths: Sequence[Path]) -> list[PathQuality[Path]]:
 
 def _log_parity_change(tunnel: str, change: ParityChange) -> None:
     fields = (tunnel, change.k, change.n, change.effective_n, change.uplinks, change.peer_addresses)
-    if change.added:
+    if change.loss is not None:
+        log.info("tunnel.parity_adapted tunnel=%s from=%d to=%d loss=%.4f k=%d uplinks=%d "
+                 "peer_addresses=%d", tunnel, change.previous_n, change.effective_n, change.loss,
+                 change.k, change.uplinks, change.peer_addresses)  # fmt: skip
+    elif change.added:
         log.info("tunnel.parity_added tunnel=%s k=%d n=%d effective_n=%d uplinks=%d "
                  "peer_addresses=%d", *fields)  # fmt: skip
     else:
@@ -242,7 +250,18 @@ class Tunnel:
             ),
             # The default spread, survive_uplink_loss: parity is added while the paths are too
             # few for (k, n) to survive losing an uplink at either end.
-            scheduler=ShardScheduler(k, n, add_parity=True),
+            scheduler=ShardScheduler(
+                k,
+                n,
+                add_parity=True,
+                adaptive=AdaptiveParity(
+                    transport.redundancy.min_parity,
+                    transport.redundancy.max_parity,
+                    transport.redundancy.target_loss,
+                )
+                if transport.redundancy.adaptive
+                else None,
+            ),
             back_pressure=has_back_pressure(config) if back_pressure is None else back_pressure,
         )
 
@@ -682,8 +701,10 @@ class FarGateSession:
         relayed = bool(paths) and paths[0].uplink == RELAY_UPLINK
         if relayed != self.relay_in_use:
             self._on_relay_use(relayed, now)
+        # A tunnel with adaptive parity: its scheduler hears of every loss step.
+        fine = any(t.scheduler.adaptive is not None for t in self.tunnels.values())
         signature = tuple(
-            (id(p), p.state, _quantize_loss(p.loss), _quantize_rtt(p.rtt)) for p in paths
+            (id(p), p.state, _quantize_loss(p.loss, fine=fine), _quantize_rtt(p.rtt)) for p in paths
         )
         if signature != self._sending_signature:
             self._sending_signature = signature

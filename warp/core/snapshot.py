@@ -25,6 +25,23 @@ def _redundancy(scheduler: ShardScheduler[Any]) -> dict[str, Any]:
         "spread": "survive_uplink_loss",
         "protected": scheduler.protected,
         "protection": scheduler.protection,
+        **_adaptive(scheduler),
+    }
+
+
+def _adaptive(scheduler: ShardScheduler[Any]) -> dict[str, Any]:
+    """Adaptive parity: its bounds, target, the parity now and its predicted residual loss
+    (nothing for a fixed code: its fields stay as they were)."""
+    adaptive = scheduler.adaptive
+    if adaptive is None:
+        return {}
+    return {
+        "adaptive": True,
+        "target_loss": adaptive.target_loss,
+        "min_parity": adaptive.min_parity,
+        "max_parity": adaptive.max_parity,
+        "parity": scheduler.effective_n - scheduler.k,
+        "residual_loss": scheduler.residual_loss,
     }
 
 

@@ -30,14 +30,28 @@ on each side that is n' = 2k; generally n' >= ceil(k * m / (m - 1)) for a full m
 m = min(local uplinks, remote addresses). One uplink at either end, or only the relay,
 cannot be protected: the code stays at n and `protection` says why.
 
+Adaptive parity (`AdaptiveParity`, `transport.redundancy.adaptive`): the code's n is chosen
+from the measured path losses instead of configured. For each candidate n (from the floor
+upwards: k + min_parity, and never below what the spread above needs to survive an uplink
+loss) the block is spread as the rules place it, and the chance that more than n - k of its
+shards are lost is computed shard by shard over that spread (a sum of per-path binomials,
+`block_loss`, each path's loss taken as at least the mean over the paths: one path's probe
+window is too few probes to tell 0 % from 3 %). The smallest n whose predicted residual loss is
+within half the target (`GROW_MARGIN`: the measured loss lags a step and is a few dozen
+probes, so it reads low about as often as high) is taken, at most k + max_parity.
+Hysteresis: n grows as soon as the current code's prediction is above that, but shrinks
+only to a code predicted within an eighth of the target (`SHRINK_MARGIN`), so loss
+figures wavering around a boundary do not flap the code.
+
 The per-block work is precomputed: `update` lays out a cycle of assignments and `assign`
 steps through it, so scheduling costs one list index per block.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 PathId = TypeVar("PathId", bound=Hashable)
@@ -58,6 +72,27 @@ KNOWN_CAPACITIES = 4096
 MAX_SHARDS = 255
 
 PROTECTED = "protected against one uplink loss"
+# Adaptive parity aims at this fraction of the target: room for a loss figure that reads low.
+GROW_MARGIN = 0.5
+# ... and shrinks only to a code predicted within this fraction of it: a band wide enough that
+# loss measured in ~3 % steps (a path's probe window) does not move the code back and forth.
+SHRINK_MARGIN = 0.125
+
+
+@dataclass(frozen=True, slots=True)
+class AdaptiveParity:
+    """Bounds and target of adaptive parity: n - k within [min_parity, max_parity] (the
+    survive-an-uplink-loss floor aside), residual block loss at most `target_loss`."""
+
+    min_parity: int
+    max_parity: int
+    target_loss: float
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_parity <= self.max_parity:
+            raise ValueError(f"need 0 <= min_parity <= max_parity, got {self}")
+        if not 0.0 < self.target_loss < 1.0:
+            raise ValueError(f"need 0 < target_loss < 1, got {self.target_loss}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +120,38 @@ class ParityChange:
     effective_n: int
     uplinks: int
     peer_addresses: int
+    previous_n: int = field(default=0, compare=False)
+    """The shard count before this change."""
+    loss: float | None = field(default=None, compare=False)
+    """Adaptive parity: the shard loss (mean over the spread) that moved the code; None for
+    a change made by the uplinks alone."""
+
+
+def block_loss(counts: Sequence[int], losses: Sequence[float], k: int) -> float:
+    """Probability that fewer than k of a block's shards arrive when path i carries
+    counts[i] shards and loses each independently with losses[i]."""
+    received = [1.0]  # distribution of shards received so far, path by path
+    for shards, loss in zip(counts, losses, strict=True):
+        if shards <= 0:
+            continue
+        loss = min(max(loss, 0.0), 1.0)
+        path = [math.comb(shards, r) * (1 - loss) ** r * loss ** (shards - r)
+                for r in range(shards + 1)]  # fmt: skip
+        combined = [0.0] * (len(received) + shards)
+        for a, pa in enumerate(received):
+            for b, pb in enumerate(path):
+                combined[a + b] += pa * pb
+        received = combined
+    return min(sum(received[:k]), 1.0)
+
+
+def whole_shards(shares: Sequence[float], n: int) -> list[int]:
+    """Fractional shares as whole shard counts summing to n (largest remainders)."""
+    counts = [math.floor(share + 1e-9) for share in shares]
+    order = sorted(range(len(shares)), key=lambda i: counts[i] - shares[i])
+    for i in order[: max(n - sum(counts), 0)]:
+        counts[i] += 1
+    return counts
 
 
 def path_weight(path: PathQuality[PathId], best_rtt: float) -> float:
@@ -301,13 +368,19 @@ class ShardScheduler(Generic[PathId]):
     `add_parity`: grow the code to `effective_n` > n while the alive paths cannot keep
     n - k per uplink at both ends with n (the `survive_uplink_loss` spread)."""
 
-    def __init__(self, k: int, n: int, *, add_parity: bool = False) -> None:
+    def __init__(
+        self, k: int, n: int, *, add_parity: bool = False, adaptive: AdaptiveParity | None = None
+    ) -> None:
         if not 1 <= k <= n <= MAX_SHARDS:
             raise ValueError(f"need 1 <= k <= n <= {MAX_SHARDS}, got k={k} n={n}")
         self.k = k
         self.n = n
         self.add_parity = add_parity
+        #: n is chosen from the measured loss (see the module docstring); None: n is fixed
+        self.adaptive = adaptive
         self.effective_n = n
+        #: predicted block loss with `effective_n` over the current spread (adaptive only)
+        self.residual_loss: float | None = None
         self.protected = False
         self.protection = "not protected: no path to the far gate"
         self.uplinks = 0
@@ -339,7 +412,7 @@ class ShardScheduler(Generic[PathId]):
             ends[p.path_id] = (local, remote)
         mesh = Mesh(list(ends.values()), len(locals_index), len(remotes_index))
         if alive:
-            change = self._choose_code(mesh, relayed)
+            change = self._choose_code(mesh, relayed, alive)
         else:
             # Nothing is sent: the code stays as it was until a path is back.
             change = None
@@ -374,34 +447,47 @@ class ShardScheduler(Generic[PathId]):
         self._position = 0
         return change
 
-    def _choose_code(self, mesh: Mesh, relayed: bool) -> ParityChange | None:
+    def _choose_code(
+        self, mesh: Mesh, relayed: bool, alive: Sequence[PathQuality[PathId]]
+    ) -> ParityChange | None:
         """Set `effective_n` and the protection verdict for these paths."""
         k, n = self.k, self.n
+        adaptive = self.adaptive
         self.uplinks, self.peer_addresses = mesh.local_count, mesh.remote_count
-        effective_n = n
+        # Adaptive: the configured n gives way to the floor k + min_parity (raised below to
+        # what surviving an uplink loss needs, then to what the measured loss needs).
+        base_n = n if adaptive is None else min(k + adaptive.min_parity, MAX_SHARDS)
+        effective_n = base_n
         reason = ""
         if relayed:
             reason = "only the relay path (through the map)"
-        elif n == k:
+        elif base_n == k and adaptive is None:
             reason = "no parity (num_shards = required_shards)"
         elif mesh.local_count < 2:
             reason = "one uplink here"
         elif mesh.remote_count < 2:
             reason = "the far gate has one address"
-        elif mesh.protects(k, n):
+        elif base_n > k and mesh.protects(k, base_n):
             pass
         elif not self.add_parity:
             reason = f"({k}, {n}) puts more than {n - k} shards on an uplink here or there"
         else:
             ceiling = min(2 * k, MAX_SHARDS)
-            effective_n = next((m for m in range(n + 1, ceiling + 1) if mesh.protects(k, m)), n)
-            if effective_n == n:
+            first = max(base_n, k + 1)
+            effective_n = next(
+                (m for m in range(first, ceiling + 1) if mesh.protects(k, m)), base_n
+            )
+            if effective_n == base_n and not mesh.protects(k, base_n):
                 reason = f"paths too few to spread ({k}, n <= {ceiling}) over both ends"
+        loss: float | None = None
+        if adaptive is not None:
+            # Only ever above the floor just chosen, so the protection verdict stands.
+            effective_n, loss = self._adapt(mesh, alive, adaptive, effective_n)
         self.protected = not reason
         self.protection = PROTECTED if not reason else f"not protected: {reason}"
         if effective_n == self.effective_n:
             return None
-        self.effective_n = effective_n
+        previous_n, self.effective_n = self.effective_n, effective_n
         return ParityChange(
             added=effective_n > n,
             k=k,
@@ -409,7 +495,49 @@ class ShardScheduler(Generic[PathId]):
             effective_n=effective_n,
             uplinks=mesh.local_count,
             peer_addresses=mesh.remote_count,
+            previous_n=previous_n,
+            loss=loss,
         )
+
+    def _adapt(
+        self,
+        mesh: Mesh,
+        alive: Sequence[PathQuality[PathId]],
+        adaptive: AdaptiveParity,
+        floor: int,
+    ) -> tuple[int, float]:
+        """The adaptive n (at least `floor`) and the mean shard loss over its spread."""
+        k = self.k
+        ceiling = max(min(k + adaptive.max_parity, MAX_SHARDS), floor)
+        # One path's figure is a window of a few dozen probes (one probe moves it by ~3 %):
+        # pooled over the paths it is steadier; a path worse than the pool keeps its own.
+        measured = [min(max(p.loss, 0.0), 1.0) for p in alive]
+        pooled = sum(measured) / len(measured)
+        losses = [max(loss, pooled) for loss in measured]
+
+        def residual(m: int) -> tuple[float, float]:
+            local_cap, remote_cap = mesh.smallest_caps(m, m - k)
+            shares = plan_shares(alive, m, local_cap, remote_cap)
+            counts = whole_shards([shares[p.path_id] for p in alive], m)
+            mean = sum(c * x for c, x in zip(counts, losses, strict=True)) / m
+            return block_loss(counts, losses, k), mean
+
+        aim = adaptive.target_loss * GROW_MARGIN
+        current = min(max(self.effective_n, floor), ceiling)
+        current_residual, _ = residual(current)
+        chosen = current
+        if current_residual > aim:
+            # Grow at once to the smallest code meeting the aim.
+            chosen = next((m for m in range(current + 1, ceiling + 1) if residual(m)[0] <= aim),
+                          ceiling)  # fmt: skip
+        else:
+            # Shrink only to a code that meets the target with room to spare.
+            for m in range(floor, current):
+                if residual(m)[0] <= adaptive.target_loss * SHRINK_MARGIN:
+                    chosen = m
+                    break
+        self.residual_loss, mean_loss = residual(chosen)
+        return chosen, mean_loss
 
     def assign(self) -> tuple[PathId, ...]:
         """Path of each shard index for the next block (`effective_n` of them); empty when
