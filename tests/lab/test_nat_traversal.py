@@ -15,9 +15,11 @@ port-dependent filtering. Figures are printed (`pytest -s`).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -73,11 +75,17 @@ def make_net(lab: Lab, nat_a: str, nat_b: str) -> Net:
 
 
 @pytest.fixture
-def nets(lab: Lab) -> Iterator[list[Net]]:
+def nets(lab: Lab, request: pytest.FixtureRequest) -> Iterator[list[Net]]:
     made: list[Net] = []
     try:
         yield made
     finally:
+        keep = os.environ.get("WARP_LAB_KEEP")  # a directory: keep the logs of this test
+        if keep:
+            kept = Path(keep) / request.node.name
+            kept.mkdir(parents=True, exist_ok=True)
+            for log in lab.workdir.glob("*.log"):
+                (kept / log.name).write_bytes(log.read_bytes())
         for net in made:
             for gw in net.gws.values():
                 if gw.proc is not None:
@@ -125,6 +133,14 @@ def check_complete(results: list[dict[str, Any]], count: int) -> None:
         assert result["duplicates"] == 0 and result["corrupt"] == 0, result
 
 
+def process_start(b: Gw) -> float:
+    """b's process start: spawn to its `gateway.starting` line (Python and imports; on a
+    loaded machine this alone can take over a second, whatever warp's protocol does)."""
+    starting = b.first_event_ts("gateway.starting")
+    assert starting is not None, b.log.read_text()[-3000:]
+    return starting - b.started_at
+
+
 KINDS = ("cone", "symmetric")
 MATRIX = [(a, b) for a in KINDS for b in KINDS]
 
@@ -132,10 +148,13 @@ MATRIX = [(a, b) for a in KINDS for b in KINDS]
 @pytest.mark.parametrize(("nat_a", "nat_b"), MATRIX, ids=[f"{a}-{b}" for a, b in MATRIX])
 def test_matrix(lab: Lab, nets: list[Net], nat_a: str, nat_b: str) -> None:
     """Each cell connects and carries 2 000 datagrams each way with zero loss; cone×cone and
-    cone×symmetric direct within 1 s, symmetric×symmetric relayed within 5 s."""
+    cone×symmetric direct, the first datagram within 0.3 s of b's process being up (its
+    start-up is printed, not asserted: it depends on the machine's load), symmetric×symmetric
+    relayed within 5 s."""
     net = make_net(lab, nat_a, nat_b)
     nets.append(net)
     a, b, ttfd = connect(net)
+    start = process_start(b)
     count = 2000
     pa, pb, _ = stream(net, count, 1000, 30)
     ra, rb = app_result(pa, 45), app_result(pb, 45)
@@ -143,7 +162,8 @@ def test_matrix(lab: Lab, nets: list[Net], nat_a: str, nat_b: str) -> None:
     print(
         f"\nMATRIX a={nat_a:<9} b={nat_b:<9} first datagram {ttfd:6.3f} s  {mode:<8} "
         f"a→b {rb['unique']}/{count}  b→a {ra['unique']}/{count}  "
-        f"p50 {ra['latency_ms_p50']}/{rb['latency_ms_p50']} ms"
+        f"p50 {ra['latency_ms_p50']}/{rb['latency_ms_p50']} ms  "
+        f"(b's process start {start:.3f} s, then {ttfd - start:.3f} s)"
     )
     check_complete([ra, rb], count)
     for gw in (a, b):
@@ -158,7 +178,7 @@ def test_matrix(lab: Lab, nets: list[Net], nat_a: str, nat_b: str) -> None:
         assert a.events("relay.fallback") and b.events("relay.fallback")
     else:
         assert mode == "direct", (a.events("path.relay.active"), b.events("path.relay.active"))
-        assert ttfd <= 1.0
+        assert ttfd - start <= 0.3
 
 
 def worst_gap(result: dict[str, Any], after: float, before: float) -> float:
