@@ -14,7 +14,7 @@ import statistics
 
 import uvloop
 
-from warp.node import TimerSlot
+from warp.event_loop import TimerSlot
 from warp.redundancy import ShardDecoder, ShardEncoder
 
 

@@ -235,11 +235,12 @@ def _run_gateway(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
+    from warp.event_loop import install_event_loop_policy
     from warp.gate.base import GateError
     from warp.instance_lock import InstanceBusy, InstanceLockError, claim_instance
     from warp.logs import configure_logging
     from warp.metrics import MetricsError
-    from warp.node import Gateway, install_event_loop_policy
+    from warp.node import Gateway
     from warp.status import ControlSocketError
 
     config = load_gateway_config(args.config)

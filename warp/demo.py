@@ -227,8 +227,9 @@ def _gateway(args: argparse.Namespace) -> int:
     import asyncio
 
     from warp.config import load_gateway_config
+    from warp.event_loop import install_event_loop_policy
     from warp.logs import configure_logging
-    from warp.node import Gateway, install_event_loop_policy
+    from warp.node import Gateway
     from warp.paths import uplinks as uplinks_module
 
     config = load_gateway_config(args.config)

@@ -20,31 +20,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
-import math
-import os
 import random
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from warp.config import (
     ConfigError,
     GatewayConfig,
-    LoopbackGate,
     TunGate,
     TunnelConfig,
-    UnixGate,
     load_gateway_config,
 )
 from warp.core import FarGateSession, GatePaused, GatewayCore
-from warp.core.reload import ReloadPlan, ReloadRefused, plan_reload
+from warp.core.reload import ReloadRefused, plan_fields, plan_reload
 from warp.core.snapshot import snapshot
-from warp.gate.base import Gate, GateError, OnDatagram
-from warp.gate.loopback import LoopbackGate as LoopbackGateRuntime
-from warp.gate.unix import UnixGate as UnixGateRuntime
+from warp.event_loop import TimerSlot
+from warp.gate.base import Gate, GateError
+from warp.gate.factory import GateFactory, socket_gate
 from warp.keys import encode_key
 from warp.metrics import MetricsExporter, start_gateway_metrics
 from warp.paths.path import Address
@@ -55,106 +50,6 @@ log = logging.getLogger("warp.node")
 
 #: Deregistering from the map at shutdown waits at most this long for its confirmation.
 STOP_WAIT = 1.0
-
-#: Makes a tunnel's gate: ``(tunnel name, tunnel config, on_datagram) -> Gate`` (not started).
-GateFactory = Callable[[str, TunnelConfig, OnDatagram], Gate]
-
-
-def socket_gate(name: str, tunnel_config: TunnelConfig, on_datagram: OnDatagram) -> Gate:
-    """The configured gate of `warp run`: a loopback, Unix or tun gate."""
-    gate_config = tunnel_config.gate
-    if isinstance(gate_config, LoopbackGate):
-        return LoopbackGateRuntime(
-            on_datagram,
-            application_to_gate=gate_config.application_to_gate,
-            ipv4=gate_config.ipv4,
-            gate_to_application=gate_config.gate_to_application,
-        )
-    if isinstance(gate_config, UnixGate):
-        return UnixGateRuntime(
-            on_datagram,
-            path=gate_config.path,
-            application_path=gate_config.application_path,
-            group=gate_config.group,
-            allowed_uids=gate_config.allowed_uids,
-            allowed_gids=gate_config.allowed_gids,
-            allow_shared_directory=gate_config.allow_shared_directory,
-        )
-    tun_module = importlib.import_module("warp.gate.tun")  # needs root; loaded on demand
-    return tun_module.TunGate(  # type: ignore[no-any-return]
-        on_datagram,
-        name=gate_config.name,
-        addresses=gate_config.address,
-        mtu=gate_config.mtu,
-        allowed_ips=gate_config.allowed_ips,
-    )
-
-
-def _clock_step(loop: asyncio.AbstractEventLoop) -> float:
-    """The tick of the loop's clock: uvloop's `time()` counts whole milliseconds (libuv's
-    `uv_now`) and rounds timer delays to the nearest millisecond; asyncio's is
-    `time.monotonic` (0 here: no rounding needed)."""
-    return 0.001 if type(loop).__module__.startswith("uvloop") else 0.0
-
-
-class TimerSlot:
-    """One `loop.call_at` timer for one sans-I/O object, re-armed only when its deadline moves.
-
-    The callback runs only once `loop.time()` has reached the deadline, so the object, which
-    compares the loop's `now` against its own deadline, always finds it due. Under uvloop a
-    deadline a fraction of a millisecond ahead used to fire at once (its delay rounded to 0),
-    with `loop.time()` (whole ms) still before it: the object did nothing, the slot re-armed
-    at once, and spun until the next millisecond (up to hundreds of callbacks per deadline).
-    The delay is now rounded *up* to a whole tick, and an early wake-up (clock rounding) re-arms
-    without calling back: one callback per deadline."""
-
-    __slots__ = ("_callback", "_deadline", "_handle", "_loop", "_step")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
-        self._loop = loop
-        self._callback = callback
-        self._deadline: float | None = None
-        self._handle: asyncio.TimerHandle | asyncio.Handle | None = None
-        self._step = _clock_step(loop)
-
-    def arm(self, deadline: float | None) -> None:
-        if deadline == self._deadline:
-            return
-        if deadline is not None and self._deadline is not None and self._deadline <= deadline:
-            # Lazy: the armed handle fires first; the callback (every one tolerates an early
-            # call) re-arms for the later deadline. Saves a cancel + call_at per move.
-            return
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-        self._deadline = deadline
-        if deadline is not None:
-            self._schedule(deadline)
-
-    def _schedule(self, deadline: float) -> None:
-        loop = self._loop
-        step = self._step
-        if step:
-            now = loop.time()
-            if deadline > now:
-                # Whole ticks, rounded up: fires at the first tick at or after the deadline.
-                self._handle = loop.call_at(
-                    now + math.ceil((deadline - now) / step) * step, self._fire
-                )
-                return
-        self._handle = loop.call_at(deadline, self._fire)
-
-    def _fire(self) -> None:
-        deadline = self._deadline
-        if deadline is not None and self._loop.time() < deadline:
-            self._schedule(deadline)  # woken early by clock rounding: not due yet
-            return
-        self._handle = None
-        self._deadline = None
-        self._callback()
-
-    def cancel(self) -> None:
-        self.arm(None)
 
 
 class Gateway:
@@ -380,7 +275,7 @@ class Gateway:
             self._update_uplink_patterns()
         log.info("reload.applied %s", plan.summary())
         self._drain()
-        reply: dict[str, Any] = {"reloaded": True, "changes": _plan_fields(plan)}
+        reply: dict[str, Any] = {"reloaded": True, "changes": plan_fields(plan)}
         if failed:
             reply["gate_errors"] = [list(problem) for problem in failed]
         return reply
@@ -593,26 +488,3 @@ class Gateway:
                 )
         uptime = time.monotonic() - self._started_at
         return snapshot(self.core, now, uptime=uptime, uplink_rows=rows, gates=self.gates)
-
-
-def _plan_fields(plan: ReloadPlan) -> dict[str, Any]:
-    return {
-        "far_gates_added": list(plan.far_gates_added),
-        "far_gates_removed": list(plan.far_gates_removed),
-        "tunnels_added": list(plan.tunnels_added),
-        "tunnels_removed": list(plan.tunnels_removed),
-        "tunnels_changed": list(plan.tunnels_changed),
-        "patterns_changed": plan.patterns_changed,
-    }
-
-
-def install_event_loop_policy() -> str:
-    """Use uvloop when installed (≈5× the datagram rate); say which loop runs."""
-    if os.environ.get("WARP_EVENT_LOOP", "").lower() == "asyncio":
-        return "asyncio"
-    try:
-        import uvloop
-    except ImportError:
-        return "asyncio"
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return "uvloop"

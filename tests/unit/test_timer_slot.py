@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from warp.node import TimerSlot
+from warp.event_loop import TimerSlot
 from warp.redundancy import ShardDecoder, ShardEncoder
 
 REORDER_TIMEOUT = 0.0103  # not a whole number of milliseconds: the case that spun

@@ -12,6 +12,7 @@ reload is refused with each such TOML path, and the running config stays.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from warp.config import GatewayConfig, TunnelConfig
 
@@ -165,3 +166,15 @@ def plan_reload(
         gates_closed=gates_closed,
         patterns_changed=patterns_changed,
     )
+
+
+def plan_fields(plan: ReloadPlan) -> dict[str, Any]:
+    """A plan as the ``warp reload`` reply's ``changes``."""
+    return {
+        "far_gates_added": list(plan.far_gates_added),
+        "far_gates_removed": list(plan.far_gates_removed),
+        "tunnels_added": list(plan.tunnels_added),
+        "tunnels_removed": list(plan.tunnels_removed),
+        "tunnels_changed": list(plan.tunnels_changed),
+        "patterns_changed": plan.patterns_changed,
+    }
