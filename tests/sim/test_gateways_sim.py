@@ -20,6 +20,7 @@ from tests.sim.harness import block_loss_probability
 from tests.sim.network import GilbertElliott, IidLoss, LossModel
 from tests.sim.simnet import NatKind
 from warp.core.session import RELAY_FALLBACK_AFTER
+from warp.keys import public_key_of
 
 CONE: NatKind = "port-restricted-cone"
 #: a stream's datagrams sent before this are the connection's (no session yet)
@@ -447,9 +448,31 @@ def test_map_restart_leaves_direct_paths_alone_and_everyone_registers_again() ->
     fleet.net.at(2.0, fleet.map.restart)
     fleet.net.run_until(2.0)
     registry = fleet.map.core.registry
-    back = fleet.net.run_while(lambda: registry.registration_count < 4, limit=30.0)
+    map_key = public_key_of(fleet.map_private)
+    map_peers = {name: host.core.device.peer(map_key) for name, host in fleet.gateways.items()}
+    first_handshakes = {name: peer.last_handshake_time for name, peer in map_peers.items() if peer}
+    rehandshaken: dict[str, float] = {}
+    registered: dict[str, float] = {}
+
+    def waiting() -> bool:
+        for name, host in fleet.gateways.items():
+            peer = map_peers[name]
+            assert peer is not None
+            if name not in rehandshaken and peer.last_handshake_time != first_handshakes[name]:
+                rehandshaken[name] = fleet.net.now
+            client = registry.clients.get(public_key_of(host.config.private_key))
+            if name not in registered and client is not None and len(client.registrations) == 2:
+                registered[name] = fleet.net.now
+        return len(registered) < len(fleet.gateways)
+
+    back = fleet.net.run_while(waiting, limit=30.0)
     print(f"every uplink registered again {back - 2.0:.2f} s after the restart")
     assert fleet.map.restarts == 1 and back < 10.0 + 1.0
+    for name in fleet.gateways:
+        # Both uplinks' registrations were held while the new session was being set up and
+        # go out as soon as it is (one round trip to the map, 40 ms here), not on the next
+        # retry (>= 0.3 s later, sealed under the dead session and unanswered).
+        assert registered[name] - rehandshaken[name] < 0.1, (name, registered, rehandshaken)
     fleet.net.run_until(16.5)
     for stream in (ab, ba):
         assert stream.lost_between(SETTLED, 16.0) == []
