@@ -20,6 +20,7 @@ from tests.sim.harness import block_loss_probability
 from tests.sim.network import GilbertElliott, IidLoss, LossModel
 from tests.sim.simnet import NatKind
 from warp.core.session import RELAY_FALLBACK_AFTER
+from warp.core.snapshot import snapshot
 from warp.paths.path import PathState
 
 CONE: NatKind = "port-restricted-cone"
@@ -322,6 +323,16 @@ def test_relayed_pair_one_uplink_black_holed_loses_nothing(side: str, index: int
         assert session.relay_in_use
         relayed = [p for p in session.prober.active_paths() if p.source == "relay"]
         assert len({p.uplink for p in relayed}) == 2  # both uplinks carry relayed shards
+    # `warp status` lists the relayed paths per uplink, from that uplink's address
+    rows = [{"name": f"wan{i}", "local_address": f"192.168.0.{i}:51820"} for i in (0, 1)]
+    shown = snapshot(fleet.gateways["a"].core, 5.0, uptime=5.0, uplink_rows=rows, gates={})
+    relayed_rows = {
+        (p["uplink"], p["local_address"]) for p in shown["paths"] if p["state"] == "active"
+    }
+    assert relayed_rows == {
+        ("relay:wan0", "192.168.0.0:51820"),
+        ("relay:wan1", "192.168.0.1:51820"),
+    }
     fleet.net.run_until(9.5)
     for stream in (ab, ba):
         connected = stream.first_delivery()
