@@ -173,8 +173,10 @@ def test_matrix(lab: Lab, nets: list[Net], nat_a: str, nat_b: str) -> None:
         assert mode == "relayed"
         assert ttfd <= 5.0
         snap = a.status()
-        relay = [p for p in snap["paths"] if p["source"] == "relay"]
-        assert relay and relay[0]["state"] == "active" and relay[0]["tx_packets"] > count, relay
+        relay = [p for p in snap["paths"] if p["source"] == "relay" and p["state"] == "active"]
+        # relayed paths from both uplinks (relay:up1, relay:up2), carrying the n shards
+        assert {p["uplink"] for p in relay} == {"relay:up1", "relay:up2"}, snap["paths"]
+        assert sum(p["tx_packets"] for p in relay) > 2 * count, relay
         assert a.events("relay.fallback") and b.events("relay.fallback")
     else:
         assert mode == "direct", (a.events("path.relay.active"), b.events("path.relay.active"))
