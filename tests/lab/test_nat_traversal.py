@@ -359,3 +359,51 @@ def test_relayed_pair_uplink_black_holed_loses_nothing_5_runs(lab: Lab, nets: li
     for gw in gws.values():
         (tunnel,) = gw.status()["tunnels"]
         assert tunnel["datagrams_lost"] == 0, tunnel
+
+
+def test_map_on_a_wildcard_address_public_address_on_lo(lab: Lab, nets: list[Net]) -> None:
+    """warp-map bound to 0.0.0.0 on a host whose public address (the one gateways are given)
+    is on ``lo``, its default route via its interface's own address: it replies from the
+    address asked (sticky source), so gateways behind NATs that filter by address (symmetric
+    here) register and connect. Replying from the interface address, it was never heard."""
+    host = lab.add_public_host("map")
+    public = "198.51.100.200"
+    lab.run(host.ns, ["ip", "addr", "add", f"{public}/32", "dev", "lo"])
+    lab.run(lab.public_ns, ["ip", "route", "add", f"{public}/32", "via", host.address])
+    a_site = lab.add_site("a", "symmetric", uplinks=2)
+    b_site = lab.add_site("b", "symmetric", uplinks=2)
+    net = Net(lab, a_site, b_site, generate_private_key())
+    net.keys = {"a": generate_private_key(), "b": generate_private_key()}
+    nets.append(net)
+    (lab.workdir / "map.toml").write_text(
+        f'bind = "0.0.0.0:{MAP_PORT}"\nprivate_key = "{encode_key(net.map_key)}"\n'
+    )
+    net.map_proc = lab.spawn(
+        host.ns,
+        [*WARP_MAP, "--config", str(lab.workdir / "map.toml")],
+        120,
+        stdout=net.map_log.open("w"),
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    deadline = time.monotonic() + 10
+    while "map.listening" not in net.map_log.read_text():
+        assert time.monotonic() < deadline and net.map_proc.poll() is None, net.map_log.read_text()
+        time.sleep(0.02)
+    gate = loopback_gate()
+    for name in ("a", "b"):
+        gw = net.write_config(name, gate)
+        given = f"{lab.public_address}:{MAP_PORT}"
+        gw.config.write_text(gw.config.read_text().replace(given, f"{public}:{MAP_PORT}"))
+    for name in ("a", "b"):
+        net.start(name, 60)
+    for name in ("a", "b"):
+        snap = net.wait_registered(name, timeout=15)
+        assert all(snap["map"]["reflexive"].values()), snap["map"]  # every uplink
+    deadline = time.monotonic() + 15
+    while not all(relayed(gw) for gw in net.gws.values()):  # symmetric × symmetric
+        assert time.monotonic() < deadline, [gw.log.read_text()[-2000:] for gw in net.gws.values()]
+        time.sleep(0.1)
+    count = 300
+    pa, pb, _ = stream(net, count, 100, 30)
+    check_complete([app_result(pa, 45), app_result(pb, 45)], count)
