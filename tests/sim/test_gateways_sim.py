@@ -323,6 +323,8 @@ def test_relayed_pair_one_uplink_black_holed_loses_nothing(side: str, index: int
         assert session.relay_in_use
         relayed = [p for p in session.prober.active_paths() if p.source == "relay"]
         assert len({p.uplink for p in relayed}) == 2  # both uplinks carry relayed shards
+        # at most n - k shards of a block per uplink, at either end
+        assert all(t.scheduler.protected for t in session.tunnels.values())
     # `warp status` lists the relayed paths per uplink, from that uplink's address
     rows = [{"name": f"wan{i}", "local_address": f"192.168.0.{i}:51820"} for i in (0, 1)]
     shown = snapshot(fleet.gateways["a"].core, 5.0, uptime=5.0, uplink_rows=rows, gates={})
