@@ -31,6 +31,7 @@ from typing import Any
 
 from warp.paths.netlink import InterfaceInfo, NetlinkMonitor, dump_interfaces
 from warp.paths.path import Address
+from warp.pktinfo import StickyTransport, is_wildcard
 
 log = logging.getLogger("warp.paths.uplinks")
 
@@ -831,7 +832,13 @@ class UplinkManager:
             uplink, self._on_datagram, self.max_datagram_size, self._on_writable
         )
         try:
-            transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
+            if is_wildcard(uplink.address):
+                # Every local address (a `listen_port` server): replies leave from the address
+                # each peer sent to (warp/pktinfo.py), one by one (a GSO batch would not).
+                transport: asyncio.DatagramTransport = StickyTransport(loop, sock, protocol)
+                uplink._gso = False
+            else:
+                transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
         except BaseException:
             sock.close()
             raise
