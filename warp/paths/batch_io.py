@@ -2,7 +2,7 @@
 
 `NATIVE` wraps the optional C extension `warp._batchio` (Linux `recvmmsg`/`sendmmsg`, built
 by `pip install` when a C compiler and the Python headers are there); `PYTHON` does the same
-with one `recvmsg`/`sendto` per datagram. Both have the same results, datagram for datagram
+with one `recvfrom`/`sendto` per datagram. Both have the same results, datagram for datagram
 (tests/unit/test_batch_io.py holds them to it), so the uplinks do not care which one runs:
 
 * `recv_many(sock, max_count, max_size)` → `(datagrams, truncated, error)`: what waits on
@@ -68,17 +68,19 @@ def _python_recv_many(
     _check(max_count, max_size)
     datagrams: list[Datagram] = []
     truncated = 0
-    recvmsg = sock.recvmsg
+    recvfrom = sock.recvfrom
+    # One byte more than allowed tells a too long datagram (cheaper than recvmsg's flags).
+    buffer_size = max_size + 1
     for _ in range(max_count):
         try:
-            data, _ancillary, flags, address = recvmsg(max_size, 0, socket.MSG_DONTWAIT)
+            data, address = recvfrom(buffer_size, socket.MSG_DONTWAIT)
         except BlockingIOError:
             break
         except OSError as exc:
             if datagrams or truncated:
                 break  # as recvmmsg: what came before is returned, the error ends the batch
             return datagrams, 0, exc
-        if flags & socket.MSG_TRUNC:
+        if len(data) > max_size:
             truncated += 1
             continue
         datagrams.append((data, (address[0], address[1])))
