@@ -5,9 +5,10 @@ fallback, the map) for every far gate; this shell owns what touches the system: 
 sockets (`UplinkManager`), the gates, one timer (`TimerSlot`, re-armed only when the core's
 `next_deadline` moves), the control socket, metrics and signals.
 
-After every input (an uplink datagram, a gate datagram, an uplink change, the timer) the
-shell drains the core's outputs in one place (`_drain`): datagrams to send from the uplinks
-(an uplink whose socket filled up is reported back with `uplink_writable`), datagrams for
+After every input (a batch of uplink datagrams, a gate datagram, an uplink change, the timer)
+the shell drains the core's outputs in one place (`_drain`): datagrams to send, one
+`send_many` per uplink (an uplink whose socket filled up is reported back with
+`uplink_writable`), datagrams for
 the gates, gates to pause or resume, and the next deadline.
 
 Back-pressure (decided per far gate in `FarGateSession`): while an uplink a far gate's

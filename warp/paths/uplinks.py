@@ -485,8 +485,8 @@ class _UplinkProtocol(asyncio.DatagramProtocol):
             datagrams, truncated, error = uplink._batch_io.recv_many(
                 sock, RECEIVE_BATCH - 1, self._max_datagram
             )
-            for data, addr in datagrams:
-                self._deliver(data, addr)
+            for more, source in datagrams:
+                self._deliver(more, source)
             if truncated:
                 if not uplink.rx_truncated:  # once per uplink: a peer may send nothing else
                     log.warning(
