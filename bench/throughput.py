@@ -606,6 +606,13 @@ def main() -> int:
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
         return 1
+    try:
+        from warp.paths import batch_io
+
+        socket_io = batch_io.default().name
+    except ImportError:  # a tree from before batched socket I/O
+        socket_io = "per datagram"
+    print(f"gateways' uplink socket I/O: {socket_io}")
     results: dict[int, dict[str, dict[str, Any]]] = {size: {} for size in args.sizes}
     with Lab() as lab:
         bench = Bench.build(lab, args)

@@ -667,6 +667,7 @@ class UplinkManager:
         if self._started:
             raise RuntimeError("UplinkManager already started")
         self._started = True
+        log.info("uplink.batch_io backend=%s", self.io.name)
         loop = asyncio.get_running_loop()
         try:
             if self._static is None:
