@@ -5,9 +5,11 @@
 
 Send: `--batch` datagrams of `--size` B (528 B: one (3, 5) shard of a 1400 B datagram), round
 robin to 4 receiver sockets (4 paths), per call; the receivers are drained between rounds,
-untimed. Receive: `--batch` datagrams from 4 senders wait on one socket; one call (or loop)
-reads them all. Prints µs per datagram (CPU time of this process, user + system, so the
-kernel's UDP path is in it), medians of `--repeat` interleaved runs.
+untimed; "GSO per address" (for comparison, not used by warp) sends the same datagrams as
+one UDP_SEGMENT `sendmsg` per address. Receive: `--batch` datagrams from 4 senders wait on
+one socket; one call (or loop) reads them all. Prints µs per datagram (CPU time of this
+process, user + system, so the kernel's UDP path is in it), medians of `--repeat`
+interleaved runs.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import socket
 import statistics
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from warp.paths.batch_io import NATIVE, PYTHON, BatchIO
+
+UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
 
 
 def _sock() -> socket.socket:
@@ -67,6 +72,19 @@ def main() -> None:
 
         return run
 
+    by_address: dict[tuple[str, int], list[bytes]] = {}
+    for data, address in messages:
+        by_address.setdefault(address, []).append(data)
+    gso = [(b"".join(group), address) for address, group in by_address.items()]
+    segment = [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", args.size))]
+
+    def send_gso() -> None:
+        # for comparison only: one UDP_SEGMENT sendmsg per address (equal sizes, reordered
+        # across addresses), what GSO would cost if the core's sends were grouped so
+        sendmsg = source.sendmsg
+        for payload, address in gso:
+            sendmsg([payload], segment, 0, address)
+
     def recv_loop() -> None:
         recv = sinks[0].recvfrom
         for _ in range(args.batch):
@@ -80,6 +98,8 @@ def main() -> None:
         return run
 
     sends: dict[str, Callable[[], None]] = {"sendto loop": send_loop}
+    if args.size * (args.batch // 4) <= 65507:
+        sends["GSO per address"] = send_gso
     recvs: dict[str, Callable[[], None]] = {"recvfrom loop": recv_loop}
     for io in (PYTHON, NATIVE):
         if io is not None:
