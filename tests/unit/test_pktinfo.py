@@ -92,7 +92,8 @@ def _echo_uplink(address: str, port: int) -> tuple[UplinkManager, list[str]]:
 
     def echo(uplink: Uplink, data: bytes, addr: tuple[str, int]) -> None:
         seen.append(addr[0])
-        uplink.send(data, addr)
+        # as the gateway sends: a batch (send_many) — it must not bypass the sticky source
+        uplink.send_many([(data, addr), (data, addr)])
 
     manager = UplinkManager.from_static([("any", address)], on_datagram=echo, listen_port=port)
     return manager, seen

@@ -166,6 +166,7 @@ class Uplink:
 
     __slots__ = (
         "_batch_io",
+        "_direct_io",
         "_gso",
         "_gso_max_segment",
         "_gso_ok",
@@ -231,6 +232,9 @@ class Uplink:
         self._sock: socket.socket | None = None
         """The transport's own socket object (same fd, closed with it) for `send_batch`."""
         self._sock_transport: asyncio.DatagramTransport | None = None
+        #: batches may read/write the socket itself (not through a StickyTransport, which
+        #: must see every datagram to keep each peer's source address)
+        self._direct_io = True
         """The transport `_sock` belongs to: written directly only while it is `_transport`."""
         self._writable = True
         self._gso = True
@@ -380,6 +384,7 @@ class Uplink:
             or transport is None
             or sock is None
             or transport is not self._sock_transport
+            or not self._direct_io
             or not self._writable
             or transport.get_write_buffer_size()  # type: ignore[attr-defined]
         ):
@@ -482,7 +487,7 @@ class _UplinkProtocol(asyncio.DatagramProtocol):
             addr = (addr[0], addr[1])
         self._deliver(data, addr)
         sock = uplink._sock
-        if sock is not None and uplink._protocol is self:
+        if sock is not None and uplink._protocol is self and uplink._direct_io:
             datagrams, truncated, error = uplink._batch_io.recv_many(
                 sock, RECEIVE_BATCH - 1, self._max_datagram
             )
@@ -951,9 +956,10 @@ class UplinkManager:
                 # Every local address (a `listen_port` server): replies leave from the address
                 # each peer sent to (warp/pktinfo.py), one by one (a GSO batch would not).
                 transport: asyncio.DatagramTransport = StickyTransport(loop, sock, protocol)
-                uplink._gso = False
+                uplink._gso = uplink._direct_io = False
             else:
                 transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
+                uplink._direct_io = True
         except BaseException:
             sock.close()
             raise
