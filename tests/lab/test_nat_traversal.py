@@ -156,7 +156,11 @@ def test_matrix(lab: Lab, nets: list[Net], nat_a: str, nat_b: str) -> None:
     a, b, ttfd = connect(net)
     start = process_start(b)
     count = 2000
-    pa, pb, _ = stream(net, count, 1000, 30)
+    # A relay carries every shard through the Python map (decrypted and sealed again): 500/s
+    # each way is 6 000 relayed shards/s there, what one map process carries on a 2-core box
+    # beside the two gateways; 1 000/s saturated it (p50 0.2-0.4 s, up to 28 % lost).
+    rate = 500 if nat_a == nat_b == "symmetric" else 1000
+    pa, pb, _ = stream(net, count, rate, 30)
     ra, rb = app_result(pa, 45), app_result(pb, 45)
     mode = "relayed" if relayed(a) or relayed(b) else "direct"
     print(
