@@ -650,6 +650,9 @@ class TransportConfig(_Model):
     send_deadline: Duration = 0.100
     priority: StrictInt = Field(default=0, ge=-128, le=127)
     redundancy: RedundancyConfig = Field(default_factory=RedundancyConfig)
+    #: ``survive_uplink_loss``: no uplink carries more than n - k shards of a block (parity is
+    #: added when the uplinks are too few); ``aggregate``: shards in proportion to capacity
+    spread: Literal["survive_uplink_loss", "aggregate"] = "survive_uplink_loss"
 
 
 ENGARDE_NO_KEY = bytes(32)
@@ -1675,6 +1678,11 @@ reorder_timeout = "50ms"
 send_deadline = "100ms"
 # Higher goes first when the uplinks are congested (-128..127).
 priority = 0
+# How blocks are spread over uplinks of uneven speed (each is paced below the capacity
+# measured from the far gate's receive reports): "survive_uplink_loss" keeps "one uplink
+# may die and nothing is lost" (status shows the protected rate); "aggregate" puts shards
+# in proportion to capacity (the sum of the uplinks; FEC covers random loss only).
+spread = "survive_uplink_loss"
 
 [tunnels.wireguard.transport.redundancy]
 # Each datagram block is sent as num_shards shards; any required_shards rebuild it.

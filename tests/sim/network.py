@@ -90,6 +90,7 @@ def dead() -> Blackout:
 @dataclass
 class LinkStats:
     sent: int = 0
+    sent_bytes: int = 0
     lost: int = 0
     duplicated: int = 0
     reordered: int = 0
@@ -125,6 +126,7 @@ class Link:
         duplicated."""
         stats = self.stats
         stats.sent += 1
+        stats.sent_bytes += size
         for model in self.losses:
             if model.lost(now):
                 stats.lost += 1

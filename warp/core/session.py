@@ -15,12 +15,13 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from warp.config import FarGateConfig, TunGate, TunnelConfig, UnixGate
 from warp.frames import FrameType
+from warp.paths.capacity import TokenBucket
 from warp.paths.path import Address, Path, PathState
 from warp.paths.prober import (
     PathAdded,
@@ -148,13 +149,37 @@ def _quantize_rtt(rtt: float | None) -> int:
     return 1 + int(math.log(rtt * 1000, 1.25))
 
 
-def path_qualities(paths: Sequence[Path]) -> list[PathQuality[Path]]:
+def _quantize_rate(rate: float | None) -> int:
+    """Pacing rate in ~5 % (log) steps: finer changes do not move the shares enough."""
+    if rate is None or rate <= 1.0:
+        return -1
+    return int(math.log(rate, 1.05))
+
+
+def path_qualities(
+    paths: Sequence[Path], uplink_rates: Mapping[str, float | None] | None = None
+) -> list[PathQuality[Path]]:
     """What the schedulers are told of the sending paths: each path's measurements, its
-    uplink (our end) and its remote address (one peer uplink: the other end)."""
-    return [
-        PathQuality(p, loss=p.loss or 0.0, rtt=p.rtt, local=p.uplink, remote=p.remote)
-        for p in sorted(paths, key=lambda p: (p.uplink, p.remote))
-    ]
+    uplink (our end), its remote address (one peer uplink: the other end) and its part of
+    its uplink's pacing rate (`uplink_rates`; the uplink's sending paths share it evenly)."""
+    rates = uplink_rates or {}
+    per_uplink: dict[str, int] = {}
+    for p in paths:
+        per_uplink[p.uplink] = per_uplink.get(p.uplink, 0) + 1
+    qualities = []
+    for p in sorted(paths, key=lambda p: (p.uplink, p.remote)):
+        rate = rates.get(p.uplink)
+        qualities.append(
+            PathQuality(
+                p,
+                loss=p.loss or 0.0,
+                rtt=p.rtt,
+                local=p.uplink,
+                remote=p.remote,
+                rate=None if rate is None else rate / per_uplink[p.uplink],
+            )
+        )
+    return qualities
 
 
 def _log_parity_change(tunnel: str, change: ParityChange) -> None:
@@ -190,6 +215,9 @@ class Tunnel:
     rejects_unlogged: int = 0
     drops: dict[str, int] = field(default_factory=dict)
     """Drops decided by the session (e.g. ``source_not_allowed``), by reason."""
+    #: application bytes sent and the wire bytes they took (status: application rates)
+    app_bytes: int = 0
+    wire_bytes: int = 0
 
     def count_drop(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
@@ -205,7 +233,7 @@ class Tunnel:
         self.config = config
         # (built as at start, so the new scheduler and decoder are set up as any other)
         fresh = Tunnel.make(self.name, self.far_gate, config)
-        if (old.redundancy, old.mtu) != (new.redundancy, new.mtu):
+        if (old.redundancy, old.mtu, old.spread) != (new.redundancy, new.mtu, new.spread):
             encoder = fresh.encoder
             self.encoder = ShardEncoder(
                 self.tunnel_id,
@@ -254,6 +282,7 @@ class Tunnel:
                 k,
                 n,
                 add_parity=True,
+                spread=transport.spread,
                 adaptive=AdaptiveParity(
                     transport.redundancy.min_parity,
                     transport.redundancy.max_parity,
@@ -301,6 +330,10 @@ class FarGateSession:
         for tunnel in tunnels:
             if not tunnel.back_pressure:
                 self.send_queue.clock_runs.add(tunnel.tunnel_id)
+        # Per uplink: paced below what it carries (`PathProber.pacing_rate`; none: unpaced).
+        self.pacers: dict[str, TokenBucket] = {}
+        #: flushes that waited for a pacer (the uplinks carry less than is offered)
+        self.paced_waits = 0
         self.static_endpoints: list[Address] = []
         self.peer_endpoints: tuple[Address, ...] = ()
         # What the schedulers were last told (`update_schedulers`): the sending paths and a
@@ -561,7 +594,9 @@ class FarGateSession:
         if kind == _SHARD:
             self.on_shard(plaintext, now)
         elif kind == _PROBE:
-            reply = make_probe_reply(plaintext)
+            # With the path's receive report: the far gate's capacity estimate of it.
+            received = None if path is None else (path.rx_bytes, path.rx_packets)
+            reply = make_probe_reply(plaintext, received)
             if reply is not None:
                 self._seal_and_send(reply, uplink, source, now)
         elif kind == _PROBE_REPLY:
@@ -703,13 +738,18 @@ class FarGateSession:
             self._on_relay_use(relayed, now)
         # A tunnel with adaptive parity: its scheduler hears of every loss step.
         fine = any(t.scheduler.adaptive is not None for t in self.tunnels.values())
-        signature = tuple(
-            (id(p), p.state, _quantize_loss(p.loss, fine=fine), _quantize_rtt(p.rtt)) for p in paths
+        rates = {p.uplink: self.prober.share_rate(p.uplink, now) for p in paths}
+        signature = (
+            tuple(
+                (id(p), p.state, _quantize_loss(p.loss, fine=fine), _quantize_rtt(p.rtt))
+                for p in paths
+            ),
+            tuple((uplink, _quantize_rate(rate)) for uplink, rate in rates.items()),
         )
         if signature != self._sending_signature:
             self._sending_signature = signature
             self._sending = paths
-            qualities = path_qualities(paths)
+            qualities = path_qualities(paths, rates)
             for tunnel in self.tunnels.values():
                 change = tunnel.scheduler.update(qualities, relayed=relayed)
                 if change is not None:
@@ -879,12 +919,22 @@ class FarGateSession:
             return
         self._release(now)
         self._sweep_at = None
+        pacers = self._pace(paths, now)
         seal_many = self.core.device.seal_many
         emit = self.core.emit
         key = self.key
         tunnels = self.tunnels_by_id
         send_failed = 0
         for _ in range(FLUSH_BATCH):
+            if pacers:
+                ready = max(pacer.ready_at(now) for pacer in pacers)
+                if ready > now:
+                    # The uplinks carry less than is offered: the rest waits in the queue
+                    # (dropped there by deadline and priority, gates with back-pressure
+                    # paused), never in a modem's queue.
+                    self.paced_waits += 1
+                    self.flush_at = ready
+                    break
             item = queue.pop(now)
             if item is None:
                 break
@@ -894,6 +944,7 @@ class FarGateSession:
                 continue
             scheduler = tunnel.scheduler
             assign = scheduler.assign
+            tunnel.app_bytes += len(item.datagram)
             # The scheduler's shard count: more than n while parity is added.
             for frames in tunnel.encoder.encode(item.datagram, scheduler.effective_n):
                 for wire, path in zip(seal_many(key, frames, now), assign(), strict=True):
@@ -905,11 +956,15 @@ class FarGateSession:
                         sent = self.core.relay(key, wire, now)
                     elif uplink in uplinks:
                         sent = emit(uplink, path.remote, wire)
+                        pacer = self.pacers.get(uplink)
+                        if pacer is not None:
+                            pacer.consume(len(wire), now)
                     else:
                         sent = False
                     if sent:
                         path.tx_packets += 1
                         path.tx_bytes += len(wire)
+                        tunnel.wire_bytes += len(wire)
                     else:
                         send_failed += 1
         else:
@@ -921,6 +976,29 @@ class FarGateSession:
         if self.flush_at is None:
             self._resume_gates()
             self.flush_at = queue.next_expiry()
+
+    def _pace(self, paths: Sequence[Path], now: float) -> list[TokenBucket]:
+        """Set each sending uplink's pacer to its pacing rate; returns the pacers of uplinks
+        the schedulers give shards to (what a block waits for)."""
+        rates = {p.uplink: self.prober.pacing_rate(p.uplink, now) for p in paths}
+        pacers = self.pacers
+        for uplink in [u for u in pacers if rates.get(u) is None]:
+            del pacers[uplink]
+        used: set[str] = set()
+        for tunnel in self.tunnels.values():
+            used.update(p.uplink for p, share in tunnel.scheduler.shares.items() if share > 0)
+        waits_for: list[TokenBucket] = []
+        for uplink, rate in rates.items():
+            if rate is None:
+                continue
+            pacer = pacers.get(uplink)
+            if pacer is None:
+                pacer = pacers[uplink] = TokenBucket(rate, now)
+            elif pacer.rate != rate:
+                pacer.set_rate(rate, now)
+            if uplink in used:
+                waits_for.append(pacer)
+        return waits_for
 
     def _resume_gates(self) -> None:
         """The one place paused gates resume: as soon as the reasons for a pause are gone (no
