@@ -161,6 +161,34 @@ def _capacity_metrics(f: _Families, snapshot: Mapping[str, Any]) -> None:
                 pacing.add_metric([str(far), str(uplink)], rate)
 
 
+def _usage_metrics(f: _Families, snapshot: Mapping[str, Any]) -> None:
+    """Per uplink: bytes used in the budget period, the budget, whether it ran out."""
+    usage = snapshot.get("uplink_usage")
+    if not isinstance(usage, Mapping):
+        return
+    used = f.gauge(
+        "warp_uplink_usage_bytes",
+        "Bytes the uplink moved (both ways) in its budget period",
+        ["uplink", "tier", "period"],
+    )
+    budget = f.gauge("warp_uplink_data_budget_bytes", "The uplink's data budget", ["uplink"])
+    exhausted = f.gauge(
+        "warp_uplink_budget_exhausted",
+        "1 while the uplink's budget has run out (it carries no traffic)",
+        ["uplink"],
+    )
+    for uplink, row in sorted(usage.items(), key=lambda kv: str(kv[0])):
+        if not isinstance(row, Mapping):
+            continue
+        value = _number(row.get("used_bytes"))
+        if value is not None:
+            used.add_metric([str(uplink), str(row.get("tier")), str(row.get("period"))], value)
+        limit = _number(row.get("data_budget"))
+        if limit is not None:
+            budget.add_metric([str(uplink)], limit)
+            exhausted.add_metric([str(uplink)], 1.0 if row.get("budget_exhausted") else 0.0)
+
+
 class _Families:
     """Families created on demand, yielded in creation order."""
 
@@ -355,6 +383,7 @@ def snapshot_metrics(snapshot: Mapping[str, Any], *, age_s: float | None = None)
                     drops.add_metric([far, name, str(reason)], value)
 
     _capacity_metrics(f, snapshot)
+    _usage_metrics(f, snapshot)
     for far, key, kind, session, relay in _far_gate_sessions(snapshot):
         f.gauge(
             "warp_far_gate_info",

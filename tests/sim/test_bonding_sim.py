@@ -161,3 +161,61 @@ def test_survive_uplink_loss_loses_nothing_when_either_uplink_is_cut_at_the_prot
         print(f"cut wan{cut}: protected {app_protected * 8 / 1e6:.3f} Mbit/s, "
               f"sent {stream.sent}, lost {len(stream.lost_between(8.0, 16.0))}")  # fmt: skip
         assert stream.lost_between(8.0, 16.0) == []
+
+
+def tiered(interfaces: list[str], *, stop: float = 14.0) -> tuple[Fleet, Stream, GatewayHost]:
+    """Gateway a with three uplinks (wan0, wan1, wan2) and the `[interfaces]` lines given;
+    b with two public uplinks; 500 datagrams/s of 200 bytes from a to b, (2, 4)."""
+    fleet = Fleet(3)
+    config_a = fleet.config("a", [Peer("b", "t")], interfaces=interfaces)
+    config_b = fleet.config("b", [Peer("a", "t")])
+    a = fleet.gateway("a", config_a, [CONE, CONE, CONE])
+    fleet.gateway("b", config_b, [None, None])
+    stream = fleet.stream("a", "t", "b", rate=500, start=1.0, stop=stop)
+    return fleet, stream, a
+
+
+def egress_bytes(fleet: Fleet, index: int) -> int:
+    return fleet.uplink("a", index).egress.stats.sent_bytes
+
+
+def test_backup_carries_only_probes_and_takes_over_within_a_second() -> None:
+    """Two primaries and a backup: while a primary works the backup carries under 1 % of the
+    bytes; both primaries cut (black holed) at 8 s: data flows on the backup within 1 s."""
+    fleet, stream, _ = tiered(["[[interfaces.uplinks]]", 'match = "^wan2$"', 'tier = "backup"'])
+    marks: dict[str, list[int]] = {}
+    fleet.net.at(3.0, lambda now: marks.setdefault("3", [egress_bytes(fleet, i) for i in range(3)]))
+    fleet.net.at(8.0, lambda now: marks.setdefault("8", [egress_bytes(fleet, i) for i in range(3)]))
+
+    def cut(now: float) -> None:
+        fleet.uplink("a", 0).black_holed = True
+        fleet.uplink("a", 1).black_holed = True
+
+    fleet.net.at(8.0, cut)
+    fleet.net.run_until(14.5)
+    sent = [b - a for a, b in zip(marks["3"], marks["8"], strict=True)]
+    print(f"3 s to 8 s: bytes sent per uplink {sent}")
+    assert sent[2] < 0.01 * sum(sent)
+    # Nothing sent later than 1 s after the cut is lost; the stream keeps flowing.
+    lost = stream.lost_between(3.0, 14.0)
+    print(f"lost {len(lost)}: sent from {min(stream.sent_at[s] for s in lost) if lost else '-'}"
+          f" to {max(stream.sent_at[s] for s in lost) if lost else '-'}")  # fmt: skip
+    assert all(8.0 <= stream.sent_at[seq] < 9.0 for seq in lost)
+    assert stream.max_gap(8.0, 14.0) < 1.0
+
+
+def test_a_data_budget_that_runs_out_moves_traffic_off_the_uplink_and_says_so() -> None:
+    """wan1 has a budget of 400 kB: once used up it carries only probes, the traffic goes
+    on over wan0 and wan2 without loss, and status says which uplink ran out."""
+    fleet, stream, a = tiered(
+        ["[[interfaces.uplinks]]", 'match = "^wan1$"', "data_budget = 400_000"]
+    )
+    fleet.net.run_until(6.0)
+    assert "wan1" in a.core.usage.exhausted
+    at_six = egress_bytes(fleet, 1)
+    fleet.net.run_until(14.5)
+    assert egress_bytes(fleet, 1) - at_six < 8.5 * 2_000  # probes and their replies only
+    assert stream.lost_between(6.0, 14.0) == []
+    usage = a.core.usage.status()["wan1"]
+    assert usage["budget_exhausted"] is True
+    assert usage["used_bytes"] >= 400_000 and usage["data_budget"] == 400_000

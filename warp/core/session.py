@@ -87,6 +87,11 @@ RELAY_FALLBACK_AFTER = 2.5
 #: seconds ago, is logged as a WARNING naming the likely cause, once per episode.
 UNANSWERED_TRIES = 3
 UNANSWERED_AFTER = 10.0
+#: A backup uplink takes the traffic once no primary path has been heard for this long (the
+#: primaries are probed every PRIMARY_PROBE_INTERVAL while a backup uplink is up, so a live
+#: one is heard several times in that span).
+BACKUP_AFTER = 0.6
+PRIMARY_PROBE_INTERVAL = 0.15
 #: The map still refuses to say where the far gate is this long after the first refusal.
 LOOKUP_REFUSED_WARN_AFTER = 20.0
 
@@ -649,6 +654,7 @@ class FarGateSession:
 
     def uplink_up(self, name: str, now: float) -> None:
         """An uplink was added or changed: try the far gate's known addresses from it."""
+        self._watch_primaries()
         far = self.core.device.peer(self.key)
         if (
             far is not None
@@ -669,7 +675,17 @@ class FarGateSession:
 
     def uplink_removed(self, name: str, now: float) -> None:
         self.prober.remove_uplink(name)
+        self._watch_primaries()
         self.after_prober(now)
+
+    def _watch_primaries(self) -> None:
+        """While a backup uplink is up, the primaries are probed often enough to tell within
+        BACKUP_AFTER that none answers."""
+        policy = self.core.usage.policy
+        tiers = {name: policy(name).tier for name in self.core.uplinks}
+        watched = frozenset(n for n, t in tiers.items() if t == "primary")
+        self.prober.fast_uplinks = watched if "backup" in tiers.values() else frozenset()
+        self.prober.fast_interval = min(PRIMARY_PROBE_INTERVAL, self.prober.keepalive_interval)
 
     def map_endpoints_changed(
         self, endpoints: tuple[Address, ...], pushed: bool, now: float
@@ -710,17 +726,31 @@ class FarGateSession:
         to one remote host, one a NAT rebinding replaced is left out
         (`PathProber.drop_superseded`)."""
         direct: list[Path] = []
+        backup: list[Path] = []
         relay: list[Path] = []
         probing: list[Path] = []
+        usage = self.core.usage
+        exhausted = usage.exhausted
         for path in self.prober.paths:
             state = path.state
             if path.uplink == RELAY_UPLINK:
                 if state is PathState.ACTIVE:
                     relay.append(path)
+            elif path.uplink in exhausted:
+                continue  # its data budget ran out: probes only
             elif state is PathState.ACTIVE:
-                direct.append(path)
+                if usage.policy(path.uplink).tier == "backup":
+                    backup.append(path)
+                else:
+                    direct.append(path)
             elif state is PathState.PROBING:
                 probing.append(path)
+        if direct and backup:
+            # Backups carry only probes while a primary path is heard from.
+            heard = max(p.last_authenticated or -math.inf for p in direct)
+            if now - heard > BACKUP_AFTER:
+                direct = []
+        direct = direct or backup
         if direct:
             if len(direct) == 1:
                 return direct

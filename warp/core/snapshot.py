@@ -185,4 +185,6 @@ def snapshot(
         "far_gates": far_gates,
         "uplinks": list(uplink_rows),
         "counters": dict(core.counters),
+        # Per uplink with traffic: tier, period, bytes used (both ways), budget, exhausted.
+        "uplink_usage": core.usage.status(),
     }

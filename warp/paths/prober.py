@@ -202,6 +202,9 @@ class PathProber:
         # path defining it. `_deadline_valid` False means "recompute on the next ask".
         self._deadline: float | None = None
         self._deadline_valid = False
+        #: uplinks probed every `fast_interval` instead (primaries watched for a backup's sake)
+        self.fast_uplinks: frozenset[str] = frozenset()
+        self.fast_interval = self.keepalive_interval
         #: per uplink: what it carries, from its paths' receive reports
         self.capacities: dict[str, CapacityEstimator] = {}
         # Counters (peers cannot raise into us: bad input becomes a number).
@@ -580,12 +583,11 @@ class PathProber:
         if path.burst_index < len(self.burst):
             path.next_probe_at = path.burst_anchor + self.burst[path.burst_index]
         else:
-            nxt = (
-                path.burst_anchor + self.keepalive_interval
-                if in_burst
-                else path.next_probe_at + self.keepalive_interval
+            interval = (
+                self.fast_interval if path.uplink in self.fast_uplinks else self.keepalive_interval
             )
-            path.next_probe_at = nxt if nxt > now else now + self.keepalive_interval
+            nxt = path.burst_anchor + interval if in_burst else path.next_probe_at + interval
+            path.next_probe_at = nxt if nxt > now else now + interval
         return encode_probe(probe_id, now)
 
 
