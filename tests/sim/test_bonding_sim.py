@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from tests.sim.gateways import Fleet, GatewayHost, Peer, Stream
 from tests.sim.simnet import NatKind, Uplink
 from warp.core.session import FarGateSession
+from warp.core.snapshot import snapshot
+from warp.metrics import snapshot_metrics
+from warp.status import render_plain
 
 MBIT = 1e6 / 8
 FAST, SLOW = 3.0 * MBIT, 1.0 * MBIT
@@ -219,3 +222,37 @@ def test_a_data_budget_that_runs_out_moves_traffic_off_the_uplink_and_says_so() 
     usage = a.core.usage.status()["wan1"]
     assert usage["budget_exhausted"] is True
     assert usage["used_bytes"] >= 400_000 and usage["data_budget"] == 400_000
+
+
+def test_status_and_metrics_show_capacity_rates_tiers_and_usage() -> None:
+    """What an operator reads: per uplink its capacity (measured or a lower bound), pacing,
+    tier and bytes used against its budget; per tunnel its spread and usable rate."""
+    run = bonded("aggregate", 1, 1, rate=app_rate(1.2, 1, 1), stop=8.0)
+    run.fleet.net.run_until(8.0)
+    uplinks = [
+        {"name": f"wan{i}", "local_address": f"192.168.{i}.2:51820", "state": "up",
+         "send_errors": 0}
+        for i in (0, 1)
+    ]  # fmt: skip
+    shot = snapshot(run.a.core, 8.0, uptime=8.0, uplink_rows=uplinks, gates={})
+    capacity = shot["far_gates"]["b"]["uplink_capacity"]["wan1"]
+    assert capacity["measured"] is True
+    assert 0.85 * SLOW < capacity["capacity"] < 1.1 * SLOW
+    assert capacity["pacing_rate"] < capacity["capacity"] * 1.05
+    redundancy = shot["tunnels"][0]["redundancy"]
+    assert redundancy["spread"] == "aggregate" and redundancy["protected_rate"] is None
+    assert redundancy["usable_rate"] > 0.8 * (FAST + SLOW) * SIZE / (SIZE + 64)
+    assert shot["uplink_usage"]["wan1"]["used_bytes"] > 0
+    text = render_plain(shot)
+    (wan1,) = [line for line in text.splitlines() if line.startswith("uplink wan1 ")]
+    assert " tier=primary " in wan1 and " capacity_measured=yes " in wan1
+    assert f" capacity={capacity['capacity']} " in wan1
+    metrics = {
+        (m.name, tuple(sorted(s.labels.items()))): s.value
+        for m in snapshot_metrics(shot)
+        for s in m.samples
+    }
+    key = (("far_gate", "b"), ("measured", "1"), ("uplink", "wan1"))
+    assert metrics[("warp_uplink_capacity_bytes_per_second", key)] == capacity["capacity"]
+    assert ("warp_uplink_usage_bytes", (("period", shot["uplink_usage"]["wan1"]["period"]),
+            ("tier", "primary"), ("uplink", "wan1"))) in metrics  # fmt: skip
