@@ -38,12 +38,24 @@ class Run:
     marks: dict[str, tuple[int, int, list[int], list[int]]]
 
 
-def bonded(spread: str, k: int, n: int, *, rate: float, stop: float = 20.0, seed: int = 1) -> Run:
+def bonded(
+    spread: str,
+    k: int,
+    n: int,
+    *,
+    rate: float,
+    stop: float = 20.0,
+    seed: int = 1,
+    unix_gates: bool = False,
+) -> Run:
     """The world of the module docstring; a offers ``rate`` datagrams/s from 1 s to
-    ``stop``. The window [SETTLED, stop) is marked for `figures`."""
+    ``stop`` (into a Unix gate: the application waits while it is paused). The window
+    [SETTLED, stop) is marked for `figures`."""
     fleet = Fleet(seed)
     transport = [f'spread = "{spread}"']
-    config_a = fleet.config("a", [Peer("b", "t")], k=k, n=n, transport=transport)
+    config_a = fleet.config(
+        "a", [Peer("b", "t")], k=k, n=n, transport=transport, unix_gates=unix_gates
+    )
     config_b = fleet.config("b", [Peer("a", "t")], k=k, n=n, transport=transport)
     a = fleet.gateway("a", config_a, [CONE, CONE], egress_rates=[FAST, SLOW])
     fleet.gateway("b", config_b, [None, None])
@@ -129,6 +141,19 @@ def test_overload_is_dropped_by_the_sender_not_in_the_modem_queue() -> None:
     assert got.modem_drops < 0.005 * wire_packets
     drops = run.session.send_queue.stats
     assert drops.dropped_stale + drops.dropped_overflow > 0
+
+
+def test_overload_pauses_a_unix_gate_instead_of_dropping() -> None:
+    """The same overload into a Unix gate: the gate is paused (its application waits in
+    send()) before a datagram waits long enough to miss its deadline; the uplinks stay full
+    and what the application sent arrives."""
+    run = bonded("aggregate", 3, 5, rate=app_rate(1.2, 3, 5), unix_gates=True)
+    run.fleet.net.run_until(20.5)
+    got = figures(run)
+    print(got, "refused", run.stream.refused, "pauses", run.a.pauses["t"])
+    assert run.a.pauses["t"] > 0 and run.stream.refused > 0
+    assert got.delivered >= 0.95
+    assert got.lost < 0.002  # nothing dropped by deadline: the application waited
 
 
 def test_survive_uplink_loss_loses_nothing_when_either_uplink_is_cut_at_the_protected_rate() -> (

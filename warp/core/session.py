@@ -60,6 +60,11 @@ SEND_QUEUE_PAUSE = 1024
 #: gate's steady stream costs O(1) per datagram, not O(queue). (`SendQueue.pop` drops anything
 #: past its deadline anyway: the sweep bounds memory and makes room.)
 STALLED_SWEEP = 0.1
+#: Gates with back-pressure pause while the pacers hold this many datagrams back (or one is
+#: this close to its deadline), and resume once fewer than PACED_RESUME wait.
+PACED_PAUSE = 16
+PACED_PAUSE_BEFORE = 0.050
+PACED_RESUME = 4
 #: While held by full uplinks, the flush also re-checks this often (an uplink rebuilt or
 #: removed under the hold reports no writability).
 HOLD_RECHECK = 0.050
@@ -339,6 +344,8 @@ class FarGateSession:
         self.pacers: dict[str, TokenBucket] = {}
         #: flushes that waited for a pacer (the uplinks carry less than is offered)
         self.paced_waits = 0
+        # Gates paused because the pacers hold the queue back (`_pause_when_paced_behind`).
+        self.paced_pause = False
         self.static_endpoints: list[Address] = []
         self.peer_endpoints: tuple[Address, ...] = ()
         # What the schedulers were last told (`update_schedulers`): the sending paths and a
@@ -964,6 +971,7 @@ class FarGateSession:
                     # paused), never in a modem's queue.
                     self.paced_waits += 1
                     self.flush_at = ready
+                    self._pause_when_paced_behind(now)
                     break
             item = queue.pop(now)
             if item is None:
@@ -1030,9 +1038,29 @@ class FarGateSession:
                 waits_for.append(pacer)
         return waits_for
 
+    def _pause_when_paced_behind(self, now: float) -> None:
+        """The pacers hold the queue back: once PACED_PAUSE datagrams wait, or one is within
+        PACED_PAUSE_BEFORE of its deadline, gates with back-pressure pause (their
+        applications wait instead of losing datagrams at the deadline) until the queue is
+        down to PACED_RESUME."""
+        queue = self.send_queue
+        expiry = queue.next_expiry()
+        if len(queue) < PACED_PAUSE and (expiry is None or expiry - now > PACED_PAUSE_BEFORE):
+            return
+        self.paced_pause = True
+        for tunnel in self.tunnels.values():
+            if tunnel.back_pressure and tunnel.name not in self.paused:
+                self.paused.add(tunnel.name)
+                self.core.gate_flow(tunnel.name, paused=True)
+
     def _resume_gates(self) -> None:
         """The one place paused gates resume: as soon as the reasons for a pause are gone (no
-        hold, the queue below SEND_QUEUE_PAUSE), whichever way the flush went."""
+        hold, the queue below SEND_QUEUE_PAUSE, or PACED_RESUME after a pause for the
+        pacers), whichever way the flush went."""
+        if self.paced_pause:
+            if len(self.send_queue) >= PACED_RESUME:
+                return
+            self.paced_pause = False
         if self.paused and not self.held and len(self.send_queue) < SEND_QUEUE_PAUSE:
             paused, self.paused = self.paused, set()
             for tunnel in paused:
