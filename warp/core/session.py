@@ -167,29 +167,34 @@ def _quantize_rate(rate: float | None) -> int:
 
 
 def path_qualities(
-    paths: Sequence[Path], uplink_rates: Mapping[str, float | None] | None = None
+    paths: Sequence[Path],
+    uplink_rates: Mapping[str, float | None] | None = None,
+    known_rates: Mapping[str, float | None] | None = None,
 ) -> list[PathQuality[Path]]:
     """What the schedulers are told of the sending paths: each path's measurements, its
     uplink (our end), its remote address (one peer uplink: the other end) and its part of
-    its uplink's pacing rate (`uplink_rates`; the uplink's sending paths share it evenly)."""
-    rates = uplink_rates or {}
+    its uplink's rates (`uplink_rates` to weigh its shards, `known_rates` for the rates
+    status promises; the uplink's sending paths share them evenly)."""
     per_uplink: dict[str, int] = {}
     for p in paths:
         per_uplink[p.uplink] = per_uplink.get(p.uplink, 0) + 1
-    qualities = []
-    for p in sorted(paths, key=lambda p: (p.uplink, p.remote)):
-        rate = rates.get(p.uplink)
-        qualities.append(
-            PathQuality(
-                p,
-                loss=p.loss or 0.0,
-                rtt=p.rtt,
-                local=p.uplink,
-                remote=p.remote,
-                rate=None if rate is None else rate / per_uplink[p.uplink],
-            )
+
+    def part(rates: Mapping[str, float | None] | None, path: Path) -> float | None:
+        rate = None if rates is None else rates.get(path.uplink)
+        return None if rate is None else rate / per_uplink[path.uplink]
+
+    return [
+        PathQuality(
+            p,
+            loss=p.loss or 0.0,
+            rtt=p.rtt,
+            local=p.uplink,
+            remote=p.remote,
+            rate=part(uplink_rates, p),
+            known_rate=part(known_rates, p),
         )
-    return qualities
+        for p in sorted(paths, key=lambda p: (p.uplink, p.remote))
+    ]
 
 
 def _log_parity_change(tunnel: str, change: ParityChange) -> None:
@@ -786,7 +791,8 @@ class FarGateSession:
         if signature != self._sending_signature:
             self._sending_signature = signature
             self._sending = paths
-            qualities = path_qualities(paths, rates)
+            known = {uplink: self.prober.known_rate(uplink) for uplink in rates}
+            qualities = path_qualities(paths, rates, known)
             for tunnel in self.tunnels.values():
                 change = tunnel.scheduler.update(qualities, relayed=relayed)
                 if change is not None:

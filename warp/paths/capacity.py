@@ -159,6 +159,13 @@ class CapacityEstimator:
             return PROBE_UP_GAIN
         return DRAIN_GAIN
 
+    def known_rate(self) -> float | None:
+        """Bytes/s the uplink can be counted on for (status's usable and protected rates):
+        what it is paced at once measured, else the lower bound it carried."""
+        if self.capacity is None:
+            return None
+        return self.capacity * DRAIN_GAIN if self.saturated_at is not None else self.capacity
+
     def share_rate(self, now: float) -> float | None:
         """Bytes/s the scheduler counts on for this uplink (its shards' weight); None while
         nothing is known."""

@@ -374,6 +374,11 @@ class PathProber:
         estimator = self.capacities.get(uplink)
         return None if estimator is None else estimator.pacing_rate(now)
 
+    def known_rate(self, uplink: str) -> float | None:
+        """Bytes/s the uplink can be counted on for (None: not known)."""
+        estimator = self.capacities.get(uplink)
+        return None if estimator is None else estimator.known_rate()
+
     def share_rate(self, uplink: str, now: float) -> float | None:
         """Bytes/s the scheduler counts on for the uplink (None: not known)."""
         estimator = self.capacities.get(uplink)

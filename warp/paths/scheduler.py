@@ -119,7 +119,8 @@ class PathQuality(Generic[PathId]):
     rtt: float | None = None  # seconds; None while not yet measured
     local: Hashable | None = None
     remote: Hashable | None = None
-    rate: float | None = None  # bytes/s the path may carry (pacing rate); None: not known
+    rate: float | None = None  # bytes/s the path's shards are weighted by; None: not known
+    known_rate: float | None = None  # bytes/s it can be counted on for (default: `rate`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -494,10 +495,11 @@ class ShardScheduler(Generic[PathId]):
         rate: dict[Hashable, float] = {}
         share: dict[Hashable, float] = {}
         for p in alive:
-            if p.rate is None:
+            known = p.rate if p.known_rate is None else p.known_rate
+            if known is None:
                 self.usable_rate = self.protected_rate = None
                 return
-            rate[_local(p)] = rate.get(_local(p), 0.0) + p.rate
+            rate[_local(p)] = rate.get(_local(p), 0.0) + known
             share[_local(p)] = share.get(_local(p), 0.0) + shares.get(p.path_id, 0.0)
         # Blocks go out as fast as the uplink that fills first allows.
         usable = min((rate[u] * n / share[u] for u in rate if share[u] > 1e-9), default=0.0)
