@@ -61,6 +61,7 @@ class Usage:
     period: Period
     key: str = ""
     used: int = 0
+    budget: int | None = None  # the uplink's data_budget (kept here for `add`)
 
 
 class UsageLedger:
@@ -83,14 +84,16 @@ class UsageLedger:
         return policy
 
     def add(self, uplink: str, nbytes: int) -> None:
-        """A datagram of `nbytes` went out on or came in from `uplink`."""
+        """A datagram of `nbytes` went out on or came in from `uplink` (per datagram: kept
+        to a dict look-up and a comparison)."""
         usage = self.usage.get(uplink)
         if usage is None:
-            period = self.policy(uplink).period
-            usage = self.usage[uplink] = Usage(period, self._periods.get(period, ""))
+            policy = self.policy(uplink)
+            key = self._periods.get(policy.period, "")
+            usage = self.usage[uplink] = Usage(policy.period, key, 0, policy.data_budget)
         usage.used += nbytes
         self.dirty = True
-        budget = self.policy(uplink).data_budget
+        budget = usage.budget
         if budget is not None and usage.used >= budget and uplink not in self.exhausted:
             self.exhausted.add(uplink)
             log.warning("uplink.budget_exhausted uplink=%s used=%d budget=%d period=%s "
@@ -147,7 +150,9 @@ class UsageLedger:
         except ValueError as error:
             return str(error)
         for uplink, usage in loaded.items():
-            if usage.period == self.policy(uplink).period:  # else the config changed it
+            policy = self.policy(uplink)
+            if usage.period == policy.period:  # else the config changed it: start over
+                usage.budget = policy.data_budget
                 self.usage[uplink] = usage
         self.roll(wall)
         for uplink, usage in self.usage.items():

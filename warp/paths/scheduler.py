@@ -585,7 +585,10 @@ class ShardScheduler(Generic[PathId]):
         losses = [max(loss, pooled) for loss in measured]
 
         def residual(m: int) -> tuple[float, float]:
-            local_cap, remote_cap = mesh.smallest_caps(m, m - k)
+            if self.spread == "aggregate":
+                local_cap = remote_cap = m  # spread as `update` will: by capacity alone
+            else:
+                local_cap, remote_cap = mesh.smallest_caps(m, m - k)
             shares = plan_shares(alive, m, local_cap, remote_cap)
             counts = whole_shards([shares[p.path_id] for p in alive], m)
             mean = sum(c * x for c, x in zip(counts, losses, strict=True)) / m
