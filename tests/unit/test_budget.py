@@ -5,6 +5,7 @@ from __future__ import annotations
 import calendar
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,41 @@ def test_any_bytes_load_or_give_a_warning(data: bytes) -> None:
     usage = ledger()
     problem = usage.load(data, DEC_6)
     assert problem is None or isinstance(problem, str)
+
+
+def _config_with(uplinks: str) -> str:
+    from warp.config import example_gateway_config
+
+    return example_gateway_config().replace("[warp_map]", uplinks + "\n[warp_map]", 1)
+
+
+def test_uplink_policies_by_interface_name_first_match_wins() -> None:
+    from warp.config import parse_gateway_config
+
+    config = parse_gateway_config(
+        _config_with(
+            '[[interfaces.uplinks]]\nmatch = "^wwan2$"\ntier = "backup"\n'
+            'data_budget = 2_000_000_000\nbudget_period = "day"\n'
+            '[[interfaces.uplinks]]\nmatch = "^wwan"\ndata_budget = 5_000_000_000\n'
+        )
+    )
+    policy = config.interfaces.uplink_policy
+    assert policy("wwan2") == UplinkPolicy("backup", 2_000_000_000, "day")
+    assert policy("wwan0") == UplinkPolicy("primary", 5_000_000_000, "month")
+    assert policy("eth0") == UplinkPolicy()
+
+
+@pytest.mark.parametrize(
+    ("uplinks", "message"),
+    [
+        ('match = "(("', "interfaces.uplinks[0].match: invalid regex"),
+        ('match = "x"\ntier = "spare"', "interfaces.uplinks[0].tier: expected 'primary'"),
+        ('match = "x"\ndata_budget = 0', "interfaces.uplinks[0].data_budget: must be ≥ 1"),
+        ('tier = "backup"', "interfaces.uplinks[0].match: required key is missing"),
+    ],
+)
+def test_bad_uplink_policies_are_config_errors_naming_the_key(uplinks: str, message: str) -> None:
+    from warp.config import ConfigError, parse_gateway_config
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_gateway_config(_config_with(f"[[interfaces.uplinks]]\n{uplinks}\n"))
