@@ -179,3 +179,22 @@ def test_survive_uplink_loss_keeps_its_cap_and_says_what_rate_is_protected() -> 
     # of wire at 6 shards a block.
     assert scheduler.usable_rate == pytest.approx(2e6)
     assert scheduler.protected_rate == pytest.approx(1e6 * 6 / 5)
+
+
+def test_a_spurious_saturation_under_random_loss_does_not_throttle_for_good() -> None:
+    """5 % random loss and one late probe (a loaded host) read as a full queue: the capacity
+    drops to what arrived. Held at the pacing rate with no queue after that, it creeps back
+    above the offered rate (before, the probing upwards never got past the random loss and
+    the pacer dropped 8 % of the traffic for good)."""
+    estimator = CapacityEstimator()
+    offered = 1e6
+    assert estimator.on_sample(RateSample(0.0, 0.95 * offered, offered, 0.030), 0.0) is True
+    now = 1.0
+    while now < 40.0:
+        pacing = estimator.pacing_rate(now)
+        assert pacing is not None
+        sent = min(offered, pacing)
+        estimator.on_sample(RateSample(now, 0.95 * sent, sent, 0.0), 0.05)
+        now += 1.0
+    assert estimator.pacing_rate(now) is not None
+    assert estimator.pacing_rate(now) >= offered  # type: ignore[operator]

@@ -18,7 +18,10 @@ over its live paths (they share its bottleneck: the modem's upload); from those
 saturation the estimate times STARTUP_GAIN (its share grows towards the capacity); after
 one, DRAIN_GAIN below the capacity (the queue it filled drains and stays short), except for
 a PROBE_UP_FOR slot every PROBE_UP_EVERY seconds at PROBE_UP_GAIN, small enough for a queue
-of a few tens of ms to absorb, so a capacity that grew is found. `pacing_rate` is the same
+of a few tens of ms to absorb, so a capacity that grew is found; and an uplink held at its
+pacing rate with no queue, PROBE_UP_EVERY after its last saturation, creeps up by CREEP_GAIN
+a sample (a saturation misread from a late probe under random loss, where probing upwards
+never gets past the loss, does not throttle it for good). `pacing_rate` is the same
 once the uplink saturated; before, the uplink is not paced (its capacity is only a lower
 bound: an uplink left alone after another died may take everything at once).
 
@@ -43,6 +46,10 @@ QUEUED = 0.010
 #: ... or delivered below this fraction of what the random (probe) loss leaves of the
 #: offered: a bottleneck dropping with hardly any queue in front.
 OVERFLOW_RATIO = 0.85
+#: A sample offering at least this fraction of the pacing rate with no queue, PROBE_UP_EVERY
+#: after the last saturation: held by the pacer, the capacity creeps up by CREEP_GAIN.
+HELD_RATIO = 0.98
+CREEP_GAIN = 1.01
 STARTUP_GAIN = 1.25
 DRAIN_GAIN = 0.97
 PROBE_UP_GAIN = 1.03
@@ -143,11 +150,20 @@ class CapacityEstimator:
             self.capacity = max(sample.delivered, MIN_RATE)
             self.saturated_at = sample.at
             self.saturations += 1
-        else:
+        elif self.capacity is None or sample.delivered > self.capacity:
             # A lower bound (what was lost, was lost at random): the max filter keeps the
             # highest.
-            if self.capacity is None or sample.delivered > self.capacity:
-                self.capacity = sample.delivered
+            self.capacity = sample.delivered
+        elif (
+            self.saturated_at is not None
+            and sample.at - self.saturated_at >= PROBE_UP_EVERY
+            and sample.queue_delay < QUEUED / 2
+            and sample.offered >= self.capacity * DRAIN_GAIN * HELD_RATIO
+        ):
+            # Held at the pacing rate and no queue in front of the bottleneck: the
+            # saturation that set the capacity may have been a fluke (a loaded host's late
+            # probe) or the capacity grew. Creep up; a real bottleneck soon says so again.
+            self.capacity *= CREEP_GAIN
         return saturated
 
     def gain(self, now: float) -> float:
