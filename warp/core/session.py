@@ -160,7 +160,7 @@ def _quantize_rtt(rtt: float | None) -> int:
 
 
 def _quantize_rate(rate: float | None) -> int:
-    """Pacing rate in ~5 % (log) steps: finer changes do not move the shares enough."""
+    """An uplink rate in ~5 % (log) steps: finer changes do not move the shares enough."""
     if rate is None or rate <= 1.0:
         return -1
     return int(math.log(rate, 1.05))
