@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from warp.frames import FrameType
 from warp.paths.capacity import (
     DRAIN_GAIN,
     PROBE_UP_GAIN,
@@ -21,6 +22,7 @@ from warp.paths.prober import (
     PathProber,
     encode_probe,
     make_probe_reply,
+    parse_probe,
     parse_report,
 )
 from warp.paths.scheduler import PathQuality, ShardScheduler
@@ -33,6 +35,8 @@ def test_probe_reply_carries_the_receive_report_and_old_replies_still_parse() ->
     reply = make_probe_reply(probe, (2**40 + 5, 2**32 + 9))
     assert reply is not None
     assert parse_report(reply) == (2**40 + 5, 9)  # packets wrap at 32 bits
+    # An older prober reads the reply as before: the report is trailing bytes to it.
+    assert parse_probe(reply) == (FrameType.PROBE_REPLY, 7, 1.5)
     # An older peer's reply: 13 bytes, zero padded by WireGuard to 16 (or more).
     old = make_probe_reply(probe)
     assert old is not None and len(old) == PROBE_SIZE
