@@ -48,6 +48,7 @@ from pydantic import (
 )
 
 from warp.keys import KeyFormatError, decode_key, encode_key, generate_private_key, public_key_of
+from warp.paths.budget import UplinkPolicy
 from warp.secret_files import access_warning, read_private_key_text
 
 __all__ = [
@@ -450,6 +451,17 @@ class _Model(BaseModel):
 # Gateway config
 
 
+class UplinkPolicyConfig(_Model):
+    """``[[interfaces.uplinks]]``: tier and data budget of the uplinks whose name ``match``
+    finds (re.search; the first matching entry applies)."""
+
+    match: Regex
+    tier: Literal["primary", "backup", "never"] = "primary"
+    #: bytes per ``budget_period`` (both ways, UDP payload); unset: no budget
+    data_budget: StrictInt | None = Field(default=None, ge=1)
+    budget_period: Literal["day", "month"] = "month"
+
+
 class InterfacesConfig(_Model):
     """``[interfaces]``: which local uplinks are used, and path liveness."""
 
@@ -464,6 +476,16 @@ class InterfacesConfig(_Model):
     holepunch_keep_alive_interval: Duration = 1.0
     path_timeout: Duration = 3.0
     max_consecutive_failures: StrictInt = Field(default=10, ge=1)
+    uplinks: tuple[UplinkPolicyConfig, ...] = ()
+    #: where the uplinks' usage against their data budgets is kept across restarts
+    usage_file: Path | None = None
+
+    def uplink_policy(self, name: str) -> UplinkPolicy:
+        """Tier and budget of uplink ``name``: the first ``uplinks`` entry that matches."""
+        for entry in self.uplinks:
+            if entry.match.search(name):
+                return UplinkPolicy(entry.tier, entry.data_budget, entry.budget_period)
+        return UplinkPolicy()
 
     def uses_interface(self, name: str) -> bool:
         """True if an interface of this name is an uplink (an inclusion matches, no exclusion)."""
@@ -650,6 +672,9 @@ class TransportConfig(_Model):
     send_deadline: Duration = 0.100
     priority: StrictInt = Field(default=0, ge=-128, le=127)
     redundancy: RedundancyConfig = Field(default_factory=RedundancyConfig)
+    #: ``survive_uplink_loss``: no uplink carries more than n - k shards of a block (parity is
+    #: added when the uplinks are too few); ``aggregate``: shards in proportion to capacity
+    spread: Literal["survive_uplink_loss", "aggregate"] = "survive_uplink_loss"
 
 
 ENGARDE_NO_KEY = bytes(32)
@@ -1592,6 +1617,20 @@ holepunch_keep_alive_interval = "1s"
 path_timeout = "3s"
 # Local send errors in a row before an uplink socket is rebuilt.
 max_consecutive_failures = 10
+# Where the uplinks' usage against their data_budget is kept across restarts (written
+# atomically; unset: usage starts over at every start).
+# usage_file = "/var/lib/warp/uplink-usage.json"
+
+# Tier and data budget per uplink, by interface name (the first match applies; an uplink no
+# entry matches is a primary without budget). tier: "primary" carries traffic; "backup"
+# only probes while a primary path answers, the traffic within a second when none does;
+# "never" is not used. data_budget: bytes per budget_period ("day" or "month", UTC), both
+# ways; when it runs out the uplink carries no traffic until the period ends.
+# [[interfaces.uplinks]]
+# match = "^wwan2$"
+# tier = "backup"
+# data_budget = 2_000_000_000
+# budget_period = "month"
 
 [warp_map]
 # The rendezvous server, host:port ([IPv6]:port). Leave out the whole table when the far
@@ -1675,6 +1714,11 @@ reorder_timeout = "50ms"
 send_deadline = "100ms"
 # Higher goes first when the uplinks are congested (-128..127).
 priority = 0
+# How blocks are spread over uplinks of uneven speed (each is paced below the capacity
+# measured from the far gate's receive reports): "survive_uplink_loss" keeps "one uplink
+# may die and nothing is lost" (status shows the protected rate); "aggregate" puts shards
+# in proportion to capacity (the sum of the uplinks; FEC covers random loss only).
+spread = "survive_uplink_loss"
 
 [tunnels.wireguard.transport.redundancy]
 # Each datagram block is sent as num_shards shards; any required_shards rebuild it.

@@ -129,6 +129,66 @@ def _far_gate_sessions(
     return [(DEFAULT_FAR_GATE, str(session.get("far_gate", "")), "", session, None)]
 
 
+def _capacity_metrics(f: _Families, snapshot: Mapping[str, Any]) -> None:
+    """Per far gate and uplink: the measured capacity and the pacing rate."""
+    far_gates = snapshot.get("far_gates")
+    if not isinstance(far_gates, Mapping):
+        return
+    capacity = f.gauge(
+        "warp_uplink_capacity_bytes_per_second",
+        "What the uplink carries towards the far gate (wire bytes/s, from receive reports; "
+        "a lower bound while measured is 0)",
+        ["far_gate", "uplink", "measured"],
+    )
+    pacing = f.gauge(
+        "warp_uplink_pacing_bytes_per_second",
+        "Rate the uplink is paced at towards the far gate (absent: unpaced)",
+        ["far_gate", "uplink"],
+    )
+    for far, info in sorted(far_gates.items(), key=lambda kv: str(kv[0])):
+        rows = info.get("uplink_capacity") if isinstance(info, Mapping) else None
+        if not isinstance(rows, Mapping):
+            continue
+        for uplink, row in sorted(rows.items(), key=lambda kv: str(kv[0])):
+            if not isinstance(row, Mapping):
+                continue
+            value = _number(row.get("capacity"))
+            if value is not None:
+                measured = "1" if row.get("measured") else "0"
+                capacity.add_metric([str(far), str(uplink), measured], value)
+            rate = _number(row.get("pacing_rate"))
+            if rate is not None:
+                pacing.add_metric([str(far), str(uplink)], rate)
+
+
+def _usage_metrics(f: _Families, snapshot: Mapping[str, Any]) -> None:
+    """Per uplink: bytes used in the budget period, the budget, whether it ran out."""
+    usage = snapshot.get("uplink_usage")
+    if not isinstance(usage, Mapping):
+        return
+    used = f.gauge(
+        "warp_uplink_usage_bytes",
+        "Bytes the uplink moved (both ways) in its budget period",
+        ["uplink", "tier", "period"],
+    )
+    budget = f.gauge("warp_uplink_data_budget_bytes", "The uplink's data budget", ["uplink"])
+    exhausted = f.gauge(
+        "warp_uplink_budget_exhausted",
+        "1 while the uplink's budget has run out (it carries no traffic)",
+        ["uplink"],
+    )
+    for uplink, row in sorted(usage.items(), key=lambda kv: str(kv[0])):
+        if not isinstance(row, Mapping):
+            continue
+        value = _number(row.get("used_bytes"))
+        if value is not None:
+            used.add_metric([str(uplink), str(row.get("tier")), str(row.get("period"))], value)
+        limit = _number(row.get("data_budget"))
+        if limit is not None:
+            budget.add_metric([str(uplink)], limit)
+            exhausted.add_metric([str(uplink)], 1.0 if row.get("budget_exhausted") else 0.0)
+
+
 class _Families:
     """Families created on demand, yielded in creation order."""
 
@@ -292,6 +352,16 @@ def snapshot_metrics(snapshot: Mapping[str, Any], *, age_s: float | None = None)
         )
         if shards is not None:
             shards_gauge.add_metric([far, name], shards)
+        for key, metric, doc in (
+            ("usable_rate", "warp_tunnel_usable_bytes_per_second",
+             "Application bytes/s the uplinks carry with the tunnel's spread (measured)"),
+            ("protected_rate", "warp_tunnel_protected_bytes_per_second",
+             "Application bytes/s that lose nothing when any one uplink goes"),
+        ):  # fmt: skip
+            value = _number(redundancy.get(key)) if isinstance(redundancy, Mapping) else None
+            rate_gauge = f.gauge(metric, doc, ["far_gate", "tunnel"])
+            if value is not None:
+                rate_gauge.add_metric([far, name], value)
         lost = _number(tunnel.get("datagrams_lost"))
         family = f.counter(
             "warp_tunnel_datagrams_lost",
@@ -312,6 +382,8 @@ def snapshot_metrics(snapshot: Mapping[str, Any], *, age_s: float | None = None)
                 if value is not None:
                     drops.add_metric([far, name, str(reason)], value)
 
+    _capacity_metrics(f, snapshot)
+    _usage_metrics(f, snapshot)
     for far, key, kind, session, relay in _far_gate_sessions(snapshot):
         f.gauge(
             "warp_far_gate_info",

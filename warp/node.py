@@ -46,6 +46,7 @@ from warp.metrics import MetricsExporter, start_gateway_metrics
 from warp.paths.path import Address
 from warp.paths.uplinks import Uplink, UplinkEvent, UplinkEventKind, UplinkManager
 from warp.status import ControlServer
+from warp.usage_file import keep_usage, load_usage
 
 log = logging.getLogger("warp.node")
 
@@ -101,6 +102,7 @@ class Gateway:
         self.control: ControlServer | None = None
         self.metrics: MetricsExporter | None = None
         self._metrics_task: asyncio.Task[None] | None = None
+        self._usage_task: asyncio.Task[None] | None = None
         self._started_at = time.monotonic()
         self._closed = False
 
@@ -153,6 +155,9 @@ class Gateway:
         for name, far_gate in self.config.far_gates.items():
             endpoints = [(await self._resolve_all(e))[0] for e in far_gate.endpoints]
             self.core.set_static_endpoints(name, endpoints)
+        usage_file = self.config.interfaces.usage_file
+        load_usage(self.core.usage, usage_file)
+        self._usage_task = loop.create_task(keep_usage(self.core.usage, usage_file))
         self.core.start(loop.time())
         await self._start_uplinks()
         # The gates read only now: the first packet from a gate (a fresh tun sends its
@@ -381,10 +386,11 @@ class Gateway:
             if gate is not None:
                 with contextlib.suppress(Exception):
                     await gate.close()
-        task, self._metrics_task = self._metrics_task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.wait([task])
+        for task in (self._metrics_task, self._usage_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.wait([task])
+        self._metrics_task = self._usage_task = None
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None

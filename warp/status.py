@@ -678,14 +678,60 @@ def _paths_columns(paths: Sequence[Mapping[str, Any]]) -> list[_Column]:
     ]
 
 
+def _rate(value: Any) -> str:
+    """Bytes/s as Mbit/s."""
+    return f"{value * 8 / 1e6:.2f} Mbit/s" if isinstance(value, int | float) else "—"
+
+
+def _capacities(snapshot: Mapping[str, Any], uplink: str) -> list[tuple[str, Mapping[str, Any]]]:
+    """(far gate, capacity row) for an uplink: what it carries towards each far gate."""
+    far_gates = snapshot.get("far_gates")
+    if not isinstance(far_gates, Mapping):
+        return []
+    out = []
+    for name, info in sorted(far_gates.items(), key=lambda kv: str(kv[0])):
+        rows = info.get("uplink_capacity") if isinstance(info, Mapping) else None
+        row = rows.get(uplink) if isinstance(rows, Mapping) else None
+        if isinstance(row, Mapping) and row.get("capacity") is not None:
+            out.append((str(name), row))
+    return out
+
+
+def _capacity_cell(snapshot: Mapping[str, Any], uplink: str) -> Text:
+    """Capacity towards the far gate(s); ``≥`` while never saturated (a lower bound)."""
+    rows = _capacities(snapshot, uplink)
+    parts = [
+        ("" if len(rows) == 1 else f"{name}: ")
+        + ("" if row.get("measured") else "≥")
+        + _rate(row.get("capacity"))
+        for name, row in rows
+    ]
+    return Text(", ".join(parts) or "—", style="" if parts else "dim")
+
+
+def _usage_cell(usage: Mapping[str, Any]) -> Text:
+    if not usage:
+        return Text("—", style="dim")
+    budget = usage.get("data_budget")
+    text = _bytes(usage.get("used_bytes"))
+    if budget is not None:
+        text += f" of {_bytes(budget)} ({usage.get('period')})"
+    return Text(text, style="bold red" if usage.get("budget_exhausted") else "")
+
+
 def _uplinks_columns(
-    uplinks: Sequence[Mapping[str, Any]], paths: Sequence[Mapping[str, Any]]
+    uplinks: Sequence[Mapping[str, Any]],
+    paths: Sequence[Mapping[str, Any]],
+    snapshot: Mapping[str, Any] | None = None,
 ) -> tuple[list[_Column], int]:
-    """Per uplink (modem): how many of its paths are up, its best loss and RTT."""
+    """Per uplink (modem): how many of its paths are up, its best loss and RTT, its
+    capacity, tier and data used."""
+    snapshot = snapshot or {}
+    usage_rows: Mapping[str, Any] = snapshot.get("uplink_usage") or {}
     names = [str(u.get("name")) for u in uplinks]
     names += sorted({str(p.get("uplink")) for p in paths} - set(names))
     by_name = {str(u.get("name")): u for u in uplinks}
-    cells: list[list[RenderableType]] = [[] for _ in range(7)]
+    cells: list[list[RenderableType]] = [[] for _ in range(10)]
     for name in names:
         u = by_name.get(name, {})
         mine = [p for p in paths if str(p.get("uplink")) == name]
@@ -702,6 +748,9 @@ def _uplinks_columns(
             _graded(min(losses) if losses else None, "{:.1f}", 1, 10),
             _graded(min(rtts) if rtts else None, "{:.1f}", 80, 250),
             _graded(u.get("send_errors"), "{}", 1, 10),
+            _capacity_cell(snapshot, name),
+            str((usage_rows.get(name) or {}).get("tier", "primary")),
+            _usage_cell(usage_rows.get(name) or {}),
         ]
         for column, cell in zip(cells, row, strict=True):
             column.append(cell)
@@ -713,6 +762,9 @@ def _uplinks_columns(
         _Column("right", [(70, "Loss %", cells[4])]),
         _Column("right", [(80, "RTT ms", cells[5])]),
         _Column("right", [(50, "Send errors", cells[6])]),
+        _Column("right", [(60, "Capacity", cells[7])]),
+        _Column("left", [(45, "Tier", cells[8])]),
+        _Column("right", [(40, "Used", cells[9])]),
     ]
     return columns, len(names)
 
@@ -767,11 +819,17 @@ def _protection_lines(tunnels: Sequence[Mapping[str, Any]]) -> list[Text]:
         protected = r.get("protected")
         text = r.get("protection") or "—"
         style = "green" if protected is True else "bold red" if protected is False else "dim"
+        rates = ""
+        if r.get("usable_rate") is not None:
+            rates = f"; carries {_rate(r.get('usable_rate'))}"
+            if r.get("protected_rate") is not None:
+                rates += f", {_rate(r.get('protected_rate'))} of it protected"
         lines.append(
             Text.assemble(
                 (f"{t.get('name', '?')}: ", "bold"),
                 f"(k, n) = {_code(r)}, spread {r.get('spread') or '—'}: ",
                 (str(text), style),
+                rates,
             )
         )
     return lines
@@ -967,7 +1025,7 @@ class StatusView:
         yield _fitted_table(
             "Paths", _paths_columns(paths), len(paths), console, options, empty="no paths yet"
         )
-        columns, rows = _uplinks_columns(list(snapshot.get("uplinks") or []), paths)
+        columns, rows = _uplinks_columns(list(snapshot.get("uplinks") or []), paths, snapshot)
         yield _fitted_table("Uplinks", columns, rows, console, options)
         yield _fitted_table("Tunnels", _tunnels_columns(tunnels), len(tunnels), console, options)
         yield from _protection_lines(tunnels)
@@ -999,7 +1057,8 @@ class StatusView:
         """Several far gates: a summary row each, the shared uplinks and map, then each far
         gate's paths and tunnels under its name and short key (like ``wg show``'s peers)."""
         yield _fitted_table("Far gates", _far_gates_columns(groups), len(groups), console, options)
-        columns, rows = _uplinks_columns(list(self.snapshot.get("uplinks") or []), paths)
+        uplinks = list(self.snapshot.get("uplinks") or [])
+        columns, rows = _uplinks_columns(uplinks, paths, self.snapshot)
         yield _fitted_table("Uplinks", columns, rows, console, options)
         yield from self._map(console, options)
         for group in groups:
@@ -1094,9 +1153,22 @@ def render_plain(snapshot: Mapping[str, Any]) -> str:
             ])
         )  # fmt: skip
     paths: list[Mapping[str, Any]] = list(snapshot.get("paths") or [])
+    # A gateway that reports usage and capacity (newer than this format's first version): the
+    # uplink lines end with them.
+    usage_rows: Mapping[str, Any] | None = snapshot.get("uplink_usage")
     for u in snapshot.get("uplinks") or []:
         name = u.get("name")
         mine = [p for p in paths if p.get("uplink") == name]
+        bonding: list[tuple[str, Any]] = []
+        if isinstance(usage_rows, Mapping):
+            usage = usage_rows.get(str(name)) or {}
+            bonding = [
+                ("tier", usage.get("tier", "primary")),
+                ("used_bytes", usage.get("used_bytes", 0)),
+                ("data_budget", usage.get("data_budget")),
+                ("budget_exhausted", usage.get("budget_exhausted", False)),
+                *_plain_capacity(snapshot, str(name), fleet),
+            ]
         lines.append(
             _plain_line("uplink", [name], [
                 ("address", u.get("local_address")),
@@ -1104,6 +1176,7 @@ def render_plain(snapshot: Mapping[str, Any]) -> str:
                 ("paths_active", sum(1 for p in mine if p.get("state") == "active")),
                 ("paths", len(mine)),
                 ("send_errors", u.get("send_errors")),
+                *bonding,
             ])
         )  # fmt: skip
 
@@ -1156,9 +1229,31 @@ def render_plain(snapshot: Mapping[str, Any]) -> str:
                 ("protection", r.get("protection")),
                 *far_gate(t),
                 *_adaptive_fields(r),
+                *[(key, r.get(key)) for key in ("usable_rate", "protected_rate") if key in r],
             ])
         )  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _plain_capacity(snapshot: Mapping[str, Any], uplink: str, fleet: bool) -> list[tuple[str, Any]]:
+    """An uplink line's capacity fields (bytes/s); with several far gates, ``name:value``
+    per far gate."""
+    rows = _capacities(snapshot, uplink)
+    if not fleet or len(rows) <= 1:
+        row = rows[0][1] if rows else {}
+        return [
+            ("capacity", row.get("capacity")),
+            ("capacity_measured", row.get("measured")),
+            ("pacing_rate", row.get("pacing_rate")),
+        ]
+    return [
+        (key, ",".join(f"{name}:{_plain_value(row.get(field))}" for name, row in rows))
+        for key, field in (
+            ("capacity", "capacity"),
+            ("capacity_measured", "measured"),
+            ("pacing_rate", "pacing_rate"),
+        )
+    ]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -182,11 +182,13 @@ class Fleet:
         unix_gates: bool = False,
         interfaces: Sequence[str] = (),
         redundancy: Sequence[str] = (),
+        transport: Sequence[str] = (),
     ) -> GatewayConfig:
         """The configuration an operator writes for gateway ``name``: one ``[far_gates.*]``
         table and one tunnel per peer, with a loopback gate (never paused: a UDP sender does
         not wait) or a Unix gate (paused under back-pressure). ``interfaces`` and ``redundancy``:
-        more TOML lines for those tables (``adaptive = true`` ...)."""
+        more TOML lines for those tables (``adaptive = true`` ...), ``transport`` for the
+        transport table (``spread = "aggregate"``)."""
         lines = [f'private_key = "{encode_key(self.key(name))}"', f"listen_port = {listen_port}"]
         if use_map:
             lines += [
@@ -210,6 +212,7 @@ class Fleet:
                 ),
                 f"[tunnels.{peer.tunnel}.transport]",
                 f'send_deadline = "{send_deadline}s"',
+                *transport,
                 f"[tunnels.{peer.tunnel}.transport.redundancy]",
                 f"num_shards = {n}",
                 f"required_shards = {k}",
@@ -228,11 +231,15 @@ class Fleet:
         ingress: Sequence[LossFactory | None] = (),
         port: int = 51820,
         nat_timeout: float = 30.0,
+        egress_rates: Sequence[float | None] = (),
+        queue_time: float = 0.030,
     ) -> GatewayHost:
         """Gateway ``name`` with one uplink per entry of ``uplinks`` (``wan0``, ``wan1`` ...),
         each behind a NAT of that kind of its own (None: a public address); ``egress[i]`` and
         ``ingress[i]`` make uplink i's loss models for each direction; the NATs forget a
-        binding unused for ``nat_timeout`` seconds."""
+        binding unused for ``nat_timeout`` seconds. ``egress_rates[i]`` (bytes/s): uplink i's
+        upload is shaped to that rate with a queue of ``queue_time`` at the rate (at least
+        three 1500-byte packets), as ``tc tbf`` or a modem."""
         host = GatewayHost(name, config, seed=self.net.rng.getrandbits(64), now=self.net.now)
         self.gateways[name] = host
         self.net.add_host(name, host, observe=host.observe)
@@ -244,6 +251,7 @@ class Fleet:
                 core.set_static_endpoints(far_name, [(h, p) for h, p in far.endpoints])
         core.start(self.net.now)
         for i, kind in enumerate(uplinks):
+            rate = egress_rates[i] if i < len(egress_rates) else None
             self._next_nat += 1
             public_ip = f"100.64.{self._next_nat}.1"
             nat = None if kind is None else self.net.nat(public_ip, kind, timeout=nat_timeout)
@@ -258,6 +266,8 @@ class Fleet:
                 delay=delay,
                 egress_losses=self._losses(egress, i),
                 ingress_losses=self._losses(ingress, i),
+                egress_rate=rate,
+                egress_queue=0 if rate is None else max(int(rate * queue_time), 4500),
             )
             core.uplink_added(f"wan{i}", self.net.now)
         return host

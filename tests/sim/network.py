@@ -90,16 +90,23 @@ def dead() -> Blackout:
 @dataclass
 class LinkStats:
     sent: int = 0
+    sent_bytes: int = 0
     lost: int = 0
     duplicated: int = 0
     reordered: int = 0
+    #: dropped at a full queue in front of the rate limit (a modem's buffer)
+    queue_dropped: int = 0
 
 
 @dataclass
 class Link:
     """One uplink: fixed `delay` plus uniform jitter in [0, `jitter`); with probability
     `reorder` a packet is held back an extra `reorder_delay`; with probability
-    `duplicate` it arrives twice (the copy with its own delay)."""
+    `duplicate` it arrives twice (the copy with its own delay).
+
+    `rate` (bytes/s; None: unlimited) is a bottleneck with a FIFO of at most `queue_bytes`
+    in front (tc tbf, a modem): a packet waits for the ones ahead to be serialized, and one
+    that finds the queue full is dropped (`stats.queue_dropped`)."""
 
     rng: random.Random
     delay: float = 0.010
@@ -108,16 +115,29 @@ class Link:
     duplicate: float = 0.0
     reorder: float = 0.0
     reorder_delay: float = 0.0
+    rate: float | None = None
+    queue_bytes: int = 0
     stats: LinkStats = field(default_factory=LinkStats)
+    #: when the bottleneck has serialized everything queued so far
+    _busy_until: float = 0.0
 
-    def transmit(self, now: float) -> tuple[float, ...]:
-        """Arrival times of a packet sent at `now`: none if lost, two if duplicated."""
+    def transmit(self, now: float, size: int = 0) -> tuple[float, ...]:
+        """Arrival times of a `size`-byte packet sent at `now`: none if lost, two if
+        duplicated."""
         stats = self.stats
         stats.sent += 1
+        stats.sent_bytes += size
         for model in self.losses:
             if model.lost(now):
                 stats.lost += 1
                 return ()
+        if self.rate is not None:
+            start = max(self._busy_until, now)
+            if (start - now) * self.rate + size > self.queue_bytes:
+                stats.queue_dropped += 1
+                return ()
+            self._busy_until = start + size / self.rate
+            now = self._busy_until
         if self.duplicate and self.rng.random() < self.duplicate:
             stats.duplicated += 1
             return (self._arrival(now), self._arrival(now))

@@ -287,9 +287,13 @@ class SimNet:
         jitter: float = 0.0,
         egress_losses: Sequence[LossModel] = (),
         ingress_losses: Sequence[LossModel] = (),
+        egress_rate: float | None = None,
+        egress_queue: int = 0,
     ) -> Uplink:
         """An uplink ``name`` of ``host`` at ``address`` (behind ``nat``, else public); each
-        direction's access link has ``delay`` (+ uniform ``jitter``) and its own losses."""
+        direction's access link has ``delay`` (+ uniform ``jitter``) and its own losses.
+        ``egress_rate`` (bytes/s): the uplink's upload is a bottleneck with a queue of
+        ``egress_queue`` bytes (a shaped modem, as ``tc tbf``)."""
         slot = self.hosts[host]
         if name in slot.uplinks:
             raise ValueError(f"uplink {name!r} of {host!r} exists")
@@ -298,7 +302,14 @@ class SimNet:
             name,
             address,
             nat,
-            Link(self.child_rng(), delay=delay, jitter=jitter, losses=tuple(egress_losses)),
+            Link(
+                self.child_rng(),
+                delay=delay,
+                jitter=jitter,
+                losses=tuple(egress_losses),
+                rate=egress_rate,
+                queue_bytes=egress_queue,
+            ),
             Link(self.child_rng(), delay=delay, jitter=jitter, losses=tuple(ingress_losses)),
         )
         self._attach(uplink)
@@ -449,7 +460,7 @@ class SimNet:
         if uplink.black_holed:
             self.stats["black_holed"] += 1
             return
-        arrivals = uplink.egress.transmit(now)
+        arrivals = uplink.egress.transmit(now, len(data))
         if not arrivals:
             return
         source = (
@@ -476,7 +487,7 @@ class SimNet:
         if uplink.black_holed:
             self.stats["black_holed"] += 1
             return
-        for arrival in uplink.ingress.transmit(now):
+        for arrival in uplink.ingress.transmit(now, len(data)):
             self._push(arrival, self._deliver, (uplink, source, data))
 
     def _deliver(self, now: float, uplink: Uplink, source: Address, data: bytes) -> None:

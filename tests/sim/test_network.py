@@ -120,3 +120,17 @@ def test_a_clean_network_delivers_everything_once_in_time() -> None:
     # Blocks left incomplete never happen here, and every timer ran to completion.
     assert receiver.decoder.stats.blocks_expired == 0
     assert receiver.decoder.next_deadline() is None
+
+
+def test_rate_limited_link_delivers_its_rate_and_drops_at_a_full_queue() -> None:
+    # 1 MB/s with a 10 kB queue, offered 2 MB/s of 1000 B packets for a second: about half
+    # arrives, evenly spaced at the rate, and the rest is dropped at the queue, never late.
+    link = Link(random.Random(1), delay=0.010, rate=1_000_000, queue_bytes=10_000)
+    sent = [(i * 0.0005, link.transmit(i * 0.0005, 1000)) for i in range(2000)]
+    arrivals = [a for _, results in sent for a in results]
+    assert len(arrivals) + link.stats.queue_dropped == 2000
+    assert len(arrivals) == pytest.approx(1000, abs=15)
+    gaps = [b - a for a, b in itertools.pairwise(arrivals[20:])]
+    assert min(gaps) == pytest.approx(0.001)
+    # Nothing waits longer than the queue holds (10 ms) plus the link's delay.
+    assert all(a - at <= 0.0211 for at, results in sent for a in results)

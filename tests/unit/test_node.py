@@ -307,6 +307,9 @@ async def _real_scheduler(tmp_path: Path) -> None:
             "spread": "survive_uplink_loss",
             "protected": True,
             "protection": "protected against one uplink loss",
+            # no capacity measured yet (a few hundred bytes sent): no rate to promise
+            "usable_rate": None,
+            "protected_rate": None,
         }
 
 

@@ -31,6 +31,7 @@ from warp.map_client.client import (
     UplinkExpired,
     UplinkRegistered,
 )
+from warp.paths.budget import UsageLedger
 from warp.paths.path import Address
 from warp.unanswered import Unanswered
 from warp.wireguard import (
@@ -98,6 +99,8 @@ class GatewayCore:
         self.device = Device(config.private_key, roaming_events=False)
         #: uplink name -> writable (its socket's send buffer has room)
         self.uplinks: dict[str, bool] = {}
+        #: bytes per uplink against its data budget; the shell rolls periods and keeps it
+        self.usage = UsageLedger(config.interfaces.uplink_policy)
         self.stopping = False
         self.counters: dict[str, int] = {
             "no_session": 0,
@@ -273,6 +276,7 @@ class GatewayCore:
         if uplink not in self.uplinks or len(self._to_send) >= OUTBOX_LIMIT:
             return False
         self._to_send.append((uplink, remote, data))
+        self.usage.add(uplink, len(data))
         return True
 
     def deliver(self, tunnel: str, datagram: bytes) -> None:
@@ -324,11 +328,16 @@ class GatewayCore:
 
     def uplink_added(self, name: str, now: float) -> None:
         self.now = now
+        if self.usage.policy(name).tier == "never":
+            log.info("uplink.unused uplink=%s reason=tier_never", name)
+            return
         self.uplinks[name] = True
         self._uplink_up(name, now, added=True)
 
     def uplink_changed(self, name: str, now: float) -> None:
         self.now = now
+        if self.usage.policy(name).tier == "never":
+            return
         self.uplinks[name] = True
         self._uplink_up(name, now, added=False)
 
@@ -348,6 +357,8 @@ class GatewayCore:
 
     def uplink_removed(self, name: str, now: float) -> None:
         self.now = now
+        if name not in self.uplinks and self.usage.policy(name).tier == "never":
+            return  # never used
         self.uplinks.pop(name, None)
         self.map_reflexive.pop(name, None)
         if self.map_client is not None and not self.stopping:
@@ -368,6 +379,8 @@ class GatewayCore:
         """A datagram from an uplink socket (or, for a relayed path's pseudo uplink
         ``relay:<uplink>``, relayed by the map)."""
         self.now = now
+        if uplink in self.uplinks:
+            self.usage.add(uplink, len(data))
         device = self.device
         received = device.receive(data, source, now)
         if device.has_outgoing:

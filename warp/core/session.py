@@ -15,12 +15,13 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from warp.config import FarGateConfig, TunGate, TunnelConfig, UnixGate
 from warp.frames import FrameType
+from warp.paths.capacity import TokenBucket
 from warp.paths.path import Address, Path, PathState
 from warp.paths.prober import (
     PathAdded,
@@ -59,6 +60,11 @@ SEND_QUEUE_PAUSE = 1024
 #: gate's steady stream costs O(1) per datagram, not O(queue). (`SendQueue.pop` drops anything
 #: past its deadline anyway: the sweep bounds memory and makes room.)
 STALLED_SWEEP = 0.1
+#: Gates with back-pressure pause while the pacers hold this many datagrams back (or one is
+#: this close to its deadline), and resume once fewer than PACED_RESUME wait.
+PACED_PAUSE = 16
+PACED_PAUSE_BEFORE = 0.050
+PACED_RESUME = 4
 #: While held by full uplinks, the flush also re-checks this often (an uplink rebuilt or
 #: removed under the hold reports no writability).
 HOLD_RECHECK = 0.050
@@ -88,6 +94,11 @@ RELAY_FALLBACK_AFTER = 2.5
 #: seconds ago, is logged as a WARNING naming the likely cause, once per episode.
 UNANSWERED_TRIES = 3
 UNANSWERED_AFTER = 10.0
+#: A backup uplink takes the traffic once no primary path has been heard for this long (the
+#: primaries are probed every PRIMARY_PROBE_INTERVAL while a backup uplink is up, so a live
+#: one is heard several times in that span).
+BACKUP_AFTER = 0.6
+PRIMARY_PROBE_INTERVAL = 0.15
 #: The map still refuses to say where the far gate is this long after the first refusal.
 LOOKUP_REFUSED_WARN_AFTER = 20.0
 
@@ -160,11 +171,40 @@ def _quantize_rtt(rtt: float | None) -> int:
     return 1 + int(math.log(rtt * 1000, 1.25))
 
 
-def path_qualities(paths: Sequence[Path]) -> list[PathQuality[Path]]:
+def _quantize_rate(rate: float | None) -> int:
+    """An uplink rate in ~5 % (log) steps: finer changes do not move the shares enough."""
+    if rate is None or rate <= 1.0:
+        return -1
+    return int(math.log(rate, 1.05))
+
+
+def path_qualities(
+    paths: Sequence[Path],
+    uplink_rates: Mapping[str, float | None] | None = None,
+    known_rates: Mapping[str, float | None] | None = None,
+) -> list[PathQuality[Path]]:
     """What the schedulers are told of the sending paths: each path's measurements, its
-    uplink (our end) and its remote address (one peer uplink: the other end)."""
+    uplink (our end), its remote address (one peer uplink: the other end) and its part of
+    its uplink's rates (`uplink_rates` to weigh its shards, `known_rates` for the rates
+    status promises; the uplink's sending paths share them evenly)."""
+    per_uplink: dict[str, int] = {}
+    for p in paths:
+        per_uplink[p.uplink] = per_uplink.get(p.uplink, 0) + 1
+
+    def part(rates: Mapping[str, float | None] | None, path: Path) -> float | None:
+        rate = None if rates is None else rates.get(path.uplink)
+        return None if rate is None else rate / per_uplink[path.uplink]
+
     return [
-        PathQuality(p, loss=p.loss or 0.0, rtt=p.rtt, local=p.uplink, remote=p.remote)
+        PathQuality(
+            p,
+            loss=p.loss or 0.0,
+            rtt=p.rtt,
+            local=p.uplink,
+            remote=p.remote,
+            rate=part(uplink_rates, p),
+            known_rate=part(known_rates, p),
+        )
         for p in sorted(paths, key=lambda p: (p.uplink, p.remote))
     ]
 
@@ -202,6 +242,9 @@ class Tunnel:
     rejects_unlogged: int = 0
     drops: dict[str, int] = field(default_factory=dict)
     """Drops decided by the session (e.g. ``source_not_allowed``), by reason."""
+    #: application bytes sent and the wire bytes they took (status: application rates)
+    app_bytes: int = 0
+    wire_bytes: int = 0
 
     def count_drop(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
@@ -217,7 +260,7 @@ class Tunnel:
         self.config = config
         # (built as at start, so the new scheduler and decoder are set up as any other)
         fresh = Tunnel.make(self.name, self.far_gate, config)
-        if (old.redundancy, old.mtu) != (new.redundancy, new.mtu):
+        if (old.redundancy, old.mtu, old.spread) != (new.redundancy, new.mtu, new.spread):
             encoder = fresh.encoder
             self.encoder = ShardEncoder(
                 self.tunnel_id,
@@ -266,6 +309,7 @@ class Tunnel:
                 k,
                 n,
                 add_parity=True,
+                spread=transport.spread,
                 adaptive=AdaptiveParity(
                     transport.redundancy.min_parity,
                     transport.redundancy.max_parity,
@@ -313,6 +357,12 @@ class FarGateSession:
         for tunnel in tunnels:
             if not tunnel.back_pressure:
                 self.send_queue.clock_runs.add(tunnel.tunnel_id)
+        # Per uplink: paced below what it carries (`PathProber.pacing_rate`; none: unpaced).
+        self.pacers: dict[str, TokenBucket] = {}
+        #: flushes that waited for a pacer (the uplinks carry less than is offered)
+        self.paced_waits = 0
+        # Gates paused because the pacers hold the queue back (`_pause_when_paced_behind`).
+        self.paced_pause = False
         self.static_endpoints: list[Address] = []
         self.peer_endpoints: tuple[Address, ...] = ()
         # What the schedulers were last told (`update_schedulers`): the sending paths and a
@@ -576,7 +626,9 @@ class FarGateSession:
         if kind == _SHARD:
             self.on_shard(plaintext, now)
         elif kind == _PROBE:
-            reply = make_probe_reply(plaintext)
+            # With the path's receive report: the far gate's capacity estimate of it.
+            received = None if path is None else (path.rx_bytes, path.rx_packets)
+            reply = make_probe_reply(plaintext, received)
             if reply is not None:
                 self._seal_and_send(reply, uplink, source, now)
         elif kind == _PROBE_REPLY:
@@ -630,6 +682,7 @@ class FarGateSession:
 
     def uplink_up(self, name: str, now: float) -> None:
         """An uplink was added or changed: try the far gate's known addresses from it."""
+        self._watch_primaries()
         far = self.core.device.peer(self.key)
         if (
             far is not None
@@ -651,7 +704,17 @@ class FarGateSession:
     def uplink_removed(self, name: str, now: float) -> None:
         self.prober.remove_uplink(name)
         self.prober.remove_uplink(relay_path_uplink(name))
+        self._watch_primaries()
         self.after_prober(now)
+
+    def _watch_primaries(self) -> None:
+        """While a backup uplink is up, the primaries are probed often enough to tell within
+        BACKUP_AFTER that none answers."""
+        policy = self.core.usage.policy
+        tiers = {name: policy(name).tier for name in self.core.uplinks}
+        watched = frozenset(n for n, t in tiers.items() if t == "primary")
+        self.prober.fast_uplinks = watched if "backup" in tiers.values() else frozenset()
+        self.prober.fast_interval = min(PRIMARY_PROBE_INTERVAL, self.prober.keepalive_interval)
 
     def map_endpoints_changed(
         self, endpoints: tuple[Address, ...], pushed: bool, now: float
@@ -692,17 +755,31 @@ class FarGateSession:
         to one remote host, one a NAT rebinding replaced is left out
         (`PathProber.drop_superseded`)."""
         direct: list[Path] = []
+        backup: list[Path] = []
         relay: list[Path] = []
         probing: list[Path] = []
+        usage = self.core.usage
+        exhausted = usage.exhausted
         for path in self.prober.paths:
             state = path.state
             if path.uplink.startswith(RELAY_PREFIX):
                 if state is PathState.ACTIVE:
                     relay.append(path)
+            elif path.uplink in exhausted:
+                continue  # its data budget ran out: probes only
             elif state is PathState.ACTIVE:
-                direct.append(path)
+                if usage.policy(path.uplink).tier == "backup":
+                    backup.append(path)
+                else:
+                    direct.append(path)
             elif state is PathState.PROBING:
                 probing.append(path)
+        if direct and backup:
+            # Backups carry only probes while a primary path is heard from.
+            heard = max(p.last_authenticated or -math.inf for p in direct)
+            if now - heard > BACKUP_AFTER:
+                direct = []
+        direct = direct or backup
         if direct:
             if len(direct) == 1:
                 return direct
@@ -720,13 +797,19 @@ class FarGateSession:
             self._on_relay_use(relayed, now)
         # A tunnel with adaptive parity: its scheduler hears of every loss step.
         fine = any(t.scheduler.adaptive is not None for t in self.tunnels.values())
-        signature = tuple(
-            (id(p), p.state, _quantize_loss(p.loss, fine=fine), _quantize_rtt(p.rtt)) for p in paths
+        rates = {p.uplink: self.prober.share_rate(p.uplink, now) for p in paths}
+        signature = (
+            tuple(
+                (id(p), p.state, _quantize_loss(p.loss, fine=fine), _quantize_rtt(p.rtt))
+                for p in paths
+            ),
+            tuple((uplink, _quantize_rate(rate)) for uplink, rate in rates.items()),
         )
         if signature != self._sending_signature:
             self._sending_signature = signature
             self._sending = paths
-            qualities = path_qualities(paths)
+            known = {uplink: self.prober.known_rate(uplink) for uplink in rates}
+            qualities = path_qualities(paths, rates, known)
             for tunnel in self.tunnels.values():
                 change = tunnel.scheduler.update(qualities)
                 if change is not None:
@@ -920,12 +1003,23 @@ class FarGateSession:
             return
         self._release(now)
         self._sweep_at = None
+        pacers = self._pace(paths, now)
         seal_many = self.core.device.seal_many
         emit = self.core.emit
         key = self.key
         tunnels = self.tunnels_by_id
         send_failed = 0
         for _ in range(FLUSH_BATCH):
+            if pacers:
+                ready = max(pacer.ready_at(now) for pacer in pacers)
+                if ready > now:
+                    # The uplinks carry less than is offered: the rest waits in the queue
+                    # (dropped there by deadline and priority, gates with back-pressure
+                    # paused), never in a modem's queue.
+                    self.paced_waits += 1
+                    self.flush_at = ready
+                    self._pause_when_paced_behind(now)
+                    break
             item = queue.pop(now)
             if item is None:
                 break
@@ -935,6 +1029,7 @@ class FarGateSession:
                 continue
             scheduler = tunnel.scheduler
             assign = scheduler.assign
+            tunnel.app_bytes += len(item.datagram)
             # The scheduler's shard count: more than n while parity is added.
             for frames in tunnel.encoder.encode(item.datagram, scheduler.effective_n):
                 for wire, path in zip(seal_many(key, frames, now), assign(), strict=True):
@@ -944,12 +1039,16 @@ class FarGateSession:
                     uplink = path.uplink
                     if uplink in uplinks:
                         sent = emit(uplink, path.remote, wire)
+                        pacer = self.pacers.get(uplink)
+                        if pacer is not None:
+                            pacer.consume(len(wire), now)
                     else:
                         via = relayed_over(uplink)
                         sent = via is not None and self.core.relay(key, wire, now, via, path.remote)
                     if sent:
                         path.tx_packets += 1
                         path.tx_bytes += len(wire)
+                        tunnel.wire_bytes += len(wire)
                     else:
                         send_failed += 1
         else:
@@ -962,9 +1061,52 @@ class FarGateSession:
             self._resume_gates()
             self.flush_at = queue.next_expiry()
 
+    def _pace(self, paths: Sequence[Path], now: float) -> list[TokenBucket]:
+        """Set each sending uplink's pacer to its pacing rate; returns the pacers of uplinks
+        the schedulers give shards to (what a block waits for)."""
+        rates = {p.uplink: self.prober.pacing_rate(p.uplink, now) for p in paths}
+        pacers = self.pacers
+        for uplink in [u for u in pacers if rates.get(u) is None]:
+            del pacers[uplink]
+        used: set[str] = set()
+        for tunnel in self.tunnels.values():
+            used.update(p.uplink for p, share in tunnel.scheduler.shares.items() if share > 0)
+        waits_for: list[TokenBucket] = []
+        for uplink, rate in rates.items():
+            if rate is None:
+                continue
+            pacer = pacers.get(uplink)
+            if pacer is None:
+                pacer = pacers[uplink] = TokenBucket(rate, now)
+            elif pacer.rate != rate:
+                pacer.set_rate(rate, now)
+            if uplink in used:
+                waits_for.append(pacer)
+        return waits_for
+
+    def _pause_when_paced_behind(self, now: float) -> None:
+        """The pacers hold the queue back: once PACED_PAUSE datagrams wait, or one is within
+        PACED_PAUSE_BEFORE of its deadline, gates with back-pressure pause (their
+        applications wait instead of losing datagrams at the deadline) until the queue is
+        down to PACED_RESUME."""
+        queue = self.send_queue
+        expiry = queue.next_expiry()
+        if len(queue) < PACED_PAUSE and (expiry is None or expiry - now > PACED_PAUSE_BEFORE):
+            return
+        self.paced_pause = True
+        for tunnel in self.tunnels.values():
+            if tunnel.back_pressure and tunnel.name not in self.paused:
+                self.paused.add(tunnel.name)
+                self.core.gate_flow(tunnel.name, paused=True)
+
     def _resume_gates(self) -> None:
         """The one place paused gates resume: as soon as the reasons for a pause are gone (no
-        hold, the queue below SEND_QUEUE_PAUSE), whichever way the flush went."""
+        hold, the queue below SEND_QUEUE_PAUSE, or PACED_RESUME after a pause for the
+        pacers), whichever way the flush went."""
+        if self.paced_pause:
+            if len(self.send_queue) >= PACED_RESUME:
+                return
+            self.paced_pause = False
         if self.paused and not self.held and len(self.send_queue) < SEND_QUEUE_PAUSE:
             paused, self.paused = self.paused, set()
             for tunnel in paused:

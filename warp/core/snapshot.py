@@ -8,7 +8,7 @@ from typing import Any
 
 from warp import __version__
 from warp.core.gateway import GatewayCore
-from warp.core.session import host_port, relayed_over
+from warp.core.session import FarGateSession, host_port, relayed_over
 from warp.gate.base import Gate
 from warp.keys import encode_key
 from warp.paths.path import PathState
@@ -16,17 +16,43 @@ from warp.paths.scheduler import ShardScheduler
 from warp.status import gate_info
 
 
-def _redundancy(scheduler: ShardScheduler[Any]) -> dict[str, Any]:
-    """A tunnel's code and whether it survives losing an uplink."""
+def _redundancy(scheduler: ShardScheduler[Any], app_per_wire: float | None) -> dict[str, Any]:
+    """A tunnel's code, whether it survives losing an uplink, and the application rates its
+    spread carries (`app_per_wire`: the tunnel's application bytes per wire byte so far)."""
+    ratio = app_per_wire if app_per_wire is not None else scheduler.k / scheduler.effective_n
+
+    def app_rate(wire: float | None) -> float | None:
+        return None if wire is None else round(wire * ratio)
+
     return {
         "k": scheduler.k,
         "n": scheduler.n,
         "effective_n": scheduler.effective_n,
-        "spread": "survive_uplink_loss",
+        "spread": scheduler.spread,
         "protected": scheduler.protected,
         "protection": scheduler.protection,
+        # Application bytes/s: what the uplinks carry with this spread, and what may be sent
+        # with nothing lost when any one uplink goes (None: not protected, or not measured).
+        "usable_rate": app_rate(scheduler.usable_rate),
+        "protected_rate": app_rate(scheduler.protected_rate),
         **_adaptive(scheduler),
     }
+
+
+def _capacity(session: FarGateSession, now: float) -> dict[str, Any]:
+    """Per uplink: what it carries towards this far gate (bytes/s on the wire)."""
+    rows: dict[str, Any] = {}
+    for uplink, estimator in sorted(session.prober.capacities.items()):
+        capacity = estimator.capacity
+        pacing = estimator.pacing_rate(now)
+        rows[uplink] = {
+            "capacity": None if capacity is None else round(capacity),
+            # False: never saturated, the capacity is only what it carried (a lower bound)
+            "measured": estimator.saturated_at is not None,
+            "pacing_rate": None if pacing is None else round(pacing),
+            "saturations": estimator.saturations,
+        }
+    return rows
 
 
 def _adaptive(scheduler: ShardScheduler[Any]) -> dict[str, Any]:
@@ -66,6 +92,8 @@ def snapshot(
             "kind": session.config.kind,
             "session": session.status(now),
             "relay": session.relay_in_use,
+            "uplink_capacity": _capacity(session, now),
+            "paced_waits": session.paced_waits,
         }
         for path in session.prober.paths:
             # A dead path shows its state and how long since it was heard, no stale figures.
@@ -127,7 +155,10 @@ def snapshot(
                     "blocks_rebuilt": stats.blocks_rebuilt,
                     "surplus_shards": stats.surplus_shards,
                     "datagrams_lost": stats.datagrams_lost,
-                    "redundancy": _redundancy(tunnel.scheduler),
+                    "redundancy": _redundancy(
+                        tunnel.scheduler,
+                        tunnel.app_bytes / tunnel.wire_bytes if tunnel.wire_bytes else None,
+                    ),
                     "drops": drops,
                 }
             )
@@ -157,4 +188,6 @@ def snapshot(
         "far_gates": far_gates,
         "uplinks": list(uplink_rows),
         "counters": dict(core.counters),
+        # Per uplink with traffic: tier, period, bytes used (both ways), budget, exhausted.
+        "uplink_usage": core.usage.status(),
     }

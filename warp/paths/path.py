@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
 
+from warp.paths.capacity import PathRateMeter
+
 Address = tuple[str, int]
 """A UDP endpoint as (host, port); IPv6 scope/flow info is dropped at the socket boundary."""
 
@@ -43,6 +45,9 @@ class ProbeRecord:
     """False for the initial burst: probes sent before the NATs could open are not loss."""
     answered: bool = False
     expired: bool = False
+    sent_bytes: int = 0
+    """The path's `tx_bytes` when this probe left (what the far side's receive report in
+    the reply is compared with)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -74,6 +79,8 @@ class Path:
     early_probe_at: float = float("-inf")
     """Last probe sent ahead of schedule to check a suspect path (`drop_superseded`)."""
     probes: deque[ProbeRecord] = field(default_factory=lambda: deque(maxlen=LOSS_WINDOW))
+    rates: PathRateMeter = field(default_factory=PathRateMeter)
+    """Delivered and offered rates from the far side's receive reports (`warp.paths.capacity`)."""
 
     @property
     def key(self) -> PathKey:
@@ -106,6 +113,7 @@ class Path:
             record.counted = False
             self.probes.append(record)
         self.rtt = self.rtt_var = self.rtt_last = None
+        self.rates.reset()
 
     def record_tx(self, nbytes: int) -> None:
         self.tx_packets += 1

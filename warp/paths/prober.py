@@ -26,6 +26,16 @@ padding are ignored):
     total 13 bytes
 
 A reply copies id and timestamp from the probe, so RTT = now − timestamp on the sender.
+A reply may carry a receive report (a peer without one sends 13 bytes, WireGuard pads them
+with zeros: report version 0, ignored; an old peer ignores the report as trailing bytes):
+
+    offset 13 u8   report version: 1
+    offset 14 u64  bytes received on this path (UDP payload), since the path appeared
+    offset 22 u32  packets received on this path, same (wrapping)
+    total 26 bytes
+
+Counters rather than "since the last report": a lost reply loses no bytes, and the
+difference of two reports is what was delivered between their probes (`warp.paths.capacity`).
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from warp.frames import FrameType
+from warp.paths.capacity import SAMPLE_FRESH, CapacityEstimator, RateSample
 from warp.paths.path import (
     PATH_SOURCES,
     Address,
@@ -48,6 +59,10 @@ from warp.paths.path import (
 
 PROBE_STRUCT = struct.Struct("!BId")
 PROBE_SIZE = PROBE_STRUCT.size  # 13
+REPORT_STRUCT = struct.Struct("!BQI")
+REPORT_VERSION = 1
+REPLY_WITH_REPORT_SIZE = PROBE_SIZE + REPORT_STRUCT.size  # 26
+_U64 = 0xFFFFFFFFFFFFFFFF
 
 DEFAULT_BURST: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.4)
 """Offsets (s) of the initial probe burst of a new candidate, so both NATs open at once."""
@@ -73,11 +88,27 @@ def parse_probe(frame: bytes) -> tuple[int, int, float] | None:
     return kind, probe_id, timestamp
 
 
-def make_probe_reply(frame: bytes) -> bytes | None:
-    """The reply to a received PROBE frame (same id and timestamp), or None if not a probe."""
+def make_probe_reply(frame: bytes, received: tuple[int, int] | None = None) -> bytes | None:
+    """The reply to a received PROBE frame (same id and timestamp), or None if not a probe.
+    `received`: (bytes, packets) received on the path so far, sent as the receive report."""
     if len(frame) < PROBE_SIZE or frame[0] != _PROBE:
         return None
-    return bytes((_PROBE_REPLY,)) + bytes(frame[1:PROBE_SIZE])
+    reply = bytes((_PROBE_REPLY,)) + bytes(frame[1:PROBE_SIZE])
+    if received is None:
+        return reply
+    nbytes, packets = received
+    return reply + REPORT_STRUCT.pack(REPORT_VERSION, nbytes & _U64, packets & _U32)
+
+
+def parse_report(frame: bytes) -> tuple[int, int] | None:
+    """(bytes, packets) of a PROBE_REPLY's receive report; None without one (an older peer,
+    or a version we do not know)."""
+    if len(frame) < REPLY_WITH_REPORT_SIZE:
+        return None
+    version, nbytes, packets = REPORT_STRUCT.unpack_from(frame, PROBE_SIZE)
+    if version != REPORT_VERSION:
+        return None
+    return nbytes, packets
 
 
 # --- events -------------------------------------------------------------------------------
@@ -171,6 +202,11 @@ class PathProber:
         # path defining it. `_deadline_valid` False means "recompute on the next ask".
         self._deadline: float | None = None
         self._deadline_valid = False
+        #: uplinks probed every `fast_interval` instead (primaries watched for a backup's sake)
+        self.fast_uplinks: frozenset[str] = frozenset()
+        self.fast_interval = self.keepalive_interval
+        #: per uplink: what it carries, from its paths' receive reports
+        self.capacities: dict[str, CapacityEstimator] = {}
         # Counters (peers cannot raise into us: bad input becomes a number).
         self.bad_frames = 0
         self.unmatched_replies = 0
@@ -300,6 +336,53 @@ class PathProber:
         sample = now - record.sent_at
         if sample >= 0:
             path.add_rtt_sample(sample)
+        report = parse_report(frame)
+        if (
+            report is not None
+            and record.counted
+            and path.rates.on_report(record.sent_at, record.sent_bytes, report[0], now)
+        ):
+            self._uplink_sample(path.uplink, now)
+
+    def _uplink_sample(self, uplink: str, now: float) -> None:
+        """A path of `uplink` has a new rate sample: the uplink's is the sum of its live
+        paths' fresh ones (they share its bottleneck)."""
+        delivered = offered = loss = queue_delay = 0.0
+        counted = 0
+        for path in self._paths.values():
+            sample = path.rates.last
+            if (
+                path.uplink != uplink
+                or path.state is PathState.DEAD
+                or sample is None
+                or now - sample.at > SAMPLE_FRESH
+            ):
+                continue
+            delivered += sample.delivered
+            offered += sample.offered
+            queue_delay = max(queue_delay, sample.queue_delay)
+            loss += path.loss or 0.0
+            counted += 1
+        if counted:
+            estimator = self.capacities.get(uplink)
+            if estimator is None:
+                estimator = self.capacities[uplink] = CapacityEstimator()
+            estimator.on_sample(RateSample(now, delivered, offered, queue_delay), loss / counted)
+
+    def pacing_rate(self, uplink: str, now: float) -> float | None:
+        """Bytes/s the uplink may carry now (None: not known, unpaced)."""
+        estimator = self.capacities.get(uplink)
+        return None if estimator is None else estimator.pacing_rate(now)
+
+    def known_rate(self, uplink: str) -> float | None:
+        """Bytes/s the uplink can be counted on for (None: not known)."""
+        estimator = self.capacities.get(uplink)
+        return None if estimator is None else estimator.known_rate()
+
+    def share_rate(self, uplink: str, now: float) -> float | None:
+        """Bytes/s the scheduler counts on for the uplink (None: not known)."""
+        estimator = self.capacities.get(uplink)
+        return None if estimator is None else estimator.share_rate(now)
 
     def record_tx(self, uplink: str, remote: Address, nbytes: int) -> None:
         """Count a datagram the caller put on the wire on this path."""
@@ -319,6 +402,7 @@ class PathProber:
     def remove_uplink(self, uplink: str) -> list[Path]:
         """Forget every path on an uplink that is gone."""
         gone = [p for p in self._paths.values() if p.uplink == uplink]
+        self.capacities.pop(uplink, None)
         self._deadline_valid = False
         for path in gone:
             del self._paths[path.key]
@@ -440,6 +524,11 @@ class PathProber:
         path.state = new
         path.state_since = now
         self._deadline_valid = False
+        if new is PathState.DEAD and not any(
+            p.uplink == path.uplink and p.state is not PathState.DEAD for p in self._paths.values()
+        ):
+            # Nothing left on the uplink: when it comes back, its capacity is measured anew.
+            self.capacities.pop(path.uplink, None)
         self._events.append(PathStateChanged(path, old, new, now))
 
     def _learn(self, uplink: str, remote: Address, now: float) -> Path | None:
@@ -491,19 +580,20 @@ class PathProber:
         probe_id = self._next_id
         self._next_id = (self._next_id + 1) & _U32
         in_burst = path.burst_index < len(self.burst)
-        path.probes.append(ProbeRecord(probe_id, now, counted=not in_burst))
+        path.probes.append(
+            ProbeRecord(probe_id, now, counted=not in_burst, sent_bytes=path.tx_bytes)
+        )
         path.probes_sent += 1
         if in_burst:
             path.burst_index += 1
         if path.burst_index < len(self.burst):
             path.next_probe_at = path.burst_anchor + self.burst[path.burst_index]
         else:
-            nxt = (
-                path.burst_anchor + self.keepalive_interval
-                if in_burst
-                else path.next_probe_at + self.keepalive_interval
+            interval = (
+                self.fast_interval if path.uplink in self.fast_uplinks else self.keepalive_interval
             )
-            path.next_probe_at = nxt if nxt > now else now + self.keepalive_interval
+            nxt = path.burst_anchor + interval if in_burst else path.next_probe_at + interval
+            path.next_probe_at = nxt if nxt > now else now + interval
         return encode_probe(probe_id, now)
 
 

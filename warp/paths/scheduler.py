@@ -44,6 +44,16 @@ Hysteresis: n grows as soon as the current code's prediction is above that, but 
 only to a code predicted within an eighth of the target (`SHRINK_MARGIN`), so loss
 figures wavering around a boundary do not flap the code.
 
+Capacity (`PathQuality.rate`, bytes/s a path may carry, from `warp.paths.capacity`): once
+every alive path has one, a path's weight is its rate (the loss is already in what it
+delivered), so each uplink gets shards in proportion to what it carries and the sum of the
+uplinks is used; a path without a figure yet weighs the mean rate times its quality weight.
+Two spreads (`transport.spread`): `survive_uplink_loss` keeps rule 2 (and adds parity) and
+the proportions act within its caps; the rate the tunnel can then promise is what the
+uplinks left after losing the one that matters most still carry (`protected_rate`).
+`aggregate` drops rule 2 (no caps, no added parity): shards go by capacity alone and FEC
+covers random loss only.
+
 The per-block work is precomputed: `update` lays out a cycle of assignments and `assign`
 steps through it, so scheduling costs one list index per block.
 """
@@ -73,6 +83,7 @@ KNOWN_CAPACITIES = 4096
 MAX_SHARDS = 255
 
 PROTECTED = "protected against one uplink loss"
+SPREADS = ("survive_uplink_loss", "aggregate")
 # Adaptive parity aims at this fraction of the target: room for a loss figure that reads low.
 GROW_MARGIN = 0.5
 # ... and shrinks only to a code predicted within this fraction of it: a band wide enough that
@@ -109,6 +120,8 @@ class PathQuality(Generic[PathId]):
     rtt: float | None = None  # seconds; None while not yet measured
     local: Hashable | None = None
     remote: Hashable | None = None
+    rate: float | None = None  # bytes/s the path's shards are weighted by; None: not known
+    known_rate: float | None = None  # bytes/s it can be counted on for (default: `rate`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,9 +325,7 @@ def plan_shares(
     alive = [p for p in paths if p.alive]
     if not alive:
         return {}
-    rtts = [p.rtt for p in alive if p.rtt is not None]
-    best_rtt = min(rtts) if rtts else 0.0
-    weights = {p.path_id: path_weight(p, best_rtt) for p in alive}
+    weights = _weights(alive)
     ends = {p.path_id: (("local", _local(p)), ("remote", _remote(p))) for p in alive}
     caps = {"local": local_cap, "remote": remote_cap}
     fixed: dict[tuple[str, Hashable], float] = {}
@@ -355,6 +366,18 @@ def plan_shares(
     return shares
 
 
+def _weights(alive: Sequence[PathQuality[PathId]]) -> dict[PathId, float]:
+    """Each path's weight: its rate once known (see the module docstring), else quality."""
+    rtts = [p.rtt for p in alive if p.rtt is not None]
+    best_rtt = min(rtts) if rtts else 0.0
+    quality = {p.path_id: path_weight(p, best_rtt) for p in alive}
+    rates = [p.rate for p in alive if p.rate is not None]
+    if not rates:
+        return quality
+    mean = sum(rates) / len(rates)
+    return {p.path_id: p.rate if p.rate is not None else mean * quality[p.path_id] for p in alive}
+
+
 def _local(path: PathQuality[PathId]) -> Hashable:
     return path.path_id if path.local is None else path.local
 
@@ -367,16 +390,26 @@ class ShardScheduler(Generic[PathId]):
     """Assigns each block's shards to paths (see the module docstring for the rules).
 
     `add_parity`: grow the code to `effective_n` > n while the alive paths cannot keep
-    n - k per uplink at both ends with n (the `survive_uplink_loss` spread)."""
+    n - k per uplink at both ends with n (the `survive_uplink_loss` spread). `spread`:
+    ``aggregate`` spreads by capacity alone (no caps, no added parity)."""
 
     def __init__(
-        self, k: int, n: int, *, add_parity: bool = False, adaptive: AdaptiveParity | None = None
+        self,
+        k: int,
+        n: int,
+        *,
+        add_parity: bool = False,
+        adaptive: AdaptiveParity | None = None,
+        spread: str = "survive_uplink_loss",
     ) -> None:
         if not 1 <= k <= n <= MAX_SHARDS:
             raise ValueError(f"need 1 <= k <= n <= {MAX_SHARDS}, got k={k} n={n}")
+        if spread not in SPREADS:
+            raise ValueError(f"spread must be one of {SPREADS}, got {spread!r}")
         self.k = k
         self.n = n
-        self.add_parity = add_parity
+        self.spread = spread
+        self.add_parity = add_parity and spread == "survive_uplink_loss"
         #: n is chosen from the measured loss (see the module docstring); None: n is fixed
         self.adaptive = adaptive
         self.effective_n = n
@@ -387,6 +420,11 @@ class ShardScheduler(Generic[PathId]):
         self.uplinks = 0
         self.peer_addresses = 0
         self.shares: dict[PathId, float] = {}
+        #: wire bytes/s the spread can carry (the uplink that fills first sets it), and what
+        #: can be sent so that losing any one uplink loses nothing then or after (None: not
+        #: protected); None while an uplink's rate is unknown
+        self.usable_rate: float | None = None
+        self.protected_rate: float | None = None
         self.local_cap = 0
         self.remote_cap = 0
         self._credit: dict[PathId, float] = {}
@@ -418,11 +456,14 @@ class ShardScheduler(Generic[PathId]):
             self.protection = "not protected: no path to the far gate"
             self.uplinks = self.peer_addresses = 0
         n = self.effective_n
-        if alive:
-            local_cap, remote_cap = mesh.smallest_caps(n, n - self.k)
-        else:
+        if not alive:
             local_cap = remote_cap = 0
+        elif self.spread == "aggregate":
+            local_cap = remote_cap = n
+        else:
+            local_cap, remote_cap = mesh.smallest_caps(n, n - self.k)
         shares = plan_shares(alive, n, local_cap, remote_cap)
+        self._rates(alive, shares, n)
         # Lowest RTT first: data shards (the lowest indexes) then ride the fastest paths,
         # so the receiver more often has all k data shards and needs no decode.
         order = [p.path_id for p in sorted(alive, key=lambda p: p.rtt or 0.0)]
@@ -445,6 +486,32 @@ class ShardScheduler(Generic[PathId]):
         self._position = 0
         return change
 
+    def _rates(
+        self, alive: Sequence[PathQuality[PathId]], shares: dict[PathId, float], n: int
+    ) -> None:
+        """`usable_rate` and `protected_rate` for this spread (wire bytes/s)."""
+        rate: dict[Hashable, float] = {}
+        share: dict[Hashable, float] = {}
+        for p in alive:
+            known = p.rate if p.known_rate is None else p.known_rate
+            if known is None:
+                self.usable_rate = self.protected_rate = None
+                return
+            rate[_local(p)] = rate.get(_local(p), 0.0) + known
+            share[_local(p)] = share.get(_local(p), 0.0) + shares.get(p.path_id, 0.0)
+        # Blocks go out as fast as the uplink that fills first allows.
+        usable = min((rate[u] * n / share[u] for u in rate if share[u] > 1e-9), default=0.0)
+        self.usable_rate = usable
+        if not self.protected:
+            self.protected_rate = None
+            return
+        # Losing an uplink: every block already out survives (rule 2); from then on the others
+        # carry whole blocks of the configured n with what they have (in wire bytes at this
+        # code: scaled by effective n / n).
+        total = sum(rate.values())
+        after_loss = min(total - r for r in rate.values()) * n / self.n
+        self.protected_rate = min(usable, after_loss)
+
     def _choose_code(self, mesh: Mesh, alive: Sequence[PathQuality[PathId]]) -> ParityChange | None:
         """Set `effective_n` and the protection verdict for these paths."""
         k, n = self.k, self.n
@@ -455,7 +522,9 @@ class ShardScheduler(Generic[PathId]):
         base_n = n if adaptive is None else min(k + adaptive.min_parity, MAX_SHARDS)
         effective_n = base_n
         reason = ""
-        if base_n == k and adaptive is None:
+        if self.spread == "aggregate":
+            reason = "spread = aggregate (shards by capacity; FEC against random loss only)"
+        elif base_n == k and adaptive is None:
             reason = "no parity (num_shards = required_shards)"
         elif mesh.local_count < 2:
             reason = "one uplink here"
@@ -510,7 +579,10 @@ class ShardScheduler(Generic[PathId]):
         losses = [max(loss, pooled) for loss in measured]
 
         def residual(m: int) -> tuple[float, float]:
-            local_cap, remote_cap = mesh.smallest_caps(m, m - k)
+            if self.spread == "aggregate":
+                local_cap = remote_cap = m  # spread as `update` will: by capacity alone
+            else:
+                local_cap, remote_cap = mesh.smallest_caps(m, m - k)
             shares = plan_shares(alive, m, local_cap, remote_cap)
             counts = whole_shards([shares[p.path_id] for p in alive], m)
             mean = sum(c * x for c, x in zip(counts, losses, strict=True)) / m
