@@ -1185,6 +1185,9 @@ class MapServerConfig(_Model):
     """A warp-map config (one TOML file)."""
 
     bind: Address = HostPort("0.0.0.0", DEFAULT_MAP_PORT)
+    #: a second port on the bind address: clients compare the reflexive address seen there
+    #: with the one seen on ``bind`` to learn their NAT's mapping (`warp status`)
+    secondary_port: Port | None = None
     private_key: PrivateKey = Field(repr=False)
     registration_ttl: Duration = 60.0
     lookup_policy: Literal["mutual", "any"] = "mutual"
@@ -1197,6 +1200,12 @@ class MapServerConfig(_Model):
     @property
     def public_key(self) -> bytes:
         return public_key_of(self.private_key)
+
+    @model_validator(mode="after")
+    def _secondary_port_differs(self) -> MapServerConfig:
+        if self.secondary_port is not None and self.secondary_port == self.bind.port:
+            raise _Problems([(("secondary_port",), "must differ from the port of bind")])
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -1519,7 +1528,15 @@ _WG_QUICK_KEY = re.compile(
 _ENGARDE_SECTION = re.compile(r"^(client|server)\s*:\s*(#.*)?$", re.M)
 _ENGARDE_KEY = re.compile(r"^\s+(listenAddr|dstAddr)\s*:", re.M)
 _MAP_ONLY_KEYS = frozenset(
-    {"bind", "registration_ttl", "lookup_policy", "allowed_keys", "relay", "limits"}
+    {
+        "bind",
+        "secondary_port",
+        "registration_ttl",
+        "lookup_policy",
+        "allowed_keys",
+        "relay",
+        "limits",
+    }
 )
 _GATEWAY_ONLY_KEYS = frozenset(
     {"far_gate", "far_gates", "tunnels", "warp_map", "interfaces", "listen_port", "control"}
@@ -1717,6 +1734,10 @@ _MAP_EXAMPLE = """\
 
 # Address and UDP port to listen on ("[::]:13116" for IPv6).
 bind = "0.0.0.0:13116"
+# A second UDP port on the same address: gateways compare the public address seen there with
+# the one seen on `bind` to learn each uplink's NAT mapping (`warp status`: NAT mapping), which
+# tells the hard-NAT traversal what to try. Open it in the firewall too.
+# secondary_port = 13117
 # The map's private key (required; there is no default key). This one is fresh; keep it
 # secret. Its public key, for the gateways' warp_map.public_key: {public_key}
 private_key = "{private_key}"

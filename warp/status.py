@@ -141,6 +141,9 @@ class MapStatus(TypedDict):
     address: str  # "warp-map.example.net:13116"
     registered: bool  # at least one uplink holds a live registration
     reflexive: dict[str, str | None]  # uplink → public address the map saw (None: not yet)
+    # uplink → "endpoint-independent" | "address-dependent" | "unknown" (the NAT's mapping,
+    # from the map's secondary port)
+    nat_mapping: NotRequired[dict[str, str]]
     last_registration_age_s: float | None  # seconds since the last acknowledged registration
 
 
@@ -787,10 +790,15 @@ def _map_columns(m: Mapping[str, Any]) -> tuple[list[_Column], int]:
         Text("yes" if registered else "NO", style="green" if registered else "bold red"),
         _age(age) + " ago" if age is not None else "never",
     ]
-    cells: list[list[RenderableType]] = [[] for _ in range(5)]
+    mappings: Mapping[str, Any] = m.get("nat_mapping") or {}
+    cells: list[list[RenderableType]] = [[] for _ in range(7)]
     for i, (uplink, addr) in enumerate(rows):
         row = [*(first if i == 0 else ["", "", ""]), str(uplink)]
         row.append(Text(str(addr), style="cyan") if addr else Text("unknown", style="yellow"))
+        mapping = str(mappings.get(uplink) or "unknown")
+        style = _NAT_MAPPING_STYLE.get(mapping, "yellow")
+        row.append(Text(mapping, style=style))
+        row.append(Text(_NAT_MAPPING_SHORT.get(mapping, "?"), style=style))
         for column, cell in zip(cells, row, strict=True):
             column.append(cell)
     columns = [
@@ -799,8 +807,14 @@ def _map_columns(m: Mapping[str, Any]) -> tuple[list[_Column], int]:
         _Column("right", [(50, "Last registration", cells[2])]),
         _Column("left", [(40, "Uplink", cells[3])]),
         _Column("left", [(55, "Reflexive address", cells[4]), (40, "Reflexive", cells[4])]),
+        _Column("left", [(45, "NAT mapping", cells[5]), (42, "NAT", cells[6])]),
     ]
     return columns, len(rows)
+
+
+#: `warp status`: an uplink's NAT mapping (as `tailscale netcheck`), and its short form
+_NAT_MAPPING_STYLE = {"endpoint-independent": "green", "address-dependent": "yellow"}
+_NAT_MAPPING_SHORT = {"endpoint-independent": "cone", "address-dependent": "symmetric"}
 
 
 def _session_columns(s: Mapping[str, Any], name: str | None = None) -> list[_Column]:
@@ -1086,11 +1100,14 @@ def render_plain(snapshot: Mapping[str, Any]) -> str:
     m = snapshot.get("map")
     if m:
         reflexive: Mapping[str, Any] = m.get("reflexive") or {}
+        mappings: Mapping[str, Any] = m.get("nat_mapping") or {}
         lines.append(
             _plain_line("map", [m.get("address")], [
                 ("registered", m.get("registered")),
                 ("last_registration_age_s", m.get("last_registration_age_s")),
                 ("reflexive", ",".join(f"{u}@{a or '-'}" for u, a in sorted(reflexive.items()))),
+                *([("nat_mapping", ",".join(f"{u}@{k}" for u, k in sorted(mappings.items())))]
+                  if mappings else []),
             ])
         )  # fmt: skip
     paths: list[Mapping[str, Any]] = list(snapshot.get("paths") or [])

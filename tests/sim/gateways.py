@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from tests.sim.hosts import PUBLIC, MapHost, map_config
+from tests.sim.hosts import PUBLIC, SECONDARY, MapHost, map_config
 from tests.sim.network import LossModel
 from tests.sim.simnet import Address, Nat, NatKind, SimNet, Uplink
 from warp.config import GatewayConfig, parse_gateway_config
@@ -141,7 +141,14 @@ class Peer:
 class Fleet:
     """A SimNet with the map on :data:`MAP` and gateways around it."""
 
-    def __init__(self, seed: int, *, lookup_policy: str = "mutual", map_ttl: float = 60.0) -> None:
+    def __init__(
+        self,
+        seed: int,
+        *,
+        lookup_policy: str = "mutual",
+        map_ttl: float = 60.0,
+        map_secondary_port: int | None = None,
+    ) -> None:
         self.net = SimNet(seed)
         self.seed = seed
         self.keys: dict[str, bytes] = {}
@@ -152,12 +159,15 @@ class Fleet:
                 MAP,
                 lookup_policy=lookup_policy,
                 registration_ttl=map_ttl,
+                **({} if map_secondary_port is None else {"secondary_port": map_secondary_port}),
             ),
             rng=self.net.rng_bytes(),
             now=0.0,
         )
         self.net.add_host("map", self.map, observe=self.map.observe)
         self.net.add_uplink("map", PUBLIC, MAP)
+        if map_secondary_port is not None:
+            self.net.add_uplink("map", SECONDARY, (MAP[0], map_secondary_port))
         self.gateways: dict[str, GatewayHost] = {}
         self._next_nat = 0
 

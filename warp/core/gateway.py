@@ -30,6 +30,10 @@ from warp.map_client.client import (
     UplinkExpired,
     UplinkRegistered,
 )
+from warp.map_client.messages import MessageError, Register, Registered
+from warp.map_client.messages import decode as decode_map_message
+from warp.map_client.messages import encode as encode_map_message
+from warp.paths.natcheck import MappingCheck
 from warp.paths.path import Address
 from warp.unanswered import Unanswered
 from warp.wireguard import (
@@ -137,6 +141,9 @@ class GatewayCore:
         self._map_rehandshake = False
         self.map_registered_at: float | None = None
         self.map_reflexive: dict[str, str | None] = {}
+        #: each uplink's NAT mapping behaviour, from the map's secondary port
+        self.nat_mapping = MappingCheck()
+        self.map_secondary_port: int | None = None
         self._map_unanswered = Unanswered(
             far_gate_session.UNANSWERED_TRIES, far_gate_session.UNANSWERED_AFTER
         )
@@ -258,9 +265,9 @@ class GatewayCore:
         deadline = self.device.next_deadline()
         client = self.map_client
         if client is not None:
-            t = client.next_deadline()
-            if t is not None and (deadline is None or t < deadline):
-                deadline = t
+            for t in (client.next_deadline(), self.nat_mapping.next_deadline()):
+                if t is not None and (deadline is None or t < deadline):
+                    deadline = t
         for session in self.sessions.values():
             t = session.next_deadline()
             if t is not None and (deadline is None or t < deadline):
@@ -349,6 +356,7 @@ class GatewayCore:
         self.now = now
         self.uplinks.pop(name, None)
         self.map_reflexive.pop(name, None)
+        self.nat_mapping.remove_uplink(name)
         if self.map_client is not None and not self.stopping:
             self.map_client.remove_uplink(name, now)
         for session in self.sessions.values():
@@ -379,6 +387,9 @@ class GatewayCore:
         if session is not None:
             session.on_received(uplink, source, plaintext, len(data), now)
         elif received.peer == self.map_key and self.map_client is not None and plaintext:
+            if self._from_map_secondary(source):
+                self._on_mapping_answer(uplink, plaintext, now)
+                return
             self.map_client.receive(plaintext, uplink, now)
             self._after_map(now)
 
@@ -414,6 +425,9 @@ class GatewayCore:
             if due is not None and due <= now:
                 client.tick(now)
                 self._after_map(now)
+            due = self.nat_mapping.next_deadline()
+            if due is not None and due <= now:
+                self._check_nat_mapping(now)
         for session in self.sessions.values():
             session.handle_timer(now)
 
@@ -552,6 +566,10 @@ class GatewayCore:
                 if event.changed:
                     log.info("map.registered uplink=%s reflexive=%s:%d", event.uplink,
                              event.reflexive[0], event.reflexive[1])  # fmt: skip
+                self.map_secondary_port = event.secondary_port
+                self.nat_mapping.registered(
+                    event.uplink, event.reflexive, event.secondary_port, now
+                )
             elif isinstance(event, UplinkExpired):
                 self.map_reflexive[event.uplink] = None
                 log.warning("map.registration_expired uplink=%s", event.uplink)
@@ -591,6 +609,43 @@ class GatewayCore:
             session.check_lookup_refused(now)
         for action in client.drain_outgoing():
             self._send_map_frame(action.uplink, action.frame, now)
+        self._check_nat_mapping(now)
+
+    # ------------------------------------------------------------------ NAT mapping check
+
+    def _from_map_secondary(self, source: Address) -> bool:
+        port, address = self.map_secondary_port, self.map_address
+        if port is None or address is None or source[1] != port:
+            return False
+        return source[0] in (address[0], f"::ffff:{address[0]}")
+
+    def _check_nat_mapping(self, now: float) -> None:
+        """Send the mapping checks that are due (a Register to the map's secondary port, which
+        registers nothing) and log what was learned."""
+        address = self.map_address
+        for uplink, port in self.nat_mapping.due(now):
+            if address is None or uplink not in self.uplinks or self.map_key is None:
+                continue
+            frame = encode_map_message(Register(self.rng.getrandbits(32), 0, self.public_key, 0))
+            wire = self.device.seal(self.map_key, frame, now)
+            if wire is not None:
+                self.emit(uplink, (address[0], port), wire)
+        for learned in self.nat_mapping.pop_events():
+            log.info("nat.mapping uplink=%s mapping=%s primary=%s secondary=%s", learned.uplink,
+                     learned.mapping, host_port(learned.primary),
+                     host_port(learned.secondary))  # fmt: skip
+
+    def _on_mapping_answer(self, uplink: str, plaintext: bytes, now: float) -> None:
+        try:
+            message = decode_map_message(plaintext)
+        except MessageError:
+            self.counters["map_secondary_invalid"] = (
+                self.counters.get("map_secondary_invalid", 0) + 1
+            )
+            return
+        if isinstance(message, Registered):
+            self.nat_mapping.answered(uplink, message.reflexive, now)
+            self._check_nat_mapping(now)
 
     def _on_relayed(self, sender: bytes, payload: bytes, now: float) -> None:
         """A WireGuard message a far gate sent through the map's relay: received on the relay

@@ -137,6 +137,9 @@ def snapshot(
             else str(config.warp_map.addresses[0]),
             "registered": bool(client and client.all_registered(now) and client.uplinks),
             "reflexive": dict(core.map_reflexive),
+            "nat_mapping": {
+                name: core.nat_mapping.mapping(name) for name in sorted(core.map_reflexive)
+            },
             "last_registration_age_s": None
             if core.map_registered_at is None
             else round(now - core.map_registered_at, 3),
