@@ -1,18 +1,24 @@
 """Hard NATs in virtual time: each uplink's NAT mapping learned from the map's secondary port
-(as ``tailscale netcheck``), shown in the status snapshot."""
+(as ``tailscale netcheck``), shown in the status snapshot; birthday probing between a
+port-restricted cone and a symmetric NAT with random ports (:mod:`tests.sim.birthday`)."""
 
 from __future__ import annotations
 
+import math
 import random
 
+from tests.sim.birthday import birthday_run
 from tests.sim.gateways import MAP, Fleet, Peer
 from tests.sim.hosts import map_config
+from tests.sim.simnet import NatKind
 from warp.core.snapshot import snapshot
 from warp.map_client.messages import Register, Registered, decode, encode
+from warp.paths.punch import BirthdayPlan, BirthdayProbe, BirthdaySettings, plan_birthday
 from warp.wireguard import Device, generate_private_key, public_key_of
 from warp_map_server.core import MapCore
 
 SECONDARY_PORT = 13117
+CONE: NatKind = "port-restricted-cone"
 
 
 def test_status_tells_a_cone_uplink_from_a_symmetric_one() -> None:
@@ -74,3 +80,58 @@ def test_secondary_port_answers_only_a_sessions_register_and_registers_nothing()
     message = decode(received.plaintext)
     assert isinstance(message, Registered) and message.reflexive == seen_there
     assert core.registry.registration_count == 0
+
+
+# ------------------------------------------------------------------------ birthday probing
+
+
+def test_birthday_probing_takes_port_restricted_cone_by_symmetric_direct() -> None:
+    """Port-restricted cone × symmetric (random ports): 20 attempts, nearly every one direct
+    within 10 s, each bounded (256 hard-side ports, the easy side's budget) and silent once
+    it worked."""
+    settings = BirthdaySettings()
+    runs = [birthday_run(seed, CONE, "symmetric", settings=settings) for seed in range(20)]
+    assert runs[0].plan_a == BirthdayPlan("easy") and runs[0].plan_b == BirthdayPlan("hard")
+    direct = [r for r in runs if r.direct_at <= 10.0]
+    assert len(direct) >= 18
+    for run in runs:
+        assert run.probes_a <= settings.budget and run.probes_b <= settings.ports
+        assert run.probes_after == 0
+
+
+def test_symmetric_by_symmetric_stays_relayed_and_says_why() -> None:
+    run = birthday_run(3, "symmetric", "symmetric")
+    assert run.plan_a == run.plan_b == BirthdayPlan(None, "both_symmetric")
+    assert run.direct_at == math.inf and run.probes_a == run.probes_b == 0
+
+
+def test_birthday_probing_switched_off_sends_nothing() -> None:
+    run = birthday_run(3, CONE, "symmetric", enabled=False)
+    assert run.plan_a == run.plan_b == BirthdayPlan(None, "disabled")
+    assert run.direct_at == math.inf and run.probes_a == run.probes_b == 0
+
+
+def test_birthday_probes_are_rate_limited_and_end_with_the_attempt() -> None:
+    settings = BirthdaySettings(rate=100.0, duration=5.0, budget=10_000, easy_delay=0.0)
+    easy = BirthdayProbe("easy", ("100.64.2.1", 40000), 0.0, random.Random(1), settings)
+    hard = BirthdayProbe("hard", ("100.64.1.1", 51820), 0.0, random.Random(1), settings)
+    now, sent = 0.0, {"easy": 0, "hard": 0}
+    ports: set[int] = set()
+    while (deadline := easy.next_deadline()) is not None:
+        now = deadline
+        probes = easy.tick(now)
+        ports.update(p.remote[1] for p in probes)
+        sent["easy"] += len(probes)
+        assert sent["easy"] <= 100.0 * now + 1 + 1e-6  # never ahead of the rate
+        sent["hard"] += len(hard.tick(now))
+    assert easy.state == "exhausted" and now == 5.0
+    assert sent["easy"] == len(ports) == 500  # rate × duration, each probe a new port
+    assert 40000 not in ports
+    assert sent["hard"] == 256  # one per hard-side socket
+
+
+def test_plan_needs_both_mappings() -> None:
+    assert plan_birthday("unknown", "address-dependent", enabled=True).reason == "mapping_unknown"
+    assert plan_birthday("endpoint-independent", "endpoint-independent", enabled=True) == (
+        BirthdayPlan(None, "not_needed")
+    )
