@@ -463,6 +463,10 @@ class InterfacesConfig(_Model):
     bind_to_device: StrictBool = Field(default_factory=lambda: sys.platform.startswith("linux"))
     holepunch_keep_alive_interval: Duration = 1.0
     path_timeout: Duration = 3.0
+    #: the TTL (IPv6 hop limit) of the first punches towards a peer address never heard from:
+    #: enough to cross our own NAT, too little to reach the peer's, so that a peer router
+    #: without a firewall does not pin its port with a conntrack entry; 0: off
+    punch_ttl: StrictInt = Field(default=2, ge=0, le=255)
     max_consecutive_failures: StrictInt = Field(default=10, ge=1)
 
     def uses_interface(self, name: str) -> bool:
@@ -1607,6 +1611,9 @@ bind_to_device = {bind_to_device}
 holepunch_keep_alive_interval = "1s"
 # A path with no authenticated packet for this long is dead.
 path_timeout = "3s"
+# TTL of the first punch towards a far gate's address from the map: crosses our own NAT, dies
+# before the far one, so a far router without a firewall cannot pin its port (0: off).
+punch_ttl = 2
 # Local send errors in a row before an uplink socket is rebuilt.
 max_consecutive_failures = 10
 

@@ -441,6 +441,10 @@ class Gateway:
         """Carry out what the core decided: send, deliver, pause/resume gates, re-arm."""
         core = self.core
         uplinks = self.uplinks.uplinks if self.uplinks is not None else {}
+        for name, remote, data, ttl in core.low_ttl_datagrams_to_send():
+            uplink = uplinks.get(name)
+            if uplink is not None:
+                uplink.send_with_ttl(data, remote, ttl)
         to_send = core.datagrams_to_send()
         if to_send:
             used: set[Uplink] = set()

@@ -110,6 +110,9 @@ class GatewayHost:
     def datagrams_to_send(self) -> list[tuple[str, Address, bytes]]:
         return self.core.datagrams_to_send()
 
+    def low_ttl_datagrams_to_send(self) -> list[tuple[str, Address, bytes, int]]:
+        return self.core.low_ttl_datagrams_to_send()
+
     def observe(self, now: float) -> None:
         for tunnel, datagram in self.core.gate_deliveries():
             stream = self.inbound.get(tunnel)

@@ -13,6 +13,7 @@ from tests.sim.hosts import map_config
 from tests.sim.simnet import NatKind
 from warp.core.snapshot import snapshot
 from warp.map_client.messages import Register, Registered, decode, encode
+from warp.paths.prober import PathProber
 from warp.paths.punch import BirthdayPlan, BirthdayProbe, BirthdaySettings, plan_birthday
 from warp.wireguard import Device, generate_private_key, public_key_of
 from warp_map_server.core import MapCore
@@ -135,3 +136,36 @@ def test_plan_needs_both_mappings() -> None:
     assert plan_birthday("endpoint-independent", "endpoint-independent", enabled=True) == (
         BirthdayPlan(None, "not_needed")
     )
+
+
+# ------------------------------------------------------------------------ low-TTL punches
+
+
+def test_first_punches_die_before_the_far_nat_and_the_pair_still_goes_direct() -> None:
+    """Two port-restricted cones: each side's first punch towards the other's map-given
+    address crosses its own NAT (which maps it) and dies before the far one (so a far router
+    without a firewall could not pin its port on it); the pair connects directly anyway."""
+    fleet = Fleet(5)
+    for name, other in (("a", "b"), ("b", "a")):
+        fleet.gateway(name, fleet.config(name, [Peer(other, "t")]), [CONE, CONE])
+    ab = fleet.stream("a", "t", "b", rate=100, start=0.5, stop=2.0)
+    fleet.net.run_until(2.5)
+    assert fleet.net.stats["ttl_expired"] >= 8  # 2 x 2 uplinks x 2 far addresses, at least
+    assert 0.5 < ab.first_delivery() < 1.0
+    for name in ("a", "b"):
+        assert not fleet.gateways[name].core.sessions[{"a": "b", "b": "a"}[name]].relay_in_use
+
+
+def test_static_endpoints_and_addresses_heard_from_get_full_ttl_punches() -> None:
+    """A far gate's configured endpoint (a public or forwarded address) is punched at full TTL
+    at once; so is a map-given address once something came from it."""
+    prober = PathProber(1.0, 3.0, random.Random(1), low_ttl_window=0.04)
+    static = prober.add_candidate("wan0", ("198.51.100.7", 51820), "static", 0.0)
+    mapped = prober.add_candidate("wan0", ("100.64.2.1", 40000), "map", 0.0)
+    assert static is not None and mapped is not None
+    assert not static.low_ttl(0.0)
+    assert mapped.low_ttl(0.0) and mapped.low_ttl(0.039) and not mapped.low_ttl(0.04)
+    prober.add_candidate("wan0", ("100.64.2.1", 40000), "map", 5.0)  # a fresh burst
+    assert mapped.low_ttl(5.0)
+    prober.on_authenticated("wan0", ("100.64.2.1", 40000), 5.01)
+    assert not mapped.low_ttl(5.02)

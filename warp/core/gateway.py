@@ -113,6 +113,7 @@ class GatewayCore:
             "tunnel_removed": 0,
         }
         self._to_send: list[tuple[str, Address, bytes]] = []
+        self._to_send_low_ttl: list[tuple[str, Address, bytes, int]] = []
         self._deliveries: list[tuple[str, bytes]] = []
         self._events: list[CoreEvent] = []
         # Far gates, and each tunnel's sessions: a tun gate shared by several far gates
@@ -250,6 +251,12 @@ class GatewayCore:
         out, self._to_send = self._to_send, []
         return out
 
+    def low_ttl_datagrams_to_send(self) -> list[tuple[str, Address, bytes, int]]:
+        """``(uplink, remote, data, ttl)``: first punches, to send with that TTL (IPv6 hop
+        limit), drained with `datagrams_to_send` (their order among those does not matter)."""
+        out, self._to_send_low_ttl = self._to_send_low_ttl, []
+        return out
+
     def gate_deliveries(self) -> list[tuple[str, bytes]]:
         """``(tunnel, datagram)`` for the tunnels' gates, in order."""
         out, self._deliveries = self._deliveries, []
@@ -274,11 +281,15 @@ class GatewayCore:
                 deadline = t
         return deadline
 
-    def emit(self, uplink: str, remote: Address, data: bytes) -> bool:
-        """Queue a datagram for the shell to send from an uplink; False if no such uplink."""
+    def emit(self, uplink: str, remote: Address, data: bytes, *, ttl: int | None = None) -> bool:
+        """Queue a datagram for the shell to send from an uplink; False if no such uplink.
+        ``ttl``: a first punch, sent with that TTL (`low_ttl_datagrams_to_send`)."""
         if uplink not in self.uplinks or len(self._to_send) >= OUTBOX_LIMIT:
             return False
-        self._to_send.append((uplink, remote, data))
+        if ttl is None:
+            self._to_send.append((uplink, remote, data))
+        elif len(self._to_send_low_ttl) < OUTBOX_LIMIT:
+            self._to_send_low_ttl.append((uplink, remote, data, ttl))
         return True
 
     def deliver(self, tunnel: str, datagram: bytes) -> None:

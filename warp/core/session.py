@@ -82,6 +82,12 @@ RELAY_UPLINK = "relay"
 #: direct path died): fall back to the map's relay for the data path (direct paths keep being
 #: probed; traffic moves back as soon as one is active).
 RELAY_FALLBACK_AFTER = 2.5
+#: A burst towards a peer address never heard from starts with this long of low-TTL punches
+#: (`interfaces.punch_ttl`): the first probe and the handshake initiation with it open our NAT
+#: without reaching the peer's; from the second probe (50 ms) on, full TTL. The two sides learn
+#: each other's address from the map within about one map round trip of each other, so each
+#: has opened its NAT before the other's first full-TTL packet arrives.
+LOW_TTL_WINDOW = 0.04
 #: A handshake unanswered for this many initiations, the first at least UNANSWERED_AFTER
 #: seconds ago, is logged as a WARNING naming the likely cause, once per episode.
 UNANSWERED_TRIES = 3
@@ -281,8 +287,12 @@ class FarGateSession:
         self.set_log_fields(several=len(core.config.far_gates) > 1)
         interfaces = core.config.interfaces
         self.prober = PathProber(
-            interfaces.holepunch_keep_alive_interval, interfaces.path_timeout, core.rng
+            interfaces.holepunch_keep_alive_interval,
+            interfaces.path_timeout,
+            core.rng,
+            low_ttl_window=LOW_TTL_WINDOW if interfaces.punch_ttl else 0.0,
         )
+        self.punch_ttl = interfaces.punch_ttl
         self.tunnels: dict[str, Tunnel] = {t.name: t for t in tunnels}
         self.tunnels_by_id: dict[int, Tunnel] = {t.tunnel_id: t for t in tunnels}
         # Cryptokey routing on receive, as WireGuard: a far gate with allowed_ips may only put
@@ -604,8 +614,11 @@ class FarGateSession:
         if uplink == RELAY_UPLINK:
             if not self.core.relay(self.key, data, now):
                 return False
-        elif not self.core.emit(uplink, remote, data):
-            return False
+        else:
+            path = self.prober.get(uplink, remote)
+            ttl = self.punch_ttl if path is not None and path.low_ttl(now) else None
+            if not self.core.emit(uplink, remote, data, ttl=ttl):
+                return False
         if data[0] == 4:  # a transport message
             self.prober.record_tx(uplink, remote, len(data))
         return True

@@ -32,6 +32,9 @@ from typing import Any
 from warp.paths.netlink import InterfaceInfo, NetlinkMonitor, dump_interfaces
 from warp.paths.path import Address
 
+#: the int of an IP_TTL / IPV6_HOPLIMIT control message
+_TTL = struct.Struct("=i")
+
 log = logging.getLogger("warp.paths.uplinks")
 
 DEFAULT_RECEIVE_BUFFER = 512 << 10
@@ -342,6 +345,37 @@ class Uplink:
             ):
                 return sent + self._send_each(datagrams, i, count, addr)
         return sent
+
+    def send_with_ttl(self, data: bytes, addr: Address, ttl: int) -> bool:
+        """Send one datagram with this TTL (IPv6: hop limit), as a control message of its own
+        `sendmsg` (the socket's TTL stays as it was). Only written directly while the transport
+        queues nothing; otherwise, or if the socket is full, it is dropped (a first punch: the
+        next one goes at full TTL anyway)."""
+        transport = self._transport
+        sock = self._sock
+        if (
+            transport is None
+            or sock is None
+            or transport is not self._sock_transport
+            or transport.get_write_buffer_size()  # type: ignore[attr-defined]
+        ):
+            self.tx_dropped += 1
+            return False
+        if sock.family == socket.AF_INET6 and ":" in addr[0]:
+            level, option = socket.IPPROTO_IPV6, socket.IPV6_HOPLIMIT
+        else:
+            level, option = socket.IPPROTO_IP, socket.IP_TTL
+        try:
+            sock.sendmsg([data], [(level, option, _TTL.pack(ttl))], 0, addr)
+        except (BlockingIOError, InterruptedError):
+            self.tx_dropped += 1
+            return False
+        except Exception as exc:
+            self._on_error(exc)
+            return False
+        self.tx_packets += 1
+        self.tx_bytes += len(data)
+        return True
 
     def _send_each(self, datagrams: Sequence[bytes], start: int, stop: int, addr: Address) -> int:
         send = self.send
