@@ -1,33 +1,53 @@
 """Hard NATs in the lab (issue 17): two `warp run` gateways, each behind one of three router
 kinds (warp/netlab.py), 9 pairs: which connect directly and which through the map's relay,
-and each pair's time to the first datagram (printed, `pytest -s`).
+each pair's time to the first datagram (printed, `pytest -s`), and the NAT mapping each
+gateway learned for its uplinks from warp-map's secondary port (`warp status --json`).
 
 - ``port-restricted``: endpoint-independent mapping, address- and port-dependent filtering,
   a firewall dropping unsolicited inbound (most home routers, carrier NATs);
 - ``cone-no-firewall``: the same without the firewall: an unsolicited packet (an early punch
   of the peer) creates a conntrack entry that pins the port, unless the first punches die
-  before the peer's router (low TTL);
+  before the peer's router (low TTL, `interfaces.punch_ttl`);
 - ``symmetric``: a new random port per destination.
 """
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.lab.netlab import Lab
+from tests.lab.test_gateway import Gw, Net
 from tests.lab.test_nat_traversal import connect, make_net, nets, process_start, relayed
 
 __all__ = ["nets"]  # the fixture
 
+SECONDARY_PORT = 13117
 KINDS = ("port-restricted", "cone-no-firewall", "symmetric")
 MATRIX = [(a, b) for a in KINDS for b in KINDS]
 #: pairs with a direct path: neither side symmetric (birthday probing is not in the gateway)
 DIRECT = {(a, b) for a, b in MATRIX if "symmetric" not in (a, b)}
+MAPPING = {
+    "port-restricted": "endpoint-independent",
+    "cone-no-firewall": "endpoint-independent",
+    "symmetric": "address-dependent",
+}
+
+
+def nat_mapping(gw: Gw, timeout: float = 5.0) -> dict[str, str]:
+    """The gateway's NAT mapping per uplink, once known for every uplink."""
+    deadline = time.monotonic() + timeout
+    while True:
+        mapping: dict[str, str] = gw.status()["map"]["nat_mapping"]
+        if ("unknown" not in mapping.values() and mapping) or time.monotonic() > deadline:
+            return mapping
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize(("nat_a", "nat_b"), MATRIX, ids=[f"{a}-{b}" for a, b in MATRIX])
-def test_hard_nat_matrix(lab: Lab, nets: list, nat_a: str, nat_b: str) -> None:
-    net = make_net(lab, nat_a, nat_b)
+def test_hard_nat_matrix(lab: Lab, nets: list[Net], nat_a: str, nat_b: str) -> None:
+    net = make_net(lab, nat_a, nat_b, secondary_port=SECONDARY_PORT)
     nets.append(net)
     a, b, ttfd = connect(net)
     start = process_start(b)
@@ -37,3 +57,5 @@ def test_hard_nat_matrix(lab: Lab, nets: list, nat_a: str, nat_b: str) -> None:
         f"(b's process start {start:.3f} s, then {ttfd - start:.3f} s)"
     )
     assert mode == ("direct" if (nat_a, nat_b) in DIRECT else "relayed")
+    for gw, kind in ((a, nat_a), (b, nat_b)):
+        assert nat_mapping(gw) == {"up1": MAPPING[kind], "up2": MAPPING[kind]}
