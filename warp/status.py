@@ -162,6 +162,9 @@ class FarGateStatus(TypedDict):
     kind: str  # "warp" | "wireguard"
     session: SessionStatus
     relay: bool  # traffic to it goes through the map's relay now
+    # why, while relayed (from both sides' NAT mappings): "both_symmetric" | "birthday_needed"
+    # | "mapping_unknown" | "filtered"; None while direct
+    relay_reason: NotRequired[str | None]
 
 
 class UplinkStatus(TypedDict):
@@ -850,11 +853,13 @@ class _FarGateGroup:
         relay: bool | None = None,
         session: Mapping[str, Any] | None = None,
         listed: bool = True,
+        relay_reason: str | None = None,
     ) -> None:
         self.name = name
         self.public_key = public_key
         self.kind = kind
         self.relay = relay
+        self.relay_reason = relay_reason
         self.session: Mapping[str, Any] = session or {}
         self.listed = listed
         self.paths: list[Mapping[str, Any]] = []
@@ -891,12 +896,14 @@ def _far_gate_groups(snapshot: Mapping[str, Any]) -> list[_FarGateGroup]:
         info = far_gates[name]
         session = info.get("session")
         relay = info.get("relay")
+        reason = info.get("relay_reason")
         groups[name] = _FarGateGroup(
             name,
             str(info.get("public_key") or ""),
             kind=str(info["kind"]) if info.get("kind") is not None else None,
             relay=relay if isinstance(relay, bool) else None,
             session=session if isinstance(session, Mapping) else {},
+            relay_reason=str(reason) if reason else None,
         )
 
     only = next(iter(groups)) if len(groups) == 1 else "?"
@@ -935,7 +942,8 @@ def _far_gates_columns(groups: Sequence[_FarGateGroup]) -> list[_Column]:
         lasts.append(_age(age) + " ago" if isinstance(age, int | float) else "never")
         ups.append(Text(f"{active}/{len(g.paths)}", style="green" if active else "bold red"))
         relays.append(
-            Text("relay", style="yellow") if g.relay
+            Text(f"relay ({g.relay_reason})" if g.relay_reason else "relay", style="yellow")
+            if g.relay
             else Text("direct" if g.relay is False else "—", style="dim")
         )  # fmt: skip
         losts.append(Text(_count(lost), style="bold red" if lost else "green"))
@@ -1087,6 +1095,7 @@ def render_plain(snapshot: Mapping[str, Any]) -> str:
             active = sum(1 for p in group.paths if p.get("state") == "active")
             named = [
                 ("name", group.name), ("kind", group.kind), ("relay", group.relay),
+                *([("relay_reason", group.relay_reason)] if group.relay_reason else []),
                 ("paths_active", active), ("paths", len(group.paths)),
             ]  # fmt: skip
         lines.append(

@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 import random
 
+import pytest
+
 from tests.sim.birthday import birthday_run
 from tests.sim.gateways import MAP, Fleet, Peer
 from tests.sim.hosts import map_config
@@ -14,7 +16,14 @@ from tests.sim.simnet import NatKind
 from warp.core.snapshot import snapshot
 from warp.map_client.messages import Register, Registered, decode, encode
 from warp.paths.prober import PathProber
-from warp.paths.punch import BirthdayPlan, BirthdayProbe, BirthdaySettings, plan_birthday
+from warp.paths.punch import (
+    BirthdayPlan,
+    BirthdayProbe,
+    BirthdaySettings,
+    encode_nat_info,
+    parse_nat_info,
+    plan_birthday,
+)
 from warp.wireguard import Device, generate_private_key, public_key_of
 from warp_map_server.core import MapCore
 
@@ -169,3 +178,43 @@ def test_static_endpoints_and_addresses_heard_from_get_full_ttl_punches() -> Non
     assert mapped.low_ttl(5.0)
     prober.on_authenticated("wan0", ("100.64.2.1", 40000), 5.01)
     assert not mapped.low_ttl(5.02)
+
+
+# ------------------------------------------------------------------------ why relayed
+
+
+@pytest.mark.parametrize(
+    ("kind_a", "kind_b", "reason"),
+    [
+        ("symmetric", "symmetric", "both_symmetric"),
+        (CONE, "symmetric", "birthday_needed"),
+    ],
+)
+def test_relayed_pair_says_why(kind_a: NatKind, kind_b: NatKind, reason: str) -> None:
+    """Relayed, both gateways tell each other their uplinks' NAT mappings (NAT_INFO over the
+    relayed session) and both say why there is no direct path (status ``relay_reason``)."""
+    fleet = Fleet(11, map_secondary_port=SECONDARY_PORT)
+    for name, other, kind in (("a", "b", kind_a), ("b", "a", kind_b)):
+        fleet.gateway(name, fleet.config(name, [Peer(other, "t")]), [kind, kind])
+    ab = fleet.stream("a", "t", "b", rate=100, start=0.5, stop=6.0)
+    fleet.net.run_until(6.5)
+    assert ab.delivered > 0
+    for name in ("a", "b"):
+        core = fleet.gateways[name].core
+        row = snapshot(core, 6.5, uptime=6.5, uplink_rows=[], gates={})["far_gates"]
+        (far,) = row.values()
+        assert far["relay"] is True and far["relay_reason"] == reason
+
+
+def test_hostile_nat_info_frames_are_refused() -> None:
+    good = encode_nat_info([(("100.64.1.1", 4000), "address-dependent")])
+    assert parse_nat_info(good + bytes(14)) == {("100.64.1.1", 4000): "address-dependent"}
+    for bad in (
+        good[:-1],  # truncated
+        good[:2] + b"\x07" + good[3:],  # unknown mapping code
+        good[:3] + b"\x05" + good[4:],  # address length
+        good[:-2] + b"\x00\x00",  # port 0
+        bytes((good[0], 17)) + good[2:],  # more entries than allowed
+        b"\x04",
+    ):
+        assert parse_nat_info(bad) is None

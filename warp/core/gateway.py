@@ -641,10 +641,16 @@ class GatewayCore:
             wire = self.device.seal(self.map_key, frame, now)
             if wire is not None:
                 self.emit(uplink, (address[0], port), wire)
+        learned_any = False
         for learned in self.nat_mapping.pop_events():
+            learned_any = True
             log.info("nat.mapping uplink=%s mapping=%s primary=%s secondary=%s", learned.uplink,
                      learned.mapping, host_port(learned.primary),
                      host_port(learned.secondary))  # fmt: skip
+        if learned_any:
+            for session in self.sessions.values():
+                if session.relay_in_use:
+                    session.send_nat_info(now)
 
     def _on_mapping_answer(self, uplink: str, plaintext: bytes, now: float) -> None:
         try:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from warp.config import FarGateConfig, TunGate, TunnelConfig, UnixGate
 from warp.frames import FrameType
+from warp.paths.natcheck import NatMapping
 from warp.paths.path import Address, Path, PathState
 from warp.paths.prober import (
     PathAdded,
@@ -29,6 +30,7 @@ from warp.paths.prober import (
     PathStateChanged,
     make_probe_reply,
 )
+from warp.paths.punch import RelayReason, encode_nat_info, parse_nat_info, relay_reason
 from warp.paths.scheduler import AdaptiveParity, ParityChange, PathQuality, ShardScheduler
 from warp.redundancy import (
     RejectReason,
@@ -49,6 +51,7 @@ log = logging.getLogger("warp.core")
 _SHARD = int(FrameType.SHARD)
 _PROBE = int(FrameType.PROBE)
 _PROBE_REPLY = int(FrameType.PROBE_REPLY)
+_NAT_INFO = int(FrameType.NAT_INFO)
 
 #: Datagrams held while the tunnel cannot send (no session, no path, uplinks saturated).
 SEND_QUEUE_LENGTH = 4096
@@ -334,6 +337,11 @@ class FarGateSession:
         self._relay_due: float | None = None
         self.relay_in_use = False
         self._relay_since: float | None = None
+        # Why relayed (`relay_reason`), from our uplinks' NAT mappings and the far gate's
+        # (its NAT_INFO frame: reflexive address -> mapping).
+        self.peer_nat: dict[Address, NatMapping] = {}
+        self.relay_reason: RelayReason | None = None
+        self._nat_info_sent = False
         # Simultaneous initiation (both sides initiate at once, e.g. on the same map push):
         # each answers the other's initiation, which replaces its own initiator state, so both
         # responses are dropped. The side with the lower public key re-initiates shortly
@@ -577,6 +585,8 @@ class FarGateSession:
         elif kind == _PROBE_REPLY:
             self.prober.on_probe_reply(plaintext, uplink, source, now)
             self.after_prober(now)
+        elif kind == _NAT_INFO:
+            self.on_nat_info(plaintext, now)
         else:
             self.core.counters["unknown_frame"] += 1
 
@@ -797,15 +807,54 @@ class FarGateSession:
     def _on_relay_use(self, relayed: bool, now: float) -> None:
         """The data path moved onto the relay, or back to a direct path."""
         self.relay_in_use = relayed
+        self._nat_info_sent = False
         if relayed:
             self._relay_since = now
             log.warning("path.relay.active %sremote=%s", self.tag,
                         host_port(self.core.map_address))  # fmt: skip
+            self.send_nat_info(now)
         else:
             since, self._relay_since = self._relay_since, None
             paths = [p for p in self.prober.active_paths() if p.uplink != RELAY_UPLINK]
             log.info("relay.direct_restored %srelayed_s=%s paths=%d", self.tag,
                      "-" if since is None else round(now - since, 3), len(paths))  # fmt: skip
+        self.update_relay_reason()
+
+    # ------------------------------------------------------------------ NAT info
+
+    def send_nat_info(self, now: float) -> None:
+        """Tell the far gate our uplinks' reflexive addresses and NAT mappings (while relayed:
+        both sides can then say why, `relay_reason`)."""
+        paths = self.sending_paths(now)
+        entries = self.core.nat_mapping.reflexive_mappings()
+        if not paths or not entries or not self.has_session:
+            return
+        self._nat_info_sent = True
+        self._seal_and_send(encode_nat_info(entries), paths[0].uplink, paths[0].remote, now)
+        self.update_relay_reason()
+
+    def on_nat_info(self, frame: bytes, now: float) -> None:
+        entries = parse_nat_info(frame)
+        if entries is None:
+            self.core.counters["bad_nat_info"] = self.core.counters.get("bad_nat_info", 0) + 1
+            return
+        self.peer_nat = entries
+        if self.relay_in_use and not self._nat_info_sent:
+            self.send_nat_info(now)  # (the far gate learns ours too, even if it spoke first)
+        self.update_relay_reason()
+
+    def update_relay_reason(self) -> None:
+        """While relayed: why no direct path (logged as ``relay.reason`` when it changes)."""
+        reason: RelayReason | None = None
+        if self.relay_in_use:
+            local = [m for _, m in self.core.nat_mapping.reflexive_mappings()]
+            reason = relay_reason(local, list(self.peer_nat.values()))
+        if reason != self.relay_reason:
+            self.relay_reason = reason
+            if reason is not None:
+                peer = ",".join(f"{host_port(a)}@{m}" for a, m in sorted(self.peer_nat.items()))
+                log.info("relay.reason %sreason=%s peer_nat=%s", self.tag, reason,
+                         peer or "-")  # fmt: skip
 
     def on_relayed(self, now: float) -> None:
         """The far gate sent us a WireGuard message through the map's relay: make sure the

@@ -66,6 +66,7 @@ def snapshot(
             "kind": session.config.kind,
             "session": session.status(now),
             "relay": session.relay_in_use,
+            "relay_reason": session.relay_reason,
         }
         for path in session.prober.paths:
             # A dead path shows its state and how long since it was heard, no stale figures.

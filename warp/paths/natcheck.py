@@ -65,6 +65,10 @@ class MappingCheck:
     def mappings(self) -> dict[str, NatMapping]:
         return {name: state.mapping for name, state in self._uplinks.items()}
 
+    def reflexive_mappings(self) -> list[tuple[Address, NatMapping]]:
+        """Each registered uplink's reflexive address (on the map's port) and mapping."""
+        return [(s.primary, s.mapping) for s in self._uplinks.values() if s.primary is not None]
+
     def registered(
         self, uplink: str, reflexive: Address, secondary_port: int | None, now: float
     ) -> None:

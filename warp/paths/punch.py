@@ -27,11 +27,13 @@ and reports the first authenticated packet that came back on one (:meth:`Birthda
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import random
 from dataclasses import dataclass
 from typing import Literal
 
+from warp.frames import FrameType
 from warp.paths.natcheck import NatMapping
 
 Address = tuple[str, int]
@@ -175,3 +177,74 @@ class BirthdayProbe:
         self.state = "succeeded"
         self.winner = Probe(socket, remote)
         return True
+
+
+# ------------------------------------------------------------------------ NAT info frame
+#
+# What each side tells the other over their session (relayed or not), so that both know
+# every pair's plan: ``u8 FrameType.NAT_INFO, u8 count (≤ MAX_NAT_INFO)``, then per uplink
+# ``u8 mapping (0 unknown, 1 endpoint-independent, 2 address-dependent), u8 address length
+# (4 or 16), the address, u16 port`` (big endian). Trailing bytes (WireGuard's zero padding)
+# are ignored.
+
+MAX_NAT_INFO = 16
+_MAPPING_CODES: dict[NatMapping, int] = {
+    "unknown": 0,
+    "endpoint-independent": 1,
+    "address-dependent": 2,
+}
+_CODE_MAPPINGS: dict[int, NatMapping] = {v: k for k, v in _MAPPING_CODES.items()}
+_NAT_INFO = int(FrameType.NAT_INFO)
+
+
+def encode_nat_info(entries: list[tuple[Address, NatMapping]]) -> bytes:
+    """The NAT_INFO frame for (reflexive address, mapping) entries (the first MAX_NAT_INFO)."""
+    entries = entries[:MAX_NAT_INFO]
+    out = bytearray((_NAT_INFO, len(entries)))
+    for (host, port), mapping in entries:
+        packed = ipaddress.ip_address(host).packed
+        out += bytes((_MAPPING_CODES[mapping], len(packed))) + packed + port.to_bytes(2, "big")
+    return bytes(out)
+
+
+def parse_nat_info(frame: bytes) -> dict[Address, NatMapping] | None:
+    """The entries of a NAT_INFO frame, or None if it is malformed (hostile or corrupt)."""
+    if len(frame) < 2 or frame[0] != _NAT_INFO or frame[1] > MAX_NAT_INFO:
+        return None
+    out: dict[Address, NatMapping] = {}
+    offset = 2
+    for _ in range(frame[1]):
+        if offset + 2 > len(frame):
+            return None
+        mapping = _CODE_MAPPINGS.get(frame[offset])
+        length = frame[offset + 1]
+        end = offset + 2 + length + 2
+        if mapping is None or length not in (4, 16) or end > len(frame):
+            return None
+        host = str(ipaddress.ip_address(frame[offset + 2 : offset + 2 + length]))
+        port = int.from_bytes(frame[end - 2 : end], "big")
+        if port == 0:
+            return None
+        out[(host, port)] = mapping
+        offset = end
+    return out
+
+
+#: why a far gate is relayed (`warp status --json` ``far_gates.<name>.relay_reason``)
+RelayReason = Literal["both_symmetric", "birthday_needed", "mapping_unknown", "filtered"]
+
+
+def relay_reason(local: list[NatMapping], peer: list[NatMapping]) -> RelayReason:
+    """Why no direct path came up, from our uplinks' and the far gate's uplinks' mappings:
+    ``both_symmetric`` (every pair: two symmetric NATs, nothing to try), ``birthday_needed``
+    (some pair is a cone and a symmetric NAT: only birthday probing gets through),
+    ``mapping_unknown`` (some mapping not learned: the map has no secondary port), else
+    ``filtered`` (cones on both sides, yet nothing came through: a firewall)."""
+    plans = [plan_birthday(a, b, enabled=True) for a in local for b in peer]
+    if not plans or any(p.reason == "mapping_unknown" for p in plans):
+        return "mapping_unknown"
+    if all(p.reason == "both_symmetric" for p in plans):
+        return "both_symmetric"
+    if any(p.role is not None for p in plans):
+        return "birthday_needed"
+    return "filtered"
