@@ -1,7 +1,8 @@
 """Hard NATs in the lab (issue 17): two `warp run` gateways, each behind one of three router
 kinds (warp/netlab.py), 9 pairs: which connect directly and which through the map's relay,
-each pair's time to the first datagram (printed, `pytest -s`), and the NAT mapping each
-gateway learned for its uplinks from warp-map's secondary port (`warp status --json`).
+each pair's time to the first datagram (printed, `pytest -s`), the NAT mapping each
+gateway learned for its uplinks from warp-map's secondary port, and for a relayed pair why
+(`warp status --json`: `both_symmetric`, or `birthday_needed` with one cone side).
 
 - ``port-restricted``: endpoint-independent mapping, address- and port-dependent filtering,
   a firewall dropping unsolicited inbound (most home routers, carrier NATs);
@@ -35,6 +36,17 @@ MAPPING = {
 }
 
 
+def relay_reason(gw: Gw, timeout: float = 5.0) -> str | None:
+    """Why the gateway's one far gate is relayed, once it says."""
+    deadline = time.monotonic() + timeout
+    while True:
+        (far,) = gw.status()["far_gates"].values()
+        reason: str | None = far.get("relay_reason")
+        if reason is not None or time.monotonic() > deadline:
+            return reason
+        time.sleep(0.05)
+
+
 def nat_mapping(gw: Gw, timeout: float = 5.0) -> dict[str, str]:
     """The gateway's NAT mapping per uplink, once known for every uplink."""
     deadline = time.monotonic() + timeout
@@ -59,3 +71,6 @@ def test_hard_nat_matrix(lab: Lab, nets: list[Net], nat_a: str, nat_b: str) -> N
     assert mode == ("direct" if (nat_a, nat_b) in DIRECT else "relayed")
     for gw, kind in ((a, nat_a), (b, nat_b)):
         assert nat_mapping(gw) == {"up1": MAPPING[kind], "up2": MAPPING[kind]}
+    if mode == "relayed":  # and both say why
+        why = "both_symmetric" if nat_a == nat_b == "symmetric" else "birthday_needed"
+        assert relay_reason(a) == relay_reason(b) == why
