@@ -54,6 +54,19 @@ def test_without_a_secondary_port_the_mapping_stays_unknown() -> None:
     assert status["nat_mapping"] == {"wan0": "unknown", "wan1": "unknown"}
 
 
+def test_an_unreachable_secondary_port_is_tried_three_times_then_unknown() -> None:
+    """The map names a secondary port that a firewall blocks: each uplink tries it three
+    times, 1 s apart, and then says ``unknown`` (no endless retries)."""
+    fleet = Fleet(7, map_secondary_port=SECONDARY_PORT)
+    fleet.net.remove_uplink(fleet.net.hosts["map"].uplinks["secondary"])
+    host = fleet.gateway("a", fleet.config("a", [Peer("b", "t")]), [CONE, "symmetric"])
+    fleet.net.run_until(30.0)
+    status = snapshot(host.core, 30.0, uptime=30.0, uplink_rows=[], gates={})["map"]
+    assert status is not None
+    assert status["nat_mapping"] == {"wan0": "unknown", "wan1": "unknown"}
+    assert fleet.net.stats["unroutable"] == 6  # 3 tries x 2 uplinks
+
+
 def test_secondary_port_answers_only_a_sessions_register_and_registers_nothing() -> None:
     """Hostile or stray input on the secondary port: garbage and handshakes get no answer
     (counted); a Register over an established session is answered with the address seen
