@@ -467,6 +467,9 @@ class InterfacesConfig(_Model):
     #: enough to cross our own NAT, too little to reach the peer's, so that a peer router
     #: without a firewall does not pin its port with a conntrack entry; 0: off
     punch_ttl: StrictInt = Field(default=2, ge=0, le=255)
+    #: hard-NAT traversal: birthday probing between a cone and a symmetric NAT (many local
+    #: ports on the symmetric side, random ports towards it from the cone side)
+    birthday_probing: StrictBool = True
     max_consecutive_failures: StrictInt = Field(default=10, ge=1)
 
     def uses_interface(self, name: str) -> bool:
@@ -1614,6 +1617,10 @@ path_timeout = "3s"
 # TTL of the first punch towards a far gate's address from the map: crosses our own NAT, dies
 # before the far one, so a far router without a firewall cannot pin its port (0: off).
 punch_ttl = 2
+# A far gate relayed because one side is a cone and the other a symmetric NAT: birthday
+# probing (256 extra local ports on the symmetric side, random ports towards it from the cone
+# side, 200 probes/s, 10 s at most, once per relay episode). false: stay relayed.
+birthday_probing = true
 # Local send errors in a row before an uplink socket is rebuilt.
 max_consecutive_failures = 10
 

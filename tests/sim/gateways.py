@@ -71,9 +71,12 @@ class GatewayHost:
     """One gateway: its core, the uplinks it was told about, its tunnels' streams (keyed by
     tunnel name, on the receiving side)."""
 
-    def __init__(self, name: str, config: GatewayConfig, *, seed: int, now: float) -> None:
+    def __init__(
+        self, name: str, config: GatewayConfig, *, seed: int, now: float, net: SimNet
+    ) -> None:
         self.name = name
         self.config = config
+        self.net = net
         self.core = GatewayCore(config, rng=random.Random(seed), now=now)
         #: (sending gateway, tunnel) -> stream, filled in by :meth:`Fleet.stream`
         self.inbound: dict[str, Stream] = {}
@@ -108,7 +111,27 @@ class GatewayHost:
         return self.core.next_deadline()
 
     def datagrams_to_send(self) -> list[tuple[str, Address, bytes]]:
+        self._serve_socket_requests()
         return self.core.datagrams_to_send()
+
+    def _serve_socket_requests(self) -> None:
+        """Extra sockets (birthday probing's hard side), as the shell opens them: on the
+        uplink's address and NAT, ports 40000 and up."""
+        slot = self.net.hosts[self.name]
+        for request in self.core.socket_requests():
+            if not request.open:
+                for name in request.names:
+                    uplink = slot.uplinks.get(name)
+                    if uplink is not None:
+                        self.net.remove_uplink(uplink)
+                continue
+            base = slot.uplinks.get(request.uplink)
+            if base is None:
+                continue
+            for i, name in enumerate(request.names):
+                address = (base.address[0], 40000 + i)
+                self.net.add_uplink(self.name, name, address, nat=base.nat, delay=base.egress.delay)
+            self.core.extra_sockets_opened(request.names, self.net.now)
 
     def low_ttl_datagrams_to_send(self) -> list[tuple[str, Address, bytes, int]]:
         return self.core.low_ttl_datagrams_to_send()
@@ -246,7 +269,9 @@ class Fleet:
         each behind a NAT of that kind of its own (None: a public address); ``egress[i]`` and
         ``ingress[i]`` make uplink i's loss models for each direction; the NATs forget a
         binding unused for ``nat_timeout`` seconds."""
-        host = GatewayHost(name, config, seed=self.net.rng.getrandbits(64), now=self.net.now)
+        host = GatewayHost(
+            name, config, seed=self.net.rng.getrandbits(64), now=self.net.now, net=self.net
+        )
         self.gateways[name] = host
         self.net.add_host(name, host, observe=host.observe)
         core = host.core

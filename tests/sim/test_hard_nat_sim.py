@@ -13,6 +13,7 @@ from tests.sim.birthday import birthday_run
 from tests.sim.gateways import MAP, Fleet, Peer
 from tests.sim.hosts import map_config
 from tests.sim.simnet import NatKind
+from tests.sim.test_gateways_sim import assert_intact
 from warp.core.snapshot import snapshot
 from warp.map_client.messages import Register, Registered, decode, encode
 from warp.paths.prober import PathProber
@@ -196,19 +197,14 @@ def test_static_endpoints_and_addresses_heard_from_get_full_ttl_punches() -> Non
 # ------------------------------------------------------------------------ why relayed
 
 
-@pytest.mark.parametrize(
-    ("kind_a", "kind_b", "reason"),
-    [
-        ("symmetric", "symmetric", "both_symmetric"),
-        (CONE, "symmetric", "birthday_needed"),
-    ],
-)
-def test_relayed_pair_says_why(kind_a: NatKind, kind_b: NatKind, reason: str) -> None:
-    """Relayed, both gateways tell each other their uplinks' NAT mappings (NAT_INFO over the
-    relayed session) and both say why there is no direct path (status ``relay_reason``)."""
+def test_symmetric_pair_stays_relayed_and_says_why() -> None:
+    """Two symmetric NATs: relayed, both gateways tell each other their uplinks' NAT mappings
+    (NAT_INFO over the relayed session) and both say why there is no direct path (status
+    ``relay_reason``); no birthday probing is tried (nothing to find). (A cone and a symmetric
+    NAT with birthday probing off: `test_birthday_probing_switched_off_stays_relayed`.)"""
     fleet = Fleet(11, map_secondary_port=SECONDARY_PORT)
-    for name, other, kind in (("a", "b", kind_a), ("b", "a", kind_b)):
-        fleet.gateway(name, fleet.config(name, [Peer(other, "t")]), [kind, kind])
+    for name, other in (("a", "b"), ("b", "a")):
+        fleet.gateway(name, fleet.config(name, [Peer(other, "t")]), ["symmetric", "symmetric"])
     ab = fleet.stream("a", "t", "b", rate=100, start=0.5, stop=6.0)
     fleet.net.run_until(6.5)
     assert ab.delivered > 0
@@ -216,7 +212,8 @@ def test_relayed_pair_says_why(kind_a: NatKind, kind_b: NatKind, reason: str) ->
         core = fleet.gateways[name].core
         row = snapshot(core, 6.5, uptime=6.5, uplink_rows=[], gates={})["far_gates"]
         (far,) = row.values()
-        assert far["relay"] is True and far["relay_reason"] == reason
+        assert far["relay"] is True and far["relay_reason"] == "both_symmetric"
+        assert not core.extra_sockets
 
 
 def test_hostile_nat_info_frames_are_refused() -> None:
@@ -231,3 +228,56 @@ def test_hostile_nat_info_frames_are_refused() -> None:
         b"\x04",
     ):
         assert parse_nat_info(bad) is None
+
+
+# ------------------------------------------------------------------- birthday probing, gateways
+
+
+def _direct_paths(host: object) -> list[object]:
+    core = host.core  # type: ignore[attr-defined]
+    (session,) = core.sessions.values()
+    return [p for p in session.prober.active_paths() if p.uplink != "relay"]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_cone_and_symmetric_gateways_leave_the_relay_for_a_birthday_path_without_loss(
+    seed: int,
+) -> None:
+    """Port-restricted cone × symmetric NAT (random ports), two uplinks each, the map with a
+    secondary port, 200 datagrams/s each way: relayed at first (no direct path can be
+    punched), then birthday probing finds one; traffic moves onto it and nothing is lost on
+    the way. The hard side keeps one extra socket (the winner's)."""
+    fleet = Fleet(seed, map_secondary_port=SECONDARY_PORT)
+    for name, other, kind in (("a", "b", CONE), ("b", "a", "symmetric")):
+        fleet.gateway(name, fleet.config(name, [Peer(other, "t")]), [kind, kind])
+    ab = fleet.stream("a", "t", "b", rate=200, start=0.5, stop=20.0)
+    ba = fleet.stream("b", "t", "a", rate=200, start=0.5, stop=20.0)
+    direct_at = fleet.net.run_while(
+        lambda: not (_direct_paths(fleet.gateways["a"]) and _direct_paths(fleet.gateways["b"])),
+        limit=20.0,
+    )
+    assert direct_at < 2.5 + 3.0 + 10.0  # relay fallback, NAT info, one bounded attempt
+    fleet.net.run_until(21.0)
+    for name in ("a", "b"):
+        core = fleet.gateways[name].core
+        (session,) = core.sessions.values()
+        assert not session.relay_in_use and session.birthday is None
+    assert len(fleet.gateways["b"].core.extra_sockets) == 1
+    assert not fleet.gateways["a"].core.extra_sockets
+    for stream in (ab, ba):
+        first = stream.first_delivery()
+        assert stream.lost_between(first, 20.0) == []
+    assert_intact(ab, ba)
+
+
+def test_birthday_probing_switched_off_stays_relayed() -> None:
+    fleet = Fleet(1, map_secondary_port=SECONDARY_PORT)
+    off = ["birthday_probing = false"]
+    for name, other, kind in (("a", "b", CONE), ("b", "a", "symmetric")):
+        config = fleet.config(name, [Peer(other, "t")], interfaces=off)
+        fleet.gateway(name, config, [kind, kind])
+    fleet.net.run_until(15.0)
+    for name in ("a", "b"):
+        (session,) = fleet.gateways[name].core.sessions.values()
+        assert session.relay_in_use and session.relay_reason == "birthday_needed"
+        assert not fleet.gateways[name].core.extra_sockets

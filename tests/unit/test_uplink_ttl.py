@@ -46,3 +46,36 @@ def test_first_punch_leaves_with_the_low_ttl_then_the_usual_one(loop_name: str) 
     receiver.close()
     assert ttls[b"punch"] == 2
     assert ttls[b"data"] > 2
+
+
+def test_extra_sockets_share_the_uplinks_address_each_with_its_own_port() -> None:
+    """Birthday probing's hard side: extra sockets on an uplink's address, opened and closed
+    on request, in order; what arrives on one is reported under its own name."""
+    got: list[tuple[str, bytes]] = []
+    opened: list[list[str]] = []
+
+    async def main() -> None:
+        manager = UplinkManager.from_static(
+            [("lo0", "127.0.0.1")], on_datagram=lambda up, data, addr: got.append((up.name, data))
+        )
+        await manager.start()
+        try:
+            names = ["lo0~0", "lo0~1", "lo0~2"]
+            manager.request_extra(True, "lo0", names, opened.append)
+            manager.request_extra(False, "", ["lo0~1"], opened.append)
+            while len(manager._extra_tasks):
+                await asyncio.sleep(0.01)
+            assert opened == [names] and sorted(manager.extras) == ["lo0~0", "lo0~2"]
+            ports = {manager.extras[n].local_port for n in ("lo0~0", "lo0~2")}
+            assert len(ports) == 2 and manager.uplinks["lo0"].local_port not in ports
+            sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sender.sendto(b"hello", manager.extras["lo0~2"].local_address)
+            sender.close()
+            await asyncio.sleep(0.05)
+            assert manager.extras["lo0~2"].send(b"x", ("127.0.0.1", 9))
+        finally:
+            await manager.close()
+        assert not manager.extras
+
+    asyncio.run(main())
+    assert got == [("lo0~2", b"hello")]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from warp.config import FarGateConfig, GatewayConfig, TunGate
@@ -78,6 +78,16 @@ class GateResumed:
 CoreEvent = GatePaused | GateResumed
 
 
+@dataclass(frozen=True, slots=True)
+class SocketRequest:
+    """Open (``open``) extra sockets ``names`` on ``uplink``'s address and device, any port,
+    or close them."""
+
+    open: bool
+    uplink: str
+    names: tuple[str, ...]
+
+
 class GatewayCore:
     """All a gateway decides, for every far gate, with no socket and no clock.
 
@@ -144,6 +154,11 @@ class GatewayCore:
         self.map_reflexive: dict[str, str | None] = {}
         #: each uplink's NAT mapping behaviour, from the map's secondary port
         self.nat_mapping = MappingCheck()
+        #: extra sockets of an uplink (birthday probing's hard side): name -> the uplink's;
+        #: the shell opens and closes them (`socket_requests`), says when they are open
+        #: (`extra_sockets_opened`) and feeds their datagrams in under their own names
+        self.extra_sockets: dict[str, str] = {}
+        self._socket_requests: list[SocketRequest] = []
         self.map_secondary_port: int | None = None
         self._map_unanswered = Unanswered(
             far_gate_session.UNANSWERED_TRIES, far_gate_session.UNANSWERED_AFTER
@@ -251,6 +266,32 @@ class GatewayCore:
         out, self._to_send = self._to_send, []
         return out
 
+    def socket_requests(self) -> list[SocketRequest]:
+        """Extra sockets to open (then `extra_sockets_opened`) or close, in order."""
+        out, self._socket_requests = self._socket_requests, []
+        return out
+
+    def open_extra_sockets(self, uplink: str, count: int) -> list[str]:
+        """Ask the shell for ``count`` more sockets on ``uplink`` (its address and device,
+        any port); their names."""
+        names = [f"{uplink}~{i}" for i in range(count)]
+        for name in names:
+            self.extra_sockets[name] = uplink
+        self._socket_requests.append(SocketRequest(True, uplink, tuple(names)))
+        return names
+
+    def close_extra_sockets(self, names: Sequence[str]) -> None:
+        names = tuple(n for n in names if self.extra_sockets.pop(n, None) is not None)
+        if names:
+            self._socket_requests.append(SocketRequest(False, "", names))
+
+    def extra_sockets_opened(self, names: Sequence[str], now: float) -> None:
+        """The shell opened these extra sockets (those it could not open are left out)."""
+        self.now = now
+        opened = frozenset(names)
+        for session in self.sessions.values():
+            session.extra_sockets_opened(opened, now)
+
     def low_ttl_datagrams_to_send(self) -> list[tuple[str, Address, bytes, int]]:
         """``(uplink, remote, data, ttl)``: first punches, to send with that TTL (IPv6 hop
         limit), drained with `datagrams_to_send` (their order among those does not matter)."""
@@ -282,9 +323,12 @@ class GatewayCore:
         return deadline
 
     def emit(self, uplink: str, remote: Address, data: bytes, *, ttl: int | None = None) -> bool:
-        """Queue a datagram for the shell to send from an uplink; False if no such uplink.
+        """Queue a datagram for the shell to send from an uplink (or one of its extra
+        sockets); False if no such uplink.
         ``ttl``: a first punch, sent with that TTL (`low_ttl_datagrams_to_send`)."""
-        if uplink not in self.uplinks or len(self._to_send) >= OUTBOX_LIMIT:
+        if (uplink not in self.uplinks and uplink not in self.extra_sockets) or len(
+            self._to_send
+        ) >= OUTBOX_LIMIT:
             return False
         if ttl is None:
             self._to_send.append((uplink, remote, data))
@@ -368,6 +412,7 @@ class GatewayCore:
         self.uplinks.pop(name, None)
         self.map_reflexive.pop(name, None)
         self.nat_mapping.remove_uplink(name)
+        self.close_extra_sockets([n for n, base in self.extra_sockets.items() if base == name])
         if self.map_client is not None and not self.stopping:
             self.map_client.remove_uplink(name, now)
         for session in self.sessions.values():

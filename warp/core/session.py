@@ -12,10 +12,11 @@ emits through `GatewayCore.emit` (or the map's relay, for the relay path).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -28,9 +29,19 @@ from warp.paths.prober import (
     PathProber,
     PathRemoved,
     PathStateChanged,
+    encode_probe,
     make_probe_reply,
 )
-from warp.paths.punch import RelayReason, encode_nat_info, parse_nat_info, relay_reason
+from warp.paths.punch import (
+    BirthdayProbe,
+    BirthdaySettings,
+    RelayReason,
+    Role,
+    encode_nat_info,
+    parse_nat_info,
+    plan_birthday,
+    relay_reason,
+)
 from warp.paths.scheduler import AdaptiveParity, ParityChange, PathQuality, ShardScheduler
 from warp.redundancy import (
     RejectReason,
@@ -157,13 +168,20 @@ def _quantize_rtt(rtt: float | None) -> int:
     return 1 + int(math.log(rtt * 1000, 1.25))
 
 
-def path_qualities(paths: Sequence[Path]) -> list[PathQuality[Path]]:
+def path_qualities(
+    paths: Sequence[Path], uplink_of: Mapping[str, str] | None = None
+) -> list[PathQuality[Path]]:
     """What the schedulers are told of the sending paths: each path's measurements, its
-    uplink (our end) and its remote address (one peer uplink: the other end)."""
+    uplink (our end: an extra socket counts as its uplink, ``uplink_of``) and its remote
+    address (one peer uplink: the other end)."""
+    uplink_of = uplink_of or {}
     return [
-        PathQuality(p, loss=p.loss or 0.0, rtt=p.rtt, local=p.uplink, remote=p.remote)
+        PathQuality(
+            p, loss=p.loss or 0.0, rtt=p.rtt, local=uplink_of.get(p.uplink, p.uplink),
+            remote=p.remote,
+        )
         for p in sorted(paths, key=lambda p: (p.uplink, p.remote))
-    ]
+    ]  # fmt: skip
 
 
 def _log_parity_change(tunnel: str, change: ParityChange) -> None:
@@ -342,6 +360,14 @@ class FarGateSession:
         self.peer_nat: dict[Address, NatMapping] = {}
         self.relay_reason: RelayReason | None = None
         self._nat_info_sent = False
+        # Birthday probing (`_start_birthday`): at most one attempt per relay episode; the
+        # hard side's extra sockets (the winner's stays while the uplink does).
+        self.birthday: BirthdayProbe | None = None
+        self._birthday_uplink = ""
+        self._birthday_sockets: list[str] = []
+        self._birthday_pending: tuple[str, Address] | None = None
+        self._birthday_tried = False
+        self._birthday_started_at = 0.0
         # Simultaneous initiation (both sides initiate at once, e.g. on the same map push):
         # each answers the other's initiation, which replaces its own initiator state, so both
         # responses are dropped. The side with the lower public key re-initiates shortly
@@ -402,7 +428,10 @@ class FarGateSession:
 
     def next_deadline(self) -> float | None:
         deadline = self.prober.next_deadline()
-        for t in (self.flush_at, self._relay_due, self._reinitiate_at, self._rekey_at):
+        birthday = None if self.birthday is None else self.birthday.next_deadline()
+        for t in (
+            self.flush_at, self._relay_due, self._reinitiate_at, self._rekey_at, birthday
+        ):  # fmt: skip
             if t is not None and (deadline is None or t < deadline):
                 deadline = t
         for tunnel in self.tunnels.values():
@@ -424,6 +453,10 @@ class FarGateSession:
         if self._rekey_at is not None and self._rekey_at <= now:
             self._rekey_at = None
             self.rekey(now)
+        if self.birthday is not None:
+            due = self.birthday.next_deadline()
+            if due is not None and due <= now:
+                self._birthday_tick(now)
         for tunnel in self.tunnels.values():
             due = tunnel.decoder.next_deadline()
             if due is not None and due <= now:
@@ -569,6 +602,8 @@ class FarGateSession:
                         self.core.deliver(tunnel.name, plaintext)
                         break
             return
+        if self.birthday is not None and self.birthday.running:
+            self._birthday_answered(uplink, source, now)
         path = self.prober.on_authenticated(uplink, source, now, size)
         if path is not None and path.state_since == now:
             # A path just learned or just active: log it and reschedule now.
@@ -732,7 +767,7 @@ class FarGateSession:
         if signature != self._sending_signature:
             self._sending_signature = signature
             self._sending = paths
-            qualities = path_qualities(paths)
+            qualities = path_qualities(paths, self.core.extra_sockets)
             for tunnel in self.tunnels.values():
                 change = tunnel.scheduler.update(qualities, relayed=relayed)
                 if change is not None:
@@ -808,6 +843,9 @@ class FarGateSession:
         """The data path moved onto the relay, or back to a direct path."""
         self.relay_in_use = relayed
         self._nat_info_sent = False
+        self._birthday_tried = False
+        if not relayed:
+            self._stop_birthday("direct", now)
         if relayed:
             self._relay_since = now
             log.warning("path.relay.active %sremote=%s", self.tag,
@@ -849,12 +887,116 @@ class FarGateSession:
         if self.relay_in_use:
             local = [m for _, m in self.core.nat_mapping.reflexive_mappings()]
             reason = relay_reason(local, list(self.peer_nat.values()))
+        if reason == "birthday_needed" and not self._birthday_tried:
+            self._start_birthday(self.core.now)
         if reason != self.relay_reason:
             self.relay_reason = reason
             if reason is not None:
                 peer = ",".join(f"{host_port(a)}@{m}" for a, m in sorted(self.peer_nat.items()))
                 log.info("relay.reason %sreason=%s peer_nat=%s", self.tag, reason,
                          peer or "-")  # fmt: skip
+
+    # ------------------------------------------------------------------ birthday probing
+
+    def _start_birthday(self, now: float) -> None:
+        """Relayed between a cone and a symmetric NAT: one bounded birthday attempt. Both
+        sides pick the same pair of uplinks, the one whose (cone side's reflexive address,
+        symmetric side's reflexive address) sorts first (`warp/paths/punch.py`)."""
+        self._birthday_tried = True
+        # A socket kept by an earlier attempt's success: relayed again, its path is gone.
+        self.core.close_extra_sockets(self._birthday_sockets)
+        self._birthday_sockets = []
+        if not self.core.config.interfaces.birthday_probing:
+            log.info("punch.birthday_skipped %sreason=disabled", self.tag)
+            return
+        pairs: list[tuple[tuple[Address, Address], Role, str, Address]] = []
+        for uplink, reflexive, mine in self.core.nat_mapping.uplink_mappings():
+            if uplink not in self.core.uplinks:
+                continue
+            for peer, theirs in self.peer_nat.items():
+                plan = plan_birthday(mine, theirs, enabled=True).role
+                if plan is not None:
+                    key = (reflexive, peer) if plan == "easy" else (peer, reflexive)
+                    pairs.append((key, plan, uplink, peer))
+        if not pairs:
+            return
+        _, role, uplink, peer = min(pairs)
+        if role == "easy":
+            self._run_birthday(BirthdayProbe("easy", peer, now, self.core.rng), uplink)
+        else:
+            self._birthday_pending = (uplink, peer)
+            self._birthday_sockets = self.core.open_extra_sockets(uplink, BirthdaySettings().ports)
+
+    def extra_sockets_opened(self, opened: frozenset[str], now: float) -> None:
+        pending = self._birthday_pending
+        if pending is None or not opened.intersection(self._birthday_sockets):
+            return
+        self._birthday_pending = None
+        # (a socket the shell could not open is left out: the attempt uses the others)
+        self._birthday_sockets = [n for n in self._birthday_sockets if n in opened]
+        uplink, peer = pending
+        settings = dataclasses.replace(BirthdaySettings(), ports=len(self._birthday_sockets))
+        self._run_birthday(BirthdayProbe("hard", peer, now, self.core.rng, settings), uplink)
+
+    def _run_birthday(self, attempt: BirthdayProbe, uplink: str) -> None:
+        self.birthday = attempt
+        self._birthday_uplink = uplink
+        self._birthday_started_at = attempt.started
+        log.info("punch.birthday_started %srole=%s uplink=%s peer=%s", self.tag, attempt.role,
+                 uplink, host_port(attempt.peer))  # fmt: skip
+        self._birthday_tick(attempt.started)
+
+    def _birthday_tick(self, now: float) -> None:
+        attempt = self.birthday
+        if attempt is None:
+            return
+        # The hard side's probes only need to open its own NAT (the cone side's filter drops
+        # them): low TTL, so a cone router without a firewall does not pin its port on them.
+        ttl = (self.punch_ttl or None) if attempt.role == "hard" else None
+        for probe in attempt.tick(now):
+            uplink = (
+                self._birthday_uplink if probe.socket is None
+                else self._birthday_sockets[probe.socket]
+            )  # fmt: skip
+            wire = self.core.device.seal(self.key, encode_probe(0, now), now)
+            if wire is not None:
+                self.core.emit(uplink, probe.remote, wire, ttl=ttl)
+        if attempt.state == "exhausted":
+            self._stop_birthday("exhausted", now)
+
+    def _birthday_answered(self, uplink: str, source: Address, now: float) -> None:
+        attempt = self.birthday
+        if attempt is None:
+            return
+        if attempt.role == "hard":
+            if uplink not in self._birthday_sockets:
+                return
+            socket: int | None = self._birthday_sockets.index(uplink)
+        elif uplink == self._birthday_uplink:
+            socket = None
+        else:
+            return
+        if attempt.answered(socket, source, now):
+            log.info("punch.birthday_succeeded %srole=%s uplink=%s remote=%s probes=%d "
+                     "after_s=%.3f", self.tag, attempt.role, uplink, host_port(source),
+                     attempt.sent, now - self._birthday_started_at)  # fmt: skip
+            self._stop_birthday("succeeded", now)
+
+    def _stop_birthday(self, why: str, now: float) -> None:
+        """The attempt ends: the hard side closes its extra sockets but the winner's."""
+        if self.birthday is None and self._birthday_pending is None:
+            return  # (none running; a winner's socket stays)
+        attempt, self.birthday = self.birthday, None
+        self._birthday_pending = None
+        keep = None
+        if attempt is not None and attempt.winner is not None and attempt.role == "hard":
+            index = attempt.winner.socket
+            keep = None if index is None else self._birthday_sockets[index]
+        self.core.close_extra_sockets([n for n in self._birthday_sockets if n != keep])
+        self._birthday_sockets = [keep] if keep is not None else []
+        if attempt is not None and why == "exhausted":
+            log.info("punch.birthday_exhausted %srole=%s probes=%d", self.tag, attempt.role,
+                     attempt.sent)  # fmt: skip
 
     def on_relayed(self, now: float) -> None:
         """The far gate sent us a WireGuard message through the map's relay: make sure the
@@ -965,7 +1107,7 @@ class FarGateSession:
                     uplink = path.uplink
                     if uplink == RELAY_UPLINK:
                         sent = self.core.relay(key, wire, now)
-                    elif uplink in uplinks:
+                    elif uplink in uplinks or uplink in self.core.extra_sockets:
                         sent = emit(uplink, path.remote, wire)
                     else:
                         sent = False

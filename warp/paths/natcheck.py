@@ -65,6 +65,10 @@ class MappingCheck:
     def mappings(self) -> dict[str, NatMapping]:
         return {name: state.mapping for name, state in self._uplinks.items()}
 
+    def uplink_mappings(self) -> list[tuple[str, Address, NatMapping]]:
+        """Each registered uplink, its reflexive address (on the map's port) and mapping."""
+        return [(name, s.primary, s.mapping) for name, s in self._uplinks.items() if s.primary]
+
     def reflexive_mappings(self) -> list[tuple[Address, NatMapping]]:
         """Each registered uplink's reflexive address (on the map's port) and mapping."""
         return [(s.primary, s.mapping) for s in self._uplinks.values() if s.primary is not None]

@@ -536,6 +536,11 @@ class UplinkManager:
             if len(set(names)) != len(names):
                 raise ValueError("static uplink names must be unique")
         self.uplinks: dict[str, Uplink] = {}
+        #: extra sockets of an uplink (`open_extra`): name -> its socket, same address and
+        #: device, its own port
+        self.extras: dict[str, Uplink] = {}
+        self._extra_lock = asyncio.Lock()
+        self._extra_tasks: set[asyncio.Task[None]] = set()
         self.scans = 0
         self._monitor: NetlinkMonitor | None = None
         self._task: asyncio.Task[None] | None = None
@@ -622,8 +627,55 @@ class UplinkManager:
             if task is not None:
                 await asyncio.wait([task])
         finally:
+            await self.close_extra(list(self.extras))
             for name in list(self.uplinks):
                 await self._remove(name, "closed")
+
+    def request_extra(
+        self, open_: bool, uplink: str, names: Sequence[str], on_opened: Callable[[list[str]], None]
+    ) -> None:
+        """Open (then ``on_opened(names opened)``) or close extra sockets, in a task; requests
+        are carried out in order."""
+
+        async def serve() -> None:
+            async with self._extra_lock:
+                if not open_:
+                    await self.close_extra(names)
+                    return
+                opened = await self.open_extra(uplink, names)
+            on_opened(opened)
+
+        task = asyncio.get_running_loop().create_task(serve(), name="warp.uplinks.extra")
+        self._extra_tasks.add(task)
+        task.add_done_callback(self._extra_tasks.discard)
+
+    async def open_extra(self, uplink: str, names: Sequence[str]) -> list[str]:
+        """Open a socket for each of ``names`` on ``uplink``'s address and device, any port
+        (birthday probing's hard side); the names of those opened (a socket that cannot be
+        opened, e.g. out of file descriptors, is logged and left out)."""
+        base = self.uplinks.get(uplink)
+        opened: list[str] = []
+        if base is None or self._closed:
+            return opened
+        for name in names:
+            if name in self.extras:
+                continue
+            extra = Uplink(name, base.index, base.address)
+            try:
+                await self._open(extra, 0, device=uplink)
+            except OSError as exc:
+                log.warning("uplink.extra_open_failed uplink=%s socket=%s error=%s", uplink,
+                            name, exc)  # fmt: skip
+                break
+            self.extras[name] = extra
+            opened.append(name)
+        return opened
+
+    async def close_extra(self, names: Sequence[str]) -> None:
+        for name in names:
+            extra = self.extras.pop(name, None)
+            if extra is not None:
+                await self._detach(extra)
 
     async def __aenter__(self) -> UplinkManager:
         await self.start()
@@ -823,7 +875,7 @@ class UplinkManager:
 
     # --- sockets ------------------------------------------------------------------------
 
-    def _make_socket(self, uplink: Uplink, port: int) -> socket.socket:
+    def _make_socket(self, uplink: Uplink, port: int, device: str | None = None) -> socket.socket:
         sock = socket.socket(uplink.family, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
@@ -836,7 +888,9 @@ class UplinkManager:
             uplink.bound_to_device = False
             if self.bind_to_device:
                 try:
-                    sock.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, uplink.name.encode())
+                    sock.setsockopt(
+                        socket.SOL_SOCKET, _SO_BINDTODEVICE, (device or uplink.name).encode()
+                    )
                     uplink.bound_to_device = True
                 except OSError as exc:
                     if not self._warned_bind_to_device:
@@ -858,8 +912,8 @@ class UplinkManager:
             raise
         return sock
 
-    async def _open(self, uplink: Uplink, port: int) -> None:
-        sock = self._make_socket(uplink, port)
+    async def _open(self, uplink: Uplink, port: int, *, device: str | None = None) -> None:
+        sock = self._make_socket(uplink, port, device)
         loop = asyncio.get_running_loop()
         protocol = _UplinkProtocol(
             uplink, self._on_datagram, self.max_datagram_size, self._on_writable
