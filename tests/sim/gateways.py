@@ -128,8 +128,8 @@ class GatewayHost:
             base = slot.uplinks.get(request.uplink)
             if base is None:
                 continue
-            for i, name in enumerate(request.names):
-                address = (base.address[0], 40000 + i)
+            for name in request.names:
+                address = (base.address[0], 40000 + int(name.rsplit("~", 1)[1]) % 20000)
                 self.net.add_uplink(self.name, name, address, nat=base.nat, delay=base.egress.delay)
             self.core.extra_sockets_opened(request.names, self.net.now)
 

@@ -14,6 +14,7 @@ from tests.sim.gateways import MAP, Fleet, Peer
 from tests.sim.hosts import map_config
 from tests.sim.simnet import NatKind
 from tests.sim.test_gateways_sim import assert_intact
+from warp.core.gateway import MAX_EXTRA_SOCKETS
 from warp.core.snapshot import snapshot
 from warp.map_client.messages import Register, Registered, decode, encode
 from warp.paths.prober import PathProber
@@ -281,3 +282,15 @@ def test_birthday_probing_switched_off_stays_relayed() -> None:
         (session,) = fleet.gateways[name].core.sessions.values()
         assert session.relay_in_use and session.relay_reason == "birthday_needed"
         assert not fleet.gateways[name].core.extra_sockets
+
+
+def test_extra_sockets_are_bounded_across_far_gates() -> None:
+    fleet = Fleet(1)
+    core = fleet.gateway("a", fleet.config("a", [Peer("b", "t")]), [CONE]).core
+    first = core.open_extra_sockets("wan0", 256)
+    assert len(first) == 256
+    assert len(core.open_extra_sockets("wan0", 400)) == MAX_EXTRA_SOCKETS - 256
+    assert core.open_extra_sockets("wan0", 1) == []
+    core.close_extra_sockets(first)
+    assert len(core.extra_sockets) == MAX_EXTRA_SOCKETS - 256
+    assert len(set(core.open_extra_sockets("wan0", 256)) | set(core.extra_sockets)) == 512

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from collections.abc import Mapping, Sequence
@@ -56,6 +57,9 @@ MAP_PENDING_LIMIT = 64
 #: often lost (its address appears before its route), and the peer can only reach the new
 #: uplink after the map pushed its reflexive address: this bounds time-to-use of an uplink.
 MAP_RESPONSE_TIMEOUT = 0.3
+#: Extra sockets (birthday probing's hard side) open at once at most, all far gates together:
+#: two attempts of 256 ports; a third far gate's attempt waits for its next relay episode.
+MAX_EXTRA_SOCKETS = 512
 #: Datagrams (to send, for gates) held for the shell at most: the shell drains after every
 #: input, so this bounds only a shell that stopped draining.
 OUTBOX_LIMIT = 1 << 16
@@ -159,6 +163,7 @@ class GatewayCore:
         #: (`extra_sockets_opened`) and feeds their datagrams in under their own names
         self.extra_sockets: dict[str, str] = {}
         self._socket_requests: list[SocketRequest] = []
+        self._extra_serial = itertools.count()  # (names are never reused)
         self.map_secondary_port: int | None = None
         self._map_unanswered = Unanswered(
             far_gate_session.UNANSWERED_TRIES, far_gate_session.UNANSWERED_AFTER
@@ -273,8 +278,11 @@ class GatewayCore:
 
     def open_extra_sockets(self, uplink: str, count: int) -> list[str]:
         """Ask the shell for ``count`` more sockets on ``uplink`` (its address and device,
-        any port); their names."""
-        names = [f"{uplink}~{i}" for i in range(count)]
+        any port); their names (fewer, or none, past MAX_EXTRA_SOCKETS in all)."""
+        count = min(count, MAX_EXTRA_SOCKETS - len(self.extra_sockets))
+        names = [f"{uplink}~{next(self._extra_serial)}" for _ in range(count)]
+        if not names:
+            return names
         for name in names:
             self.extra_sockets[name] = uplink
         self._socket_requests.append(SocketRequest(True, uplink, tuple(names)))

@@ -924,8 +924,11 @@ class FarGateSession:
         if role == "easy":
             self._run_birthday(BirthdayProbe("easy", peer, now, self.core.rng), uplink)
         else:
-            self._birthday_pending = (uplink, peer)
             self._birthday_sockets = self.core.open_extra_sockets(uplink, BirthdaySettings().ports)
+            if self._birthday_sockets:
+                self._birthday_pending = (uplink, peer)
+            else:
+                log.info("punch.birthday_skipped %sreason=sockets_busy", self.tag)
 
     def extra_sockets_opened(self, opened: frozenset[str], now: float) -> None:
         pending = self._birthday_pending
