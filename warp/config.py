@@ -475,6 +475,13 @@ class InterfacesConfig(_Model):
     bind_to_device: StrictBool = Field(default_factory=lambda: sys.platform.startswith("linux"))
     holepunch_keep_alive_interval: Duration = 1.0
     path_timeout: Duration = 3.0
+    #: the TTL (IPv6 hop limit) of the first punches towards a peer address never heard from:
+    #: enough to cross our own NAT, too little to reach the peer's, so that a peer router
+    #: without a firewall does not pin its port with a conntrack entry; 0: off
+    punch_ttl: StrictInt = Field(default=2, ge=0, le=255)
+    #: hard-NAT traversal: birthday probing between a cone and a symmetric NAT (many local
+    #: ports on the symmetric side, random ports towards it from the cone side)
+    birthday_probing: StrictBool = True
     max_consecutive_failures: StrictInt = Field(default=10, ge=1)
     uplinks: tuple[UplinkPolicyConfig, ...] = ()
     #: where the uplinks' usage against their data budgets is kept across restarts
@@ -1210,6 +1217,9 @@ class MapServerConfig(_Model):
     """A warp-map config (one TOML file)."""
 
     bind: Address = HostPort("0.0.0.0", DEFAULT_MAP_PORT)
+    #: a second port on the bind address: clients compare the reflexive address seen there
+    #: with the one seen on ``bind`` to learn their NAT's mapping (`warp status`)
+    secondary_port: Port | None = None
     private_key: PrivateKey = Field(repr=False)
     registration_ttl: Duration = 60.0
     lookup_policy: Literal["mutual", "any"] = "mutual"
@@ -1222,6 +1232,12 @@ class MapServerConfig(_Model):
     @property
     def public_key(self) -> bytes:
         return public_key_of(self.private_key)
+
+    @model_validator(mode="after")
+    def _secondary_port_differs(self) -> MapServerConfig:
+        if self.secondary_port is not None and self.secondary_port == self.bind.port:
+            raise _Problems([(("secondary_port",), "must differ from the port of bind")])
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -1544,7 +1560,15 @@ _WG_QUICK_KEY = re.compile(
 _ENGARDE_SECTION = re.compile(r"^(client|server)\s*:\s*(#.*)?$", re.M)
 _ENGARDE_KEY = re.compile(r"^\s+(listenAddr|dstAddr)\s*:", re.M)
 _MAP_ONLY_KEYS = frozenset(
-    {"bind", "registration_ttl", "lookup_policy", "allowed_keys", "relay", "limits"}
+    {
+        "bind",
+        "secondary_port",
+        "registration_ttl",
+        "lookup_policy",
+        "allowed_keys",
+        "relay",
+        "limits",
+    }
 )
 _GATEWAY_ONLY_KEYS = frozenset(
     {"far_gate", "far_gates", "tunnels", "warp_map", "interfaces", "listen_port", "control"}
@@ -1615,6 +1639,13 @@ bind_to_device = {bind_to_device}
 holepunch_keep_alive_interval = "1s"
 # A path with no authenticated packet for this long is dead.
 path_timeout = "3s"
+# TTL of the first punch towards a far gate's address from the map: crosses our own NAT, dies
+# before the far one, so a far router without a firewall cannot pin its port (0: off).
+punch_ttl = 2
+# A far gate relayed because one side is a cone and the other a symmetric NAT: birthday
+# probing (256 extra local ports on the symmetric side, random ports towards it from the cone
+# side, 200 probes/s, 10 s at most, once per relay episode). false: stay relayed.
+birthday_probing = true
 # Local send errors in a row before an uplink socket is rebuilt.
 max_consecutive_failures = 10
 # Where the uplinks' usage against their data_budget is kept across restarts (written
@@ -1761,6 +1792,10 @@ _MAP_EXAMPLE = """\
 
 # Address and UDP port to listen on ("[::]:13116" for IPv6).
 bind = "0.0.0.0:13116"
+# A second UDP port on the same address: gateways compare the public address seen there with
+# the one seen on `bind` to learn each uplink's NAT mapping (`warp status`: NAT mapping), which
+# tells the hard-NAT traversal what to try. Open it in the firewall too.
+# secondary_port = 13117
 # The map's private key (required; there is no default key). This one is fresh; keep it
 # secret. Its public key, for the gateways' warp_map.public_key: {public_key}
 private_key = "{private_key}"

@@ -17,6 +17,8 @@ class FrameType(IntEnum):
     SHARD = 0x01
     PROBE = 0x02
     PROBE_REPLY = 0x03
+    #: each uplink's reflexive address and NAT mapping (warp/paths/punch.py)
+    NAT_INFO = 0x06
     # Map (rendezvous) control messages; bodies are msgpack (see warp/map_client).
     MAP_REGISTER = 0x10
     MAP_REGISTERED = 0x11

@@ -446,6 +446,16 @@ def snapshot_metrics(snapshot: Mapping[str, Any], *, age_s: float | None = None)
                     [address, str(uplink_name), "" if public is None else str(public)],
                     0.0 if public is None else 1.0,
                 )
+        nat_mapping = map_status.get("nat_mapping")
+        if isinstance(nat_mapping, Mapping):
+            mappings = f.gauge(
+                "warp_uplink_nat_mapping",
+                "1 for the NAT mapping behaviour learned for this uplink "
+                '("endpoint-independent", "address-dependent" or "unknown")',
+                ["uplink", "mapping"],
+            )
+            for uplink_name, mapping in sorted(nat_mapping.items(), key=lambda kv: str(kv[0])):
+                mappings.add_metric([str(uplink_name), str(mapping)], 1.0)
         age = _number(map_status.get("last_registration_age_s"))
         if age is not None:
             f.gauge(

@@ -38,7 +38,13 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any, Literal
 
-NatKind = Literal["cone", "symmetric"]
+#: A site router's NAT (docs/lab.md): "cone" maps and filters endpoint-independently (full
+#: cone); "port-restricted" maps endpoint-independently and filters by address and port, with a
+#: firewall dropping unsolicited inbound; "cone-no-firewall" is the same without that firewall
+#: (an unsolicited packet creates a conntrack entry that can pin a port); "symmetric" takes a
+#: new random port per destination and filters by address and port.
+NatKind = Literal["cone", "port-restricted", "cone-no-firewall", "symmetric"]
+NAT_KINDS: tuple[NatKind, ...] = ("cone", "port-restricted", "cone-no-firewall", "symmetric")
 Direction = Literal["both", "up", "down"]
 Addr = tuple[str, int]
 
@@ -346,7 +352,7 @@ class Site:
         # existed would pin an un-NATed conntrack entry.
         lab._ip(self.router_ns, "addr", "add", f"{up.gateway}/24", "dev", up.router_if)
         lab._ip(self.router_ns, "link", "set", up.router_if, "up")
-        lab._ip(self.router_ns, "addr", "add", f"{up.public_address}/24", "dev", "wan")
+        lab._ip(self.router_ns, "addr", "add", f"{up.public_address}/32", "dev", "wan")
         self.uplinks.append(up)
         self.uplinks.sort(key=lambda u: u.index)
         self._write_nft()
@@ -367,7 +373,7 @@ class Site:
         lab._ip(
             self.host_ns, "rule", "del", "from", up.address, "lookup", str(up.table), check=False
         )
-        lab._ip(self.router_ns, "addr", "del", f"{up.public_address}/24", "dev", "wan")
+        lab._ip(self.router_ns, "addr", "del", f"{up.public_address}/32", "dev", "wan")
         self._write_nft()
 
     def flush_conntrack(self) -> None:
@@ -425,6 +431,16 @@ class Site:
             if self.nat == "cone"
             else ""
         )
+        # Unsolicited UDP from the internet to the router itself is dropped, as a NAT router's
+        # firewall does. Dropped here, its conntrack entry is never confirmed; otherwise that
+        # entry would take the port that a later outbound packet of the LAN host needs, and
+        # SNAT would pick another port (hole punching would fail): "cone-no-firewall" has no
+        # such rule, on purpose.
+        firewall = (
+            ""
+            if self.nat == "cone-no-firewall"
+            else '        iifname "wan" meta l4proto udp ct state new drop\n'
+        )
         holes = [u.router_if for u in self.uplinks if u.blackholed]
         up_loss = [(u.router_if, u.nft_loss_up) for u in self.uplinks if u.nft_loss_up]
         down_loss = [(u.router_if, u.nft_loss_down) for u in self.uplinks if u.nft_loss_down]
@@ -462,11 +478,7 @@ class Site:
             "    }\n"
             "    chain input {\n"
             "        type filter hook input priority filter; policy accept;\n"
-            # Unsolicited UDP from the internet to the router itself is dropped, as a NAT
-            # router's firewall does. Dropped here, its conntrack entry is never confirmed;
-            # otherwise that entry would take the port that a later outbound packet of the
-            # LAN host needs, and SNAT would pick another port (hole punching would fail).
-            '        iifname "wan" meta l4proto udp ct state new drop\n'
+            f"{firewall}"
             "        iifname @blackholed drop\n"
             f"{loss('iifname', up_loss)}"
             "    }\n"
@@ -601,11 +613,11 @@ class Lab:
     # --- building ---
 
     def add_site(self, name: str, nat: NatKind = "cone", uplinks: int = 2) -> Site:
-        """A site ``name`` (1-8 chars [a-z0-9]) behind a ``cone`` or ``symmetric`` NAT with
+        """A site ``name`` (1-8 chars [a-z0-9]) behind a NAT of kind ``nat`` (`NatKind`) with
         ``uplinks`` (1-3, more possible) uplinks. Namespaces ``<p>-<name>``, ``<p>-<name>-nat``."""
         self._check_name(name)
-        if nat not in ("cone", "symmetric"):
-            raise ValueError(f"nat must be 'cone' or 'symmetric', not {nat!r}")
+        if nat not in NAT_KINDS:
+            raise ValueError(f"nat must be one of {', '.join(NAT_KINDS)}, not {nat!r}")
         if not 1 <= uplinks <= MAX_UPLINKS:
             raise ValueError(f"uplinks must be 1..{MAX_UPLINKS}")
         s = next(self._site_numbers)
@@ -625,8 +637,12 @@ class Lab:
         self._add_ns(site.router_ns, forwarding=True)
         self._veth(site.router_ns, "wan", self.public_ns, f"w-{name}")
         self._ip(self.public_ns, "link", "set", f"w-{name}", "master", "pub0", "up")
-        self._ip(site.router_ns, "addr", "add", f"{site.wan_address}/24", "dev", "wan")
+        # /32 addresses: the routers share the bridge, but traffic between them goes through
+        # the public namespace, one routed hop (as the internet between two NATs): a packet
+        # whose TTL crosses its own router dies there (the low-TTL punch, docs/lab.md).
+        self._ip(site.router_ns, "addr", "add", f"{site.wan_address}/32", "dev", "wan")
         self._ip(site.router_ns, "link", "set", "wan", "up")
+        self._ip(site.router_ns, "route", "add", PUBLIC_NAT_GW, "dev", "wan")
         self._ip(site.router_ns, "route", "add", "default", "via", PUBLIC_NAT_GW, "dev", "wan")
         for _ in range(uplinks):
             site.add_uplink()

@@ -434,6 +434,11 @@ class Gateway:
         self._drain()
         return None if go_on else False
 
+    def _extras_opened(self, names: list[str]) -> None:
+        if self._loop is not None:
+            self.core.extra_sockets_opened(names, self._loop.time())
+            self._drain()
+
     def _on_timer(self) -> None:
         if self._loop is None:
             return
@@ -452,6 +457,14 @@ class Gateway:
         """Carry out what the core decided: send, deliver, pause/resume gates, re-arm."""
         core = self.core
         uplinks = self.uplinks.uplinks if self.uplinks is not None else {}
+        extras = self.uplinks.extras if self.uplinks is not None else {}
+        for req in core.socket_requests():  # birthday probing's extra sockets
+            if self.uplinks is not None:
+                self.uplinks.request_extra(req.open, req.uplink, req.names, self._extras_opened)
+        for name, remote, data, ttl in core.low_ttl_datagrams_to_send():
+            uplink = uplinks.get(name) or extras.get(name)
+            if uplink is not None:
+                uplink.send_with_ttl(data, remote, ttl)
         to_send = core.datagrams_to_send()
         if to_send:
             # per uplink, in order: one `send_many` (sendmmsg) each
@@ -459,7 +472,7 @@ class Gateway:
             for name, remote, data in to_send:
                 batches.setdefault(name, []).append((data, remote))
             for name, batch in batches.items():
-                uplink = uplinks.get(name)
+                uplink = uplinks.get(name) or extras.get(name)
                 failed = range(len(batch)) if uplink is None else uplink.send_many(batch)
                 for i in failed:
                     data, remote = batch[i]

@@ -141,6 +141,9 @@ class MapStatus(TypedDict):
     address: str  # "warp-map.example.net:13116"
     registered: bool  # at least one uplink holds a live registration
     reflexive: dict[str, str | None]  # uplink → public address the map saw (None: not yet)
+    # uplink → "endpoint-independent" | "address-dependent" | "unknown" (the NAT's mapping,
+    # from the map's secondary port)
+    nat_mapping: NotRequired[dict[str, str]]
     last_registration_age_s: float | None  # seconds since the last acknowledged registration
 
 
@@ -159,6 +162,9 @@ class FarGateStatus(TypedDict):
     kind: str  # "warp" | "wireguard"
     session: SessionStatus
     relay: bool  # traffic to it goes through the map's relay now
+    # why, while relayed (from both sides' NAT mappings): "both_symmetric" | "birthday_needed"
+    # | "mapping_unknown" | "filtered"; None while direct
+    relay_reason: NotRequired[str | None]
 
 
 class UplinkStatus(TypedDict):
@@ -845,10 +851,15 @@ def _map_columns(m: Mapping[str, Any]) -> tuple[list[_Column], int]:
         Text("yes" if registered else "NO", style="green" if registered else "bold red"),
         _age(age) + " ago" if age is not None else "never",
     ]
-    cells: list[list[RenderableType]] = [[] for _ in range(5)]
+    mappings: Mapping[str, Any] = m.get("nat_mapping") or {}
+    cells: list[list[RenderableType]] = [[] for _ in range(7)]
     for i, (uplink, addr) in enumerate(rows):
         row = [*(first if i == 0 else ["", "", ""]), str(uplink)]
         row.append(Text(str(addr), style="cyan") if addr else Text("unknown", style="yellow"))
+        mapping = str(mappings.get(uplink) or "unknown")
+        style = _NAT_MAPPING_STYLE.get(mapping, "yellow")
+        row.append(Text(mapping, style=style))
+        row.append(Text(_NAT_MAPPING_SHORT.get(mapping, "?"), style=style))
         for column, cell in zip(cells, row, strict=True):
             column.append(cell)
     columns = [
@@ -857,8 +868,14 @@ def _map_columns(m: Mapping[str, Any]) -> tuple[list[_Column], int]:
         _Column("right", [(50, "Last registration", cells[2])]),
         _Column("left", [(40, "Uplink", cells[3])]),
         _Column("left", [(55, "Reflexive address", cells[4]), (40, "Reflexive", cells[4])]),
+        _Column("left", [(45, "NAT mapping", cells[5]), (42, "NAT", cells[6])]),
     ]
     return columns, len(rows)
+
+
+#: `warp status`: an uplink's NAT mapping (as `tailscale netcheck`), and its short form
+_NAT_MAPPING_STYLE = {"endpoint-independent": "green", "address-dependent": "yellow"}
+_NAT_MAPPING_SHORT = {"endpoint-independent": "cone", "address-dependent": "symmetric"}
 
 
 def _session_columns(s: Mapping[str, Any], name: str | None = None) -> list[_Column]:
@@ -894,11 +911,13 @@ class _FarGateGroup:
         relay: bool | None = None,
         session: Mapping[str, Any] | None = None,
         listed: bool = True,
+        relay_reason: str | None = None,
     ) -> None:
         self.name = name
         self.public_key = public_key
         self.kind = kind
         self.relay = relay
+        self.relay_reason = relay_reason
         self.session: Mapping[str, Any] = session or {}
         self.listed = listed
         self.paths: list[Mapping[str, Any]] = []
@@ -935,12 +954,14 @@ def _far_gate_groups(snapshot: Mapping[str, Any]) -> list[_FarGateGroup]:
         info = far_gates[name]
         session = info.get("session")
         relay = info.get("relay")
+        reason = info.get("relay_reason")
         groups[name] = _FarGateGroup(
             name,
             str(info.get("public_key") or ""),
             kind=str(info["kind"]) if info.get("kind") is not None else None,
             relay=relay if isinstance(relay, bool) else None,
             session=session if isinstance(session, Mapping) else {},
+            relay_reason=str(reason) if reason else None,
         )
 
     only = next(iter(groups)) if len(groups) == 1 else "?"
@@ -979,7 +1000,8 @@ def _far_gates_columns(groups: Sequence[_FarGateGroup]) -> list[_Column]:
         lasts.append(_age(age) + " ago" if isinstance(age, int | float) else "never")
         ups.append(Text(f"{active}/{len(g.paths)}", style="green" if active else "bold red"))
         relays.append(
-            Text("relay", style="yellow") if g.relay
+            Text(f"relay ({g.relay_reason})" if g.relay_reason else "relay", style="yellow")
+            if g.relay
             else Text("direct" if g.relay is False else "—", style="dim")
         )  # fmt: skip
         losts.append(Text(_count(lost), style="bold red" if lost else "green"))
@@ -1132,6 +1154,7 @@ def render_plain(snapshot: Mapping[str, Any]) -> str:
             active = sum(1 for p in group.paths if p.get("state") == "active")
             named = [
                 ("name", group.name), ("kind", group.kind), ("relay", group.relay),
+                *([("relay_reason", group.relay_reason)] if group.relay_reason else []),
                 ("paths_active", active), ("paths", len(group.paths)),
             ]  # fmt: skip
         lines.append(
@@ -1145,11 +1168,14 @@ def render_plain(snapshot: Mapping[str, Any]) -> str:
     m = snapshot.get("map")
     if m:
         reflexive: Mapping[str, Any] = m.get("reflexive") or {}
+        mappings: Mapping[str, Any] = m.get("nat_mapping") or {}
         lines.append(
             _plain_line("map", [m.get("address")], [
                 ("registered", m.get("registered")),
                 ("last_registration_age_s", m.get("last_registration_age_s")),
                 ("reflexive", ",".join(f"{u}@{a or '-'}" for u, a in sorted(reflexive.items()))),
+                *([("nat_mapping", ",".join(f"{u}@{k}" for u, k in sorted(mappings.items())))]
+                  if mappings else []),
             ])
         )  # fmt: skip
     paths: list[Mapping[str, Any]] = list(snapshot.get("paths") or [])

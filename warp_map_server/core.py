@@ -53,7 +53,7 @@ from warp.wireguard import (
     Outgoing,
     UnknownPeerAccepted,
 )
-from warp.wireguard.constants import REJECT_AFTER_TIME
+from warp.wireguard.constants import MESSAGE_TRANSPORT, REJECT_AFTER_TIME
 from warp_map_server.cluster import ClusterInput, RelayIn
 from warp_map_server.registry import ClusterOutput, Registry, normalize
 from warp_map_server.validation import AddressValidator
@@ -147,11 +147,13 @@ class MapCore:
             boot_id=int.from_bytes(rng(8), "big"),
             validator=self.validation,
             clustered=config.cluster is not None,
+            secondary_port=config.secondary_port,
         )
         self.stats_interval = stats_interval
         #: peer key -> time of its last authenticated packet, least recent first
         self._activity: OrderedDict[bytes, float] = OrderedDict()
         self._outgoing: list[tuple[Address, bytes]] = []
+        self._secondary_outgoing: list[tuple[Address, bytes]] = []
         self._cluster_out: list[ClusterOutput] = []
         self._events: list[MapCoreEvent] = []
         self._next_gc = now + GC_INTERVAL
@@ -167,6 +169,11 @@ class MapCore:
     def datagrams_to_send(self) -> list[tuple[Address, bytes]]:
         """``(destination, datagram)`` pairs to send from the map's socket, in order."""
         out, self._outgoing = self._outgoing, []
+        return out
+
+    def secondary_datagrams_to_send(self) -> list[tuple[Address, bytes]]:
+        """``(destination, datagram)`` pairs to send from the secondary port's socket."""
+        out, self._secondary_outgoing = self._secondary_outgoing, []
         return out
 
     def cluster_outputs(self) -> list[ClusterOutput]:
@@ -188,11 +195,17 @@ class MapCore:
 
     # ------------------------------------------------------------------------ inputs
 
-    def datagram_received(self, source: Address, data: bytes, now: float) -> None:
-        """A datagram from ``source`` (as the socket gave it) reached the map's socket."""
+    def datagram_received(
+        self, source: Address, data: bytes, now: float, *, secondary: bool = False
+    ) -> None:
+        """A datagram from ``source`` (as the socket gave it) reached the map's socket
+        (``secondary``: the socket of ``secondary_port``)."""
         self._now = now
         self.counters["datagrams.in"] += 1
         self.counters["bytes.in"] += len(data)
+        if secondary:
+            self._secondary_received(source, data, now)
+            return
         received = self.device.receive(data, source, now)
         if received is None:
             # Not authenticated: whatever the device answers must not exceed what came in.
@@ -217,6 +230,31 @@ class MapCore:
         else:
             self.registry.heard(peer, normalized, now)
         self.flush(now)
+
+    def _secondary_received(self, source: Address, data: bytes, now: float) -> None:
+        """The secondary port serves one thing: the reflexive address of an established
+        session's Register (the NAT mapping check). Handshakes and everything else are dropped
+        there (counted): answers never leave for an address that did not send at least as
+        much (the validator's credit)."""
+        if not data or data[0] != MESSAGE_TRANSPORT:
+            self.counters["secondary.dropped"] += 1
+            return
+        received = self.device.receive(data, source, now)
+        if received is None or not received.plaintext:
+            self.counters["secondary.dropped"] += 1
+            self._flush_device()
+            return
+        peer = received.peer
+        normalized = normalize(received.source)
+        self.validation.received(peer, normalized, len(data))
+        answer = self.registry.reflect(peer, received.plaintext, normalized, now)
+        if answer is not None:
+            sealed = self.device.seal(peer, answer, now)
+            if sealed is not None and self.validation.may_send(
+                peer, normalized, len(sealed), challenge=True
+            ):
+                self._secondary_outgoing.append((received.source, sealed))
+        self._flush_device()
 
     def handle_timer(self, now: float) -> None:
         """Run what is due at ``now``: WireGuard timers, expiries, GC, stats."""

@@ -254,6 +254,7 @@ class Registry:
         boot_id: int = 0,
         validator: AddressValidator | None = None,
         clustered: bool = False,
+        secondary_port: int | None = None,
         log: logging.Logger = logger,
     ) -> None:
         if registration_ttl <= 0:
@@ -265,6 +266,7 @@ class Registry:
         self.max_registrations = max_registrations
         self.boot_id = boot_id
         self.validator = validator
+        self.secondary_port = secondary_port
         self.log = log
         self.counters: Counter[str] = Counter()
         self.clients: dict[bytes, Client] = {}
@@ -379,6 +381,22 @@ class Registry:
                 self._reply(
                     key, source, Error(None, ErrorCode.BAD_REQUEST, "not a request to the map")
                 )
+
+    def reflect(self, key: bytes, plaintext: bytes, source: Endpoint, now: float) -> bytes | None:
+        """A map frame from ``key`` on the secondary port: a Register is answered (the frame
+        returned) with the reflexive address seen there and registers nothing; anything else,
+        or over the source's request rate, is counted and gets no answer."""
+        try:
+            message = decode(plaintext)
+        except MessageError:
+            message = None
+        if not isinstance(message, Register):
+            self.counters["secondary.invalid"] += 1
+            return None
+        if not self._request_allowed(source, now):
+            return None
+        self.counters["secondary.reflected"] += 1
+        return encode(Registered(message.request_id, message.uplink, source, 0.0, self.boot_id))
 
     def tick(self, now: float) -> None:
         """Expire registrations whose time has come (at exactly registered_at + ttl)."""
@@ -537,7 +555,13 @@ class Registry:
         self._compact_expiry()
         challenge = None if self.validator is None else self.validator.challenge(key, source, now)
         registered = Registered(
-            message.request_id, message.uplink, source, self.ttl, self.boot_id, challenge
+            message.request_id,
+            message.uplink,
+            source,
+            self.ttl,
+            self.boot_id,
+            challenge,
+            self.secondary_port,
         )
         self._outbox.append(
             Deliver(key, encode(registered), source, challenge=challenge is not None)

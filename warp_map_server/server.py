@@ -41,11 +41,12 @@ RECEIVE_BUFFER = 4 * 1024 * 1024
 
 
 class _Protocol(asyncio.DatagramProtocol):
-    def __init__(self, server: MapServer) -> None:
+    def __init__(self, server: MapServer, *, secondary: bool = False) -> None:
         self.server = server
+        self.secondary = secondary
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.server.datagram(data, addr)
+        self.server.datagram(data, addr, secondary=self.secondary)
 
     def error_received(self, exc: Exception) -> None:
         self.server.counters["socket.errors"] += 1
@@ -86,6 +87,8 @@ class MapServer:
         #: socket-level counters (the core counts the rest)
         self.counters: Counter[str] = Counter()
         self._transport: asyncio.DatagramTransport | None = None
+        #: the socket of ``secondary_port`` (the NAT mapping check), if configured
+        self._secondary: asyncio.DatagramTransport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -119,6 +122,11 @@ class MapServer:
         self._transport = transport
         sockname = transport.get_extra_info("sockname")
         self.address = (str(sockname[0]), int(sockname[1]))
+        if self.config.secondary_port is not None:
+            self._secondary, _ = await loop.create_datagram_endpoint(
+                lambda: _Protocol(self, secondary=True),
+                local_addr=(host, self.config.secondary_port),
+            )
         sock = transport.get_extra_info("socket")
         self._ipv6 = sock is not None and sock.family == socket.AF_INET6
         receive_buffer = 0
@@ -149,6 +157,7 @@ class MapServer:
             policy=self.config.lookup_policy,
             ttl=self.config.registration_ttl,
             relay=self.config.relay.enabled,
+            secondary_port=self.config.secondary_port or "-",
             rcvbuf=receive_buffer,
         )
         if self.cluster is not None:
@@ -170,6 +179,9 @@ class MapServer:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._secondary is not None:
+            self._secondary.close()
+            self._secondary = None
         if self._transport is not None:
             self._transport.close()
             self._transport = None
@@ -178,11 +190,11 @@ class MapServer:
 
     # ------------------------------------------------------------------------ inputs
 
-    def datagram(self, data: bytes, addr: Any) -> None:
+    def datagram(self, data: bytes, addr: Any, *, secondary: bool = False) -> None:
         core = self._core
         if core is None or self._loop is None:
             return
-        core.datagram_received(addr, data, self._loop.time())
+        core.datagram_received(addr, data, self._loop.time(), secondary=secondary)
         self._drain(core)
 
     def _from_cluster(self, items: Sequence[ClusterInput]) -> None:
@@ -216,14 +228,18 @@ class MapServer:
         """Carry out what the core decided, then re-arm the timer if its deadline moved."""
         for destination, data in core.datagrams_to_send():
             self._send(data, destination)
+        for destination, data in core.secondary_datagrams_to_send():
+            self._send(data, destination, self._secondary)
         if self.cluster is not None:
             self.cluster.submit(core.cluster_outputs())
         for event in core.events():
             self._log_event(event)
         self._rearm()
 
-    def _send(self, data: bytes, destination: Address) -> None:
-        transport = self._transport
+    def _send(
+        self, data: bytes, destination: Address, via: asyncio.DatagramTransport | None = None
+    ) -> None:
+        transport = via or self._transport
         if transport is None:
             return
         if self._ipv6 and ":" not in destination[0]:

@@ -41,11 +41,12 @@ from warp.keys import encode_key, generate_private_key
 RELAY_RATE = "200Mbit"
 
 
-def start_map(net: Net) -> None:
+def start_map(net: Net, secondary_port: int | None = None) -> None:
     lab = net.lab
     (lab.workdir / "map.toml").write_text(
         f'bind = "{lab.public_address}:{MAP_PORT}"\n'
-        f'private_key = "{encode_key(net.map_key)}"\n'
+        + ("" if secondary_port is None else f"secondary_port = {secondary_port}\n")
+        + f'private_key = "{encode_key(net.map_key)}"\n'
         f'[relay]\nrate_limit = "{RELAY_RATE}"\n'
     )
     log = net.map_log
@@ -65,12 +66,12 @@ def start_map(net: Net) -> None:
         time.sleep(0.02)
 
 
-def make_net(lab: Lab, nat_a: str, nat_b: str) -> Net:
+def make_net(lab: Lab, nat_a: str, nat_b: str, *, secondary_port: int | None = None) -> Net:
     a = lab.add_site("a", nat_a, uplinks=2)  # type: ignore[arg-type]
     b = lab.add_site("b", nat_b, uplinks=2)  # type: ignore[arg-type]
     net = Net(lab, a, b, generate_private_key())
     net.keys = {"a": generate_private_key(), "b": generate_private_key()}
-    start_map(net)
+    start_map(net, secondary_port)
     return net
 
 

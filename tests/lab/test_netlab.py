@@ -78,6 +78,52 @@ def test_symmetric_nat_new_port_per_destination(lab: Lab) -> None:
     assert m1[1] != m2[1], f"symmetric NAT must use a new port per destination: {m1} {m2}"
 
 
+SEND_ONE = """
+import socket, struct, sys
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("0.0.0.0", int(sys.argv[3])))
+ttl = [(socket.IPPROTO_IP, socket.IP_TTL, struct.pack("=i", int(sys.argv[4])))]
+sock.sendmsg([b"punch"], ttl, 0, (sys.argv[1], int(sys.argv[2])))
+"""
+
+
+def _send_one(lab: Lab, ns: str, to: tuple[str, int], port: int, ttl: int = 64) -> None:
+    lab.run(ns, [sys.executable, "-c", SEND_ONE, to[0], str(to[1]), str(port), str(ttl)])
+
+
+@pytest.mark.parametrize(
+    ("kind", "pinned"), [("port-restricted", False), ("cone-no-firewall", True)]
+)
+def test_router_without_firewall_pins_a_port_on_an_unsolicited_packet(
+    lab: Lab, kind: str, pinned: bool
+) -> None:
+    """A packet from a peer that arrives before the host sent anything to it: a firewall drops
+    it; without one its conntrack entry takes the host's mapping towards that peer, so the
+    host's own packets to it leave from another port."""
+    site = lab.add_site("a", nat=kind, uplinks=1)  # type: ignore[arg-type]
+    up = site.uplinks[0]
+    srv = lab.add_public_host("srv")
+    _send_one(lab, srv.ns, (up.public_address, 40000), 3478)
+    time.sleep(0.2)
+    lab.udp_echo(srv.ns, [(srv.address, 3478)], lifetime_s=10)
+    res = lab.udp_probe(site.host_ns, [(srv.address, 3478)], bind=("0.0.0.0", 40000))
+    mapping = res.mapping((srv.address, 3478))
+    assert mapping is not None, res
+    assert (mapping[1] != 40000) == pinned, mapping
+
+
+def test_ttl_2_crosses_its_own_router_and_dies_before_the_far_one(lab: Lab) -> None:
+    """The low-TTL punch (interfaces.punch_ttl): sites are one routed hop apart."""
+    a = lab.add_site("a", nat="cone-no-firewall", uplinks=1)
+    b = lab.add_site("b", nat="cone-no-firewall", uplinks=1)
+    far = (b.uplinks[0].public_address, 6000)
+    _send_one(lab, a.host_ns, far, 5000, ttl=2)
+    _send_one(lab, a.host_ns, far, 5001, ttl=64)
+    time.sleep(0.2)
+    assert "sport=5000" in a.conntrack() and "sport=5001" in a.conntrack()
+    assert "sport=5000" not in b.conntrack() and "sport=5001" in b.conntrack()
+
+
 # --- uplinks: routing, own public addresses ---------------------------------------------------
 
 

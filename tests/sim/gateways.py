@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from tests.sim.hosts import PUBLIC, MapHost, map_config
+from tests.sim.hosts import PUBLIC, SECONDARY, MapHost, map_config
 from tests.sim.network import LossModel
 from tests.sim.simnet import Address, Nat, NatKind, SimNet, Uplink
 from warp.config import GatewayConfig, parse_gateway_config
@@ -71,9 +71,12 @@ class GatewayHost:
     """One gateway: its core, the uplinks it was told about, its tunnels' streams (keyed by
     tunnel name, on the receiving side)."""
 
-    def __init__(self, name: str, config: GatewayConfig, *, seed: int, now: float) -> None:
+    def __init__(
+        self, name: str, config: GatewayConfig, *, seed: int, now: float, net: SimNet
+    ) -> None:
         self.name = name
         self.config = config
+        self.net = net
         self.core = GatewayCore(config, rng=random.Random(seed), now=now)
         #: (sending gateway, tunnel) -> stream, filled in by :meth:`Fleet.stream`
         self.inbound: dict[str, Stream] = {}
@@ -108,7 +111,30 @@ class GatewayHost:
         return self.core.next_deadline()
 
     def datagrams_to_send(self) -> list[tuple[str, Address, bytes]]:
+        self._serve_socket_requests()
         return self.core.datagrams_to_send()
+
+    def _serve_socket_requests(self) -> None:
+        """Extra sockets (birthday probing's hard side), as the shell opens them: on the
+        uplink's address and NAT, ports 40000 and up."""
+        slot = self.net.hosts[self.name]
+        for request in self.core.socket_requests():
+            if not request.open:
+                for name in request.names:
+                    uplink = slot.uplinks.get(name)
+                    if uplink is not None:
+                        self.net.remove_uplink(uplink)
+                continue
+            base = slot.uplinks.get(request.uplink)
+            if base is None:
+                continue
+            for name in request.names:
+                address = (base.address[0], 40000 + int(name.rsplit("~", 1)[1]) % 20000)
+                self.net.add_uplink(self.name, name, address, nat=base.nat, delay=base.egress.delay)
+            self.core.extra_sockets_opened(request.names, self.net.now)
+
+    def low_ttl_datagrams_to_send(self) -> list[tuple[str, Address, bytes, int]]:
+        return self.core.low_ttl_datagrams_to_send()
 
     def observe(self, now: float) -> None:
         for tunnel, datagram in self.core.gate_deliveries():
@@ -141,7 +167,14 @@ class Peer:
 class Fleet:
     """A SimNet with the map on :data:`MAP` and gateways around it."""
 
-    def __init__(self, seed: int, *, lookup_policy: str = "mutual", map_ttl: float = 60.0) -> None:
+    def __init__(
+        self,
+        seed: int,
+        *,
+        lookup_policy: str = "mutual",
+        map_ttl: float = 60.0,
+        map_secondary_port: int | None = None,
+    ) -> None:
         self.net = SimNet(seed)
         self.seed = seed
         self.keys: dict[str, bytes] = {}
@@ -152,12 +185,15 @@ class Fleet:
                 MAP,
                 lookup_policy=lookup_policy,
                 registration_ttl=map_ttl,
+                **({} if map_secondary_port is None else {"secondary_port": map_secondary_port}),
             ),
             rng=self.net.rng_bytes(),
             now=0.0,
         )
         self.net.add_host("map", self.map, observe=self.map.observe)
         self.net.add_uplink("map", PUBLIC, MAP)
+        if map_secondary_port is not None:
+            self.net.add_uplink("map", SECONDARY, (MAP[0], map_secondary_port))
         self.gateways: dict[str, GatewayHost] = {}
         self._next_nat = 0
 
@@ -240,7 +276,9 @@ class Fleet:
         binding unused for ``nat_timeout`` seconds. ``egress_rates[i]`` (bytes/s): uplink i's
         upload is shaped to that rate with a queue of ``queue_time`` at the rate (at least
         three 1500-byte packets), as ``tc tbf`` or a modem."""
-        host = GatewayHost(name, config, seed=self.net.rng.getrandbits(64), now=self.net.now)
+        host = GatewayHost(
+            name, config, seed=self.net.rng.getrandbits(64), now=self.net.now, net=self.net
+        )
         self.gateways[name] = host
         self.net.add_host(name, host, observe=host.observe)
         core = host.core

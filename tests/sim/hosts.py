@@ -26,6 +26,8 @@ from warp_map_server.core import MapCore, MapCoreEvent
 
 #: the uplink name of a host with a single public address
 PUBLIC = "public"
+#: the map's socket on its secondary port (the NAT mapping check)
+SECONDARY = "secondary"
 PUNCH = b"\xf0PUNCH"
 ECHO = b"\xf0ECHO"
 MAX_HELD_FRAMES = 64
@@ -54,7 +56,7 @@ class MapHost:
 
     # Host
     def datagram_received(self, uplink: str, source: Address, data: bytes, now: float) -> None:
-        self.core.datagram_received(source, data, now)
+        self.core.datagram_received(source, data, now, secondary=uplink == SECONDARY)
 
     def handle_timer(self, now: float) -> None:
         self.core.handle_timer(now)
@@ -63,7 +65,9 @@ class MapHost:
         return self.core.next_deadline()
 
     def datagrams_to_send(self) -> list[tuple[str, Address, bytes]]:
-        return [(PUBLIC, destination, data) for destination, data in self.core.datagrams_to_send()]
+        out = [(PUBLIC, destination, data) for destination, data in self.core.datagrams_to_send()]
+        secondary = self.core.secondary_datagrams_to_send()
+        return out + [(SECONDARY, destination, data) for destination, data in secondary]
 
     def observe(self, now: float) -> None:
         self.events += [(now, event) for event in self.core.events()]

@@ -17,7 +17,10 @@ The network a datagram crosses, from one host's uplink to another's::
   filtering, random public ports, a conntrack idle timeout, ``rebind()``) sits between an
   uplink and the internet, or the uplink has a public address of its own (the map);
 * the internet routes by destination IP to a NAT or a public uplink; anything else is dropped
-  and counted (``stats["unroutable"]``).
+  and counted (``stats["unroutable"]``);
+* a host may also send datagrams with a TTL (``low_ttl_datagrams_to_send``, optional): one
+  with a TTL below :data:`HOPS_TO_FAR_NAT` crosses its own NAT (which maps it) and dies in
+  the internet (``stats["ttl_expired"]``).
 
 Everything random comes from seeded generators: a run is a function of its seed.
 """
@@ -41,6 +44,8 @@ Filtering = Literal["endpoint-independent", "address-dependent", "address-and-po
 NatKind = Literal["full-cone", "restricted-cone", "port-restricted-cone", "symmetric"]
 
 NEVER = math.inf
+#: a datagram needs at least this TTL to reach the far side's NAT (its own NAT is one hop away)
+HOPS_TO_FAR_NAT = 3
 #: timer calls at one instant after which a host is taken to spin (a deadline never moving on)
 MAX_TIMER_CALLS_AT_ONCE = 10_000
 
@@ -441,6 +446,10 @@ class SimNet:
         host = slot.host
         for uplink_name, remote, data in host.datagrams_to_send():
             self._send(slot, uplink_name, remote, data, now)
+        low_ttl = getattr(host, "low_ttl_datagrams_to_send", None)
+        if low_ttl is not None:
+            for uplink_name, remote, data, ttl in low_ttl():
+                self._send(slot, uplink_name, remote, data, now, ttl=ttl)
         if slot.observe is not None:
             slot.observe(now)
         deadline = host.next_deadline()
@@ -451,7 +460,14 @@ class SimNet:
                 self._push(deadline, self._timer, (slot,))
 
     def _send(
-        self, slot: HostSlot, uplink_name: str, remote: Address, data: bytes, now: float
+        self,
+        slot: HostSlot,
+        uplink_name: str,
+        remote: Address,
+        data: bytes,
+        now: float,
+        *,
+        ttl: int | None = None,
     ) -> None:
         uplink = slot.uplinks.get(uplink_name)
         if uplink is None:
@@ -468,6 +484,9 @@ class SimNet:
             if uplink.nat is None
             else uplink.nat.outbound(uplink.address, remote, now)
         )
+        if ttl is not None and ttl < HOPS_TO_FAR_NAT:
+            self.stats["ttl_expired"] += len(arrivals)
+            return
         for arrival in arrivals:
             self._push(arrival + self.internet_delay, self._arrive, (source, remote, data))
 

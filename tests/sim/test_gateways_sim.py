@@ -85,9 +85,11 @@ def test_gateway_started_late_gets_the_first_datagram_within_a_few_round_trips(
     start-up: a has been sending 200 datagrams/s for a second when b starts (two uplinks each,
     behind the NAT kind given; 0.2 ms access links, the map 10 ms away). b's map handshake and
     registration, the map's pushes, the hole punch (a learns the symmetric side's ports from
-    its packets) and the handshake: a's first datagram reaches b within 0.15 s of b's start,
-    crossed initiations included (their retry waits 30-80 ms). Any extra timer wait on the
-    way (a probe burst step, a map retry, a keep-alive) would show here."""
+    its packets) and the handshake: a's first datagram reaches b within 0.2 s of b's start,
+    crossed initiations included (their retry waits 30-80 ms). The first punch towards a
+    map-given address leaves with a low TTL (it must not reach the far NAT: no pinning on
+    routers without a firewall), so the first full-TTL packet is the second burst step, 50 ms
+    in. Any further timer wait on the way (a map retry, a keep-alive) would show here."""
     for seed in range(1, 4):
         fleet = Fleet(seed)
         config_a = fleet.config("a", [Peer("b", "t")])
@@ -100,7 +102,7 @@ def test_gateway_started_late_gets_the_first_datagram_within_a_few_round_trips(
         fleet.net.run_until(3.0)
         first = ab.first_delivery() - 1.0
         print(f"seed {seed}: first datagram {first * 1000:.0f} ms after b started")
-        assert first < 0.15
+        assert first < 0.2
         assert ab.lost_between(1.0 + first, 3.0) == []
         assert_intact(ab)
 

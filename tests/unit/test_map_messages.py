@@ -40,6 +40,7 @@ EXAMPLES: list[MapMessage] = [
     Register(2, 1, KEY_B, 3, b"\x01" * 8),
     Register(3, 2, KEY_B, 4, None, (KEY_A, bytes(range(64, 96)))),
     Registered(9, 3, ("203.0.113.9", 40000), 60.0, 12345, b"\xff" * 8),
+    Registered(10, 3, ("203.0.113.9", 40000), 0.0, 12345, None, 13117),
     Lookup(9, KEY_B),
     PeerEndpoints(10, KEY_B, (("198.51.100.1", 5), ("2001:db8::2", 65535)), 3, 99),
     PeerEndpoints(11, KEY_B, (), 0, 99),
@@ -129,7 +130,9 @@ def test_a_challenge_answer_is_never_larger_than_the_register_it_answers() -> No
 
     smallest_register = sealed(encode(Register(0, 0, KEY_B, 0)))
     largest_answer = sealed(
-        encode(Registered(2**32 - 1, 2**32 - 1, ("ffff::ffff", 65535), 4e6, 2**64 - 1, bytes(8)))
+        encode(
+            Registered(2**32 - 1, 2**32 - 1, ("ffff::ffff", 65535), 4e6, 2**64 - 1, bytes(8), 65535)
+        )
     )
     assert largest_answer <= smallest_register
 

@@ -540,3 +540,19 @@ def test_malformed_far_gates_are_skipped() -> None:
     assert {s.labels["far_gate"] for s in families["warp_far_gate_info"]} == {"x", "y"}
     assert "warp_session_handshake_state" not in families
     assert "warp_far_gate_relayed" not in families
+
+
+def test_each_uplinks_nat_mapping_is_a_series() -> None:
+    snap = copy.deepcopy(SNAPSHOT)
+    snap["map"]["nat_mapping"] = {"wwan0": "endpoint-independent", "wlan0": "unknown"}
+    cache = SnapshotCache()
+    cache.update(snap)
+    server = start_metrics_server("127.0.0.1", 0, cache)
+    try:
+        families = scrape(server.url)
+    finally:
+        server.close()
+    mapping = families["warp_uplink_nat_mapping"]
+    name = "warp_uplink_nat_mapping"
+    assert value(mapping, name, uplink="wwan0", mapping="endpoint-independent") == 1
+    assert value(mapping, name, uplink="wlan0", mapping="unknown") == 1

@@ -949,3 +949,32 @@ def test_fleet_rendering_tolerates_sparse_and_odd_far_gates() -> None:
     out = render_plain(sparse)
     assert "None" not in out
     assert [line.split()[0] for line in out.splitlines()].count("far_gate") == 3
+
+
+def test_status_shows_each_uplinks_nat_mapping_and_why_a_far_gate_is_relayed() -> None:
+    snap = json.loads(json.dumps(SNAPSHOT))
+    snap["map"]["nat_mapping"] = {"wwan0": "endpoint-independent", "wwan1": "address-dependent"}
+    snap["far_gates"] = {
+        "hq": {
+            "public_key": SNAPSHOT["session"]["far_gate"],
+            "kind": "warp",
+            "session": SNAPSHOT["session"],
+            "relay": True,
+            "relay_reason": "both_symmetric",
+        },
+        "depot": {
+            "public_key": "C" * 52,
+            "kind": "warp",
+            "session": SNAPSHOT["session"],
+            "relay": False,
+            "relay_reason": None,
+        },
+    }
+    wide = screen(snap, 200)
+    assert "NAT mapping" in wide
+    (wwan0,) = [line for line in wide.splitlines() if "100.64.9.1:61000" in line]
+    assert "endpoint-independent" in wwan0
+    assert "address-dependent" in wide and "relay (both_symmetric)" in wide
+    plain = render_plain(snap)
+    assert "nat_mapping=wwan0@endpoint-independent,wwan1@address-dependent" in plain
+    assert "relay_reason=both_symmetric" in plain

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from warp.config import FarGateConfig, GatewayConfig, TunGate
@@ -31,7 +32,11 @@ from warp.map_client.client import (
     UplinkExpired,
     UplinkRegistered,
 )
+from warp.map_client.messages import MessageError, Register, Registered
+from warp.map_client.messages import decode as decode_map_message
+from warp.map_client.messages import encode as encode_map_message
 from warp.paths.budget import UsageLedger
+from warp.paths.natcheck import MappingCheck
 from warp.paths.path import Address
 from warp.unanswered import Unanswered
 from warp.wireguard import (
@@ -54,6 +59,9 @@ MAP_PENDING_LIMIT = 64
 #: often lost (its address appears before its route), and the peer can only reach the new
 #: uplink after the map pushed its reflexive address: this bounds time-to-use of an uplink.
 MAP_RESPONSE_TIMEOUT = 0.3
+#: Extra sockets (birthday probing's hard side) open at once at most, all far gates together:
+#: two attempts of 256 ports; a third far gate's attempt waits for its next relay episode.
+MAX_EXTRA_SOCKETS = 512
 #: Datagrams (to send, for gates) held for the shell at most: the shell drains after every
 #: input, so this bounds only a shell that stopped draining.
 OUTBOX_LIMIT = 1 << 16
@@ -74,6 +82,16 @@ class GateResumed:
 
 
 CoreEvent = GatePaused | GateResumed
+
+
+@dataclass(frozen=True, slots=True)
+class SocketRequest:
+    """Open (``open``) extra sockets ``names`` on ``uplink``'s address and device, any port,
+    or close them."""
+
+    open: bool
+    uplink: str
+    names: tuple[str, ...]
 
 
 class GatewayCore:
@@ -113,6 +131,7 @@ class GatewayCore:
             "tunnel_removed": 0,
         }
         self._to_send: list[tuple[str, Address, bytes]] = []
+        self._to_send_low_ttl: list[tuple[str, Address, bytes, int]] = []
         self._deliveries: list[tuple[str, bytes]] = []
         self._events: list[CoreEvent] = []
         # Far gates, and each tunnel's sessions: a tun gate shared by several far gates
@@ -141,6 +160,15 @@ class GatewayCore:
         self._map_rehandshake = False
         self.map_registered_at: float | None = None
         self.map_reflexive: dict[str, str | None] = {}
+        #: each uplink's NAT mapping behaviour, from the map's secondary port
+        self.nat_mapping = MappingCheck()
+        #: extra sockets of an uplink (birthday probing's hard side): name -> the uplink's;
+        #: the shell opens and closes them (`socket_requests`), says when they are open
+        #: (`extra_sockets_opened`) and feeds their datagrams in under their own names
+        self.extra_sockets: dict[str, str] = {}
+        self._socket_requests: list[SocketRequest] = []
+        self._extra_serial = itertools.count()  # (names are never reused)
+        self.map_secondary_port: int | None = None
         self._map_unanswered = Unanswered(
             far_gate_session.UNANSWERED_TRIES, far_gate_session.UNANSWERED_AFTER
         )
@@ -247,6 +275,41 @@ class GatewayCore:
         out, self._to_send = self._to_send, []
         return out
 
+    def socket_requests(self) -> list[SocketRequest]:
+        """Extra sockets to open (then `extra_sockets_opened`) or close, in order."""
+        out, self._socket_requests = self._socket_requests, []
+        return out
+
+    def open_extra_sockets(self, uplink: str, count: int) -> list[str]:
+        """Ask the shell for ``count`` more sockets on ``uplink`` (its address and device,
+        any port); their names (fewer, or none, past MAX_EXTRA_SOCKETS in all)."""
+        count = min(count, MAX_EXTRA_SOCKETS - len(self.extra_sockets))
+        names = [f"{uplink}~{next(self._extra_serial)}" for _ in range(count)]
+        if not names:
+            return names
+        for name in names:
+            self.extra_sockets[name] = uplink
+        self._socket_requests.append(SocketRequest(True, uplink, tuple(names)))
+        return names
+
+    def close_extra_sockets(self, names: Sequence[str]) -> None:
+        names = tuple(n for n in names if self.extra_sockets.pop(n, None) is not None)
+        if names:
+            self._socket_requests.append(SocketRequest(False, "", names))
+
+    def extra_sockets_opened(self, names: Sequence[str], now: float) -> None:
+        """The shell opened these extra sockets (those it could not open are left out)."""
+        self.now = now
+        opened = frozenset(names)
+        for session in self.sessions.values():
+            session.extra_sockets_opened(opened, now)
+
+    def low_ttl_datagrams_to_send(self) -> list[tuple[str, Address, bytes, int]]:
+        """``(uplink, remote, data, ttl)``: first punches, to send with that TTL (IPv6 hop
+        limit), drained with `datagrams_to_send` (their order among those does not matter)."""
+        out, self._to_send_low_ttl = self._to_send_low_ttl, []
+        return out
+
     def gate_deliveries(self) -> list[tuple[str, bytes]]:
         """``(tunnel, datagram)`` for the tunnels' gates, in order."""
         out, self._deliveries = self._deliveries, []
@@ -262,21 +325,30 @@ class GatewayCore:
         deadline = self.device.next_deadline()
         client = self.map_client
         if client is not None:
-            t = client.next_deadline()
-            if t is not None and (deadline is None or t < deadline):
-                deadline = t
+            for t in (client.next_deadline(), self.nat_mapping.next_deadline()):
+                if t is not None and (deadline is None or t < deadline):
+                    deadline = t
         for session in self.sessions.values():
             t = session.next_deadline()
             if t is not None and (deadline is None or t < deadline):
                 deadline = t
         return deadline
 
-    def emit(self, uplink: str, remote: Address, data: bytes) -> bool:
-        """Queue a datagram for the shell to send from an uplink; False if no such uplink."""
-        if uplink not in self.uplinks or len(self._to_send) >= OUTBOX_LIMIT:
+    def emit(self, uplink: str, remote: Address, data: bytes, *, ttl: int | None = None) -> bool:
+        """Queue a datagram for the shell to send from an uplink (or one of its extra
+        sockets); False if no such uplink.
+        ``ttl``: a first punch, sent with that TTL (`low_ttl_datagrams_to_send`)."""
+        if (uplink not in self.uplinks and uplink not in self.extra_sockets) or len(
+            self._to_send
+        ) >= OUTBOX_LIMIT:
             return False
-        self._to_send.append((uplink, remote, data))
-        self.usage.add(uplink, len(data))
+        if ttl is None:
+            self._to_send.append((uplink, remote, data))
+        elif len(self._to_send_low_ttl) < OUTBOX_LIMIT:
+            self._to_send_low_ttl.append((uplink, remote, data, ttl))
+        else:
+            return False
+        self.usage.add(self.extra_sockets.get(uplink, uplink), len(data))
         return True
 
     def deliver(self, tunnel: str, datagram: bytes) -> None:
@@ -361,6 +433,8 @@ class GatewayCore:
             return  # never used
         self.uplinks.pop(name, None)
         self.map_reflexive.pop(name, None)
+        self.nat_mapping.remove_uplink(name)
+        self.close_extra_sockets([n for n, base in self.extra_sockets.items() if base == name])
         if self.map_client is not None and not self.stopping:
             self.map_client.remove_uplink(name, now)
         for session in self.sessions.values():
@@ -394,6 +468,9 @@ class GatewayCore:
         if session is not None:
             session.on_received(uplink, source, plaintext, len(data), now)
         elif received.peer == self.map_key and self.map_client is not None and plaintext:
+            if self._from_map_secondary(source):
+                self._on_mapping_answer(uplink, plaintext, now)
+                return
             self.map_client.receive(plaintext, uplink, now)
             self._after_map(now)
 
@@ -429,6 +506,9 @@ class GatewayCore:
             if due is not None and due <= now:
                 client.tick(now)
                 self._after_map(now)
+            due = self.nat_mapping.next_deadline()
+            if due is not None and due <= now:
+                self._check_nat_mapping(now)
         for session in self.sessions.values():
             session.handle_timer(now)
 
@@ -572,6 +652,10 @@ class GatewayCore:
                 if event.changed:
                     log.info("map.registered uplink=%s reflexive=%s:%d", event.uplink,
                              event.reflexive[0], event.reflexive[1])  # fmt: skip
+                self.map_secondary_port = event.secondary_port
+                self.nat_mapping.registered(
+                    event.uplink, event.reflexive, event.secondary_port, now
+                )
             elif isinstance(event, UplinkExpired):
                 self.map_reflexive[event.uplink] = None
                 log.warning("map.registration_expired uplink=%s", event.uplink)
@@ -611,6 +695,49 @@ class GatewayCore:
             session.check_lookup_refused(now)
         for action in client.drain_outgoing():
             self._send_map_frame(action.uplink, action.frame, now)
+        self._check_nat_mapping(now)
+
+    # ------------------------------------------------------------------ NAT mapping check
+
+    def _from_map_secondary(self, source: Address) -> bool:
+        port, address = self.map_secondary_port, self.map_address
+        if port is None or address is None or source[1] != port:
+            return False
+        return source[0] in (address[0], f"::ffff:{address[0]}")
+
+    def _check_nat_mapping(self, now: float) -> None:
+        """Send the mapping checks that are due (a Register to the map's secondary port, which
+        registers nothing) and log what was learned."""
+        address = self.map_address
+        for uplink, port in self.nat_mapping.due(now):
+            if address is None or uplink not in self.uplinks or self.map_key is None:
+                continue
+            frame = encode_map_message(Register(self.rng.getrandbits(32), 0, self.public_key, 0))
+            wire = self.device.seal(self.map_key, frame, now)
+            if wire is not None:
+                self.emit(uplink, (address[0], port), wire)
+        learned_any = False
+        for learned in self.nat_mapping.pop_events():
+            learned_any = True
+            log.info("nat.mapping uplink=%s mapping=%s primary=%s secondary=%s", learned.uplink,
+                     learned.mapping, host_port(learned.primary),
+                     host_port(learned.secondary))  # fmt: skip
+        if learned_any:
+            for session in self.sessions.values():
+                if session.relay_in_use:
+                    session.send_nat_info(now)
+
+    def _on_mapping_answer(self, uplink: str, plaintext: bytes, now: float) -> None:
+        try:
+            message = decode_map_message(plaintext)
+        except MessageError:
+            self.counters["map_secondary_invalid"] = (
+                self.counters.get("map_secondary_invalid", 0) + 1
+            )
+            return
+        if isinstance(message, Registered):
+            self.nat_mapping.answered(uplink, message.reflexive, now)
+            self._check_nat_mapping(now)
 
     def _on_relayed(self, event: RelayReceived[str], now: float) -> None:
         """A WireGuard message a far gate sent through the map's relay: received on the

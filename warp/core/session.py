@@ -12,6 +12,7 @@ emits through `GatewayCore.emit` (or the map's relay, for the relay path).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -22,13 +23,25 @@ from typing import TYPE_CHECKING, Any
 from warp.config import FarGateConfig, TunGate, TunnelConfig, UnixGate
 from warp.frames import FrameType
 from warp.paths.capacity import TokenBucket
+from warp.paths.natcheck import NatMapping
 from warp.paths.path import Address, Path, PathState
 from warp.paths.prober import (
     PathAdded,
     PathProber,
     PathRemoved,
     PathStateChanged,
+    encode_probe,
     make_probe_reply,
+)
+from warp.paths.punch import (
+    BirthdayProbe,
+    BirthdaySettings,
+    RelayReason,
+    Role,
+    encode_nat_info,
+    parse_nat_info,
+    plan_birthday,
+    relay_reason,
 )
 from warp.paths.scheduler import AdaptiveParity, ParityChange, PathQuality, ShardScheduler
 from warp.redundancy import (
@@ -50,6 +63,7 @@ log = logging.getLogger("warp.core")
 _SHARD = int(FrameType.SHARD)
 _PROBE = int(FrameType.PROBE)
 _PROBE_REPLY = int(FrameType.PROBE_REPLY)
+_NAT_INFO = int(FrameType.NAT_INFO)
 
 #: Datagrams held while the tunnel cannot send (no session, no path, uplinks saturated).
 SEND_QUEUE_LENGTH = 4096
@@ -90,6 +104,12 @@ RELAY_PREFIX = "relay:"
 #: direct path died): fall back to the map's relay for the data path (direct paths keep being
 #: probed; traffic moves back as soon as one is active).
 RELAY_FALLBACK_AFTER = 2.5
+#: A burst towards a peer address never heard from starts with this long of low-TTL punches
+#: (`interfaces.punch_ttl`): the first probe and the handshake initiation with it open our NAT
+#: without reaching the peer's; from the second probe (50 ms) on, full TTL. The two sides learn
+#: each other's address from the map within about one map round trip of each other, so each
+#: has opened its NAT before the other's first full-TTL packet arrives.
+LOW_TTL_WINDOW = 0.04
 #: A handshake unanswered for this many initiations, the first at least UNANSWERED_AFTER
 #: seconds ago, is logged as a WARNING naming the likely cause, once per episode.
 UNANSWERED_TRIES = 3
@@ -182,25 +202,30 @@ def path_qualities(
     paths: Sequence[Path],
     uplink_rates: Mapping[str, float | None] | None = None,
     known_rates: Mapping[str, float | None] | None = None,
+    uplink_of: Mapping[str, str] | None = None,
 ) -> list[PathQuality[Path]]:
     """What the schedulers are told of the sending paths: each path's measurements, its
-    uplink (our end), its remote address (one peer uplink: the other end) and its part of
-    its uplink's rates (`uplink_rates` to weigh its shards, `known_rates` for the rates
-    status promises; the uplink's sending paths share them evenly)."""
+    uplink (our end: an extra socket counts as its uplink, ``uplink_of``), its remote address
+    (one peer uplink: the other end) and its part of its uplink's rates (`uplink_rates` to
+    weigh its shards, `known_rates` for the rates status promises; the uplink's sending paths
+    share them evenly)."""
+    uplink_of = uplink_of or {}
     per_uplink: dict[str, int] = {}
     for p in paths:
-        per_uplink[p.uplink] = per_uplink.get(p.uplink, 0) + 1
+        local = uplink_of.get(p.uplink, p.uplink)
+        per_uplink[local] = per_uplink.get(local, 0) + 1
 
     def part(rates: Mapping[str, float | None] | None, path: Path) -> float | None:
-        rate = None if rates is None else rates.get(path.uplink)
-        return None if rate is None else rate / per_uplink[path.uplink]
+        local = uplink_of.get(path.uplink, path.uplink)
+        rate = None if rates is None else rates.get(local)
+        return None if rate is None else rate / per_uplink[local]
 
     return [
         PathQuality(
             p,
             loss=p.loss or 0.0,
             rtt=p.rtt,
-            local=p.uplink,
+            local=uplink_of.get(p.uplink, p.uplink),
             remote=p.remote,
             rate=part(uplink_rates, p),
             known_rate=part(known_rates, p),
@@ -337,8 +362,12 @@ class FarGateSession:
         self.set_log_fields(several=len(core.config.far_gates) > 1)
         interfaces = core.config.interfaces
         self.prober = PathProber(
-            interfaces.holepunch_keep_alive_interval, interfaces.path_timeout, core.rng
+            interfaces.holepunch_keep_alive_interval,
+            interfaces.path_timeout,
+            core.rng,
+            low_ttl_window=LOW_TTL_WINDOW if interfaces.punch_ttl else 0.0,
         )
+        self.punch_ttl = interfaces.punch_ttl
         self.tunnels: dict[str, Tunnel] = {t.name: t for t in tunnels}
         self.tunnels_by_id: dict[int, Tunnel] = {t.tunnel_id: t for t in tunnels}
         # Cryptokey routing on receive, as WireGuard: a far gate with allowed_ips may only put
@@ -389,6 +418,19 @@ class FarGateSession:
         self._relay_wanted = False
         self.relay_in_use = False
         self._relay_since: float | None = None
+        # Why relayed (`relay_reason`), from our uplinks' NAT mappings and the far gate's
+        # (its NAT_INFO frame: reflexive address -> mapping).
+        self.peer_nat: dict[Address, NatMapping] = {}
+        self.relay_reason: RelayReason | None = None
+        self._nat_info_sent = False
+        # Birthday probing (`_start_birthday`): at most one attempt per relay episode; the
+        # hard side's extra sockets (the winner's stays while the uplink does).
+        self.birthday: BirthdayProbe | None = None
+        self._birthday_uplink = ""
+        self._birthday_sockets: list[str] = []
+        self._birthday_pending: tuple[str, Address] | None = None
+        self._birthday_tried = False
+        self._birthday_started_at = 0.0
         # Simultaneous initiation (both sides initiate at once, e.g. on the same map push):
         # each answers the other's initiation, which replaces its own initiator state, so both
         # responses are dropped. The side with the lower public key re-initiates shortly
@@ -449,7 +491,10 @@ class FarGateSession:
 
     def next_deadline(self) -> float | None:
         deadline = self.prober.next_deadline()
-        for t in (self.flush_at, self._relay_due, self._reinitiate_at, self._rekey_at):
+        birthday = None if self.birthday is None else self.birthday.next_deadline()
+        for t in (
+            self.flush_at, self._relay_due, self._reinitiate_at, self._rekey_at, birthday
+        ):  # fmt: skip
             if t is not None and (deadline is None or t < deadline):
                 deadline = t
         for tunnel in self.tunnels.values():
@@ -471,6 +516,10 @@ class FarGateSession:
         if self._rekey_at is not None and self._rekey_at <= now:
             self._rekey_at = None
             self.rekey(now)
+        if self.birthday is not None:
+            due = self.birthday.next_deadline()
+            if due is not None and due <= now:
+                self._birthday_tick(now)
         for tunnel in self.tunnels.values():
             due = tunnel.decoder.next_deadline()
             if due is not None and due <= now:
@@ -616,6 +665,8 @@ class FarGateSession:
                         self.core.deliver(tunnel.name, plaintext)
                         break
             return
+        if self.birthday is not None and self.birthday.running:
+            self._birthday_answered(uplink, source, now)
         path = self.prober.on_authenticated(uplink, source, now, size)
         if path is not None and path.state_since == now:
             # A path just learned or just active: log it and reschedule now.
@@ -634,6 +685,8 @@ class FarGateSession:
         elif kind == _PROBE_REPLY:
             self.prober.on_probe_reply(plaintext, uplink, source, now)
             self.after_prober(now)
+        elif kind == _NAT_INFO:
+            self.on_nat_info(plaintext, now)
         else:
             self.core.counters["unknown_frame"] += 1
 
@@ -672,8 +725,11 @@ class FarGateSession:
         if via is not None:
             if not self.core.relay(self.key, data, now, via, remote):
                 return False
-        elif not self.core.emit(uplink, remote, data):
-            return False
+        else:
+            path = self.prober.get(uplink, remote)
+            ttl = self.punch_ttl if path is not None and path.low_ttl(now) else None
+            if not self.core.emit(uplink, remote, data, ttl=ttl):
+                return False
         if data[0] == 4:  # a transport message
             self.prober.record_tx(uplink, remote, len(data))
         return True
@@ -809,7 +865,7 @@ class FarGateSession:
             self._sending_signature = signature
             self._sending = paths
             known = {uplink: self.prober.known_rate(uplink) for uplink in rates}
-            qualities = path_qualities(paths, rates, known)
+            qualities = path_qualities(paths, rates, known, self.core.extra_sockets)
             for tunnel in self.tunnels.values():
                 change = tunnel.scheduler.update(qualities)
                 if change is not None:
@@ -902,16 +958,165 @@ class FarGateSession:
     def _on_relay_use(self, relayed: bool, now: float) -> None:
         """The data path moved onto the relay, or back to a direct path."""
         self.relay_in_use = relayed
+        self._nat_info_sent = False
+        self._birthday_tried = False
+        if not relayed:
+            self._stop_birthday("direct", now)
         if relayed:
             self._relay_since = now
             paths = [p for p in self.prober.active_paths() if p.uplink.startswith(RELAY_PREFIX)]
             log.warning("path.relay.active %sremote=%s paths=%d", self.tag,
                         host_port(self.core.map_address), len(paths))  # fmt: skip
+            self.send_nat_info(now)
         else:
             since, self._relay_since = self._relay_since, None
             paths = [p for p in self.prober.active_paths() if not p.uplink.startswith(RELAY_PREFIX)]
             log.info("relay.direct_restored %srelayed_s=%s paths=%d", self.tag,
                      "-" if since is None else round(now - since, 3), len(paths))  # fmt: skip
+        self.update_relay_reason()
+
+    # ------------------------------------------------------------------ NAT info
+
+    def send_nat_info(self, now: float) -> None:
+        """Tell the far gate our uplinks' reflexive addresses and NAT mappings (while relayed:
+        both sides can then say why, `relay_reason`)."""
+        paths = self.sending_paths(now)
+        entries = self.core.nat_mapping.reflexive_mappings()
+        if not paths or not entries or not self.has_session:
+            return
+        self._nat_info_sent = True
+        self._seal_and_send(encode_nat_info(entries), paths[0].uplink, paths[0].remote, now)
+        self.update_relay_reason()
+
+    def on_nat_info(self, frame: bytes, now: float) -> None:
+        entries = parse_nat_info(frame)
+        if entries is None:
+            self.core.counters["bad_nat_info"] = self.core.counters.get("bad_nat_info", 0) + 1
+            return
+        self.peer_nat = entries
+        if self.relay_in_use and not self._nat_info_sent:
+            self.send_nat_info(now)  # (the far gate learns ours too, even if it spoke first)
+        self.update_relay_reason()
+
+    def update_relay_reason(self) -> None:
+        """While relayed: why no direct path (logged as ``relay.reason`` when it changes)."""
+        reason: RelayReason | None = None
+        if self.relay_in_use:
+            local = [m for _, m in self.core.nat_mapping.reflexive_mappings()]
+            reason = relay_reason(local, list(self.peer_nat.values()))
+        if reason == "birthday_needed" and not self._birthday_tried:
+            self._start_birthday(self.core.now)
+        if reason != self.relay_reason:
+            self.relay_reason = reason
+            if reason is not None:
+                peer = ",".join(f"{host_port(a)}@{m}" for a, m in sorted(self.peer_nat.items()))
+                log.info("relay.reason %sreason=%s peer_nat=%s", self.tag, reason,
+                         peer or "-")  # fmt: skip
+
+    # ------------------------------------------------------------------ birthday probing
+
+    def _start_birthday(self, now: float) -> None:
+        """Relayed between a cone and a symmetric NAT: one bounded birthday attempt. Both
+        sides pick the same pair of uplinks, the one whose (cone side's reflexive address,
+        symmetric side's reflexive address) sorts first (`warp/paths/punch.py`)."""
+        self._birthday_tried = True
+        # A socket kept by an earlier attempt's success: relayed again, its path is gone.
+        self.core.close_extra_sockets(self._birthday_sockets)
+        self._birthday_sockets = []
+        if not self.core.config.interfaces.birthday_probing:
+            log.info("punch.birthday_skipped %sreason=disabled", self.tag)
+            return
+        pairs: list[tuple[tuple[Address, Address], Role, str, Address]] = []
+        for uplink, reflexive, mine in self.core.nat_mapping.uplink_mappings():
+            if uplink not in self.core.uplinks:
+                continue
+            for peer, theirs in self.peer_nat.items():
+                plan = plan_birthday(mine, theirs, enabled=True).role
+                if plan is not None:
+                    key = (reflexive, peer) if plan == "easy" else (peer, reflexive)
+                    pairs.append((key, plan, uplink, peer))
+        if not pairs:
+            return
+        _, role, uplink, peer = min(pairs)
+        if role == "easy":
+            self._run_birthday(BirthdayProbe("easy", peer, now, self.core.rng), uplink)
+        else:
+            self._birthday_sockets = self.core.open_extra_sockets(uplink, BirthdaySettings().ports)
+            if self._birthday_sockets:
+                self._birthday_pending = (uplink, peer)
+            else:
+                log.info("punch.birthday_skipped %sreason=sockets_busy", self.tag)
+
+    def extra_sockets_opened(self, opened: frozenset[str], now: float) -> None:
+        pending = self._birthday_pending
+        if pending is None or not opened.intersection(self._birthday_sockets):
+            return
+        self._birthday_pending = None
+        # (a socket the shell could not open is left out: the attempt uses the others)
+        self._birthday_sockets = [n for n in self._birthday_sockets if n in opened]
+        uplink, peer = pending
+        settings = dataclasses.replace(BirthdaySettings(), ports=len(self._birthday_sockets))
+        self._run_birthday(BirthdayProbe("hard", peer, now, self.core.rng, settings), uplink)
+
+    def _run_birthday(self, attempt: BirthdayProbe, uplink: str) -> None:
+        self.birthday = attempt
+        self._birthday_uplink = uplink
+        self._birthday_started_at = attempt.started
+        log.info("punch.birthday_started %srole=%s uplink=%s peer=%s", self.tag, attempt.role,
+                 uplink, host_port(attempt.peer))  # fmt: skip
+        self._birthday_tick(attempt.started)
+
+    def _birthday_tick(self, now: float) -> None:
+        attempt = self.birthday
+        if attempt is None:
+            return
+        # The hard side's probes only need to open its own NAT (the cone side's filter drops
+        # them): low TTL, so a cone router without a firewall does not pin its port on them.
+        ttl = (self.punch_ttl or None) if attempt.role == "hard" else None
+        for probe in attempt.tick(now):
+            uplink = (
+                self._birthday_uplink if probe.socket is None
+                else self._birthday_sockets[probe.socket]
+            )  # fmt: skip
+            wire = self.core.device.seal(self.key, encode_probe(0, now), now)
+            if wire is not None:
+                self.core.emit(uplink, probe.remote, wire, ttl=ttl)
+        if attempt.state == "exhausted":
+            self._stop_birthday("exhausted", now)
+
+    def _birthday_answered(self, uplink: str, source: Address, now: float) -> None:
+        attempt = self.birthday
+        if attempt is None:
+            return
+        if attempt.role == "hard":
+            if uplink not in self._birthday_sockets:
+                return
+            socket: int | None = self._birthday_sockets.index(uplink)
+        elif uplink == self._birthday_uplink:
+            socket = None
+        else:
+            return
+        if attempt.answered(socket, source, now):
+            log.info("punch.birthday_succeeded %srole=%s uplink=%s remote=%s probes=%d "
+                     "after_s=%.3f", self.tag, attempt.role, uplink, host_port(source),
+                     attempt.sent, now - self._birthday_started_at)  # fmt: skip
+            self._stop_birthday("succeeded", now)
+
+    def _stop_birthday(self, why: str, now: float) -> None:
+        """The attempt ends: the hard side closes its extra sockets but the winner's."""
+        if self.birthday is None and self._birthday_pending is None:
+            return  # (none running; a winner's socket stays)
+        attempt, self.birthday = self.birthday, None
+        self._birthday_pending = None
+        keep = None
+        if attempt is not None and attempt.winner is not None and attempt.role == "hard":
+            index = attempt.winner.socket
+            keep = None if index is None else self._birthday_sockets[index]
+        self.core.close_extra_sockets([n for n in self._birthday_sockets if n != keep])
+        self._birthday_sockets = [keep] if keep is not None else []
+        if attempt is not None and why == "exhausted":
+            log.info("punch.birthday_exhausted %srole=%s probes=%d", self.tag, attempt.role,
+                     attempt.sent)  # fmt: skip
 
     def on_relayed(self, uplink: str, source: Address, now: float) -> None:
         """The far gate sent us a WireGuard message through the map's relay, from its endpoint
@@ -1037,7 +1242,7 @@ class FarGateSession:
                         send_failed += 1
                         continue
                     uplink = path.uplink
-                    if uplink in uplinks:
+                    if uplink in uplinks or uplink in self.core.extra_sockets:
                         sent = emit(uplink, path.remote, wire)
                         pacer = self.pacers.get(uplink)
                         if pacer is not None:

@@ -94,6 +94,7 @@ def snapshot(
             "relay": session.relay_in_use,
             "uplink_capacity": _capacity(session, now),
             "paced_waits": session.paced_waits,
+            "relay_reason": session.relay_reason,
         }
         for path in session.prober.paths:
             # A dead path shows its state and how long since it was heard, no stale figures.
@@ -171,6 +172,9 @@ def snapshot(
             else str(config.warp_map.addresses[0]),
             "registered": bool(client and client.all_registered(now) and client.uplinks),
             "reflexive": dict(core.map_reflexive),
+            "nat_mapping": {
+                name: core.nat_mapping.mapping(name) for name in sorted(core.map_reflexive)
+            },
             "last_registration_age_s": None
             if core.map_registered_at is None
             else round(now - core.map_registered_at, 3),

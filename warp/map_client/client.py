@@ -83,6 +83,8 @@ class UplinkRegistered(Generic[U]):
     reflexive: Endpoint
     ttl: float
     changed: bool  # first registration, or the reflexive address moved
+    #: the map's secondary port (the NAT mapping check), if it has one
+    secondary_port: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -549,7 +551,11 @@ class MapClient(Generic[U]):
         state.registered_until = now + message.ttl
         state.last_reply = now
         state.next_register = now + self._refresh_period()
-        self._events.append(UplinkRegistered(state.id, message.reflexive, message.ttl, changed))
+        self._events.append(
+            UplinkRegistered(
+                state.id, message.reflexive, message.ttl, changed, message.secondary_port
+            )
+        )
         self._note_boot(message.boot, now)
         if message.challenge is None:
             state.echoed_challenge = None  # validated

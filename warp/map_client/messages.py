@@ -26,7 +26,8 @@ Register                   0x10   q, u (uplink tag u32), f (far-gate key), i (in
                                   MAX_FAR_GATES in all),
                                   x (optional: zero padding to REGISTER_MIN_FRAME bytes)
 Registered                 0x11   q, u, a (reflexive endpoint), t (TTL, milliseconds), b,
-                                  c (optional: 8-byte challenge, see below)
+                                  c (optional: 8-byte challenge, see below),
+                                  s (optional: the map's secondary port, see below)
 Lookup                     0x12   q, k (key looked up)
 PeerEndpoints              0x13   q, k, e (array of endpoints), v (version u64), b (map boot id)
 Push                       0x14   k, e, v, b (unsolicited PeerEndpoints)
@@ -48,6 +49,11 @@ the map has not validated for that client carries a challenge; the client proves
 that address by registering that uplink again at once with ``c`` echoed. Until then the map sends
 that address nothing but answers no larger than what it received from it (no pushes, no relayed
 payloads), so a client cannot point the map at a bystander by spoofing its source address.
+``s`` names the map's secondary port (same address): a Register sent there registers nothing;
+it is answered with a Registered whose ``a`` is the reflexive address seen on that port and
+``t`` is 0. A client compares both reflexive addresses of an uplink to learn its NAT's mapping
+(the same: endpoint-independent; another port: address-and-port-dependent, a symmetric NAT).
+
 A Register is padded (``x``) to ``REGISTER_MIN_FRAME`` bytes so that the answer carrying the
 challenge always fits in it (as QUIC pads its Initial), whatever the field values and address.
 
@@ -80,7 +86,8 @@ MAX_FAR_GATES = 64
 MAX_RELAY_PAYLOAD = 9216
 MAX_ERROR_TEXT = 200
 CHALLENGE_LENGTH = 8
-#: the largest Registered with a challenge (IPv6, every integer at its widest) is 72 bytes
+#: the largest Registered with a challenge (IPv6, every integer at its widest, a secondary
+#: port) is 77 bytes
 REGISTER_MIN_FRAME = 80
 U32 = 0xFFFF_FFFF
 U64 = 0xFFFF_FFFF_FFFF_FFFF
@@ -136,6 +143,8 @@ class Registered:
     ttl: float  # seconds (milliseconds on the wire)
     boot: int
     challenge: bytes | None = None  # the address is not validated yet: echo this
+    #: the map's secondary port (same address), for the NAT mapping check
+    secondary_port: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +235,7 @@ def _body(message: MapMessage) -> tuple[FrameType, dict[str, Any]]:
             if also:
                 body["g"] = list(also)
             return FrameType.MAP_REGISTER, body
-        case Registered(request_id, uplink, reflexive, ttl, boot, challenge):
+        case Registered(request_id, uplink, reflexive, ttl, boot, challenge, secondary_port):
             body = {
                 "q": request_id,
                 "u": uplink,
@@ -236,6 +245,8 @@ def _body(message: MapMessage) -> tuple[FrameType, dict[str, Any]]:
             }
             if challenge is not None:
                 body["c"] = challenge
+            if secondary_port is not None:
+                body["s"] = secondary_port
             return FrameType.MAP_REGISTERED, body
         case Lookup(request_id, key):
             return FrameType.MAP_LOOKUP, {"q": request_id, "k": key}
@@ -404,6 +415,7 @@ def decode(frame: bytes) -> MapMessage:
             _int(body, "t", U32) / 1000,
             _int(body, "b", U64),
             _challenge(body),
+            _int(body, "s", 0xFFFF, minimum=1) if "s" in body else None,
         )
     if frame_type == FrameType.MAP_LOOKUP:
         return Lookup(_int(body, "q", U32), _key(body, "k"))

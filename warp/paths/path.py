@@ -77,6 +77,9 @@ class Path:
     burst_anchor: float = 0.0
     burst_index: int = 0
     early_probe_at: float = float("-inf")
+    low_ttl_until: float = float("-inf")
+    """Until then, and while nothing was ever heard on this path, packets on it are first
+    punches: they leave with a low TTL (`PathProber.low_ttl_window`)."""
     """Last probe sent ahead of schedule to check a suspect path (`drop_superseded`)."""
     probes: deque[ProbeRecord] = field(default_factory=lambda: deque(maxlen=LOSS_WINDOW))
     rates: PathRateMeter = field(default_factory=PathRateMeter)
@@ -99,6 +102,11 @@ class Path:
                 lost += 1
         settled = answered + lost
         return lost / settled if settled else None
+
+    def low_ttl(self, now: float) -> bool:
+        """Whether a packet sent now is a first punch: it should cross our own NAT and die
+        before the peer's, so that a router without a firewall there does not pin its port."""
+        return now < self.low_ttl_until and self.last_authenticated is None
 
     def restart_measurements(self) -> None:
         """A dead path came back (or is tried again): its loss window and RTT restart.

@@ -170,6 +170,7 @@ class PathProber:
         burst: Iterable[float] = DEFAULT_BURST,
         probe_timeout: float | None = None,
         forget_after: float | None = None,
+        low_ttl_window: float = 0.0,
     ) -> None:
         if keepalive_interval <= 0 or path_timeout <= 0:
             raise ValueError("keepalive_interval and path_timeout must be positive")
@@ -178,6 +179,9 @@ class PathProber:
         self.keepalive_interval = float(keepalive_interval)
         self.path_timeout = float(path_timeout)
         self.max_paths = max_paths
+        self.low_ttl_window = low_ttl_window
+        """A burst towards a remote never heard from starts with this long of first punches
+        (`Path.low_ttl`); 0: none."""
         # Burst probes later than the first periodic probe would only duplicate it.
         self.burst = tuple(sorted(o for o in burst if 0 <= o < keepalive_interval)) or (0.0,)
         self.probe_timeout = (
@@ -568,6 +572,8 @@ class PathProber:
 
     def _start_burst(self, path: Path, now: float) -> None:
         self._deadline_valid = False
+        if path.source == "map":  # (a static endpoint is a public or forwarded address)
+            path.low_ttl_until = now + self.low_ttl_window
         path.burst_anchor = now
         path.burst_index = 0
         path.next_probe_at = now + self.burst[0]

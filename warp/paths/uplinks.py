@@ -41,6 +41,9 @@ from warp.paths.netlink import InterfaceInfo, NetlinkMonitor, dump_interfaces
 from warp.paths.path import Address
 from warp.pktinfo import StickyTransport, is_wildcard
 
+#: the int of an IP_TTL / IPV6_HOPLIMIT control message
+_TTL = struct.Struct("=i")
+
 log = logging.getLogger("warp.paths.uplinks")
 
 DEFAULT_RECEIVE_BUFFER = 512 << 10
@@ -415,6 +418,37 @@ class Uplink:
         send = self.send
         return [k for k in range(start, len(messages)) if not send(*messages[k])]
 
+    def send_with_ttl(self, data: bytes, addr: Address, ttl: int) -> bool:
+        """Send one datagram with this TTL (IPv6: hop limit), as a control message of its own
+        `sendmsg` (the socket's TTL stays as it was). Only written directly while the transport
+        queues nothing; otherwise, or if the socket is full, it is dropped (a first punch: the
+        next one goes at full TTL anyway)."""
+        transport = self._transport
+        sock = self._sock
+        if (
+            transport is None
+            or sock is None
+            or transport is not self._sock_transport
+            or transport.get_write_buffer_size()  # type: ignore[attr-defined]
+        ):
+            self.tx_dropped += 1
+            return False
+        if sock.family == socket.AF_INET6 and ":" in addr[0]:
+            level, option = socket.IPPROTO_IPV6, socket.IPV6_HOPLIMIT
+        else:
+            level, option = socket.IPPROTO_IP, socket.IP_TTL
+        try:
+            sock.sendmsg([data], [(level, option, _TTL.pack(ttl))], 0, addr)
+        except (BlockingIOError, InterruptedError):
+            self.tx_dropped += 1
+            return False
+        except Exception as exc:
+            self._on_error(exc)
+            return False
+        self.tx_packets += 1
+        self.tx_bytes += len(data)
+        return True
+
     def _send_each(self, datagrams: Sequence[bytes], start: int, stop: int, addr: Address) -> int:
         send = self.send
         sent = 0
@@ -613,6 +647,11 @@ class UplinkManager:
             if len(set(names)) != len(names):
                 raise ValueError("static uplink names must be unique")
         self.uplinks: dict[str, Uplink] = {}
+        #: extra sockets of an uplink (`open_extra`): name -> its socket, same address and
+        #: device, its own port
+        self.extras: dict[str, Uplink] = {}
+        self._extra_lock = asyncio.Lock()
+        self._extra_tasks: set[asyncio.Task[None]] = set()
         self.scans = 0
         self._monitor: NetlinkMonitor | None = None
         self._task: asyncio.Task[None] | None = None
@@ -704,8 +743,55 @@ class UplinkManager:
             if task is not None:
                 await asyncio.wait([task])
         finally:
+            await self.close_extra(list(self.extras))
             for name in list(self.uplinks):
                 await self._remove(name, "closed")
+
+    def request_extra(
+        self, open_: bool, uplink: str, names: Sequence[str], on_opened: Callable[[list[str]], None]
+    ) -> None:
+        """Open (then ``on_opened(names opened)``) or close extra sockets, in a task; requests
+        are carried out in order."""
+
+        async def serve() -> None:
+            async with self._extra_lock:
+                if not open_:
+                    await self.close_extra(names)
+                    return
+                opened = await self.open_extra(uplink, names)
+            on_opened(opened)
+
+        task = asyncio.get_running_loop().create_task(serve(), name="warp.uplinks.extra")
+        self._extra_tasks.add(task)
+        task.add_done_callback(self._extra_tasks.discard)
+
+    async def open_extra(self, uplink: str, names: Sequence[str]) -> list[str]:
+        """Open a socket for each of ``names`` on ``uplink``'s address and device, any port
+        (birthday probing's hard side); the names of those opened (a socket that cannot be
+        opened, e.g. out of file descriptors, is logged and left out)."""
+        base = self.uplinks.get(uplink)
+        opened: list[str] = []
+        if base is None or self._closed:
+            return opened
+        for name in names:
+            if name in self.extras:
+                continue
+            extra = Uplink(name, base.index, base.address)
+            try:
+                await self._open(extra, 0, device=uplink)
+            except OSError as exc:
+                log.warning("uplink.extra_open_failed uplink=%s socket=%s error=%s", uplink,
+                            name, exc)  # fmt: skip
+                break
+            self.extras[name] = extra
+            opened.append(name)
+        return opened
+
+    async def close_extra(self, names: Sequence[str]) -> None:
+        for name in names:
+            extra = self.extras.pop(name, None)
+            if extra is not None:
+                await self._detach(extra)
 
     async def __aenter__(self) -> UplinkManager:
         await self.start()
@@ -906,7 +992,7 @@ class UplinkManager:
 
     # --- sockets ------------------------------------------------------------------------
 
-    def _make_socket(self, uplink: Uplink, port: int) -> socket.socket:
+    def _make_socket(self, uplink: Uplink, port: int, device: str | None = None) -> socket.socket:
         sock = socket.socket(uplink.family, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
@@ -919,7 +1005,9 @@ class UplinkManager:
             uplink.bound_to_device = False
             if self.bind_to_device:
                 try:
-                    sock.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, uplink.name.encode())
+                    sock.setsockopt(
+                        socket.SOL_SOCKET, _SO_BINDTODEVICE, (device or uplink.name).encode()
+                    )
                     uplink.bound_to_device = True
                 except OSError as exc:
                     if not self._warned_bind_to_device:
@@ -941,8 +1029,8 @@ class UplinkManager:
             raise
         return sock
 
-    async def _open(self, uplink: Uplink, port: int) -> None:
-        sock = self._make_socket(uplink, port)
+    async def _open(self, uplink: Uplink, port: int, *, device: str | None = None) -> None:
+        sock = self._make_socket(uplink, port, device)
         loop = asyncio.get_running_loop()
         protocol = _UplinkProtocol(
             uplink,
