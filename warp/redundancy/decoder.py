@@ -394,17 +394,14 @@ class ShardDecoder:
         return highest + delta - SEQUENCE_MODULUS
 
     def _keep(self, seq: int, coded: bytes, now: float) -> None:
-        """Keep a data shard to rebuild its siblings with parity; oldest out first."""
+        """Keep a data shard to rebuild its siblings with parity; oldest out first (and
+        `tick` drops those older than block_timeout)."""
         kept = self._kept
         kept[seq] = (now, coded)
         self._kept_bytes += len(coded)
-        horizon = now - self.block_timeout
         budget = self.store_budget - self._block_bytes  # one budget with the parity held
-        while kept:
-            oldest_seq, (created, oldest) = next(iter(kept.items()))
-            if created > horizon and len(kept) <= self._max_kept and self._kept_bytes <= budget:
-                break
-            del kept[oldest_seq]
+        while len(kept) > self._max_kept or self._kept_bytes > budget:
+            _, (_, oldest) = kept.popitem(last=False)
             self._kept_bytes -= len(oldest)
 
     def _confirm(self, seq: int, position: int) -> None:
@@ -501,6 +498,13 @@ class ShardDecoder:
             extended = self._extend(first)
             if extended is None:
                 return flushed + self._reject(RejectReason.STALE)
+            if self._all_data_had(first, data_shards):
+                # The usual case on a clean link: no block to hold, the parity is surplus.
+                # (_extend placed `first` within the window.)
+                self._finished[first & self._ring_mask] = first
+                self.stats.blocks_decoded += 1
+                self.stats.surplus_shards += 1
+                return flushed
             block = _Block(data_shards, parity_shards, size, extended, now)
             self._blocks[first] = block
             self._block_bytes += size  # the budget counts each block as holding one more
@@ -518,6 +522,15 @@ class ShardDecoder:
         self._block_bytes += size
         self._evict_blocks(first)
         return flushed + self._try_rebuild(first, block, now)
+
+    def _all_data_had(self, first: int, data_shards: int) -> bool:
+        seen = self._seen
+        ring_mask = self._ring_mask
+        for position in range(data_shards):
+            seq = (first + position) & _MASK
+            if seen[seq & ring_mask] != seq:
+                return False
+        return True
 
     def _evict_blocks(self, keep: int) -> None:
         """Make room for parity: kept data shards go first, then the oldest blocks."""
@@ -773,7 +786,8 @@ class ShardDecoder:
             held_until = reorder.deadline()
             if held_until is not None and (deadline is None or held_until < deadline):
                 deadline = held_until
-        # Kept data shards are pruned on arrival and by any tick: they need no timer.
+        # Kept data shards are bounded in number and bytes, and any tick drops the old
+        # ones: they need no timer of their own.
         return deadline
 
     # ---- introspection -----------------------------------------------------------------
@@ -804,6 +818,8 @@ def _split_records(coded: bytes, offset: int) -> list[bytes] | None:
     """The datagrams of a packed payload (records: 2-byte length, bytes), or None if the
     records do not fill the payload exactly or one is empty."""
     end = len(coded)
+    if end - offset >= 2 and (coded[offset] << 8) | coded[offset + 1] == end - offset - 2 > 0:
+        return [coded[offset + 2 :]]  # the usual case: one datagram
     records = []
     while offset < end:
         if offset + 2 > end:
