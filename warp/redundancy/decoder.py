@@ -720,11 +720,13 @@ class ShardDecoder:
         ):
             low = self._open_after[before & mask]
             high = self._open_before[after & mask]
-            if high - low >= self.window:
-                self.stats.datagrams_lost += high - low + 1 - self.window
-                low = high - self.window + 1
-            for number in range(low, high + 1):
-                self._count_lost(number)
+            if low <= high:
+                # Only the first and last can have bytes outside the run too (a fragmented
+                # datagram across a shard had): those are counted once through the ring.
+                self._count_lost(low)
+                if high > low:
+                    self._count_lost(high)
+                    self.stats.datagrams_lost += high - low - 1
         else:  # a neighbour fell out of the ring: one per shard
             self.stats.datagrams_lost += end - start + 1
 
