@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test lint typecheck unit demo clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py warp/_batchio.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'

@@ -2,6 +2,7 @@
 project's targets (≥ 250 Mbit/s lossless; added one-way latency p50 ≤ 0.3 ms, p99 ≤ 2 ms).
 
     sudo .venv/bin/python bench/throughput.py [--quick] [--loops uvloop,asyncio]
+                                              [--sizes 64,512,1400]
                                               [--repeat 3] [--seconds 3] [--profile 5]
 
 Lab (warp/netlab.py): sites "a" and "b" behind cone NAT, two uplinks each, `warp-map` in the
@@ -9,8 +10,10 @@ public namespace, CPE input filter on both routers (as tests/lab/test_gateway.py
 host runs `warp run` with a loopback gate (application_to_gate 59401, gate_to_application
 59500) and (k, n) = (3, 5); the gateways punch through both NATs, so there are 2 × 2 = 4
 active paths (`--uplinks-b 1` gives exactly two). A paced sender of sequence-numbered,
-timestamped (CLOCK_MONOTONIC, shared by all namespaces) 1400 B datagrams sends into a's gate;
-a receiver on 127.0.0.1:59500 behind b's gate counts unique datagrams and one-way latency.
+timestamped (CLOCK_MONOTONIC, shared by all namespaces) datagrams (64, 512 and 1400 B:
+`--sizes`) sends into a's gate; a receiver on 127.0.0.1:59500 behind b's gate counts unique
+datagrams and one-way latency. The gateways run the code of the tree this script is in
+(`python -m warp.cli` from it), so a copy of another commit measures that commit.
 
 Plain UDP baseline through the same lab: the same sender in a's host namespace sends to b's
 up1 public address, port 40000, which b's router forwards (DNAT) to b's host: host a → NAT a
@@ -22,7 +25,13 @@ For each of plain UDP, warp on uvloop and warp on stock asyncio (`WARP_EVENT_LOO
   the median delivered share is ≥ 99.9 %; stepping stops at the first lossy point. Reported:
   the highest lossless rate (app datagrams/s and app Mbit/s) and the CPU % of each warp
   process there (utime + stime from /proc/<pid>/stat over the run);
-* latency p50 / p99 at 10 k datagrams/s (median of the repeats); "added" = warp − plain UDP.
+* latency p50 / p99 at 10 k datagrams/s (median of the repeats); "added" = warp − plain UDP;
+* at the highest lossless rate: packets on the wire per app datagram and wire bytes (IP
+  packets, i.e. the veths' tx bytes less 14 B of Ethernet header each) per app byte, both
+  counted on site a's uplink interfaces (`ip -s link`: probes and keepalives included, no
+  assumption about the shard layout); CPU µs per app datagram: both gateways (user + system)
+  for warp, the sending and receiving programs (their syscalls include the kernel path) for
+  plain UDP.
 
 `--profile S` then samples both gateways with py-spy (when installed) for S s at 10 k/s…
 at the highest lossless uvloop rate, and prints the top functions by own time and by
@@ -55,18 +64,16 @@ from warp.netlab import Lab, Site  # noqa: E402
 from warp.status import query_status  # noqa: E402
 
 BIN = Path(sys.executable).parent
-WARP = [str(BIN / "warp")] if (BIN / "warp").exists() else [sys.executable, "-m", "warp.cli"]
-WARP_MAP = (
-    [str(BIN / "warp-map")]
-    if (BIN / "warp-map").exists()
-    else [sys.executable, "-m", "warp_map_server.cli"]
-)
+# Run from REPO (cwd and PYTHONPATH): the code next to this script, not whatever is installed.
+WARP = [sys.executable, "-m", "warp.cli"]
+WARP_MAP = [sys.executable, "-m", "warp_map_server.cli"]
 PY_SPY = shutil.which("py-spy", path=str(BIN)) or shutil.which("py-spy")
 MAP_PORT = 13116
 GATE_PORT = 59401
 APP_PORT = 59500
 PLAIN_PORT = 40000
-SIZE = 1400
+SIZES = (64, 512, 1400)
+ETHERNET_HEADER = 14
 HEADER = struct.Struct("!IQ")  # seq, CLOCK_MONOTONIC ns at send
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 LOSSLESS = 0.999
@@ -88,12 +95,12 @@ def _cpu_s() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def agent_send(dest: str, rate: float, count: int, start_at: float) -> None:
+def agent_send(dest: str, rate: float, count: int, start_at: float, size: int) -> None:
     host, port = dest.rsplit(":", 1)
     addr = (host, int(port))
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-    buf = bytearray(SIZE)
+    buf = bytearray(size)
     time.sleep(max(0.0, start_at - time.time()))
     cpu0 = _cpu_s()
     t0 = time.monotonic()
@@ -228,6 +235,7 @@ class Bench:
             stdout=map_log.open("w"),
             stderr=subprocess.STDOUT,
             cwd=REPO,
+            env=_env(),
         )
         deadline = time.monotonic() + 10
         while "map.listening" not in map_log.read_text():
@@ -261,7 +269,7 @@ class Bench:
         return Gateway(name, site, path, w / f"{name}.sock", w / f"{name}.log")
 
     def start_gateways(self, loop: str) -> None:
-        env = dict(os.environ)
+        env = _env()
         env["WARP_EVENT_LOOP"] = loop
         for name in ("a", "b"):
             gw = self.config(name)
@@ -299,7 +307,18 @@ class Bench:
                 self.lab.stop(gw.proc, grace_s=5)
         self.gws.clear()
 
-    def run_once(self, mode: str, rate: float, seconds: float) -> dict[str, Any]:
+    def wire_counters(self) -> tuple[int, int]:
+        """(packets, IP bytes) sent so far on site a's uplink interfaces."""
+        out = self.lab.run(self.a.host_ns, ["ip", "-s", "-j", "link", "show"]).stdout
+        packets = wire = 0
+        for link in json.loads(out):
+            if link["ifname"].startswith("up"):
+                tx = link["stats64"]["tx"]
+                packets += tx["packets"]
+                wire += tx["bytes"] - ETHERNET_HEADER * tx["packets"]
+        return packets, wire
+
+    def run_once(self, mode: str, rate: float, seconds: float, size: int) -> dict[str, Any]:
         """One paced run; mode "plain" or "warp". Returns delivered share, latency, CPU."""
         count = max(100, int(rate * seconds))
         if mode == "plain":
@@ -323,10 +342,11 @@ class Bench:
         start_at = time.time() + 0.2
         ticks0 = {n: g.cpu_ticks() for n, g in self.gws.items()}
         box0 = _box_ticks()
+        wire0 = self.wire_counters()
         t0 = time.monotonic()
         send = self.lab.spawn(
             self.a.host_ns,
-            [*me, "agent-send", dest, f"{rate:g}", str(count), f"{start_at:.3f}"],
+            [*me, "agent-send", dest, f"{rate:g}", str(count), f"{start_at:.3f}", str(size)],
             seconds + 20,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -336,11 +356,20 @@ class Bench:
         wall = time.monotonic() - t0 - 0.2
         ticks1 = {n: g.cpu_ticks() for n, g in self.gws.items()}
         box1 = _box_ticks()
+        wire1 = self.wire_counters()
         s = json.loads(s_out.strip().splitlines()[-1])
         r = json.loads(r_out.strip().splitlines()[-1])
         # the gateways' CPU over the send window (the receiver waits ~1 s idle at the end)
         window = max(s["seconds"], wall - 1.0)
+        sent = max(1, s["sent"])
+        if mode == "plain":
+            cpu_s = s["cpu_s"] + r["cpu_s"]
+        else:
+            cpu_s = sum(ticks1[n] - ticks0[n] for n in ticks0) / CLK_TCK
         return {
+            "wire_packets": (wire1[0] - wire0[0]) / sent,
+            "wire_bytes": (wire1[1] - wire0[1]) / (sent * size),
+            "cpu_us": 1e6 * cpu_s / sent,
             "rate": rate,
             "sent": s["sent"],
             "delivered": r["unique"] / max(1, s["sent"]),
@@ -354,10 +383,10 @@ class Bench:
             "rcv_cpu": 100 * r["cpu_s"] / window,
         }
 
-    def point(self, mode: str, rate: float) -> dict[str, Any]:
+    def point(self, mode: str, rate: float, size: int) -> dict[str, Any]:
         runs = []
         for _ in range(self.args.repeat):
-            runs.append(self.run_once(mode, rate, self.args.seconds))
+            runs.append(self.run_once(mode, rate, self.args.seconds, size))
             time.sleep(0.5)
 
         def med(key: str) -> float | None:
@@ -367,25 +396,36 @@ class Bench:
         cpu = {n: statistics.median(r["cpu"][n] for r in runs) for n in runs[0]["cpu"]}
         out: dict[str, Any] = {
             k: med(k)
-            for k in ("delivered", "achieved", "p50", "p99", "snd_cpu", "rcv_cpu", "box_cpu")
+            for k in (
+                *("delivered", "achieved", "p50", "p99", "snd_cpu", "rcv_cpu", "box_cpu"),
+                *("wire_packets", "wire_bytes", "cpu_us"),
+            )
         }
         out.update(rate=rate, cpu=cpu, runs=[round(r["delivered"] * 100, 2) for r in runs])
         tag = "ok " if out["delivered"] >= LOSSLESS else "LOSSY"
         cpus = " ".join(f"{n}={v:.0f}%" for n, v in cpu.items())
-        print(f"  {mode:7s} {rate / 1000:6.1f} k/s  delivered {out['runs']} %  "
+        print(f"  {mode:5s} {size:4d} B {rate / 1000:6.1f} k/s  delivered {out['runs']} %  "
               f"p50 {out['p50'] or 0:.3f} ms p99 {out['p99'] or 0:.3f} ms  {tag} "
-              f"{cpus} machine={out['box_cpu']:.0f}% of 2 cores", flush=True)  # fmt: skip
+              f"{out['wire_packets']:.2f} pkt/dgram {out['wire_bytes']:.2f} B/B "
+              f"{out['cpu_us']:.1f} µs/dgram {cpus} machine={out['box_cpu']:.0f}% of 2 cores",
+              flush=True)  # fmt: skip
         return out
 
-    def sweep(self, mode: str, rates: list[float]) -> dict[str, Any]:
+    def sweep(self, mode: str, rates: list[float], size: int) -> dict[str, Any]:
         best: dict[str, Any] | None = None
         for rate in rates:
-            p = self.point(mode, rate)
+            p = self.point(mode, rate, size)
             if p["delivered"] < LOSSLESS:
                 break
             best = p
-        latency = self.point(mode, 10_000)
+        latency = self.point(mode, 10_000, size)
         return {"best": best, "latency": latency}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
 
 
 def _box_ticks() -> tuple[int, int]:
@@ -422,7 +462,7 @@ def profile(bench: Bench, rate: float, seconds: float) -> None:
                 "--output", str(out)]  # fmt: skip
         procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     time.sleep(0.3)
-    bench.run_once("warp", rate, seconds + 1)
+    bench.run_once("warp", rate, seconds + 1, max(bench.args.sizes))
     for p in procs:
         p.wait(timeout=seconds + 30)
     for name, out in outs.items():
@@ -469,45 +509,56 @@ def fmt(v: float | None, spec: str) -> str:
     return "—" if v is None else format(v, spec)
 
 
-def report(results: dict[str, dict[str, Any]]) -> None:
-    plain = results.get("plain")
-    print(f"\n1400 B datagrams, (k, n) = ({ARGS.k}, {ARGS.n}), 2 uplinks per site, medians of "
-          f"{ARGS.repeat} × {ARGS.seconds:g} s; lossless = ≥ 99.9 % delivered")  # fmt: skip
+def report(results: dict[int, dict[str, dict[str, Any]]]) -> None:
+    print(f"\n(k, n) = ({ARGS.k}, {ARGS.n}), 2 + {ARGS.uplinks_b} uplinks, medians of "
+          f"{ARGS.repeat} × {ARGS.seconds:g} s; lossless = ≥ 99.9 % delivered; pkt/dgram, "
+          "wire B/app B and CPU µs/dgram at the lossless rate (CPU: gateways a + b for warp, "
+          "sending + receiving program for plain)")  # fmt: skip
     head = (
         f"{'path':18s} {'lossless k/s':>12s} {'app Mbit/s':>10s} {'vs plain':>8s} "
+        f"{'pkt/dgram':>9s} {'wire B/B':>8s} {'µs/dgram':>8s} "
         f"{'CPU a %':>8s} {'CPU b %':>8s} {'p50 ms':>7s} {'p99 ms':>7s} "
         f"{'+p50 ms':>8s} {'+p99 ms':>8s} {'CPU@10k a/b %':>14s}"
     )
-    print(head)
-    print("-" * len(head))
-    for mode, res in results.items():
-        best, lat = res["best"], res["latency"]
-        rate = best["rate"] if best else None
-        mbit = rate * SIZE * 8 / 1e6 if rate else None
-        ratio = (
-            f"{rate / plain['best']['rate']:.2f}"
-            if rate and plain and plain["best"] and mode != "plain"
-            else ""
-        )
-        if mode == "plain":
-            cpu_a = cpu_b = "—"
-            add50 = add99 = ""
-            cpu10 = f"snd {lat['snd_cpu']:.0f}"
-        else:
-            cpu_a = fmt(best["cpu"]["a"], ".0f") if best else "—"
-            cpu_b = fmt(best["cpu"]["b"], ".0f") if best else "—"
-            pl = plain["latency"] if plain else None
-            add50 = f"{lat['p50'] - pl['p50']:.3f}" if pl and lat["p50"] else ""
-            add99 = f"{lat['p99'] - pl['p99']:.3f}" if pl and lat["p99"] else ""
-            cpu10 = f"{lat['cpu']['a']:.0f}/{lat['cpu']['b']:.0f}"
-        lossy10 = "" if lat["delivered"] >= LOSSLESS else f" (10k: {lat['delivered']:.1%})"
-        print(
-            f"{mode:18s} {fmt(rate and rate / 1000, '.1f'):>12s} {fmt(mbit, '.0f'):>10s} "
-            f"{ratio:>8s} {cpu_a:>8s} {cpu_b:>8s} {fmt(lat['p50'], '.3f'):>7s} "
-            f"{fmt(lat['p99'], '.3f'):>7s} {add50:>8s} {add99:>8s} {cpu10:>14s}{lossy10}"
-        )
+    for size, by_mode in results.items():
+        print(f"\n{size} B datagrams")
+        print(head)
+        print("-" * len(head))
+        plain = by_mode.get("plain")
+        for mode, res in by_mode.items():
+            best, lat = res["best"], res["latency"]
+            rate = best["rate"] if best else None
+            mbit = rate * size * 8 / 1e6 if rate else None
+            ratio = (
+                f"{rate / plain['best']['rate']:.2f}"
+                if rate and plain and plain["best"] and mode != "plain"
+                else ""
+            )
+            if mode == "plain":
+                cpu_a = cpu_b = "—"
+                add50 = add99 = ""
+                cpu10 = f"snd {lat['snd_cpu']:.0f}"
+            else:
+                cpu_a = fmt(best["cpu"]["a"], ".0f") if best else "—"
+                cpu_b = fmt(best["cpu"]["b"], ".0f") if best else "—"
+                pl = plain["latency"] if plain else None
+                add50 = f"{lat['p50'] - pl['p50']:.3f}" if pl and lat["p50"] else ""
+                add99 = f"{lat['p99'] - pl['p99']:.3f}" if pl and lat["p99"] else ""
+                cpu10 = f"{lat['cpu']['a']:.0f}/{lat['cpu']['b']:.0f}"
+            # at the lossless rate, else at 10 k/s (marked *)
+            at = best or lat
+            star = "" if best else "*"
+            lossy10 = "" if lat["delivered"] >= LOSSLESS else f" (10k: {lat['delivered']:.1%})"
+            print(
+                f"{mode:18s} {fmt(rate and rate / 1000, '.1f'):>12s} {fmt(mbit, '.0f'):>10s} "
+                f"{ratio:>8s} {fmt(at['wire_packets'], '.2f') + star:>9s} "
+                f"{fmt(at['wire_bytes'], '.2f') + star:>8s} "
+                f"{fmt(at['cpu_us'], '.1f') + star:>8s} {cpu_a:>8s} {cpu_b:>8s} "
+                f"{fmt(lat['p50'], '.3f'):>7s} {fmt(lat['p99'], '.3f'):>7s} "
+                f"{add50:>8s} {add99:>8s} {cpu10:>14s}{lossy10}"
+            )
     print("\ntargets: ≥ 250 Mbit/s lossless; added one-way latency p50 ≤ 0.3 ms, "
-          "p99 ≤ 2 ms at 10 k/s")  # fmt: skip
+          "p99 ≤ 2 ms at 10 k/s; * = no lossless rate: figures at 10 k/s")  # fmt: skip
 
 
 ARGS: argparse.Namespace
@@ -516,7 +567,9 @@ ARGS: argparse.Namespace
 def main() -> int:
     global ARGS
     if len(sys.argv) > 1 and sys.argv[1] == "agent-send":
-        agent_send(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))
+        agent_send(
+            sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
+        )
         return 0
     if len(sys.argv) > 1 and sys.argv[1] == "agent-recv":
         agent_recv(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]))
@@ -528,6 +581,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--n", type=int, default=5)
+    ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="datagram sizes, B")
     ap.add_argument("--uplinks-b", type=int, default=2, help="1: exactly two paths")
     ap.add_argument("--rates", default="", help="warp rates k/s, comma list")
     ap.add_argument("--plain-rates", default="", help="plain UDP rates k/s, comma list")
@@ -536,6 +590,9 @@ def main() -> int:
     ap.add_argument("--profile-rate", type=float, default=0.0, help="k/s (default: best)")
     ap.add_argument("--top", type=int, default=15)
     ARGS = args = ap.parse_args()
+    args.sizes = [int(x) for x in args.sizes.split(",") if x]
+    if min(args.sizes) < HEADER.size:
+        ap.error(f"--sizes: at least {HEADER.size} B (sequence number and timestamp)")
     if args.quick:
         args.repeat, args.seconds = 1, 2.0
     full = [2.5, 5, 7.5, 10, 12.5, 15, 17.5, 20, 22.5, 25, 27.5, 30, 35, 40]
@@ -549,19 +606,28 @@ def main() -> int:
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
         return 1
-    results: dict[str, dict[str, Any]] = {}
+    try:
+        from warp.paths import batch_io
+
+        socket_io = batch_io.default().name
+    except ImportError:  # a tree from before batched socket I/O
+        socket_io = "per datagram"
+    print(f"gateways' uplink socket I/O: {socket_io}")
+    results: dict[int, dict[str, dict[str, Any]]] = {size: {} for size in args.sizes}
     with Lab() as lab:
         bench = Bench.build(lab, args)
         if not args.no_plain:
             print("plain UDP: host a → NAT a → public → NAT b (DNAT udp/40000) → host b")
-            results["plain"] = bench.sweep("plain", plain_rates)
+            for size in args.sizes:
+                results[size]["plain"] = bench.sweep("plain", plain_rates, size)
         for loop in [x for x in args.loops.split(",") if x]:
             print(f"warp ({loop}), ({args.k}, {args.n}), 2 + {args.uplinks_b} uplinks")
             bench.start_gateways(loop)
             try:
-                results[f"warp {loop}"] = bench.sweep("warp", rates)
+                for size in args.sizes:
+                    results[size][f"warp {loop}"] = bench.sweep("warp", rates, size)
                 if args.profile and loop == "uvloop":
-                    best = results["warp uvloop"]["best"]
+                    best = results[max(args.sizes)]["warp uvloop"]["best"]
                     rate = args.profile_rate * 1000 or (best["rate"] if best else 10e3)
                     profile(bench, rate, args.profile)
             finally:

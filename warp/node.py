@@ -5,9 +5,10 @@ fallback, the map) for every far gate; this shell owns what touches the system: 
 sockets (`UplinkManager`), the gates, one timer (`TimerSlot`, re-armed only when the core's
 `next_deadline` moves), the control socket, metrics and signals.
 
-After every input (an uplink datagram, a gate datagram, an uplink change, the timer) the
-shell drains the core's outputs in one place (`_drain`): datagrams to send from the uplinks
-(an uplink whose socket filled up is reported back with `uplink_writable`), datagrams for
+After every input (a batch of uplink datagrams, a gate datagram, an uplink change, the timer)
+the shell drains the core's outputs in one place (`_drain`): datagrams to send, one
+`send_many` per uplink (an uplink whose socket filled up is reported back with
+`uplink_writable`), datagrams for
 the gates, gates to pause or resume, and the next deadline.
 
 Back-pressure (decided per far gate in `FarGateSession`): while an uplink a far gate's
@@ -330,6 +331,7 @@ class Gateway:
                 on_datagram=self._on_uplink_datagram,
                 on_change=self._on_uplink_change,
                 on_writable=self._on_uplink_writable,
+                on_read_done=self._on_uplink_read_done,
                 listen_port=self.config.listen_port,
                 max_consecutive_failures=interfaces.max_consecutive_failures,
             )
@@ -351,6 +353,7 @@ class Gateway:
                 on_datagram=self._on_uplink_datagram,
                 on_change=self._on_uplink_change,
                 on_writable=self._on_uplink_writable,
+                on_read_done=self._on_uplink_read_done,
             )
         await self.uplinks.start()
 
@@ -413,7 +416,9 @@ class Gateway:
 
     def _on_uplink_datagram(self, uplink: Uplink, data: bytes, source: Address) -> None:
         self.core.datagram_received(uplink.name, source, data, self._loop.time())  # type: ignore[union-attr]
-        self._drain()
+
+    def _on_uplink_read_done(self, uplink: Uplink) -> None:
+        self._drain()  # once per batch of received datagrams: their sends go out together
 
     def _on_gate_datagram(self, gate: Gate, payload: bytes) -> bool | None:
         tunnel = self._tunnel_of_gate.get(id(gate))
@@ -443,16 +448,18 @@ class Gateway:
         uplinks = self.uplinks.uplinks if self.uplinks is not None else {}
         to_send = core.datagrams_to_send()
         if to_send:
-            used: set[Uplink] = set()
+            # per uplink, in order: one `send_many` (sendmmsg) each
+            batches: dict[str, list[tuple[bytes, Address]]] = {}
             for name, remote, data in to_send:
+                batches.setdefault(name, []).append((data, remote))
+            for name, batch in batches.items():
                 uplink = uplinks.get(name)
-                if uplink is None or not uplink.send(data, remote):
+                failed = range(len(batch)) if uplink is None else uplink.send_many(batch)
+                for i in failed:
+                    data, remote = batch[i]
                     core.send_failed(name, remote, data)
-                if uplink is not None:
-                    used.add(uplink)
-            for uplink in used:
-                if not uplink.writable:
-                    core.uplink_writable(uplink.name, False)
+                if uplink is not None and not uplink.writable:
+                    core.uplink_writable(name, False)
         gates = self.gates
         for tunnel, datagram in core.gate_deliveries():
             gate = gates.get(tunnel)

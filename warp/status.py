@@ -103,9 +103,9 @@ PathSource: TypeAlias = Literal["map", "static", "learned", "relay"]
 class PathStatus(TypedDict):
     """One path: (local uplink socket, remote address)."""
 
-    uplink: str  # interface name, e.g. "wwan0"
+    uplink: str  # interface name, e.g. "wwan0"; "relay:wwan0": relayed through the map from it
     local_address: str  # "10.0.0.2:40001"
-    remote_address: str  # "198.51.100.7:40002" (for a relay path: the map's address)
+    remote_address: str  # "198.51.100.7:40002" (relayed: the far gate's address it goes to)
     source: PathSource  # where the remote address came from
     state: PathState
     rtt_ms: float | None  # smoothed probe RTT; None before the first reply

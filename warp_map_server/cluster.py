@@ -86,6 +86,9 @@ class RelayIn:
     sender: bytes
     target: bytes
     payload: bytes
+    #: where the sender's Relay came from, and the target endpoint it named (if any)
+    source: Endpoint | None = None
+    endpoint: Endpoint | None = None
 
 
 ClusterInput: TypeAlias = ClientRecord | RelayIn
@@ -115,7 +118,12 @@ def encode_record(record: ClientRecord) -> bytes:
 
 
 def encode_forward(forward: Forward) -> bytes:
-    return msgpack.packb(["f", forward.sender, forward.target, forward.payload])
+    item: list[object] = ["f", forward.sender, forward.target, forward.payload]
+    if forward.source is not None:
+        # only then: a forward without endpoints stays readable by instances that predate them
+        item.append(_pack_endpoint(forward.source))
+        item.append(None if forward.endpoint is None else _pack_endpoint(forward.endpoint))
+    return msgpack.packb(item)
 
 
 def _key(value: object) -> bytes:
@@ -167,11 +175,13 @@ def decode(data: bytes) -> ClusterInput:
             _uint(item[6], 0xFFFF_FFFF) / 1000,
             tuple(_key(k) for k in also),
         )
-    if item[0] == "f" and len(item) == 4:
+    if item[0] == "f" and len(item) in (4, 6):
         payload = item[3]
         if not isinstance(payload, bytes) or not 0 < len(payload) <= MAX_RELAY_PAYLOAD:
             raise ClusterMessageError("bad payload")
-        return RelayIn(_key(item[1]), _key(item[2]), payload)
+        source = _endpoint(item[4]) if len(item) == 6 else None
+        endpoint = _endpoint(item[5]) if len(item) == 6 and item[5] is not None else None
+        return RelayIn(_key(item[1]), _key(item[2]), payload, source, endpoint)
     raise ClusterMessageError("unknown cluster message")
 
 

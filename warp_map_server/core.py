@@ -236,7 +236,9 @@ class MapCore:
         self._now = now
         for item in items:
             if isinstance(item, RelayIn):
-                self.registry.relay_from_cluster(item.sender, item.target, item.payload, now)
+                self.registry.relay_from_cluster(
+                    item.sender, item.target, item.payload, now, item.source, item.endpoint
+                )
             else:
                 self.registry.remote_update(item, now)
         self.flush(now)

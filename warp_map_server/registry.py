@@ -19,8 +19,10 @@ Rules:
   far gates' sets (those it may see), so both sides start punching at once.
 * ``mutual`` policy: W may see X only if X registered W as (one of) its far gate(s). ``any``:
   always. A client may always see itself. The same rule gates relaying.
-* Relay: forward the payload to the target's freshest endpoint, within a per-sender token
-  bucket of ``relay_rate`` bits per second.
+* Relay: forward the payload to the target's endpoint the sender names (one it has registered:
+  a gateway relays over each uplink pair, so that a cut uplink at either end costs only its
+  share), else to its freshest, within a per-sender token bucket of ``relay_rate`` bits per
+  second. The Relayed says which endpoint of the sender the Relay came from.
 * Requests (register, lookup, deregister, invalid frames) pass a per-source-IP token bucket of
   ``requests_per_second``; over it they are dropped and counted.
 * With an :class:`~warp_map_server.validation.AddressValidator`: a Registered for an address not
@@ -152,6 +154,9 @@ class Forward:
     sender: bytes
     target: bytes
     payload: bytes
+    #: where the sender's Relay came from, and the target endpoint it named (if any)
+    source: Endpoint | None = None
+    endpoint: Endpoint | None = None
 
 
 ClusterOutput = Announce | Forward
@@ -175,6 +180,13 @@ class RemoteClient:
 
     def freshest(self, now: float) -> Endpoint | None:
         return self.endpoints[0] if self.endpoints and self.expires_at > now else None
+
+    def destination(self, endpoint: Endpoint | None, now: float) -> Endpoint | None:
+        """Where to deliver a relayed payload: ``endpoint`` if it is one of ours, else None;
+        the freshest when none is named."""
+        if endpoint is None:
+            return self.freshest(now)
+        return endpoint if self.expires_at > now and endpoint in self.endpoints else None
 
 
 @dataclass(slots=True)
@@ -216,6 +228,16 @@ class Client:
             if r.expires_at > now and (best is None or r.last_heard > best.last_heard):
                 best = r
         return None if best is None else best.endpoint
+
+    def destination(self, endpoint: Endpoint | None, now: float) -> Endpoint | None:
+        """Where to deliver a relayed payload: ``endpoint`` if a live registration has it,
+        else None; the freshest when none is named."""
+        if endpoint is None:
+            return self.freshest(now)
+        live = any(
+            r.endpoint == endpoint and r.expires_at > now for r in self.registrations.values()
+        )
+        return endpoint if live else None
 
 
 class Registry:
@@ -341,7 +363,7 @@ class Registry:
                 self._reply(key, source, Error(None, ErrorCode.BAD_REQUEST, str(exc)))
             return
         if isinstance(message, Relay):
-            self._relay_payload(key, message, now)
+            self._relay_payload(key, message, source, now)
             return
         if not self._request_allowed(source, now):
             return
@@ -583,7 +605,7 @@ class Registry:
         if not client.registrations:
             self._remove_client(key)
 
-    def _relay_payload(self, key: bytes, message: Relay, now: float) -> None:
+    def _relay_payload(self, key: bytes, message: Relay, source: Endpoint, now: float) -> None:
         if not self.relay_enabled:
             self.counters["relay.disabled"] += 1
             return
@@ -596,16 +618,18 @@ class Registry:
         target = self.clients.get(message.key)
         if target is None:
             remote = self.remote.get(message.key)
-            if remote is None or remote.freshest(now) is None:
+            if remote is None or remote.destination(message.endpoint, now) is None:
                 self.counters["relay.no_target"] += 1
                 return
             if not self._relay_allowed(key, len(message.payload), now):
                 return
             self.counters["relay.forwarded_cluster"] += 1
             self.counters["relay.bytes"] += len(message.payload)
-            self._cluster_outbox.append(Forward(remote.owner, key, message.key, message.payload))
+            self._cluster_outbox.append(
+                Forward(remote.owner, key, message.key, message.payload, source, message.endpoint)
+            )
             return
-        destination = target.freshest(now)
+        destination = target.destination(message.endpoint, now)
         if destination is None:
             self.counters["relay.no_target"] += 1
             return
@@ -614,7 +638,7 @@ class Registry:
         self.counters["relay.forwarded"] += 1
         self.counters["relay.bytes"] += len(message.payload)
         self._outbox.append(
-            Deliver(message.key, encode(Relayed(key, message.payload)), destination)
+            Deliver(message.key, encode(Relayed(key, message.payload, source)), destination)
         )
 
     def _relay_allowed(self, sender: bytes, size: int, now: float) -> bool:
@@ -634,13 +658,22 @@ class Registry:
 
     # ---------------------------------------------------------------------------- cluster
 
-    def relay_from_cluster(self, sender: bytes, target: bytes, payload: bytes, now: float) -> None:
-        """Another instance relays ``payload`` from its client ``sender`` to our ``target``.
+    def relay_from_cluster(
+        self,
+        sender: bytes,
+        target: bytes,
+        payload: bytes,
+        now: float,
+        source: Endpoint | None = None,
+        endpoint: Endpoint | None = None,
+    ) -> None:
+        """Another instance relays ``payload`` from its client ``sender`` (its Relay came from
+        ``source``) to our ``target`` (at ``endpoint`` if named).
 
         Checked again here, against what this instance holds: the target must be ours, the
         policy must let the sender reach it, and the sender's rate limit holds per instance."""
         client = self.clients.get(target)
-        destination = None if client is None else client.freshest(now)
+        destination = None if client is None else client.destination(endpoint, now)
         if destination is None:
             self.counters["cluster.relay_no_target"] += 1
             return
@@ -650,7 +683,7 @@ class Registry:
         if len(payload) > MAX_RELAY_PAYLOAD or not self._relay_allowed(sender, len(payload), now):
             return
         self.counters["cluster.relay_delivered"] += 1
-        self._outbox.append(Deliver(target, encode(Relayed(sender, payload)), destination))
+        self._outbox.append(Deliver(target, encode(Relayed(sender, payload, source)), destination))
 
     def remote_update(self, record: ClientRecord, now: float) -> None:
         """Another instance announced ``record``: mirror it, push it to local watchers."""

@@ -21,6 +21,7 @@ from typing import Any
 
 from warp.config import MapServerConfig
 from warp.keys import encode_key
+from warp.pktinfo import is_wildcard, open_sticky
 from warp.wireguard import Address
 from warp_map_server.cluster import ClusterInput, ClusterLink
 from warp_map_server.core import (
@@ -48,6 +49,20 @@ class _Protocol(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         self.server.counters["socket.errors"] += 1
+
+
+def _bound_socket(host: str, port: int) -> socket.socket:
+    """A non-blocking UDP socket bound to ``(host, port)`` (IPv6 "::" is dual-stack, as the
+    loop's own endpoint makes it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class MapServer:
@@ -93,9 +108,14 @@ class MapServer:
         loop = asyncio.get_running_loop()
         self._loop = loop
         host, port = self.config.bind
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Protocol(self), local_addr=(host, port)
-        )
+        transport: asyncio.DatagramTransport
+        if is_wildcard(host):
+            # Every local address: reply from the one each client sent to (sticky source).
+            transport, _ = open_sticky(loop, _bound_socket(host, port), lambda: _Protocol(self))
+        else:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _Protocol(self), local_addr=(host, port)
+            )
         self._transport = transport
         sockname = transport.get_extra_info("sockname")
         self.address = (str(sockname[0]), int(sockname[1]))

@@ -173,8 +173,10 @@ def test_matrix(lab: Lab, nets: list[Net], nat_a: str, nat_b: str) -> None:
         assert mode == "relayed"
         assert ttfd <= 5.0
         snap = a.status()
-        relay = [p for p in snap["paths"] if p["source"] == "relay"]
-        assert relay and relay[0]["state"] == "active" and relay[0]["tx_packets"] > count, relay
+        relay = [p for p in snap["paths"] if p["source"] == "relay" and p["state"] == "active"]
+        # relayed paths from both uplinks (relay:up1, relay:up2), carrying the n shards
+        assert {p["uplink"] for p in relay} == {"relay:up1", "relay:up2"}, snap["paths"]
+        assert sum(p["tx_packets"] for p in relay) > 2 * count, relay
         assert a.events("relay.fallback") and b.events("relay.fallback")
     else:
         assert mode == "direct", (a.events("path.relay.active"), b.events("path.relay.active"))
@@ -304,3 +306,104 @@ def test_peer_restart_reconnects_within_2s(lab: Lab, nets: list[Net]) -> None:
     print(f"\nb restarted: first datagram {reconnect:.3f} s after its new process was spawned")
     assert reconnect <= 2.0
     assert rb["last_rx"] is not None and rb["last_rx"] > spawned + 3
+
+
+def relayed_paths_up(gw: Gw, uplink: str) -> int:
+    """Active relayed paths leaving from ``uplink`` (`warp status`: ``relay:<uplink>``)."""
+    rows = gw.status()["paths"]
+    return sum(1 for p in rows if p["uplink"] == f"relay:{uplink}" and p["state"] == "active")
+
+
+def test_relayed_pair_uplink_black_holed_loses_nothing_5_runs(lab: Lab, nets: list[Net]) -> None:
+    """Symmetric × symmetric, two uplinks each: relayed. Relayed paths run over every uplink
+    (each uplink's map session carries shards, at most n - k of a (2, 4) block per uplink at
+    either end), so black-holing one uplink mid-stream, at the sender of one stream and the
+    receiver of the other, loses nothing. Five runs of 3 s at 500 datagrams/s each way, a
+    different uplink each time (restored, and its relayed paths active again, in between)."""
+    net = make_net(lab, "symmetric", "symmetric")
+    nets.append(net)
+    a, b, _ = connect(net)
+    gws = {"a": a, "b": b}
+    count, rate = 1500, 500
+    for run, (side, uplink) in enumerate(
+        [("a", "up1"), ("b", "up1"), ("a", "up2"), ("b", "up2"), ("a", "up1")], start=1
+    ):
+        deadline = time.monotonic() + 10
+        for gw in gws.values():  # every uplink carries relayed shards before the cut
+            for name in ("up1", "up2"):
+                while relayed_paths_up(gw, name) < 2:
+                    assert time.monotonic() < deadline, gw.status()["paths"]
+                    time.sleep(0.1)
+        pa, pb, start_at = stream(net, count, rate, 30)
+        time.sleep(max(0.0, start_at + 1.0 - time.time()))
+        cut = (net.a if side == "a" else net.b).uplink(uplink)
+        relay_name = f"relay:{uplink}"  # its relayed paths are declared dead as direct ones
+        dead_before = len([e for e in gws[side].events("path.dead") if e["uplink"] == relay_name])
+        cut.blackhole()
+        try:
+            ra, rb = app_result(pa, 30), app_result(pb, 30)
+            while (
+                len([e for e in gws[side].events("path.dead") if e["uplink"] == relay_name])
+                == dead_before
+            ):
+                assert time.monotonic() < deadline + 20, gws[side].status()["paths"]
+                time.sleep(0.1)
+        finally:
+            cut.restore()
+        print(
+            f"\nRELAYED run {run}: {side}/{uplink} black-holed 1 s in; "
+            f"a→b {rb['unique']}/{count}  b→a {ra['unique']}/{count}"
+        )
+        check_complete([ra, rb], count)
+        assert relayed(a) and relayed(b)
+    for gw in gws.values():
+        (tunnel,) = gw.status()["tunnels"]
+        assert tunnel["datagrams_lost"] == 0, tunnel
+
+
+def test_map_on_a_wildcard_address_public_address_on_lo(lab: Lab, nets: list[Net]) -> None:
+    """warp-map bound to 0.0.0.0 on a host whose public address (the one gateways are given)
+    is on ``lo``, its default route via its interface's own address: it replies from the
+    address asked (sticky source), so gateways behind NATs that filter by address (symmetric
+    here) register and connect. Replying from the interface address, it was never heard."""
+    host = lab.add_public_host("map")
+    public = "198.51.100.200"
+    lab.run(host.ns, ["ip", "addr", "add", f"{public}/32", "dev", "lo"])
+    lab.run(lab.public_ns, ["ip", "route", "add", f"{public}/32", "via", host.address])
+    a_site = lab.add_site("a", "symmetric", uplinks=2)
+    b_site = lab.add_site("b", "symmetric", uplinks=2)
+    net = Net(lab, a_site, b_site, generate_private_key())
+    net.keys = {"a": generate_private_key(), "b": generate_private_key()}
+    nets.append(net)
+    (lab.workdir / "map.toml").write_text(
+        f'bind = "0.0.0.0:{MAP_PORT}"\nprivate_key = "{encode_key(net.map_key)}"\n'
+    )
+    net.map_proc = lab.spawn(
+        host.ns,
+        [*WARP_MAP, "--config", str(lab.workdir / "map.toml")],
+        120,
+        stdout=net.map_log.open("w"),
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    deadline = time.monotonic() + 10
+    while "map.listening" not in net.map_log.read_text():
+        assert time.monotonic() < deadline and net.map_proc.poll() is None, net.map_log.read_text()
+        time.sleep(0.02)
+    gate = loopback_gate()
+    for name in ("a", "b"):
+        gw = net.write_config(name, gate)
+        given = f"{lab.public_address}:{MAP_PORT}"
+        gw.config.write_text(gw.config.read_text().replace(given, f"{public}:{MAP_PORT}"))
+    for name in ("a", "b"):
+        net.start(name, 60)
+    for name in ("a", "b"):
+        snap = net.wait_registered(name, timeout=15)
+        assert all(snap["map"]["reflexive"].values()), snap["map"]  # every uplink
+    deadline = time.monotonic() + 15
+    while not all(relayed(gw) for gw in net.gws.values()):  # symmetric × symmetric
+        assert time.monotonic() < deadline, [gw.log.read_text()[-2000:] for gw in net.gws.values()]
+        time.sleep(0.1)
+    count = 300
+    pa, pb, _ = stream(net, count, 100, 30)
+    check_complete([app_result(pa, 45), app_result(pb, 45)], count)

@@ -11,6 +11,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+
 from warp.map_client.client import (
     LookupRefused,
     MapClient,
@@ -30,6 +32,7 @@ from warp.map_client.messages import (
     Push,
     Register,
     Registered,
+    Relay,
     decode,
     encode,
 )
@@ -412,9 +415,37 @@ def test_relay_carries_a_payload_to_the_far_gate() -> None:
     net, a, b = two_site_net()
     start(net, a, 0.0)
     start(net, b, 0.0)
-    assert a.client.relay(b"\x04sealed-wireguard-message", 1.0)
+    assert a.client.relay(b"\x04sealed-wireguard-message", 1.0, "a-lte")
     net.pump(1.0)
-    assert of(b.events, RelayReceived) == [RelayReceived(A, b"\x04sealed-wireguard-message")]
+    (received,) = of(b.events, RelayReceived)
+    assert (received.sender, received.payload) == (A, b"\x04sealed-wireguard-message")
+    assert received.source == a.addresses["a-lte"]  # the map says which uplink it came from
+
+
+@pytest.mark.parametrize("far_uplink", ["b-lte", "b-wifi"])
+def test_relay_goes_from_the_uplink_asked_to_the_far_gate_uplink_asked(far_uplink: str) -> None:
+    """Relayed paths are per uplink pair: the Relay leaves from the uplink asked and the map
+    delivers it to the far gate's endpoint named, whichever is freshest."""
+    net, a, b = two_site_net()
+    start(net, a, 0.0)
+    start(net, b, 0.0)
+    net.sent.clear()
+    endpoint = b.addresses[far_uplink]
+    assert a.client.relay(b"\x04sealed", 1.0, "a-wifi", endpoint=endpoint)
+    net.pump(1.0)
+    assert [u for k, u, m in net.sent if isinstance(m, Relay)] == ["a-wifi"]
+    (received,) = of(b.events, RelayReceived)
+    assert (received.uplink, received.source) == (far_uplink, a.addresses["a-wifi"])
+
+
+def test_relay_to_an_endpoint_the_far_gate_does_not_hold_is_dropped() -> None:
+    net, a, b = two_site_net()
+    start(net, a, 0.0)
+    start(net, b, 0.0)
+    assert a.client.relay(b"\x04sealed", 1.0, "a-lte", endpoint=("192.0.2.99", 9))
+    net.pump(1.0)
+    assert of(b.events, RelayReceived) == []
+    assert net.registry.counters["relay.no_target"] == 1
 
 
 def test_relay_without_uplinks_is_refused_locally() -> None:

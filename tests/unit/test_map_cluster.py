@@ -88,7 +88,12 @@ class Cluster:
                             other.remote_update(output.record, self.now)
                         elif isinstance(output, Forward) and output.owner == other.boot_id:
                             other.relay_from_cluster(
-                                output.sender, output.target, output.payload, self.now
+                                output.sender,
+                                output.target,
+                                output.payload,
+                                self.now,
+                                output.source,
+                                output.endpoint,
                             )
                 for deliver in registry.drain():
                     moved = True
@@ -227,6 +232,14 @@ def test_relay_across_instances_respects_policy_and_rate() -> None:
     relayed_b = [e for e in cluster.events(B) if type(e).__name__ == "RelayReceived"]
     relayed_c = [e for e in cluster.events(C) if type(e).__name__ == "RelayReceived"]
     assert [e.payload for e in relayed_b] == [b"\x7fpayload" + bytes([i]) for i in range(5)]
+    # the receiver hears which of the sender's endpoints it came from (its relayed path)
+    assert {e.source for e in relayed_b} == {("198.51.100.1", 4000)}
+    # a target endpoint named is checked by the instance holding the target
+    a_client.relay(b"\x7fnamed", cluster.now, endpoint=("203.0.113.2", 5000))
+    a_client.relay(b"\x7fnot-held", cluster.now, endpoint=("203.0.113.2", 5999))
+    cluster.pump()
+    relayed_b = [e for e in cluster.events(B) if type(e).__name__ == "RelayReceived"]
+    assert [e.payload for e in relayed_b][5:] == [b"\x7fnamed"]
     assert relayed_c == []
     assert cluster.maps[0].counters["relay.refused"] == 1
     # a forward naming a target the other instance does not hold is dropped and counted there
@@ -298,6 +311,11 @@ def test_cluster_codec_round_trip() -> None:
     assert len(msgpack.unpackb(encode_record(fleet))) == 8
     forward = Forward(9, A, B, b"\x04sealed")
     assert decode(encode_forward(forward)) == RelayIn(A, B, b"\x04sealed")
+    assert len(msgpack.unpackb(encode_forward(forward))) == 4  # readable by older instances
+    source, target = ("198.51.100.1", 4000), ("2001:db8::7", 5)
+    for endpoint in (target, None):
+        forward = Forward(9, A, B, b"\x04sealed", source, endpoint)
+        assert decode(encode_forward(forward)) == RelayIn(A, B, b"\x04sealed", source, endpoint)
     assert redis_url("valkey://h:6379/0") == "redis://h:6379/0"
     assert redis_url("valkeys://u:p@h/1") == "rediss://u:p@h/1"
 

@@ -48,6 +48,8 @@ EXAMPLES: list[MapMessage] = [
     Deregister(13, None),
     Relay(KEY_B, b"\x04" + bytes(100)),
     Relayed(KEY_A, b"x" * 9216),
+    Relay(KEY_B, b"\x04", ("2001:db8::1", 51820)),
+    Relayed(KEY_A, b"\x04", ("198.51.100.7", 40002)),
     Error(14, ErrorCode.NOT_PERMITTED, "lookup not permitted"),
     Error(None, ErrorCode.BAD_REQUEST, ""),
 ]

@@ -364,8 +364,24 @@ def test_relay_goes_to_the_targets_freshest_endpoint() -> None:
     registry.drain()
     registry.heard(B, B1, 2.0)
     replies = send(registry, A, A1, Relay(B, b"sealed"), 2.5)
-    assert replies == [(B, B1, Relayed(A, b"sealed"))]
+    assert replies == [(B, B1, Relayed(A, b"sealed", A1))]
     assert registry.counters["relay.forwarded"] == 1
+
+
+def test_relay_goes_to_the_target_endpoint_named_and_says_where_it_came_from() -> None:
+    """A gateway relays over each uplink pair: the map delivers to the endpoint named (not the
+    freshest) and tells the target which of the sender's endpoints it came from; an endpoint
+    the target does not hold gets nothing."""
+    registry = make()
+    register(registry, A, A1, far=B, now=0.0)
+    register(registry, B, B1, far=A, now=0.0, uplink=1)
+    register(registry, B, B2, far=A, now=1.0, uplink=2)
+    registry.drain()
+    registry.heard(B, B1, 2.0)
+    replies = send(registry, A, A1, Relay(B, b"sealed", B2), 2.5)
+    assert replies == [(B, B2, Relayed(A, b"sealed", A1))]
+    assert send(registry, A, A1, Relay(B, b"sealed", C1), 2.5) == []
+    assert registry.counters["relay.no_target"] == 1
 
 
 def test_relay_to_a_stranger_is_refused_under_mutual() -> None:
@@ -542,7 +558,7 @@ def test_an_operator_naming_several_far_gates_is_seen_by_each_under_mutual() -> 
         answer = send(registry, vehicle, source, Lookup(5, A), 2.0)[0][2]
         assert isinstance(answer, PeerEndpoints) and answer.endpoints == (A1,)
         relayed = send(registry, vehicle, source, Relay(A, b"sealed"), 2.0)
-        assert relayed == [(A, A1, Relayed(vehicle, b"sealed"))]
+        assert relayed == [(A, A1, Relayed(vehicle, b"sealed", source))]
     refused = send(registry, C, C1, Lookup(6, A), 2.0)[0][2]
     assert isinstance(refused, Error) and refused.code is ErrorCode.NOT_PERMITTED
 

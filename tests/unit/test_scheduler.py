@@ -400,10 +400,6 @@ def test_unprotectable_paths_keep_the_configured_code_and_say_why() -> None:
     assert len(s.assign()) == 5
     s.update(mesh("ab", "xy"))
     assert s.effective_n == 6
-    relay = [PathQuality(("relay", "map"), local="relay", remote="map")]
-    s.update(relay, relayed=True)
-    assert s.effective_n == 5
-    assert s.protection == "not protected: only the relay path (through the map)"
     s.update([])
     assert s.protection == "not protected: no path to the far gate"
     assert s.assign() == ()

@@ -42,10 +42,10 @@ several far gates routes each packet by destination over the far gates' ``allowe
 """
 
 from warp.core.gateway import CoreEvent, GatePaused, GateResumed, GatewayCore
-from warp.core.session import RELAY_UPLINK, FarGateSession, Tunnel
+from warp.core.session import RELAY_PREFIX, FarGateSession, Tunnel
 
 __all__ = [
-    "RELAY_UPLINK",
+    "RELAY_PREFIX",
     "CoreEvent",
     "FarGateSession",
     "GatePaused",

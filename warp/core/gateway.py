@@ -11,12 +11,13 @@ from warp.config import FarGateConfig, GatewayConfig, TunGate
 from warp.core import session as far_gate_session
 from warp.core.reload import ReloadPlan, plan_reload
 from warp.core.session import (
-    RELAY_UPLINK,
     FarGateSession,
     Tunnel,
     host_port,
     ip_destination,
     ip_source,
+    relay_path_uplink,
+    relayed_over,
 )
 from warp.map_client.client import (
     LookupRefused,
@@ -364,7 +365,8 @@ class GatewayCore:
                 session.uplink_writable(self.now)
 
     def datagram_received(self, uplink: str, source: Address, data: bytes, now: float) -> None:
-        """A datagram from an uplink socket (or, for `RELAY_UPLINK`, relayed by the map)."""
+        """A datagram from an uplink socket (or, for a relayed path's pseudo uplink
+        ``relay:<uplink>``, relayed by the map)."""
         self.now = now
         device = self.device
         received = device.receive(data, source, now)
@@ -466,7 +468,7 @@ class GatewayCore:
                     if kind is MessageKind.RESPONSE:
                         session.on_response_sent(now)
                     session.emit(uplink, source, out.data, now)
-                elif uplink == RELAY_UPLINK:
+                elif relayed_over(uplink) is not None:
                     pass  # the map never relays handshakes of its own
                 else:
                     self.emit(uplink, source, out.data)
@@ -530,10 +532,15 @@ class GatewayCore:
 
     # ------------------------------------------------------------------ map and relay
 
-    def relay(self, far_key: bytes, data: bytes, now: float) -> bool:
-        """Hand a sealed WireGuard message for a far gate to the map's relay."""
+    def relay(
+        self, far_key: bytes, data: bytes, now: float, uplink: str, endpoint: Address
+    ) -> bool:
+        """Hand a sealed WireGuard message for a far gate to the map's relay, sent from
+        ``uplink``'s map session, for the far gate's ``endpoint`` (the map's own address:
+        wherever the map delivers)."""
         client = self.map_client
-        if client is None or not client.relay(data, now, to=far_key):
+        target = None if endpoint == self.map_address else endpoint
+        if client is None or not client.relay(data, now, uplink, to=far_key, endpoint=target):
             return False
         for action in client.drain_outgoing():
             self._send_map_frame(action.uplink, action.frame, now)
@@ -584,7 +591,7 @@ class GatewayCore:
             elif isinstance(event, MapErrorReceived):
                 log.warning("map.error code=%s %s", event.code, event.message)
             elif isinstance(event, RelayReceived):
-                self._on_relayed(event.sender, event.payload, now)
+                self._on_relayed(event, now)
             elif isinstance(event, Stopped):
                 log.info("map.deregistered acknowledged=%s", event.acknowledged)
         for session in self.sessions.values():
@@ -592,14 +599,16 @@ class GatewayCore:
         for action in client.drain_outgoing():
             self._send_map_frame(action.uplink, action.frame, now)
 
-    def _on_relayed(self, sender: bytes, payload: bytes, now: float) -> None:
-        """A WireGuard message a far gate sent through the map's relay: received on the relay
-        path, as if from an uplink (replies go back through the relay)."""
-        session = self._by_key.get(sender)
+    def _on_relayed(self, event: RelayReceived[str], now: float) -> None:
+        """A WireGuard message a far gate sent through the map's relay: received on the
+        relayed path from the uplink it arrived on to the far gate's endpoint it came from, as
+        if from an uplink (replies go back on that path)."""
+        session = self._by_key.get(event.sender)
         if session is None or self.map_address is None or session.plain_wireguard:
             return
-        session.on_relayed(now)
-        self.datagram_received(RELAY_UPLINK, self.map_address, payload, now)
+        source = event.source if event.source is not None else self.map_address
+        session.on_relayed(event.uplink, source, now)
+        self.datagram_received(relay_path_uplink(event.uplink), source, event.payload, now)
 
     def _send_map_frame(self, uplink: str, frame: bytes, now: float) -> None:
         if self.map_key is None or self.map_address is None or uplink not in self.uplinks:

@@ -79,9 +79,11 @@ COLLISION_RETRY_MAX = 0.080
 #: A forced rekey waits this long after our previous initiation (responders, wireguard-go
 #: included, drop initiations less than 20 ms apart).
 REKEY_SPACING = 0.030
-#: The relay path's pseudo uplink name: relayed packets go through the map (a Relay request)
-#: and arrive on whichever uplink the map chose.
-RELAY_UPLINK = "relay"
+#: Relayed paths go through the map, one per (local uplink, far gate endpoint), under the pseudo
+#: uplink name ``relay:<uplink>``: a shard leaves in a Relay sent from that uplink's map session
+#: naming the far gate's endpoint (its uplink) the map delivers it to. So relayed shards are
+#: spread over the uplinks at both ends as direct ones are, and a cut uplink costs only its share.
+RELAY_PREFIX = "relay:"
 #: No direct path active this long after the peer's endpoints are known (or after the last
 #: direct path died): fall back to the map's relay for the data path (direct paths keep being
 #: probed; traffic moves back as soon as one is active).
@@ -92,6 +94,16 @@ UNANSWERED_TRIES = 3
 UNANSWERED_AFTER = 10.0
 #: The map still refuses to say where the far gate is this long after the first refusal.
 LOOKUP_REFUSED_WARN_AFTER = 20.0
+
+
+def relay_path_uplink(uplink: str) -> str:
+    """The pseudo uplink name of the relayed paths that leave from ``uplink``."""
+    return RELAY_PREFIX + uplink
+
+
+def relayed_over(name: str) -> str | None:
+    """The uplink a relayed path's pseudo uplink ``name`` leaves from (None: a direct path)."""
+    return name[len(RELAY_PREFIX) :] if name.startswith(RELAY_PREFIX) else None
 
 
 def host_port(address: Address | None) -> str:
@@ -335,6 +347,9 @@ class FarGateSession:
         # active for RELAY_FALLBACK_AFTER since `_direct_lost_at`.
         self._direct_lost_at: float | None = None
         self._relay_due: float | None = None
+        #: relayed paths wanted (the fallback was due, or the far gate relays to us); they stay
+        #: once added, probed, ready for the next time no direct path is active
+        self._relay_wanted = False
         self.relay_in_use = False
         self._relay_since: float | None = None
         # Simultaneous initiation (both sides initiate at once, e.g. on the same map push):
@@ -566,7 +581,7 @@ class FarGateSession:
     ) -> None:
         """An authenticated packet from this far gate (``size``: its bytes on the wire)."""
         if self.plain_wireguard:
-            if uplink != RELAY_UPLINK:
+            if relayed_over(uplink) is None:
                 self._plain_uplink = uplink
             if plaintext:
                 for tunnel in self.tunnels.values():
@@ -622,10 +637,11 @@ class FarGateSession:
         return self.emit(uplink, remote, wire, now)
 
     def emit(self, uplink: str, remote: Address, data: bytes, now: float) -> bool:
-        """Send towards this far gate: over the map's relay for the relay path, else from an
+        """Send towards this far gate: through the map for a relayed path, else from an
         uplink (path counters for transport messages on a known path)."""
-        if uplink == RELAY_UPLINK:
-            if not self.core.relay(self.key, data, now):
+        via = relayed_over(uplink)
+        if via is not None:
+            if not self.core.relay(self.key, data, now, via, remote):
                 return False
         elif not self.core.emit(uplink, remote, data):
             return False
@@ -657,6 +673,7 @@ class FarGateSession:
 
     def uplink_removed(self, name: str, now: float) -> None:
         self.prober.remove_uplink(name)
+        self.prober.remove_uplink(relay_path_uplink(name))
         self.after_prober(now)
 
     def map_endpoints_changed(
@@ -693,7 +710,7 @@ class FarGateSession:
     # ------------------------------------------------------------------ paths
 
     def sending_paths(self, now: float) -> list[Path]:
-        """Paths to put shards on: the active direct ones, else the relay if it is active, else
+        """Paths to put shards on: the active direct ones, else the active relayed ones, else
         (nothing proven yet) the probing direct ones. Of several active paths from one uplink
         to one remote host, one a NAT rebinding replaced is left out
         (`PathProber.drop_superseded`)."""
@@ -702,7 +719,7 @@ class FarGateSession:
         probing: list[Path] = []
         for path in self.prober.paths:
             state = path.state
-            if path.uplink == RELAY_UPLINK:
+            if path.uplink.startswith(RELAY_PREFIX):
                 if state is PathState.ACTIVE:
                     relay.append(path)
             elif state is PathState.ACTIVE:
@@ -721,7 +738,7 @@ class FarGateSession:
         precompute a cycle of assignments, so they are updated only when the set, state or
         quality of the sending paths changed."""
         paths = self.sending_paths(now)
-        relayed = bool(paths) and paths[0].uplink == RELAY_UPLINK
+        relayed = bool(paths) and paths[0].uplink.startswith(RELAY_PREFIX)
         if relayed != self.relay_in_use:
             self._on_relay_use(relayed, now)
         # A tunnel with adaptive parity: its scheduler hears of every loss step.
@@ -734,7 +751,7 @@ class FarGateSession:
             self._sending = paths
             qualities = path_qualities(paths)
             for tunnel in self.tunnels.values():
-                change = tunnel.scheduler.update(qualities, relayed=relayed)
+                change = tunnel.scheduler.update(qualities)
                 if change is not None:
                     _log_parity_change(tunnel.name, change)
         return self._sending
@@ -743,7 +760,7 @@ class FarGateSession:
         probes = self.prober.tick(now)
         has_session = self.has_session
         for uplink, remote, frame in probes:
-            if uplink != RELAY_UPLINK and uplink not in self.core.uplinks:
+            if (relayed_over(uplink) or uplink) not in self.core.uplinks:
                 continue
             if has_session:
                 self._seal_and_send(frame, uplink, remote, now)
@@ -779,12 +796,16 @@ class FarGateSession:
     def check_relay(self, now: float) -> None:
         """Fall back to the map's relay once no direct path has been active for
         RELAY_FALLBACK_AFTER (since the peer's endpoints became known, or since the last direct
-        path died): the relay path is added (probed like any path; it carries data only while
-        no direct path is active, `sending_paths`)."""
-        map_address = self.core.map_address
-        if self.core.map_client is None or map_address is None or self.plain_wireguard:
+        path died): a relayed path is added from each uplink to each of the far gate's
+        endpoints (probed like any path; they carry data only while no direct path is active,
+        `sending_paths`). While no direct path is active, uplinks and endpoints that appear
+        get theirs."""
+        if self.core.map_client is None or self.core.map_address is None or self.plain_wireguard:
             return
-        if any(p.state is PathState.ACTIVE and p.uplink != RELAY_UPLINK for p in self.prober.paths):
+        if any(
+            p.state is PathState.ACTIVE and not p.uplink.startswith(RELAY_PREFIX)
+            for p in self.prober.paths
+        ):
             self._direct_lost_at = None
             self._relay_due = None
             return
@@ -792,38 +813,57 @@ class FarGateSession:
             if not self.peer_endpoints and not self.static_endpoints:
                 return  # nothing to try yet: the peer is not there
             self._direct_lost_at = now
-        if self.prober.get(RELAY_UPLINK, map_address) is not None:
-            return
-        due = self._direct_lost_at + RELAY_FALLBACK_AFTER
-        if now < due:
-            self._relay_due = due
-            return
-        log.info("relay.fallback %sreason=no_direct_path after_s=%.3f", self.tag,
-                 now - self._direct_lost_at)  # fmt: skip
-        self.prober.add_candidate(RELAY_UPLINK, map_address, "relay", now)
-        self.ensure_session(now)
-        self.after_prober(now)
+        if not self._relay_wanted:
+            due = self._direct_lost_at + RELAY_FALLBACK_AFTER
+            if now < due:
+                self._relay_due = due
+                return
+            log.info("relay.fallback %sreason=no_direct_path after_s=%.3f", self.tag,
+                     now - self._direct_lost_at)  # fmt: skip
+            self._relay_wanted = True
+        if self._add_relay_paths(now):
+            self.ensure_session(now)
+            self.after_prober(now)
+
+    def _add_relay_paths(self, now: float) -> int:
+        """Add the relayed paths missing: each uplink to each far gate endpoint the map lists
+        (to the map's address, standing for "wherever the map delivers", while it lists
+        none). Returns how many were added."""
+        map_address = self.core.map_address
+        remotes = self.peer_endpoints or ((map_address,) if map_address is not None else ())
+        added = 0
+        for uplink in self.core.uplinks:
+            name = relay_path_uplink(uplink)
+            for remote in remotes:
+                if self.prober.get(name, remote) is None:
+                    added += self.prober.add_candidate(name, remote, "relay", now) is not None
+        return added
 
     def _on_relay_use(self, relayed: bool, now: float) -> None:
         """The data path moved onto the relay, or back to a direct path."""
         self.relay_in_use = relayed
         if relayed:
             self._relay_since = now
-            log.warning("path.relay.active %sremote=%s", self.tag,
-                        host_port(self.core.map_address))  # fmt: skip
+            paths = [p for p in self.prober.active_paths() if p.uplink.startswith(RELAY_PREFIX)]
+            log.warning("path.relay.active %sremote=%s paths=%d", self.tag,
+                        host_port(self.core.map_address), len(paths))  # fmt: skip
         else:
             since, self._relay_since = self._relay_since, None
-            paths = [p for p in self.prober.active_paths() if p.uplink != RELAY_UPLINK]
+            paths = [p for p in self.prober.active_paths() if not p.uplink.startswith(RELAY_PREFIX)]
             log.info("relay.direct_restored %srelayed_s=%s paths=%d", self.tag,
                      "-" if since is None else round(now - since, 3), len(paths))  # fmt: skip
 
-    def on_relayed(self, now: float) -> None:
-        """The far gate sent us a WireGuard message through the map's relay: make sure the
-        relay path exists (replies go back through the relay)."""
-        map_address = self.core.map_address
-        if map_address is not None and self.prober.get(RELAY_UPLINK, map_address) is None:
-            log.info("relay.fallback %sreason=peer_relays", self.tag)
-            self.prober.add_candidate(RELAY_UPLINK, map_address, "relay", now)
+    def on_relayed(self, uplink: str, source: Address, now: float) -> None:
+        """The far gate sent us a WireGuard message through the map's relay, from its endpoint
+        ``source``, and it arrived on ``uplink``: make sure that relayed path exists (replies
+        go back on it), and the others (the far gate relays: so do we)."""
+        name = relay_path_uplink(uplink)
+        if self.prober.get(name, source) is None:
+            if not self._relay_wanted:
+                log.info("relay.fallback %sreason=peer_relays", self.tag)
+                self._relay_wanted = True
+            self.prober.add_candidate(name, source, "relay", now)
+            self._add_relay_paths(now)
 
     # ------------------------------------------------------------------ application → wire
 
@@ -892,7 +932,8 @@ class FarGateSession:
             self._resume_gates()
             self.flush_at = self._sweep_at if len(queue) else None
             return
-        sending = {p.uplink for p in paths if p.uplink in uplinks}
+        sending = {relayed_over(p.uplink) or p.uplink for p in paths}
+        sending &= uplinks.keys()
         if not all(uplinks[name] for name in sending):
             self._hold(now)
             if len(queue):
@@ -950,12 +991,11 @@ class FarGateSession:
                 continue
             path = paths[slot]
             uplink = path.uplink
-            if uplink == RELAY_UPLINK:
-                sent = self.core.relay(self.key, wire, now)
-            elif uplink in uplinks:
+            if uplink in uplinks:
                 sent = emit(uplink, path.remote, wire)
             else:
-                sent = False
+                via = relayed_over(uplink)
+                sent = via is not None and self.core.relay(self.key, wire, now, via, path.remote)
             if sent:
                 path.tx_packets += 1
                 path.tx_bytes += len(wire)

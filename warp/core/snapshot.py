@@ -8,7 +8,7 @@ from typing import Any
 
 from warp import __version__
 from warp.core.gateway import GatewayCore
-from warp.core.session import host_port
+from warp.core.session import host_port, relayed_over
 from warp.gate.base import Gate
 from warp.keys import encode_key
 from warp.paths.path import PathState
@@ -76,7 +76,10 @@ def snapshot(
                 {
                     "far_gate": name,
                     "uplink": path.uplink,
-                    "local_address": local_by_uplink.get(path.uplink, "?"),
+                    # a relayed path ("relay:wan0") leaves from its uplink's socket
+                    "local_address": local_by_uplink.get(
+                        relayed_over(path.uplink) or path.uplink, "?"
+                    ),
                     "remote_address": f"{path.remote[0]}:{path.remote[1]}",
                     "source": path.source,
                     "state": str(path.state),

@@ -112,11 +112,15 @@ class LookupRefused:
 
 
 @dataclass(frozen=True, slots=True)
-class RelayReceived:
-    """A relayed payload (a sealed WireGuard message) from ``sender``; feed it to the device."""
+class RelayReceived(Generic[U]):
+    """A relayed payload (a sealed WireGuard message) from ``sender``; feed it to the device.
+    It arrived on ``uplink``; ``source``: the sender's endpoint it was relayed from (None if
+    the map did not say)."""
 
     sender: bytes
     payload: bytes
+    uplink: U
+    source: Endpoint | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +160,7 @@ MapEvent: TypeAlias = (
     | UplinkExpired[U]
     | PeerEndpointsChanged
     | LookupRefused
-    | RelayReceived
+    | RelayReceived[U]
     | MapErrorReceived
     | RehandshakeNeeded
     | MapSwitched
@@ -418,15 +422,22 @@ class MapClient(Generic[U]):
         self.tick(now)
 
     def relay(
-        self, payload: bytes, now: float, uplink: U | None = None, *, to: bytes | None = None
+        self,
+        payload: bytes,
+        now: float,
+        uplink: U | None = None,
+        *,
+        to: bytes | None = None,
+        endpoint: Endpoint | None = None,
     ) -> bool:
         """Ask the map to forward ``payload`` (a sealed WireGuard message) to the far gate
-        (``to``: which one; the first by default)."""
+        (``to``: which one; the first by default), sent from ``uplink`` (else the best one),
+        delivered to the far gate's ``endpoint`` (else its freshest)."""
         via = uplink if uplink in self._uplinks else self._best_uplink()
         target = self.far_gate if to is None else to
         if via is None or self._stopped or target not in self._lookups:
             return False
-        self._outbox.append(MapSend(via, encode(Relay(target, payload))))
+        self._outbox.append(MapSend(via, encode(Relay(target, payload, endpoint))))
         self.stats.relayed_out += 1
         return True
 
@@ -510,7 +521,9 @@ class MapClient(Generic[U]):
                     )
             case Relayed():
                 self.stats.relayed_in += 1
-                self._events.append(RelayReceived(message.key, message.payload))
+                self._events.append(
+                    RelayReceived(message.key, message.payload, uplink, message.endpoint)
+                )
             case Error():
                 self._on_error(message, now)
             case _:

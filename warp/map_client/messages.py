@@ -32,8 +32,11 @@ PeerEndpoints              0x13   q, k, e (array of endpoints), v (version u64),
 Push                       0x14   k, e, v, b (unsolicited PeerEndpoints)
 Deregister                 0x15   q, u (optional: absent = every uplink). Answered with
                                   PeerEndpoints for the asker's own key (what is left).
-Relay                      0x16   k (target key), p (payload bin: a sealed WireGuard message)
-Relayed                    0x17   k (sender key), p
+Relay                      0x16   k (target key), p (payload bin: a sealed WireGuard message),
+                                  a (optional: the target's endpoint to deliver to, one the
+                                  map lists for it; absent = its freshest)
+Relayed                    0x17   k (sender key), p, a (optional: the endpoint the Relay came
+                                  from, as the map saw it: the sender's uplink)
 Error                      0x18   q (optional), c (:class:`ErrorCode`), m (text, ≤ 200 chars)
 =========================  =====  ==============================================================
 
@@ -168,12 +171,16 @@ class Deregister:
 class Relay:
     key: bytes  # the target
     payload: bytes
+    #: the target's endpoint to deliver to (one of its uplinks); None: its freshest
+    endpoint: Endpoint | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Relayed:
     key: bytes  # the sender
     payload: bytes
+    #: where the sender's Relay came from (its uplink's reflexive address); None: not said
+    endpoint: Endpoint | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,10 +259,14 @@ def _body(message: MapMessage) -> tuple[FrameType, dict[str, Any]]:
             if uplink is not None:
                 body["u"] = uplink
             return FrameType.MAP_DEREGISTER, body
-        case Relay(key, payload):
-            return FrameType.MAP_RELAY, {"k": key, "p": payload}
-        case Relayed(key, payload):
-            return FrameType.MAP_RELAYED, {"k": key, "p": payload}
+        case Relay(key, payload, endpoint) | Relayed(key, payload, endpoint):
+            frame_type = (
+                FrameType.MAP_RELAY if isinstance(message, Relay) else FrameType.MAP_RELAYED
+            )
+            relay_body: dict[str, Any] = {"k": key, "p": payload}
+            if endpoint is not None:
+                relay_body["a"] = _endpoint_out(endpoint)
+            return frame_type, relay_body
         case Error(request_id, code, text):
             body = {"c": int(code), "m": text[:MAX_ERROR_TEXT]}
             if request_id is not None:
@@ -325,6 +336,10 @@ def _endpoint_in(value: object) -> Endpoint:
     if type(port) is not int or not 1 <= port <= 0xFFFF:
         raise MessageError("an endpoint port is 1..65535")
     return str(ipaddress.ip_address(packed)), port
+
+
+def _optional_endpoint(body: Mapping[str, Any]) -> Endpoint | None:
+    return _endpoint_in(body["a"]) if "a" in body else None
 
 
 def _endpoints_in(body: Mapping[str, Any]) -> tuple[Endpoint, ...]:
@@ -408,9 +423,9 @@ def decode(frame: bytes) -> MapMessage:
         uplink = _int(body, "u", U32) if "u" in body else None
         return Deregister(_int(body, "q", U32), uplink)
     if frame_type == FrameType.MAP_RELAY:
-        return Relay(_key(body, "k"), _payload(body))
+        return Relay(_key(body, "k"), _payload(body), _optional_endpoint(body))
     if frame_type == FrameType.MAP_RELAYED:
-        return Relayed(_key(body, "k"), _payload(body))
+        return Relayed(_key(body, "k"), _payload(body), _optional_endpoint(body))
     # MAP_ERROR
     code = _int(body, "c", 0xFF)
     text = body.get("m", "")

@@ -397,7 +397,8 @@ class PathProber:
         out: list[ProbeToSend] = []
         for path in list(self._paths.values()):
             if path.state is not PathState.DEAD:
-                if now - self._liveness_ref(path) >= self.path_timeout:
+                # The sum, as `next_deadline` computes it: (a + b) - a < b in floating point.
+                if now >= self._liveness_ref(path) + self.path_timeout:
                     self._set_state(path, PathState.DEAD, now)
             elif path.source == "learned" and now - path.state_since >= self.forget_after:
                 del self._paths[path.key]

@@ -27,8 +27,9 @@ cannot keep rule 2 on the alive paths (3 of 5 over two uplinks puts 3 shards on 
 the block code grows to the smallest n' (at most 2k and 255) that can, for as long as
 the paths stay that few; `effective_n` goes back to n when they return. With two uplinks
 on each side that is n' = 2k; generally n' >= ceil(k * m / (m - 1)) for a full mesh with
-m = min(local uplinks, remote addresses). One uplink at either end, or only the relay,
-cannot be protected: the code stays at n and `protection` says why.
+m = min(local uplinks, remote addresses). Relayed paths (through the map, one per uplink
+pair) are spread the same way. One uplink at either end cannot be protected: the code stays
+at n and `protection` says why.
 
 Adaptive parity (`AdaptiveParity`, `transport.redundancy.adaptive`): the code's n is chosen
 from the measured path losses instead of configured. For each candidate n (from the floor
@@ -396,12 +397,9 @@ class ShardScheduler(Generic[PathId]):
         self._position = 0
         self._blocks = 0  # rotates tie-breaks across updates
 
-    def update(
-        self, paths: Sequence[PathQuality[PathId]], *, relayed: bool = False
-    ) -> ParityChange | None:
-        """Take new path measurements; cheap to call when nothing changed. `relayed`: the
-        paths are the map's relay (one path, never protected). Returns the change of
-        `effective_n`, if any (to be logged once)."""
+    def update(self, paths: Sequence[PathQuality[PathId]]) -> ParityChange | None:
+        """Take new path measurements; cheap to call when nothing changed. Returns the change
+        of `effective_n`, if any (to be logged once)."""
         alive = [p for p in paths if p.alive]
         locals_index: dict[Hashable, int] = {}
         remotes_index: dict[Hashable, int] = {}
@@ -412,7 +410,7 @@ class ShardScheduler(Generic[PathId]):
             ends[p.path_id] = (local, remote)
         mesh = Mesh(list(ends.values()), len(locals_index), len(remotes_index))
         if alive:
-            change = self._choose_code(mesh, relayed, alive)
+            change = self._choose_code(mesh, alive)
         else:
             # Nothing is sent: the code stays as it was until a path is back.
             change = None
@@ -447,9 +445,7 @@ class ShardScheduler(Generic[PathId]):
         self._position = 0
         return change
 
-    def _choose_code(
-        self, mesh: Mesh, relayed: bool, alive: Sequence[PathQuality[PathId]]
-    ) -> ParityChange | None:
+    def _choose_code(self, mesh: Mesh, alive: Sequence[PathQuality[PathId]]) -> ParityChange | None:
         """Set `effective_n` and the protection verdict for these paths."""
         k, n = self.k, self.n
         adaptive = self.adaptive
@@ -459,9 +455,7 @@ class ShardScheduler(Generic[PathId]):
         base_n = n if adaptive is None else min(k + adaptive.min_parity, MAX_SHARDS)
         effective_n = base_n
         reason = ""
-        if relayed:
-            reason = "only the relay path (through the map)"
-        elif base_n == k and adaptive is None:
+        if base_n == k and adaptive is None:
             reason = "no parity (num_shards = required_shards)"
         elif mesh.local_count < 2:
             reason = "one uplink here"

@@ -7,8 +7,14 @@ or address change (RTM_NEWLINK/DELLINK/NEWADDR/DELADDR on a netlink socket watch
 `loop.add_reader`). An interface is used when its name matches one inclusion pattern and no
 exclusion pattern (`re.search`), it is up and running, and it has an IPv4 address (else a
 global IPv6 one, after DAD). Each uplink gets one UDP socket bound to that address (and
-`SO_BINDTODEVICE` when asked) with enlarged buffers; received datagrams go straight from the
-protocol's `datagram_received` to `on_datagram`.
+`SO_BINDTODEVICE` when asked) with enlarged buffers.
+
+Batched I/O (warp/paths/batch_io.py: `recvmmsg`/`sendmmsg` through the optional C extension,
+else one syscall per datagram): when the event loop hands the protocol a datagram, the
+protocol drains what else waits on the socket (up to `RECEIVE_BATCH` per wake-up), passes
+each to `on_datagram`, then calls `on_read_done` once, so the gateway sends what the whole
+batch produced together; `Uplink.send_many` sends many datagrams, each to its own address,
+per syscall.
 
 `UplinkManager.from_static(...)` skips netlink entirely and binds given local addresses, so a
 gateway (the demo) can run on loopback without root.
@@ -29,8 +35,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from warp.paths import batch_io
+from warp.paths.batch_io import BatchIO, Datagram
 from warp.paths.netlink import InterfaceInfo, NetlinkMonitor, dump_interfaces
 from warp.paths.path import Address
+from warp.pktinfo import StickyTransport, is_wildcard
 
 log = logging.getLogger("warp.paths.uplinks")
 
@@ -56,6 +65,9 @@ WRITE_BUFFER_LIMIT = 256 << 10
 The uplink is unwritable (`Uplink.writable`) as soon as anything waits there: the gateway
 stops sending tunnel data to it, so only small control frames (probes, handshakes) can land
 in this margin."""
+RECEIVE_BATCH = 64
+"""Datagrams read per event-loop wake-up at most (the first by the loop, the rest in one
+`recv_many`): bounds how long one uplink holds the loop and how much one `on_read_done` sees."""
 REBUILD_MIN_INTERVAL = 1.0
 """An uplink is rebuilt at most this often, however fast its sends fail."""
 
@@ -75,6 +87,7 @@ _GSO_SIZE = struct.Struct("=H")
 
 OnDatagram = Callable[["Uplink", bytes, Address], None]
 OnWritable = Callable[["Uplink"], None]
+OnReadDone = Callable[["Uplink"], None]
 
 
 def _compile(patterns: Iterable[str | re.Pattern[str]]) -> list[re.Pattern[str]]:
@@ -152,6 +165,8 @@ class Uplink:
     """One local uplink: an interface address and the UDP socket bound to it."""
 
     __slots__ = (
+        "_batch_io",
+        "_direct_io",
         "_gso",
         "_gso_max_segment",
         "_gso_ok",
@@ -175,6 +190,7 @@ class Uplink:
         "rebuilds",
         "rx_bytes",
         "rx_packets",
+        "rx_truncated",
         "tx_bytes",
         "tx_dropped",
         "tx_packets",
@@ -188,6 +204,7 @@ class Uplink:
         *,
         max_consecutive_failures: int = 10,
         on_failure: Callable[[Uplink], None] | None = None,
+        io: BatchIO | None = None,
     ) -> None:
         self.name = name
         self.index = index
@@ -197,6 +214,8 @@ class Uplink:
         self.bound_to_device = False
         self.rx_bytes = 0
         self.rx_packets = 0
+        self.rx_truncated = 0
+        """Datagrams longer than the manager's `max_datagram_size`, dropped."""
         self.tx_bytes = 0
         self.tx_packets = 0
         self.tx_dropped = 0
@@ -213,6 +232,9 @@ class Uplink:
         self._sock: socket.socket | None = None
         """The transport's own socket object (same fd, closed with it) for `send_batch`."""
         self._sock_transport: asyncio.DatagramTransport | None = None
+        #: batches may read/write the socket itself (not through a StickyTransport, which
+        #: must see every datagram to keep each peer's source address)
+        self._direct_io = True
         """The transport `_sock` belongs to: written directly only while it is `_transport`."""
         self._writable = True
         self._gso = True
@@ -222,6 +244,7 @@ class Uplink:
         self._gso_max_segment = GSO_MAX_BYTES
         """Largest segment size GSO accepted or may accept (EINVAL after GSO worked: the
         segment is above the path MTU; such segments then go one by one)."""
+        self._batch_io = io if io is not None else batch_io.default()
 
     def __repr__(self) -> str:
         state = "open" if self._transport is not None else "closed"
@@ -343,6 +366,55 @@ class Uplink:
                 return sent + self._send_each(datagrams, i, count, addr)
         return sent
 
+    def send_many(self, messages: Sequence[Datagram]) -> list[int]:
+        """Send `messages`, `(data, address)` each to its own address, in order, many per
+        syscall (`sendmmsg`); returns the indices of those dropped or failed (counted as with
+        `send`: `tx_dropped`, `errors`), the others were sent or queued.
+
+        A failure on one datagram (a bad or unreachable address) counts against it alone and
+        the batch goes on after it. The socket is written directly only while the transport
+        has nothing queued (else order would break); when the socket is full
+        (EAGAIN/ENOBUFS) the rest goes through `send` (the transport queues it and pauses
+        writing: `writable`/`on_writable` as with `send`)."""
+        count = len(messages)
+        transport = self._transport
+        sock = self._sock
+        if (
+            count < 2
+            or transport is None
+            or sock is None
+            or transport is not self._sock_transport
+            or not self._direct_io
+            or not self._writable
+            or transport.get_write_buffer_size()  # type: ignore[attr-defined]
+        ):
+            return self._send_each_to(messages, 0)
+        send_many = self._batch_io.send_many
+        failed: list[int] = []
+        i = 0
+        while i < count:
+            try:
+                sent = send_many(sock, messages, i)
+            except (BlockingIOError, InterruptedError):
+                return failed + self._send_each_to(messages, i)
+            except Exception as exc:  # about messages[i] alone (see batch_io.send_many)
+                if isinstance(exc, OSError) and exc.errno == errno.ENOBUFS:
+                    return failed + self._send_each_to(messages, i)
+                self._on_error(exc)
+                failed.append(i)
+                i += 1
+                continue
+            self.consecutive_failures = 0
+            self.tx_packets += sent
+            for k in range(i, i + sent):
+                self.tx_bytes += len(messages[k][0])
+            i += sent
+        return failed
+
+    def _send_each_to(self, messages: Sequence[Datagram], start: int) -> list[int]:
+        send = self.send
+        return [k for k in range(start, len(messages)) if not send(*messages[k])]
+
     def _send_each(self, datagrams: Sequence[bytes], start: int, stop: int, addr: Address) -> int:
         send = self.send
         sent = 0
@@ -372,6 +444,7 @@ class Uplink:
             "open": not self.closed,
             "rx_bytes": self.rx_bytes,
             "rx_packets": self.rx_packets,
+            "rx_truncated": self.rx_truncated,
             "tx_bytes": self.tx_bytes,
             "tx_packets": self.tx_packets,
             "tx_dropped": self.tx_dropped,
@@ -388,10 +461,12 @@ class _UplinkProtocol(asyncio.DatagramProtocol):
         on_datagram: OnDatagram,
         max_datagram: int,
         on_writable: OnWritable | None = None,
+        on_read_done: OnReadDone | None = None,
     ) -> None:
         self._uplink = uplink
         self._on_datagram = on_datagram
         self._on_writable = on_writable
+        self._on_read_done = on_read_done
         self._max_datagram = max_datagram
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -405,11 +480,40 @@ class _UplinkProtocol(asyncio.DatagramProtocol):
             transport.set_write_buffer_limits(high=0)  # type: ignore[attr-defined]
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
+        """One datagram from the loop: it, then what else waits (one `recv_many`), then
+        `on_read_done` once."""
+        uplink = self._uplink
+        if len(addr) != 2:  # IPv6 sockaddr: drop flowinfo and scope id
+            addr = (addr[0], addr[1])
+        self._deliver(data, addr)
+        sock = uplink._sock
+        if sock is not None and uplink._protocol is self and uplink._direct_io:
+            datagrams, truncated, error = uplink._batch_io.recv_many(
+                sock, RECEIVE_BATCH - 1, self._max_datagram
+            )
+            for more, source in datagrams:
+                self._deliver(more, source)
+            if truncated:
+                if not uplink.rx_truncated:  # once per uplink: a peer may send nothing else
+                    log.warning(
+                        "uplink.rx_truncated uplink=%s max_datagram=%d (dropped, counted)",
+                        uplink.name,
+                        self._max_datagram,
+                    )
+                uplink.rx_truncated += truncated
+            if error is not None:
+                self.error_received(error)
+        if self._on_read_done is not None:
+            try:
+                self._on_read_done(uplink)
+            except Exception:
+                uplink.callback_errors += 1
+                log.exception("uplink.callback_error uplink=%s", uplink.name)
+
+    def _deliver(self, data: bytes, addr: Address) -> None:
         uplink = self._uplink
         uplink.rx_packets += 1
         uplink.rx_bytes += len(data)
-        if len(addr) != 2:  # IPv6 sockaddr: drop flowinfo and scope id
-            addr = (addr[0], addr[1])
         try:
             self._on_datagram(uplink, data, addr)
         except Exception:
@@ -469,10 +573,12 @@ class UplinkManager:
         on_datagram: OnDatagram,
         on_change: Callable[[UplinkEvent], None] | None = None,
         on_writable: OnWritable | None = None,
+        on_read_done: OnReadDone | None = None,
         static: Sequence[tuple[str, str]] | None = None,
         receive_buffer: int = DEFAULT_RECEIVE_BUFFER,
         send_buffer: int = DEFAULT_SEND_BUFFER,
         max_datagram_size: int = DEFAULT_MAX_DATAGRAM,
+        io: BatchIO | None = None,
     ) -> None:
         if not 0 <= listen_port <= 65535:
             raise ValueError(f"listen_port out of range: {listen_port}")
@@ -480,6 +586,8 @@ class UplinkManager:
             raise ValueError("scan_interval must be positive")
         if max_consecutive_failures < 1:
             raise ValueError("max_consecutive_failures must be at least 1")
+        if not 1 <= max_datagram_size <= batch_io.MAX_SIZE:
+            raise ValueError(f"max_datagram_size must be 1-{batch_io.MAX_SIZE}")
         self.inclusion = _compile(inclusion_patterns)
         self.exclusion = _compile(exclusion_patterns)
         self.own_tuns = frozenset(own_tuns)
@@ -496,6 +604,9 @@ class UplinkManager:
         self._on_datagram = on_datagram
         self._on_change = on_change
         self._on_writable = on_writable
+        self._on_read_done = on_read_done
+        self.io = io if io is not None else batch_io.default()
+        """How uplink sockets read and write batches (warp/paths/batch_io.py)."""
         self._static = None if static is None else [(n, a) for n, a in static]
         if self._static is not None:
             names = [n for n, _ in self._static]
@@ -523,12 +634,14 @@ class UplinkManager:
         on_datagram: OnDatagram,
         on_change: Callable[[UplinkEvent], None] | None = None,
         on_writable: OnWritable | None = None,
+        on_read_done: OnReadDone | None = None,
         listen_port: int = 0,
         max_consecutive_failures: int = 10,
         scan_interval: float = 10.0,
         receive_buffer: int = DEFAULT_RECEIVE_BUFFER,
         send_buffer: int = DEFAULT_SEND_BUFFER,
         max_datagram_size: int = DEFAULT_MAX_DATAGRAM,
+        io: BatchIO | None = None,
     ) -> UplinkManager:
         """Uplinks bound to given local addresses, e.g. `[("lo0", "127.0.0.1"), ("lo1",
         "127.0.0.2")]`: no netlink, no root, no SO_BINDTODEVICE (loopback demo, tests)."""
@@ -536,6 +649,7 @@ class UplinkManager:
             on_datagram=on_datagram,
             on_change=on_change,
             on_writable=on_writable,
+            on_read_done=on_read_done,
             listen_port=listen_port,
             max_consecutive_failures=max_consecutive_failures,
             scan_interval=scan_interval,
@@ -544,6 +658,7 @@ class UplinkManager:
             receive_buffer=receive_buffer,
             send_buffer=send_buffer,
             max_datagram_size=max_datagram_size,
+            io=io,
         )
 
     @property
@@ -558,6 +673,7 @@ class UplinkManager:
         if self._started:
             raise RuntimeError("UplinkManager already started")
         self._started = True
+        log.info("uplink.batch_io backend=%s", self.io.name)
         loop = asyncio.get_running_loop()
         try:
             if self._static is None:
@@ -721,6 +837,7 @@ class UplinkManager:
             address,
             max_consecutive_failures=self.max_consecutive_failures,
             on_failure=self._request_rebuild,
+            io=self.io,
         )
         try:
             await self._open(uplink, self.listen_port)
@@ -828,10 +945,21 @@ class UplinkManager:
         sock = self._make_socket(uplink, port)
         loop = asyncio.get_running_loop()
         protocol = _UplinkProtocol(
-            uplink, self._on_datagram, self.max_datagram_size, self._on_writable
+            uplink,
+            self._on_datagram,
+            self.max_datagram_size,
+            self._on_writable,
+            self._on_read_done,
         )
         try:
-            transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
+            if is_wildcard(uplink.address):
+                # Every local address (a `listen_port` server): replies leave from the address
+                # each peer sent to (warp/pktinfo.py), one by one (a GSO batch would not).
+                transport: asyncio.DatagramTransport = StickyTransport(loop, sock, protocol)
+                uplink._gso = uplink._direct_io = False
+            else:
+                transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
+                uplink._direct_io = True
         except BaseException:
             sock.close()
             raise
