@@ -65,7 +65,6 @@ class ShardEncoder:
         "_prefix",
         "blocks_encoded",
         "capacity",
-        "data_shards",
         "k",
         "n",
         "tunnel_id",
@@ -115,7 +114,6 @@ class ShardEncoder:
         self._block_parity = n - k
         self._block_opened = 0.0
         self.blocks_encoded = 0
-        self.data_shards = 0
 
     @property
     def epoch(self) -> int:
@@ -197,7 +195,8 @@ class ShardEncoder:
         return out
 
     def close(self) -> list[Emission]:
-        """Whatever is open goes out now (a reload replaces this encoder)."""
+        """Whatever is open goes out now: the packed shard, the open block's parity (as
+        its window would send it later)."""
         out: list[Emission] = []
         if self._packed_count:
             self._emit_packed(0.0, out)
@@ -245,7 +244,6 @@ class ShardEncoder:
                 payload,
             )
         )
-        self.data_shards += 1
         out.append((position, frame))
         # What parity covers (nothing to keep without parity: only the count matters).
         block.append(frame[STREAM_PREFIX_SIZE:] if self._block_parity else b"")
