@@ -27,7 +27,7 @@ def frames(rate: int, loss: float, seed: int) -> list[bytes]:
     rng = random.Random(seed)
     out = []
     for _ in range(rate):
-        (frame,) = encoder.encode(b"x" * 200)[0]
+        [(_, frame)] = encoder.push(b"x" * 200, 0.0) + encoder.flush(0.0)
         if rng.random() >= loss:
             out.append(frame)
     return out

@@ -22,11 +22,11 @@ async def one_gap(offset: float, reorder_timeout: float) -> int:
     loop = asyncio.get_running_loop()
     encoder = ShardEncoder(1, 2, 3, 1400)
     decoder = ShardDecoder(1, 2, 3, ordered=True, reorder_timeout=reorder_timeout)
-    encoder.encode(b"lost")
-    second = encoder.encode(b"held")[0]
+    encoder.push(b"lost", 0.0)
+    encoder.flush(0.0)  # data shard 0: never received
+    second = encoder.push(b"held", 0.0) + encoder.flush(0.0)
     await asyncio.sleep(offset)
-    decoder.receive(second[0], loop.time())
-    decoder.receive(second[1], loop.time())
+    decoder.receive(second[0][1], loop.time())  # held: datagram 0 is missing
     calls = 0
     released: asyncio.Future[None] = loop.create_future()
 

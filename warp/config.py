@@ -628,6 +628,10 @@ GateConfig: TypeAlias = Annotated[LoopbackGate | UnixGate | TunGate, Field(discr
 _GATE_MODELS: dict[str, type[_Model]] = {"loopback": LoopbackGate, "unix": UnixGate, "tun": TunGate}
 
 
+#: Parity later than this protects little: the receiver gives a block up after 1 s.
+MAX_REDUNDANCY_WINDOW = 0.1
+
+
 class RedundancyConfig(_Model):
     """Erasure coding: ``num_shards`` shards per block, any ``required_shards`` rebuild it."""
 
@@ -639,10 +643,21 @@ class RedundancyConfig(_Model):
     min_parity: StrictInt = Field(default=1, ge=0, le=254)
     max_parity: StrictInt = Field(default=8, ge=0, le=254)
     target_loss: StrictFloat = Field(default=0.001, gt=0.0, lt=1.0)
+    #: a block's parity goes out when it has required_shards data shards or this long
+    #: after its first one (then over fewer data shards, with the same parity)
+    window: Duration = 0.001
 
     @model_validator(mode="after")
     def _k_le_n(self) -> RedundancyConfig:
         problems: list[tuple[tuple[str | int, ...], str]] = []
+        if self.window > MAX_REDUNDANCY_WINDOW:
+            problems.append(
+                (
+                    ("window",),
+                    f"must be at most {MAX_REDUNDANCY_WINDOW * 1000:g}ms (the longest a block"
+                    f" waits for its parity), got {self.window * 1000:g}ms",
+                )
+            )
         if self.required_shards > self.num_shards:
             problems.append(
                 (
@@ -1764,6 +1779,9 @@ num_shards = 4
 required_shards = 2
 # adaptive = true: n follows the measured loss, the fewest parity shards keeping residual
 # loss under target_loss (0.001), min_parity (1) to max_parity (8): docs/configuration.md.
+# Data shards go out at once; a block's parity when it has required_shards data shards,
+# or window after its first (then over fewer data shards, with the same parity).
+window = "1ms"
 
 # The second vehicle's tunnel (every key not given takes its default).
 [tunnels.video2]

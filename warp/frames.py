@@ -14,9 +14,13 @@ from enum import IntEnum
 
 
 class FrameType(IntEnum):
+    # Retired: one datagram per FEC block. Receivers count it and drop it (never decode it).
     SHARD = 0x01
     PROBE = 0x02
     PROBE_REPLY = 0x03
+    # FEC blocks of several datagrams (warp/redundancy/shard.py, docs/protocol.md).
+    DATA_SHARD = 0x04
+    PARITY_SHARD = 0x05
     #: each uplink's reflexive address and NAT mapping (warp/paths/punch.py)
     NAT_INFO = 0x06
     # Map (rendezvous) control messages; bodies are msgpack (see warp/map_client).

@@ -1,10 +1,10 @@
 """Two FEC engines talking through simulated links, in virtual time.
 
-The sender engine is what a gateway does per tunnel on the way out (send queue, encoder,
-scheduler); the receiver engine what it does on the way in (decoder, with `tick` called
-exactly at `next_deadline`). Encryption and sockets are left out: the links carry shard
-frames. Several receivers can listen to the same arrivals (to compare ordered and
-unordered delivery on identical input).
+The sender engine is what a gateway does per tunnel on the way out (send queue, encoder
+with its block window timer, scheduler); the receiver engine what it does on the way in
+(decoder, with `tick` called exactly at `next_deadline`). Encryption and sockets are
+left out: the links carry shard frames. Several receivers can listen to the same
+arrivals (to compare ordered and unordered delivery on identical input).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from tests.sim.network import Link
 from warp.paths.scheduler import PathQuality, ShardScheduler
-from warp.redundancy import SendQueue, ShardDecoder, ShardEncoder
+from warp.redundancy import Emission, SendQueue, ShardDecoder, ShardEncoder
 
 ID_BYTES = 8
 NEVER = math.inf
@@ -44,9 +44,14 @@ class SenderEngine:
         self.queue = SendQueue(max_length=4096)
         self.send_deadline = send_deadline
         self.priority = priority
-        # How many shards of each block went on each path (in `path_ids` order): what
-        # the binomial prediction of residual loss is computed from.
+        # How many shards of each block went on each path (in `path_ids` order).
         self.spreads: Counter[tuple[int, ...]] = Counter()
+        # Each block's layout: the path index of each data shard, then of each parity
+        # shard: what the binomial prediction of residual loss is computed from.
+        self.layouts: Counter[tuple[tuple[int, ...], tuple[int, ...]]] = Counter()
+        self._paths: tuple[int, ...] = ()
+        self._data: list[int] = []
+        self._parity: list[int] = []
 
     def offer(self, datagram: bytes, now: float) -> None:
         self.queue.push(self.encoder.tunnel_id, datagram, now, self.send_deadline, self.priority)
@@ -54,18 +59,44 @@ class SenderEngine:
     def pump(self, now: float) -> list[tuple[int, bytes]]:
         """Everything the queue lets go at `now`, as (path id, frame) pairs."""
         out: list[tuple[int, bytes]] = []
+        encoder = self.encoder
         while (item := self.queue.pop(now)) is not None:
-            out += self.shards(item.datagram)
+            out += self._place(encoder.push(item.datagram, now, self.scheduler.effective_n))
+        return out + self._place(encoder.flush(now))
+
+    def deadline(self) -> float:
+        deadline = self.encoder.next_deadline()
+        return NEVER if deadline is None else deadline
+
+    def close_due(self, now: float) -> list[tuple[int, bytes]]:
+        """The open block's parity once its window has expired."""
+        return self._place(self.encoder.close_due(now))
+
+    def finish(self) -> None:
+        """Account for the last block (its layout is recorded when the next one opens)."""
+        self._end_block()
+
+    def _place(self, frames: list[Emission]) -> list[tuple[int, bytes]]:
+        out = []
+        k = self.encoder.k
+        index = {p: i for i, p in enumerate(self.path_ids)}
+        for slot, frame in frames:
+            if slot == 0:
+                self._end_block()
+                self._paths = self.scheduler.assign()
+            path = self._paths[slot]
+            (self._data if slot < k else self._parity).append(index[path])
+            out.append((path, frame))
         return out
 
-    def shards(self, datagram: bytes) -> list[tuple[int, bytes]]:
-        """Encode and schedule one datagram, bypassing the queue."""
-        out: list[tuple[int, bytes]] = []
-        for block in self.encoder.encode(datagram):
-            assignment = self.scheduler.assign()
-            self.spreads[tuple(assignment.count(p) for p in self.path_ids)] += 1
-            out += zip(assignment, block, strict=True)
-        return out
+    def _end_block(self) -> None:
+        if not self._data:
+            return
+        shards = self._data + self._parity
+        self.spreads[tuple(shards.count(i) for i in range(len(self.path_ids)))] += 1
+        self.layouts[(tuple(self._data), tuple(self._parity))] += 1
+        self._data = []
+        self._parity = []
 
 
 @dataclass
@@ -177,10 +208,6 @@ class Simulation:
         """
         interval = 1.0 / rate
         sizes = (lambda _: size) if isinstance(size, int) else size
-        links = self.links
-        arrivals = self._arrivals
-        push = heapq.heappush
-        tie = self._tie
         now = 0.0
         for ident in range(count):
             now = ident * interval
@@ -189,22 +216,32 @@ class Simulation:
             shards = self.sender.pump(now)
             if inject is not None:
                 shards += inject(now)
-            for path_id, frame in shards:
-                for arrival in links[path_id].transmit(now):
-                    push(arrivals, (arrival, next(tie), frame))
+            self._transmit(shards, now)
             if self.sample is not None and ident % sample_every == 0:
                 self.sample(now)
         self._advance(NEVER)
-        return SimResult(count, self.receivers, self.sender, links, now)
+        self.sender.finish()
+        return SimResult(count, self.receivers, self.sender, self.links, now)
+
+    def _transmit(self, shards: list[tuple[int, bytes]], now: float) -> None:
+        for path_id, frame in shards:
+            for arrival in self.links[path_id].transmit(now):
+                heapq.heappush(self._arrivals, (arrival, next(self._tie), frame))
 
     def _advance(self, until: float) -> None:
-        """Deliver arrivals and run decoder timers, in time order, up to `until`."""
+        """Deliver arrivals and run the encoder's and decoders' timers, in time order, up
+        to `until`."""
         arrivals = self._arrivals
         receivers = self.receivers
         pop = heapq.heappop
+        sender = self.sender
         while True:
             arrival = arrivals[0][0] if arrivals else NEVER
             deadline = min(r.deadline for r in receivers)
+            closing = sender.deadline()
+            if closing < NEVER and closing <= min(until, arrival, deadline):
+                self._transmit(sender.close_due(closing), closing)
+                continue
             if deadline <= arrival:
                 if deadline > until or deadline == NEVER:
                     return
@@ -236,6 +273,19 @@ def block_loss_probability(spread: Sequence[int], losses: Sequence[float], k: in
     return sum(received[:k])
 
 
-def predicted_losses(spreads: Counter[tuple[int, ...]], losses: Sequence[float], k: int) -> float:
-    """Expected lost blocks given how many blocks used each spread."""
-    return sum(count * block_loss_probability(s, losses, k) for s, count in spreads.items())
+def predicted_losses(
+    layouts: Counter[tuple[tuple[int, ...], tuple[int, ...]]], losses: Sequence[float]
+) -> float:
+    """Expected lost data shards (datagrams, when each data shard holds one) given how
+    many blocks used each layout: data shard i is lost when it does not arrive and fewer
+    than k' of the block's other shards do."""
+    expected = 0.0
+    for (data, parity), count in layouts.items():
+        shards = data + parity
+        for i, path in enumerate(data):
+            others = [0] * len(losses)
+            for j, other in enumerate(shards):
+                if j != i:
+                    others[other] += 1
+            expected += count * losses[path] * block_loss_probability(others, losses, len(data))
+    return expected

@@ -21,6 +21,7 @@ from tests.sim.harness import (
 from tests.sim.network import Blackout, GilbertElliott, IidLoss, Link, dead
 from warp.paths.scheduler import PathQuality, ShardScheduler
 from warp.redundancy import ShardDecoder, ShardEncoder, max_shard_payload
+from warp.redundancy.shard import PARITY_FRAME_TYPE, PARITY_HEADER
 
 TUNNEL = 5
 MTU = 1400
@@ -72,10 +73,15 @@ def test_residual_loss_matches_the_binomial_prediction(
         for p in range(path_count)
     }
     sender = engines(k, n, links, {p: loss for p in links})
-    result = Simulation(sender, links, [receiver(k, n, count)]).run(count, 5000, 64, FILLER)
+    engine = receiver(k, n, count)
+    result = Simulation(sender, links, [engine]).run(count, 5000, 64, FILLER)
     assert_exactly_once(result)
     measured = result.delivery.lost
-    predicted = predicted_losses(sender.spreads, [loss] * path_count, k)
+    # The receiver's own count is exact (the seeds do not lose the stream's last shards,
+    # which nothing after them would reveal).
+    assert engine.decoder.stats.datagrams_lost == measured
+    # One datagram per data shard here (each is sent alone): datagrams lost = data shards.
+    predicted = predicted_losses(sender.layouts, [loss] * path_count)
     spreads = ", ".join(f"{s}x{c}" for s, c in sorted(sender.spreads.items()))
     print(
         f"\n(k={k}, n={n}) over {path_count} paths at {loss:.0%} iid loss, {count} datagrams;"
@@ -116,7 +122,8 @@ def test_one_of_two_paths_dead_loses_nothing_with_two_of_four() -> None:
     result = Simulation(sender, links, [receiver(k, n, count)]).run(count, 2000, 300, FILLER)
     assert_exactly_once(result)
     print(f"\ndead path: datagrams lost {result.delivery.lost} of {count}")
-    assert links[0].stats.lost == links[0].stats.sent == 2 * count
+    # Blocks of 2 data shards (one datagram each) + 2 parity, 2 shards on each path.
+    assert links[0].stats.lost == links[0].stats.sent >= 0.9 * count
     assert result.delivery.lost == 0
 
 
@@ -192,13 +199,17 @@ def test_flood_of_never_completed_blocks_keeps_memory_under_the_bound() -> None:
     flood_rng = random.Random(7)
 
     def flood(now: float) -> list[tuple[int, bytes]]:
-        # Valid shards of the same stream, but only k - 1 of each block are ever sent:
-        # two such datagrams (1 to 4 blocks each) for every legitimate one.
+        # Parity of the same stream for blocks that never get enough shards (their data
+        # shards never come): two such blocks for every legitimate datagram.
         out = []
+        encoder = sender.encoder
         for _ in range(2):
-            size = flood_rng.choice((1300, 4000, 12_000))
-            for block in sender.encoder.encode(FILLER[:size]):
-                out += [(p, frame) for p, frame in enumerate(block[: k - 1])]
+            size = flood_rng.choice((300, 1000, max_shard_payload(MTU)))
+            first = (encoder.next_seq + 100_000 + flood_rng.randrange(1 << 20)) & 0xFFFFFFFF
+            head = PARITY_HEADER.pack(
+                PARITY_FRAME_TYPE, TUNNEL, encoder.epoch, first, k, n - k, 0, size + 9
+            )
+            out.append((0, head + FILLER[: size + 9]))
         return out
 
     # Allocator-level check over the last 10 % of the run (tracing all of it is too
@@ -228,7 +239,7 @@ def test_flood_of_never_completed_blocks_keeps_memory_under_the_bound() -> None:
     finally:
         tracemalloc.stop()
     assert_exactly_once(result)
-    # Payload bound plus per-block bookkeeping (record list, header ints) for each slot.
+    # Payload bound plus per-block bookkeeping (block object, dict) for each slot.
     allowance = decoder.memory_bound + max_blocks * 512
     incomplete = decoder.stats.blocks_evicted + decoder.stats.blocks_expired
     print(
@@ -238,7 +249,7 @@ def test_flood_of_never_completed_blocks_keeps_memory_under_the_bound() -> None:
         f" (bound + bookkeeping {allowance} B); legitimate datagrams lost"
         f" {result.delivery.lost} of {count}"
     )
-    assert incomplete > 2 * count
+    assert incomplete >= 0.999 * 2 * count  # (a few forged ones collide with each other)
     assert len(traced) >= 5
     assert max(traced) <= allowance
     assert result.delivery.lost == 0

@@ -7,7 +7,7 @@ import pytest
 
 from warp.paths.scheduler import PathQuality, ShardScheduler
 from warp.redundancy import ShardDecoder, ShardEncoder
-from warp.redundancy.shard import parse_shard_header
+from warp.redundancy.shard import parse_parity_header
 
 Path = tuple[str, str]
 
@@ -20,25 +20,27 @@ def mesh(locals_: str, remotes: str) -> list[PathQuality[Path]]:
     ]
 
 
-def test_encoder_emits_a_block_of_the_given_n_with_its_geometry_in_every_header() -> None:
+def test_encoder_emits_a_block_of_the_given_n_with_its_geometry_in_every_parity_header() -> None:
     encoder = ShardEncoder(7, 3, 5, 1400, epoch=9)
-    (six,) = encoder.encode(b"x" * 1000, 6)
-    (five,) = encoder.encode(b"y" * 1000)
-    assert len(six) == 6 and len(five) == 5
-    for index, frame in enumerate(six):
-        header = parse_shard_header(frame)
+    six = encoder.push(b"x" * 3000, 0.0, 6)  # three fragments: a full block
+    five = encoder.push(b"y" * 3000, 0.0, 5)
+    assert [slot for slot, _ in six] == [0, 1, 2, 3, 4, 5]
+    assert [slot for slot, _ in five] == [0, 1, 2, 3, 4]
+    for index, (_, frame) in enumerate(six[3:]):
+        header = parse_parity_header(frame)
         assert header is not None
-        assert (header.k, header.n, header.shard_index, header.block_seq) == (3, 6, index, 0)
-    assert [parse_shard_header(f).n for f in five] == [5] * 5  # type: ignore[union-attr]
+        assert (header.data_shards, header.parity_shards, header.parity_index) == (3, 3, index)
+        assert header.first_seq == 0
+    assert [parse_parity_header(f).parity_shards for _, f in five[3:]] == [2, 2]  # type: ignore[union-attr]
     decoder = ShardDecoder(7, 3, 6)
     # Any 3 of the 6 rebuild the block: here the last three, all parity.
-    assert decoder.receive(six[5], 0.0) == []
-    assert decoder.receive(six[4], 0.0) == []
-    assert decoder.receive(six[3], 0.0) == [b"x" * 1000]
+    assert decoder.receive(six[5][1], 0.0) == []
+    assert decoder.receive(six[4][1], 0.0) == []
+    assert decoder.receive(six[3][1], 0.0) == [b"x" * 3000]
     with pytest.raises(ValueError):
-        encoder.encode(b"z", 256)
+        encoder.push(b"z", 0.0, 256)
     with pytest.raises(ValueError):
-        encoder.encode(b"z", 2)
+        encoder.push(b"z", 0.0, 2)
 
 
 @pytest.mark.parametrize("dead", ["a", "b", "x", "y"])
@@ -53,12 +55,17 @@ def test_three_of_five_on_two_uplinks_a_side_survives_any_one_uplink(dead: str) 
     decoder = ShardDecoder(1, 3, scheduler.effective_n)
     sent = [bytes([i % 256]) * (100 + i) for i in range(300)]
     got: list[bytes] = []
+    paths: tuple[Path, ...] = ()
     for i, datagram in enumerate(sent):
         now = i * 0.002
-        for frames in encoder.encode(datagram, scheduler.effective_n):
-            for frame, (local, remote) in zip(frames, scheduler.assign(), strict=True):
-                if dead not in (local, remote):
-                    got += decoder.receive(frame, now)
+        frames = encoder.push(datagram, now, scheduler.effective_n) + encoder.flush(now)
+        frames += encoder.close_due(now + 0.001)  # the block's window
+        for slot, frame in frames:
+            if slot == 0:
+                paths = scheduler.assign()
+            local, remote = paths[slot]
+            if dead not in (local, remote):
+                got += decoder.receive(frame, now)
     assert got == sent
 
 
@@ -66,8 +73,9 @@ def test_parity_goes_back_to_n_when_the_uplinks_return() -> None:
     scheduler: ShardScheduler[Path] = ShardScheduler(3, 5, add_parity=True)
     encoder = ShardEncoder(1, 3, 5, 1400)
     scheduler.update(mesh("ab", "xy"))
-    assert len(encoder.encode(b"d", scheduler.effective_n)[0]) == 6
+    frames = encoder.push(b"d" * 3000, 0.0, scheduler.effective_n)
+    assert len(frames) == len(scheduler.assign()) == 6
     scheduler.update(mesh("abc", "xyz"))
     assert scheduler.effective_n == 5
-    (frames,) = encoder.encode(b"d", scheduler.effective_n)
+    frames = encoder.push(b"d" * 3000, 0.0, scheduler.effective_n)
     assert len(frames) == len(scheduler.assign()) == 5

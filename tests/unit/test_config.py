@@ -245,11 +245,27 @@ def test_k_greater_than_n() -> None:
         ({"required_shards": 0}, "required_shards", "must be ≥ 1, got 0"),
         ({"num_shards": 5.0}, "num_shards", "expected an integer, got float 5.0"),
         ({"num_shards": "5"}, "num_shards", "expected an integer, got string '5'"),
+        (
+            {"window": "150ms"},
+            "window",
+            "must be at most 100ms (the longest a block waits for its parity), got 150ms",
+        ),
     ],
 )
 def test_redundancy_bounds(redundancy: dict[str, Any], path: str, message: str) -> None:
     problems = problems_of(minimal(**tunnel(transport={"redundancy": redundancy})))
     assert problems[f"tunnels.wireguard.transport.redundancy.{path}"] == message
+
+
+def test_redundancy_window_defaults_to_one_millisecond_and_takes_a_duration() -> None:
+    default = validate_gateway_config(minimal(**tunnel())).tunnels["wireguard"]
+    assert default.transport.redundancy.window == 0.001
+    data = minimal(**tunnel(transport={"redundancy": {"window": "5ms"}}))
+    redundancy = validate_gateway_config(data).tunnels["wireguard"].transport.redundancy
+    assert redundancy.window == pytest.approx(0.005)
+    for bad in ("soon", "0ms"):
+        problems = problems_of(minimal(**tunnel(transport={"redundancy": {"window": bad}})))
+        assert list(problems) == ["tunnels.wireguard.transport.redundancy.window"]
 
 
 def test_no_fec_and_max_n_are_valid() -> None:

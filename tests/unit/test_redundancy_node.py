@@ -43,67 +43,74 @@ def documented_bound(k: int, mtu: int) -> int:
     return 3 * 4096 * min(k * max_shard_payload(mtu), 65_535) + 65_535
 
 
+def send(encoder: ShardEncoder, datagram: bytes, now: float = 0.0) -> list[bytes]:
+    """One datagram sent alone, its block closed at once (as its window would)."""
+    return [f for _, f in encoder.push(datagram, now) + encoder.flush(now) + encoder.close()]
+
+
 def test_decoder_memory_stays_under_the_documented_bound_against_a_peer_with_mtu_65535() -> None:
     node = gateway()  # the default mtu, 1400
     decoder = node.session.tunnels["t"].decoder
     assert decoder.memory_bound == documented_bound(3, 1400) < 48 * 2**20
-    # 4 096 incomplete blocks of a peer whose mtu is 65 535: 21 845-byte shards.
+    # A peer whose mtu is 65 535: first fragments of 4 096 datagrams whose others never
+    # come, with one parity shard of 64 kB each (refused: larger than our mtu allows).
     big = ShardEncoder(TUNNEL_ID, 3, 5, 65_535, epoch=9)
     for _ in range(4096):
-        [block] = big.encode(random.randbytes(65_535))
-        for frame in block[:2]:
+        frames = big.push(random.randbytes(65_535), 0.0)
+        for frame in (frames[0][1], frames[-1][1]):
             node.session.on_shard(frame, 0.0)
     assert decoder.buffered_bytes() <= decoder.memory_bound
-    # And 4 096 incomplete blocks of a geometry that makes each hold 60 kB.
+    # And a code that makes a block hold 60 data shards, each missing one.
     wide = ShardEncoder(TUNNEL_ID, 60, 61, 1420, epoch=9, initial_seq=big.next_seq)
     for _ in range(1000):
-        [block] = wide.encode(random.randbytes(65_535))
-        for frame in block[:59]:
+        frames = send(wide, random.randbytes(65_535))
+        for _, frame in enumerate(frames[1:]):
             node.session.on_shard(frame, 0.0)
     assert 0 < decoder.buffered_bytes() <= decoder.memory_bound
 
 
 def test_snapshot_of_a_clean_stream_shows_no_repair_no_drop_and_the_surplus() -> None:
     node = gateway(2, 4)
-    sender = ShardEncoder(TUNNEL_ID, 2, 4, 1420, epoch=3)
+    sender = ShardEncoder(TUNNEL_ID, 2, 4, 1400, epoch=3)
     rng = random.Random(4)
+    parity = 0
     for i in range(500):
-        [block] = sender.encode(random.randbytes(rng.randrange(1, 2000)))
-        rng.shuffle(block)  # parity first, often: decoded with parity, no repair
-        for frame in block:
+        frames = send(sender, random.randbytes(rng.randrange(1, 2000)))
+        parity += sum(1 for f in frames if f[0] == 0x05)
+        rng.shuffle(frames)  # parity first, often: decoded with parity, no repair
+        for frame in frames:
             node.session.on_shard(frame, i * 0.002)
     node.session.tunnels["t"].decoder.tick(10.0)
     [tunnel] = node.snapshot()["tunnels"]
     assert tunnel["blocks_rebuilt"] == 0
-    assert tunnel["surplus_shards"] == 500 * 2
+    assert tunnel["surplus_shards"] == parity
     assert tunnel["datagrams_lost"] == 0
     assert tunnel["drops"] == {}
 
 
 def test_snapshot_counts_repairs_and_lost_datagrams() -> None:
     node = gateway(2, 4)
-    sender = ShardEncoder(TUNNEL_ID, 2, 4, 1420, epoch=3)
-    blocks = [sender.encode(bytes([i]) * 300)[0] for i in range(6)]
+    sender = ShardEncoder(TUNNEL_ID, 2, 4, 1400, epoch=3)
+    blocks = [send(sender, bytes([i]) * 300) for i in range(6)]  # 1 data + 2 parity each
     for i, block in enumerate(blocks):
-        kept = {1: block[1:3], 3: [], 4: block[:1]}.get(i, block)
+        kept = {1: block[1:3], 3: [], 4: []}.get(i, block)
         for frame in kept:
             node.session.on_shard(frame, i * 0.01)
     node.session.tunnels["t"].decoder.tick(10.0)
     [tunnel] = node.snapshot()["tunnels"]
-    assert tunnel["blocks_rebuilt"] == 1  # block 1: data shard 0 never came
-    assert tunnel["datagrams_lost"] == 2  # block 3 (nothing came) and block 4 (too little)
-    assert tunnel["drops"] == {"blocks_expired": 1}
+    assert tunnel["blocks_rebuilt"] == 1  # block 1: its data shard never came
+    assert tunnel["datagrams_lost"] == 2  # blocks 3 and 4: nothing came
+    assert tunnel["drops"] == {}
 
 
 def test_rejected_shards_are_logged_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
     node = gateway()
-    [block] = ShardEncoder(TUNNEL_ID, 3, 5, 1420, epoch=3).encode(b"x" * 900)
-    [other] = ShardEncoder(TUNNEL_ID, 2, 5, 1420, epoch=3).encode(b"y" * 900)  # same seq
-    node.session.on_shard(block[0], 0.0)
+    data = send(ShardEncoder(TUNNEL_ID, 3, 5, 1400, epoch=3), b"x" * 900)[0]
+    old = bytes([0x01]) + data[1:]  # the retired shard type
     with caplog.at_level(logging.WARNING, logger="warp"):
         for _ in range(50):
-            node.session.on_shard(other[1], 0.0)
+            node.session.on_shard(old, 0.0)
     lines = [r.getMessage() for r in caplog.records if "shard.rejected" in r.getMessage()]
-    assert lines == ["shard.rejected tunnel=t reason=inconsistent count=1"]
+    assert lines == ["shard.rejected tunnel=t reason=legacy count=1"]
     [tunnel] = node.snapshot()["tunnels"]
-    assert tunnel["drops"]["rejected_inconsistent"] == 50
+    assert tunnel["drops"]["rejected_legacy"] == 50

@@ -34,11 +34,11 @@ async def _callbacks_for_one_gap(offset: float) -> int:
     loop = asyncio.get_running_loop()
     encoder = ShardEncoder(1, 2, 3, 1400)
     decoder = ShardDecoder(1, 2, 3, ordered=True, reorder_timeout=REORDER_TIMEOUT)
-    encoder.encode(b"one")  # block 0: never received
-    second = encoder.encode(b"two")[0]
+    encoder.push(b"one", 0.0)
+    encoder.flush(0.0)  # data shard 0: never received
+    second = encoder.push(b"two", 0.0) + encoder.flush(0.0)  # data shard 1, then parity
     await asyncio.sleep(offset)
-    assert decoder.receive(second[0], loop.time()) == []
-    assert decoder.receive(second[1], loop.time()) == []  # held: block 0 is missing
+    assert decoder.receive(second[0][1], loop.time()) == []  # held: datagram 0 is missing
     calls = 0
     released: asyncio.Future[list[bytes]] = loop.create_future()
 

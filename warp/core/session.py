@@ -45,6 +45,7 @@ from warp.paths.punch import (
 )
 from warp.paths.scheduler import AdaptiveParity, ParityChange, PathQuality, ShardScheduler
 from warp.redundancy import (
+    Emission,
     RejectReason,
     SendQueue,
     ShardDecoder,
@@ -60,7 +61,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("warp.core")
 
-_SHARD = int(FrameType.SHARD)
+# Data and parity shards, and the retired shard type (the decoder counts and drops it).
+_SHARD_TYPES = frozenset(
+    (int(FrameType.DATA_SHARD), int(FrameType.PARITY_SHARD), int(FrameType.SHARD))
+)
 _PROBE = int(FrameType.PROBE)
 _PROBE_REPLY = int(FrameType.PROBE_REPLY)
 _NAT_INFO = int(FrameType.NAT_INFO)
@@ -262,6 +266,9 @@ class Tunnel:
     scheduler: ShardScheduler[Path]
     """Spreads each block over the paths (both ends balanced) and sets its shard count."""
     back_pressure: bool
+    block_paths: tuple[Path, ...] = ()
+    """The path of each slot of the block the encoder has open (its data shards go out as
+    they are packed, its parity later)."""
     # `shard.rejected` log rate limit: when it was last logged, rejections since.
     reject_logged_at: float = -math.inf
     rejects_unlogged: int = 0
@@ -278,8 +285,9 @@ class Tunnel:
         """A reload changed the transport (same tunnel id and gate). Priority and
         send_deadline are read per datagram; a new (k, n) or mtu gets a new encoder that
         continues the old one's epoch and sequence (the far gate's decoder sees one stream)
-        and a new scheduler; the decoder decodes any (k, n) and is rebuilt only if its own
-        settings changed (what it holds is then lost)."""
+        and a new scheduler (the open block's parity is not sent: that block goes without);
+        the decoder decodes any (k, n) and is rebuilt only if its own settings changed (what
+        it holds is then lost)."""
         old = self.config.transport
         new = config.transport
         self.config = config
@@ -292,9 +300,12 @@ class Tunnel:
                 encoder.k,
                 encoder.n,
                 new.mtu,
+                window=new.redundancy.window,
                 epoch=self.encoder.epoch,
                 initial_seq=self.encoder.next_seq,
+                initial_datagram=self.encoder.next_datagram,
             )
+            self.block_paths = ()
             self.scheduler = fresh.scheduler
         if (old.mtu, old.ordered, old.reorder_timeout) != (
             new.mtu,
@@ -317,7 +328,9 @@ class Tunnel:
             far_gate=far_gate,
             config=config,
             tunnel_id=config.tunnel_id,
-            encoder=ShardEncoder(config.tunnel_id, k, n, transport.mtu),
+            encoder=ShardEncoder(
+                config.tunnel_id, k, n, transport.mtu, window=transport.redundancy.window
+            ),
             # Whatever (k, n) the peer's shards carry is decoded; the memory bound comes from
             # our configured (k, n) and mtu (docs/operations.md, Counters).
             decoder=ShardDecoder(
@@ -501,6 +514,9 @@ class FarGateSession:
             t = tunnel.decoder.next_deadline()
             if t is not None and (deadline is None or t < deadline):
                 deadline = t
+            t = tunnel.encoder.next_deadline()
+            if t is not None and (deadline is None or t < deadline):
+                deadline = t
         return deadline
 
     def handle_timer(self, now: float) -> None:
@@ -521,6 +537,13 @@ class FarGateSession:
             if due is not None and due <= now:
                 self._birthday_tick(now)
         for tunnel in self.tunnels.values():
+            due = tunnel.encoder.next_deadline()
+            if due is not None and due <= now:
+                # The block's window expired: its parity goes out over fewer data shards.
+                failed = self._send_shards(tunnel, tunnel.encoder.close_due(now), now)
+                if failed:
+                    self.core.counters["send_failed"] += failed
+                self.core.after_device(now)
             due = tunnel.decoder.next_deadline()
             if due is not None and due <= now:
                 checked = tunnel.name in self._source_checked
@@ -674,7 +697,7 @@ class FarGateSession:
         if not plaintext:
             return  # keepalive
         kind = plaintext[0]
-        if kind == _SHARD:
+        if kind in _SHARD_TYPES:
             self.on_shard(plaintext, now)
         elif kind == _PROBE:
             # With the path's receive report: the far gate's capacity estimate of it.
@@ -1209,11 +1232,9 @@ class FarGateSession:
         self._release(now)
         self._sweep_at = None
         pacers = self._pace(paths, now)
-        seal_many = self.core.device.seal_many
-        emit = self.core.emit
-        key = self.key
         tunnels = self.tunnels_by_id
         send_failed = 0
+        pushed: dict[int, Tunnel] = {}
         for _ in range(FLUSH_BATCH):
             if pacers:
                 ready = max(pacer.ready_at(now) for pacer in pacers)
@@ -1232,39 +1253,59 @@ class FarGateSession:
             if tunnel is None:  # queued before a reload removed its tunnel
                 self.core.counters["tunnel_removed"] += 1
                 continue
-            scheduler = tunnel.scheduler
-            assign = scheduler.assign
+            pushed[item.tunnel_id] = tunnel
             tunnel.app_bytes += len(item.datagram)
-            # The scheduler's shard count: more than n while parity is added.
-            for frames in tunnel.encoder.encode(item.datagram, scheduler.effective_n):
-                for wire, path in zip(seal_many(key, frames, now), assign(), strict=True):
-                    if wire is None:
-                        send_failed += 1
-                        continue
-                    uplink = path.uplink
-                    if uplink in uplinks or uplink in self.core.extra_sockets:
-                        sent = emit(uplink, path.remote, wire)
-                        pacer = self.pacers.get(uplink)
-                        if pacer is not None:
-                            pacer.consume(len(wire), now)
-                    else:
-                        via = relayed_over(uplink)
-                        sent = via is not None and self.core.relay(key, wire, now, via, path.remote)
-                    if sent:
-                        path.tx_packets += 1
-                        path.tx_bytes += len(wire)
-                        tunnel.wire_bytes += len(wire)
-                    else:
-                        send_failed += 1
+            # The scheduler's shard count for blocks opened now: more than n while parity
+            # is added, or as adaptive parity chose.
+            frames = tunnel.encoder.push(item.datagram, now, tunnel.scheduler.effective_n)
+            if frames:
+                send_failed += self._send_shards(tunnel, frames, now)
         else:
             if len(queue):
                 self.flush_at = now  # more next turn, once the shell sent these
+        for tunnel in pushed.values():
+            # End of the batch: what is packed goes out now (packing adds no delay).
+            send_failed += self._send_shards(tunnel, tunnel.encoder.flush(now), now)
         if send_failed:
             self.core.counters["send_failed"] += send_failed
         self.core.after_device(now)
         if self.flush_at is None:
             self._resume_gates()
             self.flush_at = queue.next_expiry()
+
+    def _send_shards(self, tunnel: Tunnel, frames: list[Emission], now: float) -> int:
+        """Seal and send a tunnel's shard frames, each on the path the scheduler gave its
+        slot when its block opened (slot 0). Returns how many could not be sent."""
+        if not frames:
+            return 0
+        uplinks = self.core.uplinks
+        emit = self.core.emit
+        failed = 0
+        sealed = self.core.device.seal_many(self.key, [frame for _, frame in frames], now)
+        for (slot, _), wire in zip(frames, sealed, strict=True):
+            if slot == 0:
+                tunnel.block_paths = tunnel.scheduler.assign()
+            paths = tunnel.block_paths
+            if wire is None or slot >= len(paths):
+                failed += 1
+                continue
+            path = paths[slot]
+            uplink = path.uplink
+            if uplink in uplinks or uplink in self.core.extra_sockets:
+                sent = emit(uplink, path.remote, wire)
+                pacer = self.pacers.get(uplink)
+                if pacer is not None:
+                    pacer.consume(len(wire), now)
+            else:
+                via = relayed_over(uplink)
+                sent = via is not None and self.core.relay(self.key, wire, now, via, path.remote)
+            if sent:
+                path.tx_packets += 1
+                path.tx_bytes += len(wire)
+                tunnel.wire_bytes += len(wire)
+            else:
+                failed += 1
+        return failed
 
     def _pace(self, paths: Sequence[Path], now: float) -> list[TokenBucket]:
         """Set each sending uplink's pacer to its pacing rate; returns the pacers of uplinks

@@ -1,30 +1,32 @@
-"""Sender side: a datagram becomes blocks, each block becomes n shard frames."""
+"""Sender side: datagrams become data shards at once; parity follows per block."""
 
 from __future__ import annotations
 
 import secrets
-import struct
-from typing import Any, NamedTuple
+from typing import Any
 
 from warp.redundancy.codec import zfec_encoder
 from warp.redundancy.shard import (
+    DATA_FRAME_TYPE,
+    DATA_HEADER,
     MAX_DATAGRAM_SIZE,
     MAX_FRAGMENTS,
     MAX_SHARDS,
+    PARITY_FRAME_TYPE,
+    PARITY_HEADER,
+    RECORD_HEADER_SIZE,
     SEQUENCE_MODULUS,
-    SHARD_FRAME_TYPE,
-    SHARD_HEADER,
+    STREAM_PREFIX_SIZE,
     max_shard_payload,
 )
 
-# One block's frames, indexed by shard index: frames[i] carries shard i (0 .. k-1 data).
-BlockFrames = list[bytes]
+# A frame to send and its slot in its block's n-shard layout: data position 0 .. k-1,
+# parity k .. n-1 (also for a block closed early with fewer data shards, so that each
+# slot goes where the scheduler placed it and no path carries more than n - k of a block).
+Emission = tuple[int, bytes]
 
-# Header bytes 8-15: block sequence, fragment index, fragment count, block length.
-_BLOCK_TAIL = struct.Struct("!IBBH")
-assert SHARD_HEADER.size == 8 + _BLOCK_TAIL.size
 _SEQUENCE_MASK = SEQUENCE_MODULUS - 1
-_ZEROS = [bytes(size) for size in range(MAX_SHARDS)]  # padding is at most k - 1 bytes
+DEFAULT_WINDOW = 0.001
 
 
 def validate_geometry(k: int, n: int) -> None:
@@ -33,24 +35,40 @@ def validate_geometry(k: int, n: int) -> None:
 
 
 class ShardEncoder:
-    """Turns one tunnel's datagrams into shard frames.
+    """Turns one tunnel's datagrams into data shards, and each block of them into parity.
 
-    Each block holds `k` data shards (the datagram bytes, the last one zero-padded) and
-    `n - k` zfec parity shards; any `k` of the `n` rebuild it. A datagram larger than one
-    block's capacity is split into up to 255 blocks of near-equal size, with consecutive
-    sequence numbers. Every frame is at most `max_frame_size(mtu)` <= mtu - 32 bytes.
+    Systematic and immediate: `push` packs datagrams into the open data shard (a record
+    each: 2-byte length, bytes) and returns every data shard that filled; a datagram
+    larger than one shard goes out as near-equal fragments over consecutive data shards.
+    `flush` ends a send batch: the partly packed shard goes out too, so packing never
+    delays a datagram. A block is the next k data shards; its n - k parity shards go out
+    as soon as it has k, or when `close_due` finds it open for `window` seconds (then
+    with k' < k data shards and the same n - k parity: protection never drops).
+
+    Every frame is at most `max_frame_size(mtu)` <= mtu - 32 bytes. Sans-I/O: the caller
+    passes the time and calls `close_due` at `next_deadline`.
     """
 
     __slots__ = (
-        "_codes",
+        "_block",
+        "_block_first",
+        "_block_opened",
+        "_block_parity",
+        "_datagram",
         "_epoch",
+        "_n_next",
         "_next_seq",
-        "block_capacity",
+        "_packed",
+        "_packed_count",
+        "_packed_first",
+        "_packed_size",
+        "_prefix",
         "blocks_encoded",
+        "capacity",
         "k",
-        "max_payload",
         "n",
         "tunnel_id",
+        "window",
     )
 
     def __init__(
@@ -60,24 +78,41 @@ class ShardEncoder:
         n: int,
         mtu: int,
         *,
+        window: float = DEFAULT_WINDOW,
         epoch: int | None = None,
         initial_seq: int = 0,
+        initial_datagram: int = 0,
     ) -> None:
         validate_geometry(k, n)
         if not 0 <= tunnel_id <= 0xFFFF:
             raise ValueError(f"tunnel_id must fit 16 bits, got {tunnel_id}")
+        if window < 0:
+            raise ValueError(f"window must be >= 0, got {window}")
         self.tunnel_id = tunnel_id
         self.k = k
         self.n = n
-        self.max_payload = max_shard_payload(mtu)
-        self.block_capacity = k * self.max_payload
-        # Header fields are 8-bit: a 65535-byte datagram must fit in 255 blocks.
-        if self.max_payload <= 0 or -(-MAX_DATAGRAM_SIZE // self.block_capacity) > MAX_FRAGMENTS:
-            raise ValueError(f"mtu {mtu} is too small for k={k}")
+        self.window = window
+        self.capacity = max_shard_payload(mtu)
+        # Header fields are 8-bit: a 65535-byte datagram must fit in 255 fragments.
+        if self.capacity <= RECORD_HEADER_SIZE or (
+            -(-MAX_DATAGRAM_SIZE // self.capacity) > MAX_FRAGMENTS
+        ):
+            raise ValueError(f"mtu {mtu} is too small")
         self._epoch = secrets.randbits(16) if epoch is None else epoch & 0xFFFF
+        self._prefix = bytes([DATA_FRAME_TYPE]) + tunnel_id.to_bytes(2) + self._epoch.to_bytes(2)
         self._next_seq = initial_seq % SEQUENCE_MODULUS
-        self._codes: dict[int, _Code] = {}  # by n: at most 255 entries
-        self._code(n)
+        self._datagram = initial_datagram % SEQUENCE_MODULUS
+        self._n_next = n
+        # Datagram records waiting in the open data shard (sent by `flush` at the latest).
+        self._packed: list[bytes | bytearray | memoryview] = []
+        self._packed_count = 0
+        self._packed_size = 0
+        self._packed_first = 0
+        # The open block: its data shards' bytes from offset 9 (what parity covers).
+        self._block: list[bytes] = []
+        self._block_first = 0
+        self._block_parity = n - k
+        self._block_opened = 0.0
         self.blocks_encoded = 0
 
     @property
@@ -88,84 +123,155 @@ class ShardEncoder:
     def next_seq(self) -> int:
         return self._next_seq
 
-    def encode(
-        self, datagram: bytes | bytearray | memoryview, n: int | None = None
-    ) -> list[BlockFrames]:
-        """Shard frames of `datagram` (1 .. 65535 bytes), one list of n frames per block.
+    @property
+    def next_datagram(self) -> int:
+        return self._datagram
 
-        `n` (k <= n <= 255) overrides the configured shard count for these blocks: the
-        sender adds parity while its uplinks are too few for the configured code. Each
-        shard's header carries the block's (k, n)."""
+    def push(
+        self, datagram: bytes | bytearray | memoryview, now: float, n: int | None = None
+    ) -> list[Emission]:
+        """Take a datagram (1 .. 65535 bytes); return the frames ready to go.
+
+        `n` (k <= n <= 255) is the shard count of blocks opened from now on: the sender
+        adds parity while its uplinks are too few for the configured code, or adapts it
+        to the loss. Call `flush` once the batch of datagrams to send now is pushed."""
         length = len(datagram)
         if not 0 < length <= MAX_DATAGRAM_SIZE:
             raise ValueError(f"datagram length must be 1..{MAX_DATAGRAM_SIZE}, got {length}")
-        shards = self.n if n is None else n
-        code = self._codes.get(shards) or self._code(shards)
-        if length <= self.block_capacity:
-            return [self._encode_block(code, datagram, length, 0, 1)]
-        block_count = -(-length // self.block_capacity)
-        # Near-equal blocks rather than full ones plus a runt: shards stay alike in size.
-        base, extra = divmod(length, block_count)
+        if n is not None:
+            validate_geometry(self.k, n)
+            self._n_next = n
+        out: list[Emission] = []
+        capacity = self.capacity
+        record = RECORD_HEADER_SIZE + length
+        if record <= capacity:
+            if self._packed_count and self._packed_size + record > capacity:
+                self._emit_packed(now, out)
+            if not self._packed_count:
+                self._packed_first = self._datagram
+            self._packed.append(length.to_bytes(2))
+            self._packed.append(datagram)
+            self._packed_count += 1
+            self._packed_size += record
+            self._datagram = (self._datagram + 1) & _SEQUENCE_MASK
+            return out
+        if self._packed_count:
+            self._emit_packed(now, out)
+        # (At least two: a fragment count of 1 means records. Only a datagram one or two
+        # bytes short of a shard is split although its bytes would fit.)
+        count = max(2, -(-length // capacity))
+        # Near-equal fragments rather than full ones plus a runt.
+        base, extra = divmod(length, count)
         view = memoryview(datagram)
-        blocks = []
         offset = 0
-        for fragment_index in range(block_count):
-            block_length = base + 1 if fragment_index < extra else base
-            chunk = view[offset : offset + block_length]
-            offset += block_length
-            blocks.append(
-                self._encode_block(code, chunk, block_length, fragment_index, block_count)
-            )
-        return blocks
+        number = self._datagram
+        self._datagram = (number + 1) & _SEQUENCE_MASK
+        for index in range(count):
+            size = base + 1 if index < extra else base
+            self._emit_data(view[offset : offset + size], number, index, count, now, out)
+            offset += size
+        return out
 
-    def _code(self, n: int) -> _Code:
-        """Encoder and shard headers for blocks of n shards (built once per n)."""
-        k = self.k
-        validate_geometry(k, n)
-        # The first 8 header bytes of shard i never change for this encoder and n.
-        heads = [
-            SHARD_HEADER.pack(SHARD_FRAME_TYPE, self.tunnel_id, self._epoch, k, n, i, 0, 0, 0, 0)[
-                :8
-            ]
-            for i in range(n)
-        ]
-        code = _Code(zfec_encoder(k, n) if n > k else None, tuple(range(k, n)), heads)
-        self._codes[n] = code
-        return code
+    def flush(self, now: float) -> list[Emission]:
+        """End of a send batch: the partly packed data shard goes out now."""
+        out: list[Emission] = []
+        if self._packed_count:
+            self._emit_packed(now, out)
+        return out
 
-    def _encode_block(
+    def next_deadline(self) -> float | None:
+        """When the open block's window expires (`close_due` must run), or None."""
+        if not self._block or not self._block_parity:
+            return None
+        return self._block_opened + self.window
+
+    def close_due(self, now: float) -> list[Emission]:
+        """The open block's parity, if its window has expired (else nothing)."""
+        deadline = self.next_deadline()
+        if deadline is None or deadline > now:
+            return []
+        out: list[Emission] = []
+        self._close_block(out)
+        return out
+
+    def close(self) -> list[Emission]:
+        """Whatever is open goes out now: the packed shard, the open block's parity (as
+        its window would send it later)."""
+        out: list[Emission] = []
+        if self._packed_count:
+            self._emit_packed(0.0, out)
+        if self._block:
+            self._close_block(out)
+        return out
+
+    def _emit_packed(self, now: float, out: list[Emission]) -> None:
+        payload = b"".join(self._packed)
+        self._packed.clear()
+        self._packed_count = 0
+        self._packed_size = 0
+        self._emit_data(payload, self._packed_first, 0, 1, now, out)
+
+    def _emit_data(
         self,
-        code: _Code,
-        data: bytes | bytearray | memoryview,
-        block_length: int,
+        payload: bytes | bytearray | memoryview,
+        datagram: int,
         fragment_index: int,
         fragment_count: int,
-    ) -> BlockFrames:
-        k = self.k
-        shard_size = -(-block_length // k)
-        padding = shard_size * k - block_length
-        if padding:
-            data = b"".join((data, _ZEROS[padding]))
+        now: float,
+        out: list[Emission],
+    ) -> None:
+        block = self._block
+        if not block:
+            self._block_first = self._next_seq
+            self._block_opened = now
+            self._block_parity = self._n_next - self.k
         seq = self._next_seq
         self._next_seq = (seq + 1) & _SEQUENCE_MASK
+        position = len(block)
+        frame = b"".join(
+            (
+                DATA_HEADER.pack(
+                    DATA_FRAME_TYPE,
+                    self.tunnel_id,
+                    self._epoch,
+                    seq,
+                    position,
+                    datagram,
+                    fragment_index,
+                    fragment_count,
+                    len(payload),
+                ),
+                payload,
+            )
+        )
+        out.append((position, frame))
+        # What parity covers (nothing to keep without parity: only the count matters).
+        block.append(frame[STREAM_PREFIX_SIZE:] if self._block_parity else b"")
+        if len(block) == self.k:
+            self._close_block(out)
+
+    def _close_block(self, out: list[Emission]) -> None:
+        block = self._block
+        data_shards = len(block)
+        parity = self._block_parity
+        self._block = []
         self.blocks_encoded += 1
-        pieces: list[bytes | bytearray | memoryview]
-        if k == 1:
-            pieces = [data]
-        else:
-            view = memoryview(data)
-            pieces = [view[i : i + shard_size] for i in range(0, k * shard_size, shard_size)]
-        if code.encoder is not None:
-            pieces += code.encoder.encode(pieces, code.parity_numbers)
-        # Header = per-index constant (type, tunnel, epoch, k, n, index) + per-block tail.
-        tail = _BLOCK_TAIL.pack(seq, fragment_index, fragment_count, block_length)
-        return [head + tail + piece for head, piece in zip(code.heads, pieces, strict=True)]
-
-
-class _Code(NamedTuple):
-    """What encoding a block of n shards needs: zfec's encoder (None without parity), the
-    parity shard numbers and each shard index's constant header bytes."""
-
-    encoder: Any
-    parity_numbers: tuple[int, ...]
-    heads: list[bytes]
+        if not parity:
+            return
+        size = max(len(piece) for piece in block)
+        pieces = [piece if len(piece) == size else piece.ljust(size, b"\0") for piece in block]
+        code: Any = zfec_encoder(data_shards, data_shards + parity)
+        coded = code.encode(pieces, list(range(data_shards, data_shards + parity)))
+        k = self.k
+        for index, piece in enumerate(coded):
+            head = PARITY_HEADER.pack(
+                PARITY_FRAME_TYPE,
+                self.tunnel_id,
+                self._epoch,
+                self._block_first,
+                data_shards,
+                parity,
+                index,
+                size,
+            )
+            out.append((k + index, head + piece))
