@@ -456,29 +456,19 @@ class Gateway:
     def _drain(self) -> None:
         """Carry out what the core decided: send, deliver, pause/resume gates, re-arm."""
         core = self.core
-        uplinks = self.uplinks.uplinks if self.uplinks is not None else {}
-        extras = self.uplinks.extras if self.uplinks is not None else {}
-        for req in core.socket_requests():  # birthday probing's extra sockets
-            if self.uplinks is not None:
-                self.uplinks.request_extra(req.open, req.uplink, req.names, self._extras_opened)
-        for name, remote, data, ttl in core.low_ttl_datagrams_to_send():
-            uplink = uplinks.get(name) or extras.get(name)
-            if uplink is not None:
-                uplink.send_with_ttl(data, remote, ttl)
-        to_send = core.datagrams_to_send()
-        if to_send:
-            # per uplink, in order: one `send_many` (sendmmsg) each
-            batches: dict[str, list[tuple[bytes, Address]]] = {}
-            for name, remote, data in to_send:
-                batches.setdefault(name, []).append((data, remote))
-            for name, batch in batches.items():
-                uplink = uplinks.get(name) or extras.get(name)
-                failed = range(len(batch)) if uplink is None else uplink.send_many(batch)
-                for i in failed:
-                    data, remote = batch[i]
-                    core.send_failed(name, remote, data)
-                if uplink is not None and not uplink.writable:
-                    core.uplink_writable(name, False)
+        manager = self.uplinks
+        if manager is not None:
+            for req in core.socket_requests():  # birthday probing's extra sockets
+                manager.request_extra(req.open, req.uplink, req.names, self._extras_opened)
+            manager.send_with_ttl(core.low_ttl_datagrams_to_send())
+            failed, full = manager.send_all(core.datagrams_to_send())
+        else:  # not started or stopped: nothing can go out
+            core.socket_requests(), core.low_ttl_datagrams_to_send()
+            failed, full = core.datagrams_to_send(), []
+        for name, remote, data in failed:
+            core.send_failed(name, remote, data)
+        for name in full:
+            core.uplink_writable(name, False)
         gates = self.gates
         for tunnel, datagram in core.gate_deliveries():
             gate = gates.get(tunnel)

@@ -747,6 +747,36 @@ class UplinkManager:
             for name in list(self.uplinks):
                 await self._remove(name, "closed")
 
+    def socket_of(self, name: str) -> Uplink | None:
+        """The uplink (or extra socket) called ``name``."""
+        return self.uplinks.get(name) or self.extras.get(name)
+
+    def send_all(
+        self, to_send: Sequence[tuple[str, Address, bytes]]
+    ) -> tuple[list[tuple[str, Address, bytes]], list[str]]:
+        """Send each ``(uplink, remote, data)`` from that uplink (or extra socket), in order,
+        one `send_many` (sendmmsg) per uplink. Returns what could not be sent and the uplinks
+        whose socket filled up (not writable: their senders wait)."""
+        batches: dict[str, list[Datagram]] = {}
+        for name, remote, data in to_send:
+            batches.setdefault(name, []).append((data, remote))
+        failed: list[tuple[str, Address, bytes]] = []
+        full: list[str] = []
+        for name, batch in batches.items():
+            uplink = self.socket_of(name)
+            indices = range(len(batch)) if uplink is None else uplink.send_many(batch)
+            failed += [(name, batch[i][1], batch[i][0]) for i in indices]
+            if uplink is not None and not uplink.writable:
+                full.append(name)
+        return failed, full
+
+    def send_with_ttl(self, datagrams: Sequence[tuple[str, Address, bytes, int]]) -> None:
+        """Send each ``(uplink, remote, data, ttl)`` with that TTL (first punches)."""
+        for name, remote, data, ttl in datagrams:
+            uplink = self.socket_of(name)
+            if uplink is not None:
+                uplink.send_with_ttl(data, remote, ttl)
+
     def request_extra(
         self, open_: bool, uplink: str, names: Sequence[str], on_opened: Callable[[list[str]], None]
     ) -> None:
