@@ -403,6 +403,8 @@ class FarGateSession:
         self.pacers: dict[str, TokenBucket] = {}
         #: flushes that waited for a pacer (the uplinks carry less than is offered)
         self.paced_waits = 0
+        # Tunnels whose packed datagrams wait for the pacers (`flush`), by tunnel id.
+        self._packed_held: dict[int, Tunnel] = {}
         # Gates paused because the pacers hold the queue back (`_pause_when_paced_behind`).
         self.paced_pause = False
         self.static_endpoints: list[Address] = []
@@ -489,6 +491,7 @@ class FarGateSession:
         if tunnel is None:
             return
         self.tunnels_by_id.pop(tunnel.tunnel_id, None)
+        self._packed_held.pop(tunnel.tunnel_id, None)
         self.send_queue.clock_runs.discard(tunnel.tunnel_id)
         self._source_checked = self._source_checked - {name}
         self.paused.discard(name)
@@ -1234,17 +1237,25 @@ class FarGateSession:
         pacers = self._pace(paths, now)
         tunnels = self.tunnels_by_id
         send_failed = 0
-        pushed: dict[int, Tunnel] = {}
+        # Tunnels with datagrams packed but not yet in a data shard: the batch ends with
+        # their shard going out, unless the pacers hold the queue back.
+        pushed, self._packed_held = self._packed_held, {}
+        paced = False
         for _ in range(FLUSH_BATCH):
             if pacers:
                 ready = max(pacer.ready_at(now) for pacer in pacers)
-                if ready > now:
+                # The pacers wait between blocks, not inside one: a block left open while
+                # they hold the rest back would be closed by its window with fewer than k
+                # data shards and the full parity (more wire bytes per datagram just when
+                # the uplinks are full). A block overdraws the pacers by at most n shards.
+                if ready > now and not any(t.encoder.block_open for t in pushed.values()):
                     # The uplinks carry less than is offered: the rest waits in the queue
                     # (dropped there by deadline and priority, gates with back-pressure
                     # paused), never in a modem's queue.
                     self.paced_waits += 1
                     self.flush_at = ready
                     self._pause_when_paced_behind(now)
+                    paced = True
                     break
             item = queue.pop(now)
             if item is None:
@@ -1263,9 +1274,14 @@ class FarGateSession:
         else:
             if len(queue):
                 self.flush_at = now  # more next turn, once the shell sent these
-        for tunnel in pushed.values():
-            # End of the batch: what is packed goes out now (packing adds no delay).
-            send_failed += self._send_shards(tunnel, tunnel.encoder.flush(now), now)
+        if paced:
+            # What is packed waits with the queue and leads the next block (sent now, its
+            # shard would open a block that the window closes while the pacers wait).
+            self._packed_held = pushed
+        else:
+            for tunnel in pushed.values():
+                # End of the batch: what is packed goes out now (packing adds no delay).
+                send_failed += self._send_shards(tunnel, tunnel.encoder.flush(now), now)
         if send_failed:
             self.core.counters["send_failed"] += send_failed
         self.core.after_device(now)
