@@ -181,11 +181,10 @@ def test_survive_uplink_loss_loses_nothing_when_either_uplink_is_cut_at_the_prot
         fleet.net.run_until(6.0)
         scheduler = fleet_run.session.tunnels["t"].scheduler
         assert scheduler.protected
-        protected = scheduler.protected_rate
-        assert protected is not None
-        # As `warp status` shows it: in application bytes (the tunnel's bytes per wire byte).
-        tunnel = fleet_run.session.tunnels["t"]
-        app_protected = protected * tunnel.app_bytes / tunnel.wire_bytes
+        # As `warp status` shows it, in application bytes/s.
+        shot = snapshot(fleet_run.a.core, 6.0, uptime=6.0, uplink_rows=[], gates={})
+        app_protected = shot["tunnels"][0]["redundancy"]["protected_rate"]
+        assert app_protected is not None
         # The slow uplink (what the protected rate rests on) was measured, not only a lower
         # bound: it saturated during the overload. (The fast one never fills: the slow one
         # carries as many shards and limits the rate.)

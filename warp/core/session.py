@@ -43,7 +43,13 @@ from warp.paths.punch import (
     plan_birthday,
     relay_reason,
 )
-from warp.paths.scheduler import AdaptiveParity, ParityChange, PathQuality, ShardScheduler
+from warp.paths.scheduler import (
+    AdaptiveParity,
+    ParityChange,
+    PathQuality,
+    ShardScheduler,
+    data_shard_rate_within,
+)
 from warp.redundancy import (
     Emission,
     RejectReason,
@@ -277,6 +283,23 @@ class Tunnel:
     #: application bytes sent and the wire bytes they took (status: application rates)
     app_bytes: int = 0
     wire_bytes: int = 0
+    #: shards sent, and how many of them data shards (the rest parity)
+    shards: int = 0
+    data_shards: int = 0
+
+    def app_rate_within(self, wire_rate: float) -> float | None:
+        """Application bytes/s that stay within `wire_rate` wire bytes/s whatever the
+        datagrams' timing (`data_shard_rate_within`: blocks closed early by the window cost
+        full parity), at the bytes per shard measured so far; None before any was sent."""
+        if not self.data_shards:
+            return None
+        shards = data_shard_rate_within(
+            wire_rate * self.shards / self.wire_bytes,
+            self.encoder.k,
+            self.scheduler.effective_n - self.encoder.k,
+            self.encoder.window,
+        )
+        return shards * self.app_bytes / self.data_shards
 
     def count_drop(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
@@ -1319,6 +1342,9 @@ class FarGateSession:
                 path.tx_packets += 1
                 path.tx_bytes += len(wire)
                 tunnel.wire_bytes += len(wire)
+                tunnel.shards += 1
+                if slot < tunnel.encoder.k:
+                    tunnel.data_shards += 1
             else:
                 failed += 1
         return failed
