@@ -426,8 +426,9 @@ class FarGateSession:
         self.pacers: dict[str, TokenBucket] = {}
         #: flushes that waited for a pacer (the uplinks carry less than is offered)
         self.paced_waits = 0
-        # Tunnels whose packed datagrams wait for the pacers (`flush`), by tunnel id.
-        self._packed_held: dict[int, Tunnel] = {}
+        # Tunnels whose packed datagrams or open block the next flush continues before it
+        # waits for the pacers (`flush`), by tunnel id.
+        self._filling: dict[int, Tunnel] = {}
         # Gates paused because the pacers hold the queue back (`_pause_when_paced_behind`).
         self.paced_pause = False
         self.static_endpoints: list[Address] = []
@@ -514,7 +515,7 @@ class FarGateSession:
         if tunnel is None:
             return
         self.tunnels_by_id.pop(tunnel.tunnel_id, None)
-        self._packed_held.pop(tunnel.tunnel_id, None)
+        self._filling.pop(tunnel.tunnel_id, None)
         self.send_queue.clock_runs.discard(tunnel.tunnel_id)
         self._source_checked = self._source_checked - {name}
         self.paused.discard(name)
@@ -1260,9 +1261,9 @@ class FarGateSession:
         pacers = self._pace(paths, now)
         tunnels = self.tunnels_by_id
         send_failed = 0
-        # Tunnels with datagrams packed but not yet in a data shard: the batch ends with
-        # their shard going out, unless the pacers hold the queue back.
-        pushed, self._packed_held = self._packed_held, {}
+        # Tunnels with datagrams packed but not yet in a data shard (the batch ends with
+        # their shard going out, unless the pacers hold the queue back) or a block open.
+        pushed, self._filling = self._filling, {}
         paced = False
         for _ in range(FLUSH_BATCH):
             if pacers:
@@ -1300,11 +1301,14 @@ class FarGateSession:
         if paced:
             # What is packed waits with the queue and leads the next block (sent now, its
             # shard would open a block that the window closes while the pacers wait).
-            self._packed_held = pushed
+            self._filling = pushed
         else:
             for tunnel in pushed.values():
                 # End of the batch: what is packed goes out now (packing adds no delay).
                 send_failed += self._send_shards(tunnel, tunnel.encoder.flush(now), now)
+            if self.flush_at == now:
+                # Cut off by FLUSH_BATCH: the blocks left open fill first on the next turn.
+                self._filling = {i: t for i, t in pushed.items() if t.encoder.block_open}
         if send_failed:
             self.core.counters["send_failed"] += send_failed
         self.core.after_device(now)
