@@ -14,7 +14,9 @@ share of the wire bytes at the best rate.
     .venv/bin/python bench/bonding.py --rates 30 10 --codes 1/1 3/5 --spreads aggregate
 
 `--scale 0.1` runs 30 + 10 Mbit/s as 3 + 1 (the ratio is what matters; the CPU cost grows
-with the rate). Figures are printed at the given rates (scaled back).
+with the rate), with time ten times slower: the FEC block window (`--window-ms`, 1 ms by
+default) runs as 10 ms, so that a block gathers as many datagrams as at the given rates.
+Figures are printed at the given rates (scaled back).
 """
 
 from __future__ import annotations
@@ -47,8 +49,13 @@ def run_step(args: argparse.Namespace, spread: str, k: int, n: int, fraction: fl
     rates = [r * MBIT * args.scale for r in args.rates]
     fleet = Fleet(args.seed)
     transport = [f'spread = "{spread}"']
-    config_a = fleet.config("a", [Peer("b", "t")], k=k, n=n, transport=transport)
-    config_b = fleet.config("b", [Peer("a", "t")], k=k, n=n, transport=transport)
+    redundancy = [f'window = "{args.window_ms / args.scale:g}ms"']
+    config_a = fleet.config(
+        "a", [Peer("b", "t")], k=k, n=n, transport=transport, redundancy=redundancy
+    )
+    config_b = fleet.config(
+        "b", [Peer("a", "t")], k=k, n=n, transport=transport, redundancy=redundancy
+    )
     a = fleet.gateway(
         "a", config_a, [CONE] * len(rates), egress_rates=rates, queue_time=args.queue_ms / 1000
     )
@@ -104,12 +111,15 @@ def main() -> None:
                         help="offered rates, fractions of the capacity")  # fmt: skip
     parser.add_argument("--size", type=int, default=1200)
     parser.add_argument("--queue-ms", type=float, default=30.0)
+    parser.add_argument("--window-ms", type=float, default=1.0,
+                        help="FEC block window at the given rates (run at it / scale)")  # fmt: skip
     parser.add_argument("--seconds", type=float, default=16.0)
     parser.add_argument("--settle", type=float, default=6.0)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     print(f"uplinks {' + '.join(f'{r:g}' for r in args.rates)} Mbit/s (simulated at x"
-          f"{args.scale:g}), queue {args.queue_ms:g} ms, {args.size} B datagrams")  # fmt: skip
+          f"{args.scale:g}), queue {args.queue_ms:g} ms, FEC window {args.window_ms:g} ms,"
+          f" {args.size} B datagrams")  # fmt: skip
     print("| spread | (k, n) | capacity (app Mbit/s) | best rate < 1 % loss | above that |"
           " uplink shares at best |")  # fmt: skip
     print("|---|---|---|---|---|---|")

@@ -43,7 +43,13 @@ from warp.paths.punch import (
     plan_birthday,
     relay_reason,
 )
-from warp.paths.scheduler import AdaptiveParity, ParityChange, PathQuality, ShardScheduler
+from warp.paths.scheduler import (
+    AdaptiveParity,
+    ParityChange,
+    PathQuality,
+    ShardScheduler,
+    data_shard_rate_within,
+)
 from warp.redundancy import (
     Emission,
     RejectReason,
@@ -277,6 +283,23 @@ class Tunnel:
     #: application bytes sent and the wire bytes they took (status: application rates)
     app_bytes: int = 0
     wire_bytes: int = 0
+    #: shards sent, and how many of them data shards (the rest parity)
+    shards: int = 0
+    data_shards: int = 0
+
+    def app_rate_within(self, wire_rate: float) -> float | None:
+        """Application bytes/s that stay within `wire_rate` wire bytes/s whatever the
+        datagrams' timing (`data_shard_rate_within`: blocks closed early by the window cost
+        full parity), at the bytes per shard measured so far; None before any was sent."""
+        if not self.data_shards:
+            return None
+        shards = data_shard_rate_within(
+            wire_rate * self.shards / self.wire_bytes,
+            self.encoder.k,
+            self.scheduler.effective_n - self.encoder.k,
+            self.encoder.window,
+        )
+        return shards * self.app_bytes / self.data_shards
 
     def count_drop(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
@@ -403,6 +426,9 @@ class FarGateSession:
         self.pacers: dict[str, TokenBucket] = {}
         #: flushes that waited for a pacer (the uplinks carry less than is offered)
         self.paced_waits = 0
+        # Tunnels whose packed datagrams or open block the next flush continues before it
+        # waits for the pacers (`flush`), by tunnel id.
+        self._filling: dict[int, Tunnel] = {}
         # Gates paused because the pacers hold the queue back (`_pause_when_paced_behind`).
         self.paced_pause = False
         self.static_endpoints: list[Address] = []
@@ -489,6 +515,7 @@ class FarGateSession:
         if tunnel is None:
             return
         self.tunnels_by_id.pop(tunnel.tunnel_id, None)
+        self._filling.pop(tunnel.tunnel_id, None)
         self.send_queue.clock_runs.discard(tunnel.tunnel_id)
         self._source_checked = self._source_checked - {name}
         self.paused.discard(name)
@@ -1234,17 +1261,25 @@ class FarGateSession:
         pacers = self._pace(paths, now)
         tunnels = self.tunnels_by_id
         send_failed = 0
-        pushed: dict[int, Tunnel] = {}
+        # Tunnels with datagrams packed but not yet in a data shard (the batch ends with
+        # their shard going out, unless the pacers hold the queue back) or a block open.
+        pushed, self._filling = self._filling, {}
+        paced = False
         for _ in range(FLUSH_BATCH):
             if pacers:
                 ready = max(pacer.ready_at(now) for pacer in pacers)
-                if ready > now:
+                # The pacers wait between blocks, not inside one: a block left open while
+                # they hold the rest back would be closed by its window with fewer than k
+                # data shards and the full parity (more wire bytes per datagram just when
+                # the uplinks are full). A block overdraws the pacers by at most n shards.
+                if ready > now and not any(t.encoder.block_open for t in pushed.values()):
                     # The uplinks carry less than is offered: the rest waits in the queue
                     # (dropped there by deadline and priority, gates with back-pressure
                     # paused), never in a modem's queue.
                     self.paced_waits += 1
                     self.flush_at = ready
                     self._pause_when_paced_behind(now)
+                    paced = True
                     break
             item = queue.pop(now)
             if item is None:
@@ -1263,9 +1298,17 @@ class FarGateSession:
         else:
             if len(queue):
                 self.flush_at = now  # more next turn, once the shell sent these
-        for tunnel in pushed.values():
-            # End of the batch: what is packed goes out now (packing adds no delay).
-            send_failed += self._send_shards(tunnel, tunnel.encoder.flush(now), now)
+        if paced:
+            # What is packed waits with the queue and leads the next block (sent now, its
+            # shard would open a block that the window closes while the pacers wait).
+            self._filling = pushed
+        else:
+            for tunnel in pushed.values():
+                # End of the batch: what is packed goes out now (packing adds no delay).
+                send_failed += self._send_shards(tunnel, tunnel.encoder.flush(now), now)
+            if self.flush_at == now:
+                # Cut off by FLUSH_BATCH: the blocks left open fill first on the next turn.
+                self._filling = {i: t for i, t in pushed.items() if t.encoder.block_open}
         if send_failed:
             self.core.counters["send_failed"] += send_failed
         self.core.after_device(now)
@@ -1303,6 +1346,9 @@ class FarGateSession:
                 path.tx_packets += 1
                 path.tx_bytes += len(wire)
                 tunnel.wire_bytes += len(wire)
+                tunnel.shards += 1
+                if slot < tunnel.encoder.k:
+                    tunnel.data_shards += 1
             else:
                 failed += 1
         return failed

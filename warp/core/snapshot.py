@@ -8,7 +8,7 @@ from typing import Any
 
 from warp import __version__
 from warp.core.gateway import GatewayCore
-from warp.core.session import FarGateSession, host_port, relayed_over
+from warp.core.session import FarGateSession, Tunnel, host_port, relayed_over
 from warp.gate.base import Gate
 from warp.keys import encode_key
 from warp.paths.path import PathState
@@ -16,13 +16,21 @@ from warp.paths.scheduler import ShardScheduler
 from warp.status import gate_info
 
 
-def _redundancy(scheduler: ShardScheduler[Any], app_per_wire: float | None) -> dict[str, Any]:
+def _redundancy(tunnel: Tunnel) -> dict[str, Any]:
     """A tunnel's code, whether it survives losing an uplink, and the application rates its
-    spread carries (`app_per_wire`: the tunnel's application bytes per wire byte so far)."""
-    ratio = app_per_wire if app_per_wire is not None else scheduler.k / scheduler.effective_n
+    spread carries: usable at the tunnel's application bytes per wire byte so far (the
+    uplinks full, its blocks are full), protected whatever the datagrams' timing (a rate
+    promised without loss must hold also where the FEC window closes blocks early)."""
+    scheduler = tunnel.scheduler
+    ratio = tunnel.app_bytes / tunnel.wire_bytes if tunnel.wire_bytes else None
+    if ratio is None:
+        ratio = scheduler.k / scheduler.effective_n
 
     def app_rate(wire: float | None) -> float | None:
         return None if wire is None else round(wire * ratio)
+
+    protected = scheduler.protected_rate
+    protected_app = None if protected is None else tunnel.app_rate_within(protected)
 
     return {
         "k": scheduler.k,
@@ -34,7 +42,7 @@ def _redundancy(scheduler: ShardScheduler[Any], app_per_wire: float | None) -> d
         # Application bytes/s: what the uplinks carry with this spread, and what may be sent
         # with nothing lost when any one uplink goes (None: not protected, or not measured).
         "usable_rate": app_rate(scheduler.usable_rate),
-        "protected_rate": app_rate(scheduler.protected_rate),
+        "protected_rate": app_rate(protected) if protected_app is None else round(protected_app),
         **_adaptive(scheduler),
     }
 
@@ -156,10 +164,7 @@ def snapshot(
                     "blocks_rebuilt": stats.blocks_rebuilt,
                     "surplus_shards": stats.surplus_shards,
                     "datagrams_lost": stats.datagrams_lost,
-                    "redundancy": _redundancy(
-                        tunnel.scheduler,
-                        tunnel.app_bytes / tunnel.wire_bytes if tunnel.wire_bytes else None,
-                    ),
+                    "redundancy": _redundancy(tunnel),
                     "drops": drops,
                 }
             )

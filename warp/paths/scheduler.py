@@ -310,6 +310,25 @@ class Mesh:
         return self.capacity([tolerance] * self.local_count, [tolerance] * self.remote_count) >= n
 
 
+def data_shard_rate_within(wire_shards: float, k: int, parity: int, window: float) -> float:
+    """The most data shards/s that stay within `wire_shards` shards/s on the wire whatever
+    the datagrams' timing, with FEC blocks of k data shards closed early by a `window`.
+
+    Every block has at least one data shard and `parity` parity shards; a block closed
+    early was open for `window` (one open block at a time: at most one such block per
+    window), every other block is full. So d data shards/s take at most
+    d + parity * min(d, 1 / window + d / k) shards/s: at low rates each datagram alone
+    costs 1 + parity shards, not n / k."""
+    if wire_shards <= 0:
+        return 0.0
+    alone = wire_shards / (1 + parity)
+    if window <= 0:  # every batch may be a block of its own
+        return alone
+    # One early block per window, the rest full (the bound when that is below `alone`).
+    mixed = (wire_shards - parity / window) / (1 + parity / k)
+    return max(alone, mixed)
+
+
 def plan_shares(
     paths: Sequence[PathQuality[PathId]],
     n: int,

@@ -179,6 +179,13 @@ class ShardEncoder:
             self._emit_packed(now, out)
         return out
 
+    @property
+    def block_open(self) -> bool:
+        """A block has data shards out and its parity still to come (a sender pacing its
+        datagrams should let the block fill before it waits: a block the window closes
+        early costs n - k parity for fewer than k data shards)."""
+        return bool(self._block)
+
     def next_deadline(self) -> float | None:
         """When the open block's window expires (`close_due` must run), or None."""
         if not self._block or not self._block_parity:
