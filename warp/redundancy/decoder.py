@@ -262,12 +262,9 @@ class ShardDecoder:
         end = DATA_HEADER_SIZE + length
         if length == 0 or length > self.max_shard_size or len(frame) < end:
             return self._reject(RejectReason.LENGTH)
-        flushed: list[bytes] = []
-        if epoch != self._epoch:
-            switched = self._switch_epoch(epoch, now)
-            if switched is None:
-                return []
-            flushed = switched
+        flushed = self._switch_epoch(epoch, now)
+        if flushed is None:
+            return []
         slot = seq & self._ring_mask
         state = self._seen[slot]
         if state == seq or state == seq | _ABANDONED:
@@ -484,12 +481,9 @@ class ShardDecoder:
             or len(frame) < end
         ):
             return self._reject(RejectReason.LENGTH)
-        flushed: list[bytes] = []
-        if epoch != self._epoch:
-            switched = self._switch_epoch(epoch, now)
-            if switched is None:
-                return []
-            flushed = switched
+        flushed = self._switch_epoch(epoch, now)
+        if flushed is None:
+            return []
         if self._finished[first & self._ring_mask] == first:
             self.stats.surplus_shards += 1
             return flushed
@@ -625,8 +619,11 @@ class ShardDecoder:
     # ---- streams and restarts ------------------------------------------------------------
 
     def _switch_epoch(self, epoch: int, now: float) -> list[bytes] | None:
-        """A shard of another epoch: follow it (what the old stream held is returned) or,
-        while the stream we follow is alive and it is one we left, refuse it (None)."""
+        """A shard of ``epoch``: nothing to do for the current one ([]); another one is
+        followed (what the old stream held is returned) or, while the stream we follow is
+        alive and it is one we left, refused (None)."""
+        if epoch == self._epoch:
+            return []
         if epoch in self._retired_epochs and now < self._silent_from:
             # A straggler from before a restart, or a second sender instance fighting
             # the current one: the stream we follow is alive, keep it.
