@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -381,6 +382,9 @@ class _RecordingEncoder:
 
     def next_deadline(self) -> float | None:
         return self._inner.next_deadline()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)  # k, block_open ...: the encoder's own
 
     def _record(self, frames: list[Emission]) -> list[Emission]:
         self._frames.extend(frames)
