@@ -137,7 +137,9 @@ class CapacityEstimator:
         if interval_bytes < MIN_OFFERED_BYTES:
             return None
         survives = 1.0 - min(max(loss, 0.0), 0.5)
-        short = sample.delivered < sample.offered * SATURATED_RATIO
+        # Short of what the random loss leaves: under random loss alone delivered is always
+        # below offered, and a late probe (a loaded host) must not ratchet the capacity down.
+        short = sample.delivered < sample.offered * survives * SATURATED_RATIO
         saturated = short and (
             sample.queue_delay >= QUEUED
             or sample.delivered < sample.offered * survives * OVERFLOW_RATIO
