@@ -16,8 +16,9 @@ import time
 
 import pytest
 
+from tests.batch_io_backends import batch_backend
 from warp.netlab import Lab
-from warp.paths.batch_io import NATIVE, PYTHON, BatchIO, Datagram
+from warp.paths.batch_io import Datagram
 
 PORT = 45000
 CLONE_NEWNET = 0x40000000
@@ -49,20 +50,10 @@ def _socket_in(ns: str) -> socket.socket:
     return made[0]
 
 
-def _backend(name: str) -> BatchIO:
-    if name == "python":
-        return PYTHON
-    if NATIVE is None:
-        if os.environ.get("CI"):
-            pytest.fail("warp._batchio was not built")
-        pytest.skip("warp._batchio not built here")
-    return NATIVE
-
-
 @pytest.mark.lab
 @pytest.mark.parametrize("name", ["native", "python"])
 def test_full_send_buffer_eagain(lab: Lab, name: str) -> None:
-    io = _backend(name)
+    io = batch_backend(name)
     site = lab.add_site("s", "cone", uplinks=1)
     up = site.uplinks[0]
     lab.run(site.host_ns, ["tc", "qdisc", "replace", "dev", up.name, "root", "tbf",

@@ -18,20 +18,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.batch_io_backends import batch_backend
 from warp.paths import batch_io
 from warp.paths.batch_io import MAX_BATCH, NATIVE, PYTHON, BatchIO, Datagram
 
 IN_CI = bool(os.environ.get("CI"))
-
-
-def _backend(name: str) -> BatchIO:
-    if name == "python":
-        return PYTHON
-    if NATIVE is None:
-        if IN_CI:
-            pytest.fail("warp._batchio was not built")
-        pytest.skip("warp._batchio not built here")
-    return NATIVE
 
 
 BACKENDS = ["native", "python"]
@@ -104,7 +95,7 @@ def _recv_all(io: BatchIO, sock: socket.socket, max_size: int = 1 << 16) -> list
 def test_many_destinations_same_bytes_and_addresses(
     sender: str, receiver: str, family: socket.AddressFamily, sockets: list[socket.socket]
 ) -> None:
-    send_io, recv_io = _backend(sender), _backend(receiver)
+    send_io, recv_io = batch_backend(sender), batch_backend(receiver)
     source = _sock(family)
     sinks = [_sock(family) for _ in range(3)]
     sockets.extend([source, *sinks])
@@ -120,7 +111,7 @@ def test_many_destinations_same_bytes_and_addresses(
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_truncated_datagrams_counted_others_kept(name: str, sockets: list[socket.socket]) -> None:
-    io = _backend(name)
+    io = batch_backend(name)
     source, sink = _sock(), _sock()
     sockets.extend([source, sink])
     for size in (100, 5000, 1000, 1001, 100):
@@ -133,7 +124,7 @@ def test_truncated_datagrams_counted_others_kept(name: str, sockets: list[socket
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_empty_socket_and_batch_bound(name: str, sockets: list[socket.socket]) -> None:
-    io = _backend(name)
+    io = batch_backend(name)
     source, sink = _sock(), _sock()
     sockets.extend([source, sink])
     assert io.recv_many(sink, 64, 2048) == ([], 0, None)  # EAGAIN: nothing, no error
@@ -153,7 +144,7 @@ def test_empty_socket_and_batch_bound(name: str, sockets: list[socket.socket]) -
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_receive_error_reported_not_raised(name: str) -> None:
-    io = _backend(name)
+    io = batch_backend(name)
     closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     closed.close()  # fileno -1: EBADF from the call, as from a socket closed under a reader
     datagrams, truncated, error = io.recv_many(closed, 8, 2048)
@@ -165,7 +156,7 @@ def test_receive_error_reported_not_raised(name: str) -> None:
 def test_errors_on_some_destinations_do_not_lose_the_rest(
     sender: str, receiver: str, sockets: list[socket.socket]
 ) -> None:
-    send_io, recv_io = _backend(sender), _backend(receiver)
+    send_io, recv_io = batch_backend(sender), batch_backend(receiver)
     source, sink = _sock(), _sock()
     sockets.extend([source, sink])
     good = _address(sink)
@@ -187,7 +178,7 @@ def test_errors_on_some_destinations_do_not_lose_the_rest(
 @pytest.mark.parametrize("name", BACKENDS)
 def test_bad_address_raised_for_its_datagram(name: str, sockets: list[socket.socket]) -> None:
     """A malformed address fails like `socket.sendto` (its own datagram only)."""
-    io = _backend(name)
+    io = batch_backend(name)
     source, sink = _sock(), _sock()
     sockets.extend([source, sink])
     good = _address(sink)
@@ -202,7 +193,7 @@ def test_bad_address_raised_for_its_datagram(name: str, sockets: list[socket.soc
 def test_native_rejects_host_names(sockets: list[socket.socket]) -> None:
     """The extension takes numeric addresses only (the gateway never has others): no DNS
     lookup on the data path."""
-    _backend("native")
+    batch_backend("native")
     from warp import _batchio
 
     source = _sock()

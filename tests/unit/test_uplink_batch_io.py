@@ -23,22 +23,13 @@ from typing import Any, TypeVar
 import pytest
 import uvloop
 
-from warp.paths.batch_io import NATIVE, PYTHON, BatchIO, Datagram
+from tests.batch_io_backends import batch_backend
+from warp.paths.batch_io import BatchIO, Datagram
 from warp.paths.uplinks import RECEIVE_BATCH, Uplink, UplinkManager
 
 T = TypeVar("T")
 LOOPS = ["uvloop", "asyncio"]
 BACKENDS = ["native", "python"]
-
-
-def _backend(name: str) -> BatchIO:
-    if name == "python":
-        return PYTHON
-    if NATIVE is None:
-        if os.environ.get("CI"):
-            pytest.fail("warp._batchio was not built")
-        pytest.skip("warp._batchio not built here")
-    return NATIVE
 
 
 def _run(loop_name: str, main: Callable[[], Awaitable[T]]) -> T:
@@ -112,7 +103,7 @@ async def _manager(receiver: _Receiver, io: BatchIO, **kwargs: Any) -> UplinkMan
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loop_name", LOOPS)
 def test_burst_read_in_batches(loop_name: str, backend: str) -> None:
-    io = _backend(backend)
+    io = batch_backend(backend)
     sent = [i.to_bytes(4, "big") * (1 + i % 300) for i in range(300)]
 
     async def main() -> None:
@@ -141,7 +132,7 @@ def test_burst_read_in_batches(loop_name: str, backend: str) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loop_name", LOOPS)
 def test_too_long_datagram_dropped_and_counted(loop_name: str, backend: str) -> None:
-    io = _backend(backend)
+    io = batch_backend(backend)
     sizes = [100, 5000, 200, 1000, 1001, 300]
 
     async def main() -> None:
@@ -167,7 +158,7 @@ def test_too_long_datagram_dropped_and_counted(loop_name: str, backend: str) -> 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loop_name", LOOPS)
 def test_send_many_destinations_and_failures(loop_name: str, backend: str) -> None:
-    io = _backend(backend)
+    io = batch_backend(backend)
 
     async def main() -> None:
         manager = await _manager(_Receiver(), io)
@@ -210,7 +201,7 @@ def test_send_many_full_socket_hands_rest_to_transport(
 ) -> None:
     """The socket reports full (EAGAIN/ENOBUFS) on the second `send_many` call: the rest goes
     through the transport (which queues what the socket won't take), in order."""
-    real = _backend(backend)
+    real = batch_backend(backend)
     calls: list[int] = []
 
     def send_many(sock: socket.socket, messages: Sequence[Datagram], start: int) -> int:
